@@ -13,10 +13,11 @@ from .grid import Grid, compute_dims, grid
 from .spawn import spawn
 from .mprobe import Message
 from .persistent import Prequest, startall
+from .window import Window
 from .world import Mesh, init
 
 __all__ = ["init", "spawn", "grid", "Grid", "compute_dims", "Mesh", "Comm", "Request", "Status",
-           "Message", "Prequest", "startall", "waitall", "waitany", "waitsome", "testall",
+           "Message", "Prequest", "Window", "startall", "waitall", "waitany", "waitsome", "testall",
            "testany", "testsome", "ANY", "ANY_SOURCE", "ANY_TAG", "PROC_NULL", "MeshError",
            "MeshTimeoutError", "LostPeerError", "MismatchError", "OutMismatchError",
            "BadMessageError", "AuthError", "RendezvousError", "WorkerError", "AbortKind"]

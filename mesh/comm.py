@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .channel import CollectiveChannel
     from .mprobe import Message
     from .persistent import Prequest
+    from .window import Window
 
 __all__ = ["Comm", "Request", "Status", "ANY", "ANY_SOURCE", "ANY_TAG", "PROC_NULL"]
 
@@ -59,6 +60,7 @@ class Comm:
         self._channel: CollectiveChannel | None = None
         self._children: dict[tuple[int, ...], int] = {}
         self._splits = 0     # split() calls made (collective: the same count on every rank)
+        self._windows = 0    # window() calls made (collective too)
         transport.groups[gid] = (name, self.ranks)
         if gid:     # dropped, it is forgotten (Transport.sweep); the world lives as the mesh
             transport.sweep()
@@ -350,6 +352,16 @@ class Comm:
         if msg is not None and status is not None:
             _copy_status(msg.status, status)
         return msg
+
+    def window(self, buf: Any, timeout: float | None = None) -> "Window":
+        """MPI's Win_create, collective: every rank exposes ``buf`` (a
+        writable C-contiguous numpy array or CPU torch tensor; one dtype on
+        every rank, sizes may differ) to one-sided ``put``, ``get`` and
+        ``accumulate`` by element offset, synchronized by ``fence`` or
+        ``lock``/``unlock``; ``free()`` (or a ``with`` block) ends it
+        (mesh.window)."""
+        from .window import Window
+        return Window(self, buf, timeout)
 
     # -- internal: the collectives' side (mesh.channel) -----------------------------
 

@@ -27,7 +27,12 @@ from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe, Watch
 from .payload import fmt_fp, out_problem
 from .peer import ALIVE, DEAD, MSG_COST, Peer, named
 
-__all__ = ["Inbox", "abort_error"]
+__all__ = ["Inbox", "abort_error", "RMA_TAGS"]
+RMA_TAGS = 1 << 62
+"""A message of a group with a handler (an RMA window's, mesh.window) whose
+tag is at least this is a one-sided request: handed to the handler as it
+comes, never matched to a receive (the window's replies and markers, on
+lower tags, are)."""
 _KEEP_ABORTED = 4096
 """Aborted collectives whose records (what a late arrival at the call
 raises, and the mark that drops its late messages) are kept."""
@@ -106,6 +111,9 @@ class Inbox:
         # tells a synchronous send's sender (world rank, its id) that a receive took it,
         # or (a mesh.wire SYNC_ word) what else became of it
         self.ack: Callable[..., None] = _no_ack
+        # per group id, the target side of an RMA window (mesh.window): its requests
+        # (tags >= RMA_TAGS) go to its ``arrive``, applied by the thread that reads
+        self.handlers: dict[int, Any] = {}
 
     # ---- posting -------------------------------------------------------------
 
@@ -269,7 +277,14 @@ class Inbox:
         """Deliver a fully received message that no posted receive had claimed:
         to the first posted receive it fits (those it does not fit fail), else
         to the unexpected queue, waking the probes it matches. ``sync``: a
-        synchronous send's id (mesh.wire's y), answered once a receive takes it."""
+        synchronous send's id (mesh.wire's y), answered once a receive takes it.
+        A window's request goes to its handler instead (``handlers``)."""
+        if tag >= RMA_TAGS and self.handlers:
+            handler = self.handlers.get(group)
+            if handler is not None:
+                handler.arrive(src, tag, value)
+                self.consumed(src, nbytes)
+                return
         while True:
             with self.lock:
                 if (group, tag) in self.aborted or self.forgotten and group in self.forgotten:
@@ -491,6 +506,7 @@ class Inbox:
         aborts, the receives posted on it (a collective's watches: no waiter
         is left) and its messages waiting unmatched go, and a message for it
         that comes later is dropped."""
+        self.handlers.pop(group, None)      # (a freed window's: mesh.window)
         with self.lock:
             self.forgotten[group] = None
             if len(self.forgotten) > _KEEP_FORGOTTEN:
@@ -654,6 +670,8 @@ class Inbox:
             while peer.queue:
                 out = peer.queue.popleft()
                 out.fail(self.gone(peer, out.described(self.peers)))
+        for handler in list(self.handlers.values()):    # (a window's locks it held go)
+            handler.lost(rank)
 
 
 def abort_error(record: tuple[AbortKind, str, int], text: str) -> MeshError:

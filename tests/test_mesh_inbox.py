@@ -10,7 +10,7 @@ import pytest
 from mesh import wire
 from mesh.errors import (AbortKind, LostPeerError, MeshError, MeshTimeoutError, MismatchError,
                          OutMismatchError)
-from mesh.inbox import Inbox
+from mesh.inbox import RMA_TAGS, Inbox
 from mesh.match import ANY, DONE, MATCHED, POSTED
 from mesh.launch.report import _peer
 from mesh.liveness import Liveness
@@ -40,6 +40,30 @@ def test_a_message_meets_its_receive_whichever_comes_first() -> None:
     later = box.post(0, ANY, 5, None, None, "recv")
     assert later.state == POSTED and box.iprobe(0, ANY, 5) is None
     assert box.claim(0, 2, 5) is later and later.state == MATCHED
+
+
+def test_a_window_request_goes_to_its_handler_and_the_rest_of_its_group_to_matching() -> None:
+    """mesh.window's target side: a request (tag >= RMA_TAGS) of a group with
+    a handler is handed to it as it comes, its credit granted back, never
+    queued; its replies (lower tags) are matched as any message; a lost
+    peer is told to it."""
+    box, sent = _inbox(window=4096)                            # grant step: 1024 bytes
+    got: list = []
+
+    class Handler:
+        def arrive(self, src: int, tag: int, value: object) -> None:
+            got.append((src, tag - RMA_TAGS, value))
+
+        def lost(self, rank: int) -> None:
+            got.append(("lost", rank))
+    box.handlers[7] = Handler()
+    box.arrive(2, 7, RMA_TAGS | 5, "request", 1000, None)
+    assert got == [(2, 5, "request")] and box.matcher.waiting(7, 2, RMA_TAGS | 5) is None
+    assert [(r, h.kind, h.credit) for r, h in sent] == [(2, wire.CREDIT, 1000 + MSG_COST)]
+    box.arrive(2, 7, 3, "reply", 10, None)
+    assert box.iprobe(7, 2, 3) is not None and len(got) == 1
+    box.peer_gone(2, "it died", DEAD, told=True)
+    assert got[-1] == ("lost", 2)
 
 
 def test_credit_is_granted_back_in_steps_of_a_quarter_window() -> None:

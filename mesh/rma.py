@@ -1,0 +1,192 @@
+"""The target side of an RMA window (mesh.window): what the inbox hands it.
+
+A window's requests come on its own group's tags at and above
+mesh.inbox.RMA_TAGS, each saying in its tag what it is:
+
+    RMA_TAGS | code << 48 | offset      code 0: a put (an array); 1 + i: an
+                                        accumulate of OPS[i]; CONTROL: an
+                                        object [kind, reply tag, ...]
+
+``Target`` applies them in the thread of this rank that reads (the
+progress thread, or a caller waiting on the mesh), each once whole: a put
+written into place and an accumulate combined, under the window's lock; a
+get, a lock, an unlock and a flush answered on their reply tags. It keeps the lock
+table: the holders, and the lock requests that wait, granted in order.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import tensors, wire
+from .errors import LostPeerError, MeshError
+from .inbox import RMA_TAGS
+
+if TYPE_CHECKING:
+    from .transport import Transport
+
+__all__ = ["Target", "OPS", "DROPPED", "SHIFT", "MAX_OFFSET", "CONTROL", "GET", "LOCK",
+           "UNLOCK", "FLUSH", "exposed", "same"]
+
+_log = logging.getLogger("mesh.transport")
+
+OPS = ("replace", "sum", "prod", "min", "max", "band", "bor", "bxor", "land", "lor", "lxor")
+"""accumulate's ops: MPI's REPLACE, SUM, PROD, MIN, MAX, BAND, BOR, BXOR,
+LAND, LOR, LXOR (as the collectives' ops: collectives.ops)."""
+SHIFT = 48                      # a request's tag: RMA_TAGS | code << SHIFT | offset
+MAX_OFFSET = (1 << SHIFT) - 1
+CONTROL = 15                    # the code of a request that is an object, not an array
+GET, LOCK, UNLOCK, FLUSH = range(4)     # its kinds
+
+
+def exposed(buf: Any, what: str) -> np.ndarray:
+    """The memory a window exposes, as a flat numpy view of ``buf``."""
+    if tensors.is_tensor(buf):
+        if not buf.is_cpu:
+            raise TypeError(f"{what}: a window exposes a CPU tensor, not one on {buf.device}")
+        if not buf.is_contiguous():
+            raise ValueError(f"{what}: a window exposes a contiguous tensor")
+        view = tensors.out_view(buf, what)
+    elif isinstance(buf, np.ndarray):
+        view = buf
+    else:
+        raise TypeError(f"{what}: a window exposes a numpy array or a CPU torch tensor, not "
+                        f"{type(buf).__name__}")
+    if not wire.dtype_ok(view.dtype):
+        raise TypeError(f"{what}: a window's dtype is numeric, not {view.dtype}")
+    if not (view.flags.c_contiguous and view.flags.writeable):
+        raise ValueError(f"{what}: a window exposes a writable C-contiguous array")
+    return view.reshape(-1)
+
+
+def same(a: np.dtype, b: np.dtype) -> bool:
+    """One dtype (bfloat16's bits are not plain uint16)."""
+    return a == b and (a.metadata is None) is (b.metadata is None)
+
+
+class Target:
+    """The target side of the window named ``name`` (its group ``gid``),
+    exposing ``flat``: registered in ``Inbox.handlers`` while it lives."""
+
+    def __init__(self, t: "Transport", gid: int, name: str, flat: np.ndarray) -> None:
+        from collectives.ops import apply      # (mesh does not import it at import time)
+        self._t, self._gid, self.name, self._flat, self.dtype = t, gid, name, flat, flat.dtype
+        self._combine = apply
+        self._mu = threading.Lock()        # the memory, and the lock table below
+        self._holders: dict[int, bool] = {}    # world rank -> exclusive
+        self._queue: deque[tuple[int, int, bool]] = deque()   # (world rank, reply, excl)
+        self._ufuncs: dict[int, Any] = {}
+
+    def arrive(self, src: int, tag: int, value: Any) -> None:
+        """Apply a request from world rank ``src`` (Inbox.arrive)."""
+        code, offset = (tag - RMA_TAGS) >> SHIFT, (tag - RMA_TAGS) & MAX_OFFSET
+        try:
+            if code == CONTROL:
+                self._serve(src, value)
+            else:
+                self._apply(code, offset, value)
+        except Exception as e:      # (never the reading thread's end)
+            _log.error("rank %d: window %s: a request from world rank %d failed: %s",
+                       self._t.rank, self.name, src, e)
+
+    def _apply(self, code: int, offset: int, value: Any) -> None:
+        """A put (code 0) or an accumulate (1 + its op's index in OPS),
+        under the window's lock: atomic against the others."""
+        flat = self._flat
+        if type(value) is not np.ndarray or not same(value.dtype, self.dtype) \
+                or code > len(OPS) or offset + value.size > flat.size:
+            raise MeshError(f"a malformed put or accumulate (code {code}, offset {offset})")
+        view = flat[offset:offset + value.size]
+        x = value.reshape(-1)
+        if code <= 1:       # a put, or an accumulate's "replace"
+            with self._mu:
+                view[...] = x
+            return
+        ufunc = self._ufuncs.get(code)
+        if ufunc is None:
+            from collectives import ops
+            ufunc = self._ufuncs[code] = getattr(np, ops.resolve(OPS[code - 1], self.dtype)
+                                                 .ufunc_name)
+        with self._mu:
+            self._combine(ufunc, view, x, view)
+
+    def _serve(self, src: int, msg: Any) -> None:
+        """A control request (an object): a get, a lock, an unlock, a flush."""
+        if not (isinstance(msg, list) and len(msg) >= 2
+                and all(type(v) is int and v >= 0 for v in msg)):
+            raise MeshError(f"a malformed request {msg!r}")
+        kind, reply = msg[0], msg[1]
+        granted: list[tuple[int, int]] = []
+        if kind == GET and len(msg) == 4:
+            offset, count = msg[2], msg[3]
+            if offset + count > self._flat.size:
+                raise MeshError(f"a get of {count} elements at {offset} past the window")
+            self._reply(src, reply, self._flat[offset:offset + count])
+            return
+        if kind == LOCK and len(msg) == 3:
+            exclusive = bool(msg[2])
+            with self._mu:
+                if not self._queue and self._free_for(exclusive):
+                    self._holders[src] = exclusive
+                    granted.append((src, reply))
+                else:
+                    self._queue.append((src, reply, exclusive))
+        elif kind == UNLOCK:
+            with self._mu:
+                if self._holders.pop(src, None) is None:    # (a lock asked, given up on)
+                    self._queue = deque(q for q in self._queue if q[0] != src)
+                granted = self._grant()
+            if reply:
+                self._reply(src, reply, 0)
+        elif kind == FLUSH:
+            self._reply(src, reply, 0)
+        else:
+            raise MeshError(f"a malformed request {msg!r}")
+        for r, tag in granted:
+            self._reply(r, tag, 0)
+
+    def _free_for(self, exclusive: bool) -> bool:
+        return not self._holders if exclusive else not any(self._holders.values())
+
+    def _grant(self) -> list[tuple[int, int]]:
+        """The queued locks that may be granted now, in order (``_mu`` held)."""
+        granted = []
+        while self._queue and self._free_for(self._queue[0][2]):
+            src, reply, exclusive = self._queue.popleft()
+            self._holders[src] = exclusive
+            granted.append((src, reply))
+        return granted
+
+    def _reply(self, dst: int, tag: int, obj: Any) -> None:
+        out = self._t.isend(dst, self._gid, tag, obj, None,
+                            f"window {self.name}: reply to world rank {dst}")
+        if out.error is not None and not isinstance(out.error, LostPeerError):
+            _log.error("rank %d: %s", self._t.rank, out.error)
+
+    def lost(self, rank: int) -> None:
+        """World rank ``rank`` is gone (Inbox.peer_gone): its locks here go."""
+        with self._mu:
+            held = self._holders.pop(rank, None)
+            self._queue = deque(q for q in self._queue if q[0] != rank)
+            granted = self._grant() if held is not None else []
+        for r, tag in granted:
+            self._reply(r, tag, 0)
+
+
+class _Dropped:
+    """What a freed window leaves in ``Inbox.handlers`` until its group is
+    forgotten: a request that still comes (its origin left the window on an
+    error) is dropped, its credit granted back, and holds nothing."""
+
+    def arrive(self, src: int, tag: int, value: Any) -> None:
+        pass
+
+    def lost(self, rank: int) -> None:
+        pass
+
+
+DROPPED = _Dropped()

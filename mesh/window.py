@@ -1,0 +1,416 @@
+"""One-sided communication, MPI's RMA windows: ``win = comm.window(array)``.
+
+Every rank of the communicator exposes an array (numpy, or a CPU torch
+tensor); any rank then puts into, gets from and accumulates into any rank's
+array at an element offset, the target taking no part: its thread that
+reads the socket (the progress thread while it computes, or a caller of its
+own blocked in a wait: mesh.progress) applies each request as it comes,
+handed over by the inbox (``Inbox.handlers``) instead of queued for a
+receive, to the window's target side (mesh.rma). Here: the origin's side.
+
+    origin                                    target (its reading thread)
+    put(x, r, off)         array, tag REQ|0|off     window[off:off+n] = x
+    accumulate(x, r, off)  array, tag REQ|1+op|off  window[off:off+n] op= x (its lock)
+    get(r, off, n)         [GET, reply, off, n]     window[off:off+n] back, tag reply
+    lock(r, exclusive)     [LOCK, reply, excl]      granted (reply) now or once free
+    flush(r), unlock(r)    [FLUSH|UNLOCK, reply]    reply (an unlock releases first)
+    fence(), free()        a flush of each rank written to, then a barrier
+
+A rank's messages to another are handed over in the order it sent them, on
+every path (rings, socket, direct reads, streams, pieces), so a flush's or
+an unlock's reply says that every operation sent before it is applied; a
+fence's barrier comes after every rank's flushes, so no operation of the
+next epoch meets one of the last. The window's traffic (and the barrier)
+goes on a communicator of its own (``dup``).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import tensors
+from .errors import MeshError, MismatchError
+from .inbox import RMA_TAGS
+from .match import Pending
+from .peer import Outgoing
+from .request import Request
+from .rma import (CONTROL, DROPPED, FLUSH, GET, LOCK, MAX_OFFSET, OPS, SHIFT, UNLOCK, Target,
+                  exposed, same)
+from .status import PROC_NULL
+
+if TYPE_CHECKING:
+    from .comm import Comm
+
+__all__ = ["Window", "OPS"]
+
+_PRUNE = 512                    # operations kept per target before the done ones are dropped
+
+
+class Window:
+    """An RMA window over ``comm`` (made by ``Comm.window``, collectively)."""
+
+    def __init__(self, comm: "Comm", buf: Any, timeout: float | None = None) -> None:
+        t = comm._t
+        where = f"rank {t.rank}: window on group {comm.name}"
+        bad: Exception | None = None
+        try:
+            flat = exposed(buf, where)
+        except (TypeError, ValueError) as e:    # (said to the others too: none waits for it)
+            flat, bad = np.empty(0), e
+        n = comm._windows
+        comm._windows += 1
+        sub = comm.dup()
+        sub.name = f"{comm.name}/window#{n}"
+        t.groups[sub.gid] = (sub.name, sub.ranks)
+        self.name, self.array, self.dtype = sub.name, buf, flat.dtype
+        self.rank, self.size = sub.rank, sub.size
+        self._c, self._t, self._gid, self._flat = sub, t, sub.gid, flat
+        self._locked: dict[int, bool] = {}     # origin side: targets this rank locked
+        self._fenced = False
+        self._freed = False
+        self._ids = itertools.count(1)
+        self._open: dict[int, list[Any]] = {}  # per target: sends and gets not waited for
+        self._dirty: set[int] = set()          # targets put or accumulated into, unflushed
+        self._said: dict[tuple[str, int], str] = {}     # (op, rank) -> its description
+        self._target_side: Target | None = None     # (mesh.rma: what the inbox hands on)
+        try:
+            import collectives      # (mesh does not import it at import time: Comm.split)
+            self._target_side = Target(t, sub.gid, sub.name, flat)
+            t.inbox.handlers[self._gid] = self._target_side     # before a peer can send
+            table = collectives.all_gather_object(
+                comm, ["", -1] if bad else [tensors.dtype_name(self.dtype), int(flat.size)],
+                timeout=timeout)
+        except BaseException:
+            self._release()
+            raise
+        wrong = [r for r, (_, c) in enumerate(table) if c < 0]
+        if bad is not None or wrong:
+            self._release()
+            raise bad or ValueError(f"{where}: the array of rank(s) {wrong} cannot be exposed "
+                                    f"(see their error)")
+        names = [str(d) for d, _ in table]
+        if len(set(names)) > 1:
+            self._release()
+            raise MismatchError(f"{where}: the ranks' arrays differ in dtype ("
+                                f"{', '.join(f'rank {r}: {d}' for r, d in enumerate(names))}); "
+                                f"a window has one dtype (sizes may differ)")
+        self.sizes = [int(c) for _, c in table]
+
+    def __repr__(self) -> str:
+        return f"<Window {self.name} rank {self.rank}/{self.size} {self.sizes[self.rank]} " \
+               f"x {tensors.dtype_name(self.dtype)}>"
+
+    # -- origin side: operations -------------------------------------------------
+
+    def put(self, x: Any, rank: int, offset: int = 0) -> None:
+        """MPI's Put: ``x`` into rank ``rank``'s window from element
+        ``offset`` on; done there by the epoch's end (``fence``, ``flush``,
+        ``unlock``), and ``x`` in use until then, as MPI's origin buffer."""
+        self._update(x, rank, offset, 0, "put")
+
+    def accumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum") -> None:
+        """MPI's Accumulate: rank ``rank``'s window elements from ``offset``
+        on become ``window (op) x``, each atomically against other
+        accumulates (MPI's rule); ``op`` one of OPS ("replace": a put)."""
+        if op not in OPS:
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: accumulate op {op!r}; "
+                             f"one of {', '.join(OPS)}")
+        if op != "replace":
+            from collectives import ops
+            ops.resolve(op, self.dtype)     # (TypeError: an op the dtype cannot take)
+            if self.dtype.metadata is not None:
+                raise TypeError(f"rank {self._t.rank}: window {self.name}: accumulate {op!r} "
+                                f"on bfloat16: put and get only")
+        self._update(x, rank, offset, 1 + OPS.index(op), "accumulate")
+
+    def get(self, rank: int, offset: int = 0, count: int | None = None, out: Any = None,
+            timeout: float | None = None) -> Any:
+        """MPI's Get, waited for: ``count`` elements (default: to the end) of
+        rank ``rank``'s window from ``offset``, into ``out=`` (a writable
+        contiguous array or tensor of the window's dtype) or a new 1-D array."""
+        return self.rget(rank, offset, count, out).wait(timeout)
+
+    def rget(self, rank: int, offset: int = 0, count: int | None = None,
+             out: Any = None) -> Request:
+        """MPI's Rget: ``get`` as a request (its ``wait`` returns the data);
+        the epoch's end (``fence``, ``flush``, ``unlock``) completes it too."""
+        self._check("get")
+        if rank == PROC_NULL:
+            return _done(self._c, out)
+        w = self._target(rank, "get")
+        size = self.sizes[rank]
+        if count is None:
+            count = size - offset if isinstance(offset, (int, np.integer)) else -1
+        self._range(rank, offset, count, "get")
+        if out is not None:
+            view = tensors.out_view(out, self._what("get from", rank)) \
+                if tensors.is_tensor(out) else out
+            if not isinstance(view, np.ndarray) or not same(view.dtype, self.dtype) \
+                    or view.size != count:
+                raise TypeError(f"rank {self._t.rank}: window {self.name}: get from rank {rank}: "
+                                f"out= is not an array of {count} {tensors.dtype_name(self.dtype)}")
+        reply = next(self._ids)
+        item = self._t.irecv(self._gid, w, reply, out, None, self._what("get from", rank))
+        try:
+            self._send(rank, w, RMA_TAGS | CONTROL << SHIFT,
+                       [GET, reply, int(offset), int(count)], "get from")
+        except BaseException:
+            self._t.cancel(item)
+            raise
+        self._keep(rank, item)
+        return Request(self._c, item)
+
+    def _update(self, x: Any, rank: int, offset: int, code: int, op: str) -> None:
+        self._check(op)
+        if rank == PROC_NULL:
+            return
+        w = self._target(rank, op)
+        if tensors.is_tensor(x):
+            a = tensors.operand(x, f"rank {self._t.rank}: window {self.name}: {op}")[0]
+        elif isinstance(x, np.ndarray):
+            a = x
+        else:
+            a = np.asarray(x, self.dtype)   # (numbers and lists take the window's dtype)
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"rank {self._t.rank}: window {self.name}: {op}: a CPU array")
+        if not same(a.dtype, self.dtype):
+            raise TypeError(f"rank {self._t.rank}: window {self.name}: {op} to rank {rank}: "
+                            f"{tensors.dtype_name(a.dtype)} into a window of "
+                            f"{tensors.dtype_name(self.dtype)} (the same dtype only)")
+        a = np.ascontiguousarray(a).reshape(-1)
+        self._range(rank, offset, a.size, op)
+        self._send(rank, w, RMA_TAGS | code << SHIFT | int(offset), a, f"{op} to")
+        self._dirty.add(rank)
+
+    # -- origin side: synchronization ---------------------------------------------
+
+    def fence(self, timeout: float | None = None) -> None:
+        """MPI's Fence, collective: every operation of the epoch, by any
+        rank, is applied at its target when it returns on that target, and
+        this rank's own are complete (its buffers free, its gets in)."""
+        self._check("fence")
+        if self._locked:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: fence while this rank "
+                            f"holds locks on rank(s) {sorted(self._locked)}: unlock them first")
+        self._closing("fence", timeout)
+        self._fenced = True
+
+    def lock(self, rank: int, exclusive: bool = False, timeout: float | None = None) -> None:
+        """MPI's Lock (passive target): returns once rank ``rank`` granted
+        it, shared or ``exclusive``; the target calls nothing."""
+        self._check("lock")
+        if rank == PROC_NULL:
+            return
+        self._lock_many([rank], exclusive, timeout)
+
+    def lock_all(self, timeout: float | None = None) -> None:
+        """MPI's Lock_all: a shared lock on every rank."""
+        self._check("lock_all")
+        self._lock_many(range(self.size), False, timeout)
+
+    def unlock(self, rank: int, timeout: float | None = None) -> None:
+        """MPI's Unlock: once every operation of this rank's on ``rank`` is
+        applied there (and complete here), the lock is released."""
+        self._check("unlock")
+        if rank == PROC_NULL:
+            return
+        self._target(rank, "unlock")
+        self._sync([rank], UNLOCK, "unlock", timeout)
+
+    def unlock_all(self, timeout: float | None = None) -> None:
+        """MPI's Unlock_all: ``unlock`` of every rank this rank locked."""
+        self._check("unlock_all")
+        self._sync(sorted(self._locked), UNLOCK, "unlock_all", timeout)
+
+    def flush(self, rank: int, timeout: float | None = None) -> None:
+        """MPI's Flush: every operation of this rank's on ``rank`` is
+        applied there when it returns; the lock stays."""
+        self._check("flush")
+        if rank == PROC_NULL:
+            return
+        self._target(rank, "flush")
+        self._sync([rank], FLUSH, "flush", timeout)
+
+    def flush_all(self, timeout: float | None = None) -> None:
+        """MPI's Flush_all: ``flush`` of every rank this rank locked."""
+        self._check("flush_all")
+        self._sync(sorted(self._locked), FLUSH, "flush_all", timeout)
+
+    def free(self, timeout: float | None = None) -> None:
+        """MPI's Win_free, collective: once every rank's operations on this
+        rank's window are applied, it is exposed no more; any call on it
+        then raises. This rank must hold no lock."""
+        if self._freed:
+            return
+        if self._locked:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: free while this rank "
+                            f"holds locks on rank(s) {sorted(self._locked)}: unlock them first")
+        try:
+            self._closing("free", timeout)
+        finally:
+            self._release()
+
+    def __enter__(self) -> "Window":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.free()
+        else:       # (leaving on an error: freed here only, no wait for the others)
+            self._release()
+
+    def _lock_many(self, ranks: Any, exclusive: bool, timeout: float | None) -> None:
+        ranks = list(ranks)
+        op = "lock_all" if len(ranks) > 1 else "lock"
+        for r in ranks:
+            self._target(r, op)
+            if r in self._locked:
+                raise MeshError(f"rank {self._t.rank}: window {self.name}: {op}: this rank "
+                                f"holds a lock on rank {r} already (unlock it first)")
+        kind = "exclusive" if exclusive else "shared"
+        asked = [(r, self._ask(r, [LOCK, int(bool(exclusive))], f"{op} ({kind}) of"))
+                 for r in ranks]
+        deadline = time.monotonic() + (self._t.timeout if timeout is None else timeout)
+        try:
+            for r, item in asked:
+                self._t.wait(item, max(0.0, deadline - time.monotonic()))
+                self._locked[r] = bool(exclusive)
+        except BaseException:
+            for r, _ in asked:      # the target drops the request, or releases it granted
+                self._locked.pop(r, None)
+                self._tell(r, [UNLOCK, 0])
+            raise
+
+    def _sync(self, ranks: list[int], kind: int, op: str, timeout: float | None) -> None:
+        """Flush or unlock ``ranks``: a request each, answered once what this
+        rank sent before it is applied; this rank's own operations waited for."""
+        for r in ranks:
+            if r not in self._locked and (kind == UNLOCK or not self._fenced):
+                raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} of rank {r}, "
+                                f"which this rank has not locked")
+        deadline = time.monotonic() + (self._t.timeout if timeout is None else timeout)
+        asked = [(r, self._ask(r, [kind], f"{op} of")) for r in ranks]
+        self._dirty.difference_update(ranks)
+        try:
+            self._complete(ranks, deadline)
+            for _, item in asked:
+                self._t.wait(item, max(0.0, deadline - time.monotonic()))
+        finally:
+            if kind == UNLOCK:
+                for r in ranks:
+                    self._locked.pop(r, None)
+
+    def _closing(self, op: str, timeout: float | None) -> None:
+        """A fence's (a free's) end of the epoch: a flush of each rank this
+        rank put or accumulated into since the last one, this rank's own
+        operations waited for, then a barrier: past it, every operation of
+        the epoch is applied at its target, before any of the next can come."""
+        t = self._t
+        deadline = time.monotonic() + (t.timeout if timeout is None else timeout)
+        asked = [self._ask(r, [FLUSH], f"{op}: flush of") for r in sorted(self._dirty)
+                 if r != self.rank]
+        self._dirty.clear()
+        self._complete(list(self._open), deadline)
+        for item in asked:
+            t.wait(item, max(0.0, deadline - time.monotonic()))
+        import collectives
+        collectives.barrier(self._c, timeout=max(0.0, deadline - time.monotonic()))
+
+    def _complete(self, ranks: list[int], deadline: float) -> None:
+        """Wait for this rank's sends and gets to ``ranks`` (local completion)."""
+        for r in ranks:
+            items = self._open.pop(r, ())
+            for i, item in enumerate(items):
+                try:
+                    self._t.wait(item, max(0.0, deadline - time.monotonic()))
+                except BaseException:
+                    self._open.setdefault(r, []).extend(items[i + 1:])
+                    raise
+
+    def _ask(self, rank: int, args: list[int], op: str) -> Pending:
+        """Send the control request ``args`` (its reply tag put second) to
+        ``rank``; the posted receive of its reply."""
+        w = self._c.ranks[rank]
+        reply = next(self._ids)
+        item = self._t.irecv(self._gid, w, reply, None, None, self._what(op, rank))
+        try:
+            self._send(rank, w, RMA_TAGS | CONTROL << SHIFT, [args[0], reply, *args[1:]], op,
+                       False)
+        except BaseException:
+            self._t.cancel(item)
+            raise
+        return item
+
+    def _tell(self, rank: int, args: list[int]) -> None:
+        """A control request that wants no reply (errors ignored: best effort)."""
+        w = self._c.ranks[rank]
+        self._t.isend(w, self._gid, RMA_TAGS | CONTROL << SHIFT, args, None,
+                      self._what("unlock of", rank))
+
+    def _send(self, rank: int, w: int, tag: int, obj: Any, op: str, keep: bool = True) -> None:
+        t = self._t
+        if type(obj) is np.ndarray and w != t.rank and \
+                t.send_ring(w, self._gid, tag, obj) is not None:
+            return      # (a small array by a same-host ring: copied, done)
+        out = t.isend(w, self._gid, tag, obj, None, self._what(op, rank))
+        if out.error is not None:
+            raise out.error
+        if keep:
+            self._keep(rank, out)
+
+    def _keep(self, rank: int, item: Outgoing | Pending) -> None:
+        items = self._open.setdefault(rank, [])
+        items.append(item)
+        if len(items) >= _PRUNE:    # (a long epoch: those done, and fine, dropped)
+            items[:] = [i for i in items if not (i.event.is_set() and i.error is None and (
+                not isinstance(i, Outgoing) or i.done()))]
+
+    def _check(self, op: str) -> None:
+        if self._freed:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} on a freed window")
+
+    def _target(self, rank: int, op: str) -> int:
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) \
+                or not 0 <= rank < self.size:
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: {op} rank {rank!r}: its "
+                             f"group has ranks 0..{self.size - 1}")
+        w = self._c.ranks[int(rank)]
+        if op in ("put", "get", "accumulate") and not (self._fenced or rank in self._locked):
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} on rank {rank} "
+                            f"outside an epoch: call win.fence() (every rank) or "
+                            f"win.lock({rank}) first")
+        return w
+
+    def _range(self, rank: int, offset: Any, count: int, op: str) -> None:
+        size = self.sizes[rank]
+        if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) \
+                or not 0 <= offset <= MAX_OFFSET or count < 0 or offset + count > size:
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: {op} rank {rank} at "
+                             f"offset {offset!r}, {count} elements: out of range (its window "
+                             f"has {size})")
+
+    def _what(self, op: str, rank: int) -> str:
+        """An operation as errors name it: ``window world/window#0: put to rank 1``."""
+        said = self._said.get((op, rank))
+        if said is None:
+            w = self._c.ranks[rank]
+            peer = f"rank {rank}" if w == rank else f"rank {rank} (world rank {w})"
+            said = self._said[(op, rank)] = f"window {self.name}: {op} {peer}"
+        return said
+
+    def _release(self) -> None:
+        """Exposed no more: requests that come later are dropped (mesh.rma.DROPPED,
+        until the group is forgotten: Inbox.forget)."""
+        self._freed = True
+        side = self._target_side
+        if side is not None and self._t.inbox.handlers.get(self._gid) is side:
+            self._t.inbox.handlers[self._gid] = DROPPED
+        self._open.clear()
+
+def _done(comm: "Comm", value: Any) -> Request:
+    """A request done at once with ``value`` (a get from PROC_NULL)."""
+    from .request import _Null
+    return _Null(comm, value)
