@@ -257,9 +257,14 @@ class Inbox:
 
     # ---- arrivals ------------------------------------------------------------
 
-    def claim(self, group: int, src: int, tag: int) -> Pending | None:
+    def claim(self, group: int, src: int, tag: int, nbytes: int = -1) -> Pending | None:
         """The posted receive a message arriving now goes to, taken out (None:
-        none is posted, or the tag was aborted)."""
+        none is posted, or the tag was aborted). A window's put of ``nbytes``
+        is claimed by the window: its bytes go straight into place."""
+        if tag >= RMA_TAGS and self.handlers:
+            handler = self.handlers.get(group)
+            if handler is not None:
+                return handler.claim(src, tag, nbytes)
         with self.lock:
             if self.aborted and (group, tag) in self.aborted:
                 return None

@@ -418,7 +418,7 @@ class Reader:
         direct path), and its stream's thread reads the bytes into its
         ``out=`` when that fits, else into a fresh array; ``finish_streams``
         delivers it. Until then what comes from that rank is held."""
-        req = self._claim(h.group, h.src, h.tag)
+        req = self._claim(h.group, h.src, h.tag, h.nbytes)
         dest = req.out if req is not None and _fits(req.out, req, h) else None
         into = dest is not None
         if dest is None:
@@ -535,7 +535,7 @@ class Reader:
         if got != h.nbytes:
             self._bad(f"payload of {got} bytes from rank {h.src}, header says {h.nbytes}")
             return
-        req = self._claim(h.group, h.src, h.tag)
+        req = self._claim(h.group, h.src, h.tag, h.nbytes)
         if req is not None:
             out = req.out
             if _fits(out, req, h):
@@ -564,7 +564,7 @@ class Reader:
         if not pid:
             self._bad(f"a direct-path message from rank {h.src}, which was never probed")
             return
-        req = self._claim(h.group, h.src, h.tag)
+        req = self._claim(h.group, h.src, h.tag, h.nbytes)
         if req is None and self._inbox.drops(h.group, h.tag):
             # Its call was aborted here (or its group dropped): it would be read only to be
             # dropped, maybe after its sender heard our goodbye and exited, the read then

@@ -8,9 +8,10 @@ mesh.inbox.RMA_TAGS, each saying in its tag what it is:
                                         object [kind, reply tag, ...]
 
 ``Target`` applies them in the thread of this rank that reads (the
-progress thread, or a caller waiting on the mesh), each once whole: a put
-written into place and an accumulate combined, under the window's lock; a
-get, a lock, an unlock and a flush answered on their reply tags. It keeps the lock
+progress thread, or a caller waiting on the mesh): a put is claimed into
+its place in the exposed array before its bytes are read (``claim``); an
+accumulate is combined under the window's lock once whole; a get, a lock,
+an unlock and a flush are answered on their reply tags. It keeps the lock
 table: the holders, and the lock requests that wait, granted in order.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from . import tensors, wire
 from .errors import LostPeerError, MeshError
 from .inbox import RMA_TAGS
+from .match import MATCHED, Pending
 
 if TYPE_CHECKING:
     from .transport import Transport
@@ -93,9 +95,26 @@ class Target:
             _log.error("rank %d: window %s: a request from world rank %d failed: %s",
                        self._t.rank, self.name, src, e)
 
+    def claim(self, src: int, tag: int, nbytes: int) -> Pending | None:
+        """Where a put of ``nbytes`` from world rank ``src`` goes (Inbox.claim):
+        its place in the window, which the reader fills straight from the
+        ring, the socket's frames or the origin's memory (mesh.direct); None
+        for the rest, applied once whole (``arrive``)."""
+        offset = tag - RMA_TAGS
+        size = self.dtype.itemsize
+        if offset > MAX_OFFSET or nbytes < 0 or nbytes % size:   # (not a put: code 0)
+            return None
+        count = nbytes // size
+        if offset + count > self._flat.size:
+            return None
+        req = Pending(self._gid, src, tag, self._flat[offset:offset + count], None,
+                      "window put")
+        req.state = MATCHED
+        return req
+
     def _apply(self, code: int, offset: int, value: Any) -> None:
-        """A put (code 0) or an accumulate (1 + its op's index in OPS),
-        under the window's lock: atomic against the others."""
+        """A put (code 0) not claimed, or an accumulate (1 + its op's index
+        in OPS), under the window's lock: atomic against the others."""
         flat = self._flat
         if type(value) is not np.ndarray or not same(value.dtype, self.dtype) \
                 or code > len(OPS) or offset + value.size > flat.size:
@@ -184,6 +203,9 @@ class _Dropped:
 
     def arrive(self, src: int, tag: int, value: Any) -> None:
         pass
+
+    def claim(self, src: int, tag: int, nbytes: int) -> None:
+        return None
 
     def lost(self, rank: int) -> None:
         pass

@@ -9,7 +9,7 @@ handed over by the inbox (``Inbox.handlers``) instead of queued for a
 receive, to the window's target side (mesh.rma). Here: the origin's side.
 
     origin                                    target (its reading thread)
-    put(x, r, off)         array, tag REQ|0|off     window[off:off+n] = x
+    put(x, r, off)         array, tag REQ|0|off     window[off:off+n] = x (in place)
     accumulate(x, r, off)  array, tag REQ|1+op|off  window[off:off+n] op= x (its lock)
     get(r, off, n)         [GET, reply, off, n]     window[off:off+n] back, tag reply
     lock(r, exclusive)     [LOCK, reply, excl]      granted (reply) now or once free

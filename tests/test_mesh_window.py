@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import mesh
-from mesh.inbox import RMA_TAGS
+from mesh.inbox import RMA_TAGS, Inbox
+from mesh.peer import Peer
 from mesh.rma import CONTROL, GET, LOCK, SHIFT, UNLOCK, Target
 from proctools import ROOT, run_in_session
 
@@ -72,6 +73,25 @@ def test_the_target_side_grants_locks_in_order_and_a_lost_holder_loses_its_lock(
     side.arrive(1, RMA_TAGS | 3, np.ones(2))    # past the end: dropped, logged
     side.arrive(1, ctl, ["garbage"])
     assert a.tolist() == [0.5, 1.0, 1.0, 7.0] and len(t.sent) == 6
+
+
+def test_a_put_is_claimed_into_its_place_in_the_window() -> None:
+    """Inbox.claim hands a window's put (by its byte count) the receive
+    whose out= is its place in the exposed array, so the reader writes its
+    bytes there (no array of its own, no copy after); an accumulate, a
+    control request, a put past the end or of a partial element are not
+    claimed (applied once whole)."""
+    box = Inbox(0, [Peer(r, None, None, 1 << 20) for r in range(2)],
+                {7: ("world/window#0", [0, 1])}, lambda p, h: None, lambda: None)
+    a = np.zeros(8)
+    box.handlers[7] = Target(_Replies(), 7, "world/window#0", a)  # type: ignore[arg-type]
+    req = box.claim(7, 1, RMA_TAGS | 3, 16)
+    assert req is not None and req.out.shape == (2,) and np.shares_memory(req.out, a)
+    req.out[:] = 5.0
+    assert a.tolist() == [0, 0, 0, 5, 5, 0, 0, 0]
+    for tag, nbytes in ((RMA_TAGS | 2 << SHIFT | 3, 16), (RMA_TAGS | CONTROL << SHIFT, 20),
+                        (RMA_TAGS | 7, 16), (RMA_TAGS | 3, 12)):
+        assert box.claim(7, 1, tag, nbytes) is None
 
 
 def _raises(exc: type, match: str, fn: object, *args: object, **kw: object) -> str:

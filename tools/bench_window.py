@@ -7,8 +7,10 @@ Rank 1 is the target: for the point-to-point rows it answers (a ping-pong
 of 8 B, and a stream of 8 B sends it receives); for the window's it waits
 in a receive of its own, so its requests are applied by that waiting
 thread. Rank 0, under a shared lock on rank 1: a stream of 8 B puts and
-of accumulates (then one flush), gets and flushes one at a time, then
-large puts. Prints each row's median in microseconds, or GB/s."""
+of accumulates (then one flush), gets and flushes one at a time. Then
+large puts, each trial either with the target's put claimed into place
+(head) or applied once whole, as before (base: ``Target.claim`` answering
+None). Prints each row's median in microseconds, or GB/s."""
 from __future__ import annotations
 
 import statistics
@@ -25,7 +27,7 @@ BIG = (1 << 14, 1 << 17, 1 << 21)     # large puts: float64 elements (128 KiB to
 
 
 def _target(world: mesh.Mesh, win: Any) -> None:
-    """Rank 1: answer each trial's point-to-point, then wait."""
+    """Rank 1: answer each trial's point-to-point, then wait (or switch the claim)."""
     while True:
         what = world.recv(0, tag=8, timeout=300)
         if what == "end":
@@ -36,6 +38,10 @@ def _target(world: mesh.Mesh, win: Any) -> None:
             for _ in range(N + 100):
                 world.recv(0, tag=3)
             world.send(None, 0, tag=4)
+        elif what == "base":    # (the window's target side, mesh.rma.Target)
+            win._target_side.claim = lambda src, tag, nbytes: None
+        elif what == "head":
+            win._target_side.__dict__.pop("claim", None)
         world.send(None, 0, tag=7)
 
 
@@ -56,6 +62,8 @@ def _origin(world: mesh.Mesh, win: Any, trials: int) -> dict[str, list[float]]:
 
     def ask(what: str) -> None:
         world.send(what, 1, tag=8)
+        if what in ("base", "head"):
+            world.recv(1, tag=7)
 
     def row(name: str, v: float) -> None:
         rows.setdefault(name, []).append(v)
@@ -79,8 +87,12 @@ def _origin(world: mesh.Mesh, win: Any, trials: int) -> dict[str, list[float]]:
         row("flush (us)", _timed(flush, N, flush) * 1e6)
         for n in BIG:
             big = np.ones(n)
-            dt = _timed(lambda: win.put(big, 1), 20, flush)
-            row(f"put {n * 8 >> 10} KiB (GB/s)", big.nbytes / dt / 1e9)
+            for variant in ("base", "head"):
+                win.unlock(1)
+                ask(variant)
+                win.lock(1)
+                dt = _timed(lambda: win.put(big, 1), 20, flush)
+                row(f"put {n * 8 >> 10} KiB, {variant} (GB/s)", big.nbytes / dt / 1e9)
         win.unlock(1)
     ask("end")
     return rows
@@ -99,6 +111,11 @@ def main() -> None:
     rows = mesh.spawn(_bench, 2, trials, timeout=600)[0]
     for name, vs in rows.items():
         print(f"{name:36s} {statistics.median(vs):9.2f}   (median of {len(vs)})")
+    for n in BIG:
+        kib = n * 8 >> 10
+        base = statistics.median(rows[f"put {kib} KiB, base (GB/s)"])
+        head = statistics.median(rows[f"put {kib} KiB, head (GB/s)"])
+        print(f"put {kib} KiB: head/base {head / base:.2f}")
 
 
 if __name__ == "__main__":
