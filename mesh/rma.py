@@ -11,8 +11,9 @@ mesh.inbox.RMA_TAGS, each saying in its tag what it is:
 progress thread, or a caller waiting on the mesh): a put is claimed into
 its place in the exposed array before its bytes are read (``claim``); an
 accumulate is combined under the window's lock once whole; a get, a lock,
-an unlock and a flush are answered on their reply tags. It keeps the lock
-table: the holders, and the lock requests that wait, granted in order.
+an unlock, a flush, a fetch-and-op and a compare-and-swap are answered on
+their reply tags. It keeps the lock table: the holders, and the lock
+requests that wait, granted in order.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .transport import Transport
 
 __all__ = ["Target", "OPS", "DROPPED", "SHIFT", "MAX_OFFSET", "CONTROL", "GET", "LOCK",
-           "UNLOCK", "FLUSH", "exposed", "same"]
+           "UNLOCK", "FLUSH", "FETCH", "SWAP", "exposed", "same"]
 
 _log = logging.getLogger("mesh.transport")
 
@@ -42,7 +43,7 @@ LAND, LOR, LXOR (as the collectives' ops: collectives.ops)."""
 SHIFT = 48                      # a request's tag: RMA_TAGS | code << SHIFT | offset
 MAX_OFFSET = (1 << SHIFT) - 1
 CONTROL = 15                    # the code of a request that is an object, not an array
-GET, LOCK, UNLOCK, FLUSH = range(4)     # its kinds
+GET, LOCK, UNLOCK, FLUSH, FETCH, SWAP = range(6)     # its kinds
 
 
 def exposed(buf: Any, what: str) -> np.ndarray:
@@ -120,26 +121,56 @@ class Target:
                 or code > len(OPS) or offset + value.size > flat.size:
             raise MeshError(f"a malformed put or accumulate (code {code}, offset {offset})")
         view = flat[offset:offset + value.size]
-        x = value.reshape(-1)
         if code <= 1:       # a put, or an accumulate's "replace"
             with self._mu:
-                view[...] = x
+                view[...] = value.reshape(-1)
             return
+        ufunc = self._ufunc(code)
+        with self._mu:
+            self._combine(ufunc, view, value.reshape(-1), view)
+
+    def _ufunc(self, code: int) -> Any:
+        """The ufunc of accumulate code ``code`` (1 + its op's index in OPS, > 1)."""
         ufunc = self._ufuncs.get(code)
         if ufunc is None:
             from collectives import ops
             ufunc = self._ufuncs[code] = getattr(np, ops.resolve(OPS[code - 1], self.dtype)
                                                  .ufunc_name)
+        return ufunc
+
+    def _fetch(self, src: int, reply: int, offset: int, code: int, raw: Any) -> None:
+        """Fetch_and_op (``code``: 0 no op, else as accumulate's) or, with
+        code -1, Compare_and_swap (``raw``: the compare value, then the new):
+        the element's value before, answered; the change atomic, as an
+        accumulate's."""
+        x = np.frombuffer(raw, self.dtype) if isinstance(raw, bytes) else np.empty(0)
+        if x.size != (2 if code < 0 else 1) or offset >= self._flat.size or code > len(OPS):
+            raise MeshError(f"a malformed fetch (code {code}, offset {offset})")
+        view = self._flat[offset:offset + 1]
+        ufunc = self._ufunc(code) if code > 1 else None
         with self._mu:
-            self._combine(ufunc, view, x, view)
+            old = view.copy()
+            if code < 0:
+                if old[0] == x[0]:
+                    view[0] = x[1]
+            elif code == 1:
+                view[0] = x[0]
+            elif ufunc is not None:
+                self._combine(ufunc, view, x, view)
+        self._reply(src, reply, old)
 
     def _serve(self, src: int, msg: Any) -> None:
-        """A control request (an object): a get, a lock, an unlock, a flush."""
+        """A control request (an object): a get, a lock, an unlock, a flush,
+        a fetch-and-op, a compare-and-swap (their operands as bytes, last)."""
+        fetch = isinstance(msg, list) and len(msg) == 5 and msg[0] in (FETCH, SWAP)
         if not (isinstance(msg, list) and len(msg) >= 2
-                and all(type(v) is int and v >= 0 for v in msg)):
+                and all(type(v) is int and v >= 0 for v in msg[:4 if fetch else None])):
             raise MeshError(f"a malformed request {msg!r}")
         kind, reply = msg[0], msg[1]
         granted: list[tuple[int, int]] = []
+        if fetch:
+            self._fetch(src, reply, msg[2], msg[3] if kind == FETCH else -1, msg[4])
+            return
         if kind == GET and len(msg) == 4:
             offset, count = msg[2], msg[3]
             if offset + count > self._flat.size:

@@ -37,8 +37,8 @@ from .inbox import RMA_TAGS
 from .match import Pending
 from .peer import Outgoing
 from .request import Request
-from .rma import (CONTROL, DROPPED, FLUSH, GET, LOCK, MAX_OFFSET, OPS, SHIFT, UNLOCK, Target,
-                  exposed, same)
+from .rma import (CONTROL, DROPPED, FETCH, FLUSH, GET, LOCK, MAX_OFFSET, OPS, SHIFT, SWAP,
+                  UNLOCK, Target, exposed, same)
 from .status import PROC_NULL
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["Window", "OPS"]
 
 _PRUNE = 512                    # operations kept per target before the done ones are dropped
+_EPOCH = ("put", "get", "accumulate", "fetch_and_op", "compare_and_swap")   # need one
 
 
 class Window:
@@ -115,16 +116,7 @@ class Window:
         """MPI's Accumulate: rank ``rank``'s window elements from ``offset``
         on become ``window (op) x``, each atomically against other
         accumulates (MPI's rule); ``op`` one of OPS ("replace": a put)."""
-        if op not in OPS:
-            raise ValueError(f"rank {self._t.rank}: window {self.name}: accumulate op {op!r}; "
-                             f"one of {', '.join(OPS)}")
-        if op != "replace":
-            from collectives import ops
-            ops.resolve(op, self.dtype)     # (TypeError: an op the dtype cannot take)
-            if self.dtype.metadata is not None:
-                raise TypeError(f"rank {self._t.rank}: window {self.name}: accumulate {op!r} "
-                                f"on bfloat16: put and get only")
-        self._update(x, rank, offset, 1 + OPS.index(op), "accumulate")
+        self._update(x, rank, offset, self._code(op), "accumulate")
 
     def get(self, rank: int, offset: int = 0, count: int | None = None, out: Any = None,
             timeout: float | None = None) -> Any:
@@ -163,11 +155,54 @@ class Window:
         self._keep(rank, item)
         return Request(self._c, item)
 
-    def _update(self, x: Any, rank: int, offset: int, code: int, op: str) -> None:
+    def fetch_and_op(self, value: Any, rank: int, offset: int = 0, op: str = "sum",
+                     timeout: float | None = None) -> Any:
+        """MPI's Fetch_and_op: element ``offset`` of rank ``rank``'s window
+        becomes ``element (op) value`` (``op`` one of OPS, or "no_op": an
+        atomic read), atomically as an accumulate; returns the element's
+        value before (a numpy scalar), waited for."""
+        code = 0 if op == "no_op" else self._code(op)
+        return self._fetch(rank, offset, FETCH, code, [value], "fetch_and_op", timeout)
+
+    def compare_and_swap(self, value: Any, compare: Any, rank: int, offset: int = 0,
+                         timeout: float | None = None) -> Any:
+        """MPI's Compare_and_swap: element ``offset`` of rank ``rank``'s
+        window becomes ``value`` if it equals ``compare``, atomically as an
+        accumulate; returns the element's value before, waited for."""
+        return self._fetch(rank, offset, SWAP, 0, [compare, value], "compare_and_swap",
+                           timeout)
+
+    def _fetch(self, rank: int, offset: int, kind: int, code: int, values: list,
+               op: str, timeout: float | None) -> Any:
         self._check(op)
         if rank == PROC_NULL:
-            return
+            return None
         w = self._target(rank, op)
+        parts = [self._operand(v, rank, op) for v in values]
+        if any(p.size != 1 for p in parts):
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: {op}: one element, "
+                             f"not {[p.size for p in parts]}")
+        a = np.concatenate(parts)
+        self._range(rank, offset, 1, op)
+        item = self._ask(rank, [kind, int(offset), code, a.tobytes()], f"{op} on")
+        return self._t.wait(item, timeout)[0]
+
+    def _code(self, op: str) -> int:
+        """An accumulate op's code (1 + its index in OPS), checked for the dtype."""
+        if op not in OPS:
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: accumulate op {op!r}; "
+                             f"one of {', '.join(OPS)}")
+        if op != "replace":
+            from collectives import ops
+            ops.resolve(op, self.dtype)     # (TypeError: an op the dtype cannot take)
+            if self.dtype.metadata is not None:
+                raise TypeError(f"rank {self._t.rank}: window {self.name}: accumulate {op!r} "
+                                f"on bfloat16: put and get only")
+        return 1 + OPS.index(op)
+
+    def _operand(self, x: Any, rank: int, op: str) -> np.ndarray:
+        """``x`` as a flat C-contiguous array of the window's dtype (numbers
+        and lists cast to it; another dtype's array or tensor refused)."""
         if tensors.is_tensor(x):
             a = tensors.operand(x, f"rank {self._t.rank}: window {self.name}: {op}")[0]
         elif isinstance(x, np.ndarray):
@@ -180,7 +215,14 @@ class Window:
             raise TypeError(f"rank {self._t.rank}: window {self.name}: {op} to rank {rank}: "
                             f"{tensors.dtype_name(a.dtype)} into a window of "
                             f"{tensors.dtype_name(self.dtype)} (the same dtype only)")
-        a = np.ascontiguousarray(a).reshape(-1)
+        return np.ascontiguousarray(a).reshape(-1)
+
+    def _update(self, x: Any, rank: int, offset: int, code: int, op: str) -> None:
+        self._check(op)
+        if rank == PROC_NULL:
+            return
+        w = self._target(rank, op)
+        a = self._operand(x, rank, op)
         self._range(rank, offset, a.size, op)
         self._send(rank, w, RMA_TAGS | code << SHIFT | int(offset), a, f"{op} to")
         self._dirty.add(rank)
@@ -330,7 +372,7 @@ class Window:
                     self._open.setdefault(r, []).extend(items[i + 1:])
                     raise
 
-    def _ask(self, rank: int, args: list[int], op: str) -> Pending:
+    def _ask(self, rank: int, args: list[Any], op: str) -> Pending:
         """Send the control request ``args`` (its reply tag put second) to
         ``rank``; the posted receive of its reply."""
         w = self._c.ranks[rank]
@@ -378,7 +420,7 @@ class Window:
             raise ValueError(f"rank {self._t.rank}: window {self.name}: {op} rank {rank!r}: its "
                              f"group has ranks 0..{self.size - 1}")
         w = self._c.ranks[int(rank)]
-        if op in ("put", "get", "accumulate") and not (self._fenced or rank in self._locked):
+        if op in _EPOCH and not (self._fenced or rank in self._locked):
             raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} on rank {rank} "
                             f"outside an epoch: call win.fence() (every rank) or "
                             f"win.lock({rank}) first")

@@ -22,7 +22,7 @@ import pytest
 import mesh
 from mesh.inbox import RMA_TAGS, Inbox
 from mesh.peer import Peer
-from mesh.rma import CONTROL, GET, LOCK, SHIFT, UNLOCK, Target
+from mesh.rma import CONTROL, FETCH, GET, LOCK, SHIFT, SWAP, UNLOCK, Target
 from proctools import ROOT, run_in_session
 
 _K = 200            # accumulates per origin onto the busy target
@@ -73,6 +73,12 @@ def test_the_target_side_grants_locks_in_order_and_a_lost_holder_loses_its_lock(
     side.arrive(1, RMA_TAGS | 3, np.ones(2))    # past the end: dropped, logged
     side.arrive(1, ctl, ["garbage"])
     assert a.tolist() == [0.5, 1.0, 1.0, 7.0] and len(t.sent) == 6
+    side.arrive(2, ctl, [FETCH, 31, 3, 2, np.array([2.0]).tobytes()])    # "sum": 7 + 2
+    side.arrive(2, ctl, [SWAP, 32, 1, 0, np.array([1.0, 4.0]).tobytes()])     # 1 == 1: 4
+    side.arrive(2, ctl, [SWAP, 33, 2, 0, np.array([0.0, 4.0]).tobytes()])     # 1 != 0: kept
+    side.arrive(2, ctl, [FETCH, 34, 0, 0, np.array([9.0]).tobytes()])    # no_op: a read
+    assert a.tolist() == [0.5, 4.0, 1.0, 9.0] and t.sent[6:] == [(2, 31), (2, 32), (2, 33),
+                                                                (2, 34)]
 
 
 def test_a_put_is_claimed_into_its_place_in_the_window() -> None:
@@ -166,7 +172,10 @@ def _passive(world: mesh.Mesh) -> None:
     """Rank 0 computes (reading its own window, nothing else) until the
     others, by lock/unlock alone, have counted exactly and raised its flag."""
     n, r = world.size, world.rank
-    a = np.zeros(1002, np.int64)        # [0, 1000): accumulates; 1000: counter; 1001: flag
+    a = np.zeros(1004, np.int64)        # [0, 1000): accumulates; 1000: counter; 1001: flag;
+    #                                     1002: tickets (fetch_and_op); 1003: compare_and_swap
+    tickets: list[int] = []
+    swapped = -1
     win = world.window(a)
     if r == 0:
         spins, end = 0, time.monotonic() + 60
@@ -181,6 +190,10 @@ def _passive(world: mesh.Mesh) -> None:
             cut = (k * 37 + r * 11) % 1000
             win.accumulate(np.ones(cut, np.int64), 0)
             win.accumulate(np.ones(1000 - cut, np.int64), 0, offset=cut)
+        for _ in range(_M):     # each ticket once: fetch_and_op is atomic
+            tickets.append(int(win.fetch_and_op(1, 0, offset=1002)))
+        swapped = int(win.compare_and_swap(r, 0, 0, offset=1003))
+        assert win.fetch_and_op(0, 0, offset=1003, op="no_op") != 0
         win.unlock_all()
         for _ in range(_M):     # read-modify-write: right only if exclusive
             win.lock(0, exclusive=True)
@@ -191,6 +204,11 @@ def _passive(world: mesh.Mesh) -> None:
         win.flush(0)
         win.accumulate([1], 0, offset=1001)
         win.unlock(0)
+    import collectives
+    seen = collectives.gather_object(world, [tickets, swapped], root=0)
+    if r == 0:
+        assert sorted(t for ts, _ in seen for t in ts) == list(range((n - 1) * _M)), seen
+        assert [s for _, s in seen].count(0) == 1 and a[1003] == [s for _, s in seen].index(0)
     win.free()
 
 
@@ -213,6 +231,10 @@ def _errors(world: mesh.Mesh) -> None:
     _raises(ValueError, "accumulate op 'avg'", win.accumulate, np.ones(1), 1, op="avg")
     _raises(ValueError, f"put rank {n}: its group has ranks 0..{n - 1}", win.put, [1.0], n)
     _raises(mesh.MeshError, "which this rank has not locked", win.unlock, 1)
+    _raises(ValueError, r"fetch_and_op: one element, not \[2\]", win.fetch_and_op,
+            np.ones(2), 1)
+    _raises(TypeError, "needs an integer or bool", win.fetch_and_op, 1.0, 1, op="bor")
+    _raises(ValueError, "out of range", win.compare_and_swap, 1.0, 0.0, 1, offset=4)
     win.fence()
     if r == 1:
         win.lock(0, exclusive=True)
@@ -330,6 +352,7 @@ c = np.empty(1, np.int64)
 {get}(c, 0, 1)
 {flush}
 {put}(c + 10, 0, 1)
+{fop}
 {unlock}
 {fence}
 {acc}(np.array([r]), 0, 0, {max})
@@ -348,6 +371,7 @@ _MPI = dict(
     sum="MPI.SUM", max="MPI.MAX",
     get="(lambda buf, t, d=0: win.Get(buf, t, target=(d, len(buf))))",
     lock="win.Lock(0, MPI.LOCK_EXCLUSIVE)", flush="win.Flush(0)", unlock="win.Unlock(0)",
+    fop="win.Fetch_and_op(np.array([1]), np.empty(1, np.int64), 0, 2, MPI.SUM)",
     gather="comm.gather([a.tolist(), got.tolist()], root=0)", free="win.Free()")
 
 _MESH = dict(
@@ -358,6 +382,7 @@ _MESH = dict(
     sum='"sum"', max='"max"',
     get="(lambda buf, t, d=0: win.get(t, offset=d, count=len(buf), out=buf))",
     lock="win.lock(0, exclusive=True)", flush="win.flush(0)", unlock="win.unlock(0)",
+    fop="win.fetch_and_op(np.array([1]), 0, offset=2)",
     gather="C.gather_object(world, [a.tolist(), got.tolist()], root=0)", free="win.free()")
 
 
@@ -374,7 +399,7 @@ def _port(world: mesh.Mesh) -> str:
 @pytest.mark.timeout(120)
 def test_an_mpi4py_window_program_and_its_port_agree(tmp_path: Path) -> None:
     """mpi4py's Win.Create, Put, Get, Accumulate (SUM, MAX), Fence, Lock,
-    Flush, Unlock and Free under mpirun -n 3, and the same program with
+    Flush, Fetch_and_op, Unlock and Free under mpirun -n 3, and the same program with
     README's "Coming from mpi4py" rows: the same arrays on every rank."""
     check = subprocess.run([sys.executable, "-c", "import mpi4py.MPI"], capture_output=True,
                            timeout=60)
@@ -390,7 +415,7 @@ def test_an_mpi4py_window_program_and_its_port_agree(tmp_path: Path) -> None:
     ours = mesh.spawn(_port, 3, timeout=60)[0]
     assert theirs == [ours], (out, ours)
     result = json.loads(ours[len("RESULT "):])
-    assert result[0][0][:2] == [2, 30] and result[0][0][6:] == [3, 6], result
+    assert result[0][0][:3] == [2, 30, 3] and result[0][0][6:] == [3, 6], result
 
 
 
