@@ -1,0 +1,184 @@
+"""mpi4py's ``MPI`` over meshrun: change ``from mpi4py import MPI`` to
+``from collectives import MPI`` and a program runs under ``meshrun -n N``
+(or mpirun, torchrun, srun) unchanged::
+
+    from collectives import MPI
+    comm = MPI.COMM_WORLD                      # mesh.init()'s world, on first use
+    total = comm.allreduce(comm.rank, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, [a, MPI.DOUBLE], op=MPI.MAX)
+
+A thin layer over meshrun's public calls (collectives.mpi_compat: types.py
+the datatypes, ops and constants; buffers.py the buffer specs; p2p.py,
+requests.py and
+message.py point-to-point; coll.py the buffer collectives, objects.py the
+lowercase ones; comm.py the communicators): objects go by msgpack, never
+pickle, and meshrun's errors (MismatchError, MeshTimeoutError,
+LostPeerError) come through unchanged. It lives in collectives, not mesh,
+because its collectives are collectives' (mesh imports nothing above it).
+What meshrun does not provide raises NotImplementedError naming the call."""
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Sequence
+
+import mesh
+
+from .mpi_compat.comm import COMM_NULL, COMM_TYPE_SHARED, Cartcomm, Comm, Intracomm
+from .mpi_compat.objects import fold, scan_fold
+from .mpi_compat.message import MESSAGE_NO_PROC, MESSAGE_NULL, Message
+from .mpi_compat.requests import REQUEST_NULL, Grequest, Prequest, Request, Status
+from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DATATYPES,
+                               DIST_GRAPH, ERR_OTHER, ERR_TRUNCATE, GRAPH, IDENT, IN_PLACE,
+                               OPS, PROC_NULL, ROOT, SIMILAR, SUCCESS, TAG_UB, THREAD_FUNNELED,
+                               THREAD_MULTIPLE, THREAD_SERIALIZED, THREAD_SINGLE, UNDEFINED,
+                               UNEQUAL, Datatype, Exception, Op)
+
+globals().update(DATATYPES)
+globals().update(OPS)
+DATATYPE_NULL = Datatype("DATATYPE_NULL", "V0")
+OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
+INFO_NULL = None
+KEYVAL_INVALID = -1
+MAX_PROCESSOR_NAME = 256
+
+__all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "Intracomm",
+           "Cartcomm", "Status", "Request", "Prequest", "Grequest", "Message", "REQUEST_NULL",
+           "MESSAGE_NULL", "MESSAGE_NO_PROC", "Datatype", "Op", "Exception", "ANY_SOURCE",
+           "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "BOTTOM", "IDENT",
+           "CONGRUENT", "SIMILAR", "UNEQUAL", "CART", "GRAPH", "DIST_GRAPH", "SUCCESS",
+           "ERR_TRUNCATE", "ERR_OTHER", "TAG_UB", "THREAD_SINGLE", "THREAD_FUNNELED",
+           "THREAD_SERIALIZED", "THREAD_MULTIPLE", "Init", "Init_thread", "Finalize",
+           "Is_initialized", "Is_finalized", "Query_thread", "Is_thread_main", "Wtime",
+           "Wtick", "Get_processor_name", "Get_version", "Get_library_version",
+           "Compute_dims", "Pcontrol", "fold", "scan_fold", *DATATYPES, *OPS]
+
+_state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False}
+
+
+def _world() -> Comm:
+    """COMM_WORLD: the world this process has open (mesh.spawn's, or one
+    opened before), else mesh.init()'s, made on first use."""
+    w = mesh.world.current()
+    kept = _state["world"]
+    if kept is None or (w is not None and kept.mesh is not w):   # (a forked worker's own)
+        if w is None:
+            w = _state["opened"] = mesh.init()
+        _state.update(world=Intracomm(w), self=None)
+    return _state["world"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMM_WORLD":
+        return _world()
+    if name == "COMM_SELF":
+        if _state["self"] is None:
+            w = _world().mesh
+            _state["self"] = Intracomm(w.group([w.rank]))
+        return _state["self"]
+    if name in ("Win", "File", "Group", "Info", "Errhandler"):
+        return _Absent(name)
+    if name.startswith("_"):
+        raise AttributeError(name)
+    raise AttributeError(f"collectives.MPI has no {name} (mpi4py's MPI.{name}): not provided; "
+                         f"README, \"Coming from mpi4py\", lists what is")
+
+
+class _Absent:
+    """MPI.Win (one-sided windows), MPI.File (parallel I/O) and the others
+    meshrun does not provide: every use raises, naming it."""
+
+    _WHY = {"Win": "one-sided windows (MPI RMA: Win.Create, Put, Get, Accumulate, Fence, "
+                   "Lock) are not wired into collectives.MPI yet: point-to-point with the "
+                   "owner answering, or a collective",
+            "File": "parallel I/O (MPI.File) is not provided: each rank writes its slice "
+                    "at its offset (np.memmap), or the root writes what it gathered",
+            "Group": "process groups (MPI.Group) are not provided: comm.Split, or "
+                     "comm.mesh.group(ranks)"}
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        why = self._WHY.get(self._name, "not provided")
+        raise NotImplementedError(f"collectives.MPI: {self._name}.{attr}: {why}")
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.__getattr__("()")
+
+
+def Init() -> None:
+    _world()
+
+
+def Init_thread(required: int = THREAD_MULTIPLE) -> int:
+    _world()
+    return THREAD_MULTIPLE
+
+
+def Query_thread() -> int:
+    return THREAD_MULTIPLE
+
+
+def Is_thread_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def Is_initialized() -> bool:
+    return _state["world"] is not None or mesh.world.current() is not None
+
+
+def Is_finalized() -> bool:
+    return bool(_state["finalized"])
+
+
+def Finalize() -> None:
+    """Close the world COMM_WORLD opened (one opened by the caller, or
+    mesh.spawn's, is left to it)."""
+    w = _state["opened"]
+    _state.update(world=None, self=None, opened=None, finalized=True)
+    if w is not None:
+        w.close()
+
+
+def Wtime() -> float:
+    return time.perf_counter()
+
+
+def Wtick() -> float:
+    return time.get_clock_info("perf_counter").resolution
+
+
+def Get_processor_name() -> str:
+    return socket.gethostname()
+
+
+def Get_version() -> tuple[int, int]:
+    return 3, 1
+
+
+def Get_library_version() -> str:
+    return "meshrun (collectives.MPI over mesh and collectives)"
+
+
+def Pcontrol(level: int) -> None:
+    pass
+
+
+def Compute_dims(nnodes: int, dims: int | Sequence[int]) -> list[int]:
+    """MPI_Dims_create: ``dims`` an int (that many, all free) or a list whose
+    zeros are filled, as balanced as can be (mesh.compute_dims), largest
+    first."""
+    given = [0] * dims if isinstance(dims, int) else [int(d) for d in dims]
+    fixed = 1
+    for d in given:
+        fixed *= d or 1
+    free = given.count(0)
+    if nnodes % fixed:
+        raise ValueError(f"collectives.MPI Compute_dims: {nnodes} is no multiple of the "
+                         f"dimensions given, {given}")
+    fill = iter(mesh.compute_dims(nnodes // fixed, free) if free else [])
+    return [d or next(fill) for d in given]

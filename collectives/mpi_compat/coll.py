@@ -1,0 +1,288 @@
+"""mpi4py's buffer collectives (Bcast, Reduce, Allreduce, Gather, Scatter,
+Allgather, Alltoall, their v-forms, Reduce_scatter, Scan, Exscan, and
+the nonblocking Iallreduce, Ibcast, Ibarrier, Ireduce, Igather, Iscatter,
+Iallgather, Ialltoall: collectives' async_op, the result copied into the
+receive buffer at the wait) over collectives' calls: the buffer specs
+read as views of the caller's memory (buffers.py), each call one of
+collectives' (the v-calls' counts, which MPI gives the root alone, one small
+all_gather more), results written into the receive buffer."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import mesh
+
+from .. import api as C
+from .buffers import Buf, copy_into, in_place, spec, vspec
+from .requests import Request
+from .types import OPS, Op
+
+__all__ = ["Collectives", "coll_op"]
+
+_SUM = OPS["SUM"]
+
+
+def coll_op(op: Any, what: str) -> Any:
+    """The op as collectives take it ("sum", a collectives.Op)."""
+    if not isinstance(op, Op):
+        raise TypeError(f"collectives.MPI {what}: op must be an MPI.Op (MPI.SUM, "
+                        f"MPI.Op.Create(fn)), got {op!r:.60}")
+    return op.coll
+
+
+def _loc(g: mesh.Comm, send: np.ndarray, recv: np.ndarray | None, op: Op, what: str) -> None:
+    """MAXLOC or MINLOC over pair types (MPI.DOUBLE_INT...): collectives'
+    all_reduce_loc on the values and their indices."""
+    if send.dtype.names != ("v", "i"):
+        raise TypeError(f"collectives.MPI {what} by {op.name}: the buffers must be of a pair "
+                        f"type (MPI.DOUBLE_INT, MPI.TWOINT...), got {send.dtype}")
+    v, i = C.all_reduce_loc(g, send["v"], index=send["i"],
+                            op="max" if op.name == "MAXLOC" else "min")
+    if recv is not None:
+        recv["v"], recv["i"] = v, i
+
+
+def _into(recv: np.ndarray | None, got: Any, what: str) -> None:
+    """A nonblocking collective's result into its receive buffer, at its wait."""
+    if recv is not None and got is not None:
+        copy_into(recv, got, what)
+
+
+class Collectives:
+    """The buffer half of collectives.MPI's Comm's collectives."""
+
+    _g: mesh.Comm
+
+    def _counts(self, mine: int) -> list[int]:
+        got = C.all_gather(self._g, np.array([mine], np.int64))
+        return [int(k) for k in np.asarray(got).reshape(-1)]
+
+    def Barrier(self) -> None:
+        C.barrier(self._g)
+
+    barrier = Barrier
+
+    def Bcast(self, buf: Any, root: int = 0) -> None:
+        C.broadcast(self._g, spec(buf, "Bcast").view, root)
+
+    def Reduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM, root: int = 0) -> None:
+        g, mine = self._g, self._g.rank == root
+        recv = spec(recvbuf, "Reduce").view if mine else None
+        send = recv if in_place(sendbuf) and recv is not None else spec(sendbuf, "Reduce").view
+        if isinstance(op, Op) and op.name in ("MAXLOC", "MINLOC"):
+            _loc(g, send, recv, op, "Reduce")
+            return
+        if recv is not None:
+            if send is not recv:
+                copy_into(recv, send, "Reduce")
+            C.reduce(g, recv, root, coll_op(op, "Reduce"))
+        else:
+            C.reduce(g, send, root, coll_op(op, "Reduce"))
+
+    def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
+        recv = spec(recvbuf, "Allreduce").view
+        send = recv if in_place(sendbuf) else spec(sendbuf, "Allreduce").view
+        if isinstance(op, Op) and op.name in ("MAXLOC", "MINLOC"):
+            _loc(self._g, send, recv, op, "Allreduce")
+            return
+        if send is not recv:
+            copy_into(recv, send, "Allreduce")
+        C.all_reduce(self._g, recv, coll_op(op, "Allreduce"))
+
+    def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Request:
+        recv = spec(recvbuf, "Iallreduce").view
+        if not in_place(sendbuf):
+            copy_into(recv, spec(sendbuf, "Iallreduce").view, "Iallreduce")
+        return Request(C.all_reduce(self._g, recv, coll_op(op, "Iallreduce"), async_op=True))
+
+    def Ibcast(self, buf: Any, root: int = 0) -> Request:
+        return Request(C.broadcast(self._g, spec(buf, "Ibcast").view, root, async_op=True))
+
+    def Ibarrier(self) -> Request:
+        return Request(C.barrier(self._g, async_op=True))
+
+    def Ireduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM, root: int = 0) -> Request:
+        g = self._g
+        recv = spec(recvbuf, "Ireduce").view if g.rank == root else None
+        if recv is None:
+            send = spec(sendbuf, "Ireduce").view
+        else:
+            send = recv
+            if not in_place(sendbuf):
+                copy_into(recv, spec(sendbuf, "Ireduce").view, "Ireduce")
+        return Request(C.reduce(g, send, root, coll_op(op, "Ireduce"), async_op=True))
+
+    def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        g = self._g
+        recv = spec(recvbuf, "Igather", per=g.size).view if g.rank == root else None
+        if in_place(sendbuf) and recv is not None:
+            k = len(recv) // g.size
+            send = recv[root * k:(root + 1) * k].copy()
+        else:
+            send = spec(sendbuf, "Igather").view
+        return Request(C.gather(g, send, root, async_op=True),
+                       finish=lambda rows: _into(recv, rows, "Igather"))
+
+    def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        g = self._g
+        blocks = spec(sendbuf, "Iscatter", per=g.size).view.reshape(g.size, -1) \
+            if g.rank == root else None
+        recv = None if in_place(recvbuf) else spec(recvbuf, "Iscatter").view
+        work = C.scatter(g, blocks, root, async_op=True,
+                         dtype=None if recv is None else recv.dtype,
+                         shape=None if recv is None else recv.shape)
+        return Request(work, finish=lambda row: _into(recv, row, "Iscatter"))
+
+    def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
+        g = self._g
+        recv = spec(recvbuf, "Iallgather", per=g.size).view
+        if in_place(sendbuf):
+            k = len(recv) // g.size
+            send = recv[g.rank * k:(g.rank + 1) * k].copy()
+        else:
+            send = spec(sendbuf, "Iallgather").view
+        return Request(C.all_gather(g, send, async_op=True),
+                       finish=lambda rows: _into(recv, rows, "Iallgather"))
+
+    def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
+        g = self._g
+        recv = spec(recvbuf, "Ialltoall", per=g.size).view
+        send = recv.copy() if in_place(sendbuf) else spec(sendbuf, "Ialltoall", per=g.size).view
+        return Request(C.all_to_all(g, send.reshape(g.size, -1), async_op=True),
+                       finish=lambda got: _into(recv, got, "Ialltoall"))
+
+    def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        g = self._g
+        recv = spec(recvbuf, "Gather", per=g.size).view if g.rank == root else None
+        if in_place(sendbuf) and recv is not None:
+            k = len(recv) // g.size
+            send = recv[root * k:(root + 1) * k].copy()
+        else:
+            send = spec(sendbuf, "Gather").view
+        rows = C.gather(g, send, root)
+        if recv is not None:
+            copy_into(recv, rows, "Gather")
+
+    def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        g = self._g
+        mine = g.rank == root
+        blocks = None
+        if mine:
+            send = spec(sendbuf, "Scatter", per=g.size).view
+            blocks = send.reshape(g.size, -1)
+        if in_place(recvbuf) and blocks is not None:
+            C.scatter(g, blocks, root)
+            return
+        recv = spec(recvbuf, "Scatter").view
+        row = C.scatter(g, blocks, root, dtype=recv.dtype, shape=recv.shape)
+        copy_into(recv, row, "Scatter")
+
+    def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+        g = self._g
+        recv = spec(recvbuf, "Allgather", per=g.size).view
+        if in_place(sendbuf):
+            k = len(recv) // g.size
+            send = recv[g.rank * k:(g.rank + 1) * k].copy()
+        else:
+            send = spec(sendbuf, "Allgather").view
+        copy_into(recv, C.all_gather(g, send), "Allgather")
+
+    def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
+        g = self._g
+        recv = spec(recvbuf, "Alltoall", per=g.size).view
+        send = recv.copy() if in_place(sendbuf) else spec(sendbuf, "Alltoall", per=g.size).view
+        copy_into(recv, C.all_to_all(g, send.reshape(g.size, -1)), "Alltoall")
+
+    def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        g = self._g
+        recv: Buf | None = vspec(recvbuf, "Gatherv", g.size) if g.rank == root else None
+        if in_place(sendbuf) and recv is not None:
+            assert recv.counts is not None and recv.displs is not None
+            d, k = recv.displs[root], recv.counts[root]
+            send = recv.flat[d:d + k].copy()
+        else:
+            send = spec(sendbuf, "Gatherv").view
+        counts = self._counts(len(send))
+        if recv is None:
+            C.gather_v(g, send, counts, root)
+            return
+        C.gather_v(g, send, counts, root, displs=recv.displs, out=recv.flat)
+
+    def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        g = self._g
+        send = vspec(sendbuf, "Scatterv", g.size) if g.rank == root else None
+        recv = None if in_place(recvbuf) else spec(recvbuf, "Scatterv").view
+        if send is not None and recv is None:
+            assert send.counts is not None
+            mine = send.counts[root]
+        else:
+            mine = 0 if recv is None else len(recv)
+        counts = self._counts(mine)
+        got = C.scatter_v(g, None if send is None else send.flat, counts, root,
+                          dtype=None if recv is None else recv.dtype,
+                          displs=None if send is None else send.displs)
+        if recv is not None:
+            copy_into(recv, got, "Scatterv")
+
+    def Allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
+        g = self._g
+        recv = vspec(recvbuf, "Allgatherv", g.size)
+        assert recv.counts is not None and recv.displs is not None
+        if in_place(sendbuf):
+            d, k = recv.displs[g.rank], recv.counts[g.rank]
+            send = recv.flat[d:d + k].copy()
+        else:
+            send = spec(sendbuf, "Allgatherv").view
+        C.all_gather_v(g, send, recv.counts, displs=recv.displs, out=recv.flat)
+
+    def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
+        g = self._g
+        recv = vspec(recvbuf, "Alltoallv", g.size)
+        send = recv if in_place(sendbuf) else vspec(sendbuf, "Alltoallv", g.size)
+        flat = send.flat.copy() if send is recv else send.flat
+        C.all_to_all_v(g, flat, send.counts, recv.counts, send_displs=send.displs,
+                       recv_displs=recv.displs, out=recv.flat)
+
+    def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
+        g = self._g
+        if in_place(sendbuf):
+            whole = spec(recvbuf, "Reduce_scatter_block", per=g.size).view
+            recv, send = whole[:len(whole) // g.size], whole.copy()
+        else:
+            recv = spec(recvbuf, "Reduce_scatter_block").view
+            send = spec(sendbuf, "Reduce_scatter_block", per=g.size).view
+        mine = C.reduce_scatter(g, send, coll_op(op, "Reduce_scatter_block"))
+        copy_into(recv, mine, "Reduce_scatter_block")
+
+    def Reduce_scatter(self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None,
+                       op: Op = _SUM) -> None:
+        g = self._g
+        if in_place(sendbuf):
+            if recvcounts is None:
+                raise ValueError("collectives.MPI Reduce_scatter: MPI.IN_PLACE needs "
+                                 "recvcounts")
+            whole = spec(recvbuf, "Reduce_scatter").view
+            counts = [int(k) for k in recvcounts]
+            recv, send = whole[:counts[g.rank]], whole.copy()[:sum(counts)]
+        else:
+            recv = spec(recvbuf, "Reduce_scatter").view
+            send = spec(sendbuf, "Reduce_scatter").view
+            counts = [int(k) for k in recvcounts] if recvcounts is not None \
+                else self._counts(len(recv))
+        mine = C.reduce_scatter_v(g, send, counts, coll_op(op, "Reduce_scatter"))
+        copy_into(recv, mine, "Reduce_scatter")
+
+    def Scan(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
+        recv = spec(recvbuf, "Scan").view
+        send = recv if in_place(sendbuf) else spec(sendbuf, "Scan").view
+        copy_into(recv, C.scan(self._g, send, coll_op(op, "Scan")), "Scan")
+
+    def Exscan(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
+        """(rank 0's receive buffer is left as it was, as MPI leaves it)"""
+        recv = spec(recvbuf, "Exscan").view
+        send = recv.copy() if in_place(sendbuf) else spec(sendbuf, "Exscan").view
+        got = C.exscan(self._g, send, coll_op(op, "Exscan"))
+        if got is not None:
+            copy_into(recv, got, "Exscan")

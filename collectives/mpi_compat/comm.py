@@ -1,0 +1,253 @@
+"""mpi4py's communicators over meshrun's: Comm (and Intracomm, the same)
+wraps a MeshComm, Cartcomm a mesh.Grid over one; Split, Dup, Create_cart,
+Sub and the rest map onto Comm.split, Comm.dup, mesh.grid and Comm.group.
+What meshrun does not provide raises NotImplementedError naming the call
+and what to use instead."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+import mesh
+from mesh import Comm as MeshComm
+
+from .coll import Collectives
+from .objects import ObjectCollectives
+from .p2p import PointToPoint
+from .types import CART, IDENT, TAG_UB, UNDEFINED, UNEQUAL
+
+__all__ = ["Comm", "Intracomm", "Cartcomm", "COMM_NULL", "COMM_TYPE_SHARED", "not_provided"]
+
+COMM_TYPE_SHARED = 0       # (Open MPI's)
+
+_PERSISTENT = ("Allreduce_init", "Bcast_init", "Reduce_init", "Allgather_init",
+               "Alltoall_init", "Barrier_init", "Gather_init", "Scatter_init", "Scan_init",
+               "Exscan_init", "Reduce_scatter_init", "Reduce_scatter_block_init",
+               "Allgatherv_init", "Alltoallv_init", "Gatherv_init", "Scatterv_init",
+               "Alltoallw_init")
+
+_NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoallw",
+                "Ireduce_scatter", "Ireduce_scatter_block", "Iscan", "Iexscan",
+                "Ineighbor_allgather", "Ineighbor_alltoall")
+
+
+def not_provided(name: str) -> NotImplementedError:
+    """The error for an mpi4py call collectives.MPI does not provide."""
+    if name in _PERSISTENT:
+        why = ("persistent collectives (MPI-4 *_init) are not wired into collectives.MPI "
+               "yet: call the blocking collective each iteration")
+    elif name in _NONBLOCKING:
+        why = (f"of the nonblocking collectives Iallreduce, Ibcast, Ibarrier, Ireduce, "
+               f"Igather, Iscatter, Iallgather and Ialltoall are provided: call {name[1:]} "
+               f"(blocking), or run it in a thread")
+    elif name in ("Spawn", "Spawn_multiple", "Accept", "Connect", "Create_intercomm",
+                  "Merge", "Get_parent", "Join"):
+        why = ("no intercommunicators and no processes joining a running mesh: "
+               "mesh.spawn(fn, n) runs a function in n new processes of their own mesh")
+    elif name in ("Create_graph", "Create_dist_graph", "Create_dist_graph_adjacent",
+                  "Neighbor_allgather", "Neighbor_alltoall", "Create_intercomm"):
+        why = "graph topologies are not provided: use Create_cart, or point-to-point"
+    else:
+        why = "not provided (README, \"Coming from mpi4py\", lists what is)"
+    return NotImplementedError(f"collectives.MPI: {name}: {why}")
+
+
+class Comm(PointToPoint, Collectives, ObjectCollectives):
+    """mpi4py's Comm over a meshrun communicator (``comm.mesh``: it, for
+    meshrun's own calls); COMM_NULL's is None."""
+
+    def __init__(self, g: MeshComm | None) -> None:
+        self._g = g         # type: ignore[assignment]
+        self._posted = 0
+        self._name = "MPI_COMM_WORLD" if g is not None and g is mesh.world.current() else ""
+
+    @property
+    def mesh(self) -> MeshComm:
+        return self._g
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Comm):
+            return self._g is other._g
+        return NotImplemented
+
+    __hash__ = object.__hash__
+
+    def __bool__(self) -> bool:
+        return self._g is not None
+
+    def __repr__(self) -> str:
+        return "MPI.COMM_NULL" if self._g is None else f"<MPI.{type(self).__name__} " \
+               f"rank {self._g.rank} of {self._g.size}>"
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name[:1].islower():
+            raise AttributeError(f"collectives.MPI.Comm has no attribute {name!r}")
+        raise not_provided(name)
+
+    def Get_rank(self) -> int:
+        return self._g.rank
+
+    def Get_size(self) -> int:
+        return self._g.size
+
+    rank = property(Get_rank)
+    size = property(Get_size)
+
+    def Get_name(self) -> str:
+        return self._name
+
+    def Set_name(self, name: str) -> None:
+        self._name = str(name)
+
+    name = property(Get_name)
+
+    def Is_inter(self) -> bool:
+        return False
+
+    def Is_intra(self) -> bool:
+        return True
+
+    is_inter = property(Is_inter)
+    is_intra = property(Is_intra)
+
+    def Get_topology(self) -> int:
+        return UNDEFINED
+
+    topology = property(Get_topology)
+
+    def Compare(self, other: "Comm") -> int:
+        return IDENT if self._g is other._g else UNEQUAL
+
+    def Dup(self) -> "Comm":
+        return self._like(self._g.dup())
+
+    Clone = Dup
+
+    def _like(self, g: MeshComm) -> "Comm":
+        return Intracomm(g)
+
+    def Free(self) -> None:
+        """(nothing to free: drop it; COMM_NULL's and the world's stay)"""
+
+    def Disconnect(self) -> None:
+        pass
+
+    def Split(self, color: int = 0, key: int = 0) -> "Comm":
+        c = None if color is None or color == UNDEFINED or color < 0 else int(color)
+        sub = self._g.split(c, int(key))
+        return COMM_NULL if sub is None else Intracomm(sub)
+
+    def Split_type(self, split_type: int, key: int = 0, info: Any = None) -> "Comm":
+        if split_type == UNDEFINED:
+            return self.Split(UNDEFINED, key)
+        if split_type != COMM_TYPE_SHARED:
+            raise not_provided(f"Split_type({split_type})")
+        return Intracomm(self._g.split_host(int(key)))
+
+    def Create_cart(self, dims: Sequence[int], periods: Sequence[bool] | None = None,
+                    reorder: bool = False) -> "Comm":
+        """A Cartcomm over the first prod(dims) ranks (row-major, as MPI's
+        without reorder); COMM_NULL on the others."""
+        dims = [int(d) for d in dims]
+        n = math.prod(dims)
+        if n > self._g.size:
+            raise ValueError(f"rank {self._g.rank}: Create_cart: dims {dims} need {n} ranks, "
+                             f"the communicator has {self._g.size}")
+        sub = self._g if n == self._g.size else self._g.group(list(range(n)))
+        if sub is None:
+            return COMM_NULL
+        per = [bool(p) for p in (periods if periods is not None else [False] * len(dims))]
+        return Cartcomm(sub, dims, per)
+
+    def Abort(self, errorcode: int = 0) -> None:
+        """MPI_Abort: this process ends at once with ``errorcode``; meshrun
+        then stops every rank and reports it."""
+        print(f"collectives.MPI: rank {self._g.rank} called Abort({errorcode})",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(int(errorcode) or 1)
+
+    def Get_attr(self, keyval: int) -> Any:
+        """MPI.TAG_UB's: the largest tag (meshrun's, 2**63 - 1); None else."""
+        return 2 ** 63 - 1 if keyval == TAG_UB else None
+
+    def Set_errhandler(self, errhandler: Any) -> None:
+        pass
+
+    def Get_errhandler(self) -> Any:
+        return None
+
+    def Call_errhandler(self, errorcode: int) -> None:
+        pass
+
+
+class Intracomm(Comm):
+    """mpi4py's Intracomm (every communicator here is one)."""
+
+
+class Cartcomm(Intracomm):
+    """mpi4py's Cartcomm: a mesh.Grid with axes d0, d1... over the
+    communicator (row-major), periodicity kept per dimension for Shift and
+    Get_cart_rank."""
+
+    def __init__(self, g: MeshComm, dims: list[int], periods: list[bool]) -> None:
+        super().__init__(g)
+        self.dims, self.periods = list(dims), list(periods)
+        self._grid = mesh.grid(g, **{f"d{i}": d for i, d in enumerate(dims)})
+
+    def _like(self, g: MeshComm) -> "Comm":
+        return Cartcomm(g, self.dims, self.periods)
+
+    def Get_topology(self) -> int:
+        return CART
+
+    topology = property(Get_topology)
+
+    def Get_dim(self) -> int:
+        return len(self.dims)
+
+    ndim = property(Get_dim)
+
+    def Get_coords(self, rank: int) -> list[int]:
+        return list(self._grid.coords(rank).values())
+
+    @property
+    def coords(self) -> list[int]:
+        return self.Get_coords(self._g.rank)
+
+    def Get_topo(self) -> tuple[list[int], list[bool], list[int]]:
+        return list(self.dims), list(self.periods), self.coords
+
+    topo = property(Get_topo)
+
+    def Get_cart_rank(self, coords: Sequence[int]) -> int:
+        at = {}
+        for i, (c, d, p) in enumerate(zip(coords, self.dims, self.periods)):
+            at[f"d{i}"] = int(c) % d if p else int(c)
+        return self._grid.rank_of(**at)
+
+    def Shift(self, direction: int, disp: int) -> tuple[int, int]:
+        return self._grid.shift(f"d{direction}", disp, periodic=self.periods[direction])
+
+    def Sub(self, remain_dims: Sequence[bool]) -> "Cartcomm":
+        """The ranks that share this rank's coordinates along the dimensions
+        dropped, ranked along those kept (every rank makes every such
+        communicator, in the same order, as mesh.grid does)."""
+        keep = [bool(k) for k in remain_dims]
+        lines: dict[tuple[int, ...], list[int]] = {}
+        for r in range(self._g.size):
+            c = self.Get_coords(r)
+            lines.setdefault(tuple(v for v, k in zip(c, keep) if not k), []).append(r)
+        mine = None
+        for line in lines.values():
+            g = self._g.group(line)
+            if g is not None:
+                mine = g
+        assert mine is not None
+        return Cartcomm(mine, [d for d, k in zip(self.dims, keep) if k] or [1],
+                        [p for p, k in zip(self.periods, keep) if k] or [False])
+
+
+COMM_NULL = Comm(None)

@@ -1,0 +1,86 @@
+"""mpi4py's Message (Mprobe, Improbe, mprobe, improbe) over meshrun's
+matched probe: ``Recv(buf)`` (a buffer longer than the message filled at
+its start, as Recv's), ``Irecv(buf)``, ``recv()``, ``irecv()``."""
+from __future__ import annotations
+
+from typing import Any
+
+import mesh
+from mesh.errors import OutMismatchError
+
+from .requests import Request, Status, fill, fit
+from .types import ANY_SOURCE, ANY_TAG
+
+__all__ = ["Message", "MESSAGE_NULL", "MESSAGE_NO_PROC"]
+
+
+class Message:
+    """mpi4py's Message (Mprobe, Improbe): ``Recv(buf)`` / ``Irecv(buf)`` /
+    ``recv()`` / ``irecv()`` over meshrun's matched probe."""
+
+    def __init__(self, msg: mesh.Message | None, what: str = "Mprobe") -> None:
+        self._msg, self._what = msg, what
+
+    def __bool__(self) -> bool:
+        return self._msg is not None
+
+    def Recv(self, buf: Any, status: Status | None = None) -> None:
+        from .buffers import spec
+        view = spec(buf, "Message.Recv").view
+        st = mesh.Status()
+        msg = self._need()
+        try:
+            msg.recv(out=view, status=st)
+        except OutMismatchError:
+            fit(view, msg.recv(status=st), st, "Message.Recv")
+        fill(status, st)
+        self._msg = None
+
+    def Irecv(self, buf: Any) -> Request:
+        self.Recv(buf)
+        return Request(_done_request())
+
+    def recv(self, status: Status | None = None) -> Any:
+        st = mesh.Status()
+        value = self._need().recv(status=st)
+        fill(status, st)
+        self._msg = None
+        return value
+
+    def irecv(self) -> Request:
+        value = self.recv()
+        return Request(_done_request(), finish=lambda _: value)
+
+    def _need(self) -> mesh.Message:
+        if self._msg is None:
+            raise ValueError("collectives.MPI Message: MESSAGE_NULL (received already, or "
+                             "none matched) has nothing to receive")
+        return self._msg
+
+    @classmethod
+    def probe(cls, comm: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+              status: Status | None = None) -> "Message":
+        return comm.mprobe(source, tag, status)
+
+    @classmethod
+    def iprobe(cls, comm: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+               status: Status | None = None) -> "Message | None":
+        return comm.improbe(source, tag, status)
+
+
+class _Done:
+    """A request done at once (Message.Irecv's: the message was here)."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None) -> Any:
+        return None
+
+
+def _done_request() -> Any:
+    return _Done()
+
+
+MESSAGE_NULL = Message(None)
+MESSAGE_NO_PROC = Message(None, "MESSAGE_NO_PROC")

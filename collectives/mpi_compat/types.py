@@ -1,0 +1,242 @@
+"""mpi4py's constants, datatypes and reduction ops, as collectives.MPI has
+them: a Datatype names a numpy dtype, an Op names a collective's op
+(``"sum"``...), a collectives.Op for ``Op.Create``, and the Python function
+mpi4py's lowercase calls fold objects with."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import numpy as np
+
+import mesh
+
+from ..userop import Op as _UserOp
+
+__all__ = ["ANY_SOURCE", "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "BOTTOM",
+           "THREAD_SINGLE", "THREAD_FUNNELED", "THREAD_SERIALIZED", "THREAD_MULTIPLE",
+           "IDENT", "CONGRUENT", "SIMILAR", "UNEQUAL", "CART", "GRAPH", "DIST_GRAPH",
+           "SUCCESS", "ERR_TRUNCATE", "ERR_OTHER", "TAG_UB", "mesh_tag", "mpi_tag", "Datatype",
+           "Op", "Exception", "DATATYPES", "OPS", "datatype_of"]
+
+ANY_SOURCE: int = mesh.ANY_SOURCE
+ANY_TAG = -1                # (Open MPI's, as mpi4py has it; meshrun's is mesh.ANY_TAG)
+PROC_NULL: int = mesh.PROC_NULL
+UNDEFINED = -32766          # (Open MPI's, as mpi4py has it there)
+ROOT = -4
+THREAD_SINGLE, THREAD_FUNNELED, THREAD_SERIALIZED, THREAD_MULTIPLE = 0, 1, 2, 3
+IDENT, CONGRUENT, SIMILAR, UNEQUAL = 0, 1, 2, 3
+CART, GRAPH, DIST_GRAPH = 1, 2, 3
+SUCCESS, ERR_TRUNCATE, ERR_OTHER = 0, 15, 16
+TAG_UB = 0                  # (a keyval: comm.Get_attr(MPI.TAG_UB), the largest tag)
+
+
+def mesh_tag(tag: int) -> int:
+    """A receive's tag as meshrun takes it (MPI.ANY_TAG: mesh.ANY_TAG)."""
+    return mesh.ANY_TAG if tag == ANY_TAG else tag
+
+
+def mpi_tag(tag: int) -> int:
+    """A Status's tag as mpi4py gives it."""
+    return ANY_TAG if tag == mesh.ANY_TAG else tag
+
+
+class _InPlace:
+    """MPI.IN_PLACE: the receive buffer is the send buffer too."""
+
+    def __repr__(self) -> str:
+        return "MPI.IN_PLACE"
+
+
+class _Bottom:
+    def __repr__(self) -> str:
+        return "MPI.BOTTOM"
+
+
+IN_PLACE: Any = _InPlace()
+BOTTOM: Any = _Bottom()
+
+
+class Exception(RuntimeError):      # noqa: A001 (mpi4py's name: MPI.Exception)
+    """mpi4py's MPI.Exception, for what MPI itself reports as an error class
+    (a message longer than its receive buffer: ERR_TRUNCATE); meshrun's own
+    errors (MismatchError, MeshTimeoutError, LostPeerError) come through as
+    they are."""
+
+    def __init__(self, error_class: int, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+    def Get_error_class(self) -> int:
+        return self.error_class
+
+    Get_error_code = Get_error_class
+
+    def Get_error_string(self) -> str:
+        return str(self)
+
+
+class Datatype:
+    """An MPI datatype as the numpy dtype of its elements (MPI.DOUBLE:
+    float64); the pair types (MPI.DOUBLE_INT...) as a structured dtype of a
+    value ``v`` and an index ``i``, for MAXLOC and MINLOC."""
+
+    def __init__(self, name: str, dtype: Any) -> None:
+        self.name = name
+        self.dtype = np.dtype(dtype)
+
+    def __repr__(self) -> str:
+        return f"MPI.{self.name}"
+
+    def Get_size(self) -> int:
+        return self.dtype.itemsize
+
+    size = property(Get_size)
+
+    def Get_extent(self) -> tuple[int, int]:
+        return 0, self.dtype.itemsize
+
+    extent = property(lambda self: self.dtype.itemsize)
+    lb = property(lambda self: 0)
+    ub = extent
+
+    def Get_name(self) -> str:
+        return f"MPI_{self.name}"
+
+    def Commit(self) -> "Datatype":
+        return self
+
+    def Free(self) -> None:
+        pass
+
+    def Dup(self) -> "Datatype":
+        return Datatype(self.name, self.dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("Create_"):
+            raise NotImplementedError(
+                f"collectives.MPI: derived datatypes ({self.name}.{name}) are not provided: "
+                f"send numpy arrays (a strided view, a structured array's field or a "
+                f"contiguous block) with their own dtype instead")
+        raise AttributeError(f"collectives.MPI.Datatype has no {name}")
+
+
+def _pair(value: Any, index: Any) -> np.dtype:
+    """A C struct {value; int}, padded as C pads it (MPI.DOUBLE_INT: 16 bytes)."""
+    return np.dtype([("v", value), ("i", index)], align=True)
+
+
+_NAMES = {
+    "CHAR": "S1", "WCHAR": "U1", "SIGNED_CHAR": np.int8, "UNSIGNED_CHAR": np.uint8,
+    "BYTE": np.uint8, "PACKED": np.uint8, "SHORT": np.int16, "UNSIGNED_SHORT": np.uint16,
+    "INT": np.intc, "UNSIGNED": np.uintc, "UNSIGNED_INT": np.uintc, "LONG": np.int_,
+    "UNSIGNED_LONG": np.uint, "LONG_LONG": np.longlong, "LONG_LONG_INT": np.longlong,
+    "UNSIGNED_LONG_LONG": np.ulonglong, "FLOAT": np.float32, "DOUBLE": np.float64,
+    "LONG_DOUBLE": np.longdouble, "C_BOOL": np.bool_, "BOOL": np.bool_, "CXX_BOOL": np.bool_,
+    "INT8_T": np.int8, "INT16_T": np.int16, "INT32_T": np.int32, "INT64_T": np.int64,
+    "UINT8_T": np.uint8, "UINT16_T": np.uint16, "UINT32_T": np.uint32, "UINT64_T": np.uint64,
+    "AINT": np.int64, "OFFSET": np.int64, "COUNT": np.int64,
+    "C_COMPLEX": np.complex64, "C_FLOAT_COMPLEX": np.complex64, "COMPLEX": np.complex64,
+    "C_DOUBLE_COMPLEX": np.complex128, "DOUBLE_COMPLEX": np.complex128,
+    "CXX_FLOAT_COMPLEX": np.complex64, "CXX_DOUBLE_COMPLEX": np.complex128,
+    "C_LONG_DOUBLE_COMPLEX": np.clongdouble, "REAL": np.float32, "DOUBLE_PRECISION": np.float64,
+    "INTEGER": np.int32, "LOGICAL": np.int32, "REAL4": np.float32, "REAL8": np.float64,
+    "INTEGER4": np.int32, "INTEGER8": np.int64,
+    "FLOAT_INT": _pair(np.float32, np.intc), "DOUBLE_INT": _pair(np.float64, np.intc),
+    "LONG_INT": _pair(np.int_, np.intc), "SHORT_INT": _pair(np.int16, np.intc),
+    "TWOINT": _pair(np.intc, np.intc), "INT_INT": _pair(np.intc, np.intc),
+    "LONG_DOUBLE_INT": _pair(np.longdouble, np.intc),
+}
+DATATYPES: dict[str, Datatype] = {k: Datatype(k, v) for k, v in _NAMES.items()}
+
+
+def datatype_of(x: Any, what: str) -> np.dtype | None:
+    """The numpy dtype a buffer spec's datatype names: an MPI.Datatype, a
+    typecode ("d", "i"), a numpy dtype; None: the buffer's own."""
+    if x is None:
+        return None
+    if isinstance(x, Datatype):
+        return x.dtype
+    try:
+        return np.dtype(x)
+    except TypeError:
+        raise TypeError(f"collectives.MPI {what}: {x!r} is not a datatype (MPI.DOUBLE, "
+                        f"a typecode 'd', a numpy dtype)") from None
+
+
+def _land(x: Any, y: Any) -> Any:
+    return x and y
+
+
+def _lor(x: Any, y: Any) -> Any:
+    return x or y
+
+
+def _lxor(x: Any, y: Any) -> Any:
+    return (not x) != (not y)
+
+
+def _max(x: Any, y: Any) -> Any:
+    return y if y > x else x
+
+
+def _min(x: Any, y: Any) -> Any:
+    return y if y < x else x
+
+
+def _maxloc(x: Any, y: Any) -> Any:
+    (u, i), (v, j) = x, y
+    return (u, i) if u > v else (v, j) if v > u else (u, min(i, j))
+
+
+def _minloc(x: Any, y: Any) -> Any:
+    (u, i), (v, j) = x, y
+    return (u, i) if u < v else (v, j) if v < u else (u, min(i, j))
+
+
+class Op:
+    """A reduction op: a predefined one's collective name (``"sum"``) and
+    Python function (mpi4py's lowercase calls fold objects with it), or
+    ``Op.Create(fn, commute)``'s collectives.Op."""
+
+    def __init__(self, name: str, fold: Callable[[Any, Any], Any], coll: Any) -> None:
+        self.name, self.fold, self.coll = name, fold, coll
+
+    def __repr__(self) -> str:
+        return f"MPI.{self.name}"
+
+    def __call__(self, x: Any, y: Any) -> Any:
+        return self.fold(x, y)
+
+    @classmethod
+    def Create(cls, function: Callable[..., Any], commute: bool = False) -> "Op":
+        """mpi4py's ``Op.Create(fn, commute)``: ``fn(inbuf, inoutbuf, datatype)``
+        over arrays (collectives.Op); lowercase calls fold objects with
+        ``fn(x, y, None)`` (its result), as mpi4py's do."""
+        user = _UserOp(function, commute=bool(commute))
+        three = getattr(user, "_dtype_arg", False)
+        return cls("Op.Create", (lambda x, y: function(x, y, None)) if three else function,
+                   user)
+
+    def Free(self) -> None:
+        pass
+
+    def Is_commutative(self) -> bool:
+        return self.coll.commute if isinstance(self.coll, _UserOp) else True
+
+    is_commutative = property(Is_commutative)
+
+    def Is_predefined(self) -> bool:
+        return not isinstance(self.coll, _UserOp)
+
+
+OPS: dict[str, Op] = {
+    "SUM": Op("SUM", operator.add, "sum"), "PROD": Op("PROD", operator.mul, "prod"),
+    "MAX": Op("MAX", _max, "max"), "MIN": Op("MIN", _min, "min"),
+    "LAND": Op("LAND", _land, "land"), "LOR": Op("LOR", _lor, "lor"),
+    "LXOR": Op("LXOR", _lxor, "lxor"), "BAND": Op("BAND", operator.and_, "band"),
+    "BOR": Op("BOR", operator.or_, "bor"), "BXOR": Op("BXOR", operator.xor, "bxor"),
+    "MAXLOC": Op("MAXLOC", _maxloc, "maxloc"), "MINLOC": Op("MINLOC", _minloc, "minloc"),
+    "REPLACE": Op("REPLACE", lambda x, y: y, "replace"),
+    "NO_OP": Op("NO_OP", lambda x, y: x, "no_op"),
+}

@@ -1,0 +1,292 @@
+"""The classic mpi4py tutorial programs, as written for mpi4py: run with
+``mpirun -n 3 python mpi4py_tutorial.py``, and with its first import changed to
+``from collectives import MPI`` under ``meshrun -n 3`` (tests/test_collectives_mpi.py
+compares the two outputs byte for byte). Rank 0 prints; every rank checks."""
+from mpi4py import MPI
+import numpy as np
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+def say(*args):
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def pi_by_reduce():
+    n = 1000
+    h = 1.0 / n
+    s = 0.0
+    for i in range(rank + 1, n + 1, size):
+        x = h * (i - 0.5)
+        s += 4.0 / (1.0 + x * x)
+    pi = comm.reduce(h * s, op=MPI.SUM, root=0)
+    N = np.array(n if rank == 0 else 0, "i")
+    comm.Bcast([N, MPI.INT], root=0)
+    mypi = np.array(h * s, "d")
+    PI = np.array(0.0, "d")
+    comm.Reduce([mypi, MPI.DOUBLE], [PI, MPI.DOUBLE], op=MPI.SUM, root=0)
+    if rank == 0:
+        say("pi", int(N), "%.10f" % pi, "%.10f" % PI, abs(pi - np.pi) < 1e-5)
+
+
+def matvec():
+    n = 2 * size
+    A = np.arange(n * n, dtype="d").reshape(n, n) if rank == 0 else None
+    rows = np.empty((2, n), "d")
+    comm.Scatter(A, rows, root=0)
+    x = np.arange(n, dtype="d") if rank == 0 else np.empty(n, "d")
+    comm.Bcast(x, root=0)
+    y = np.empty(n, "d") if rank == 0 else None
+    comm.Gather(rows @ x, y, root=0)
+    whole = np.empty(n, "d")
+    comm.Allgather(rows @ x, whole)
+    say("matvec", y, np.array_equal(whole, y) if rank == 0 else None)
+
+
+def sample_sort():
+    rng = np.random.default_rng(7 + rank)
+    mine = rng.integers(0, 1000, 10 + 3 * rank).astype("i")
+    splitters = np.array([333, 666][:size - 1] + [1000] * max(0, size - 3), "i")
+    dest = np.searchsorted(splitters, mine, side="right")
+    order = np.argsort(dest, kind="stable")
+    send = mine[order]
+    scounts = np.bincount(dest, minlength=size).astype("i")
+    rcounts = np.empty(size, "i")
+    comm.Alltoall(scounts, rcounts)
+    sdispls = np.concatenate([[0], np.cumsum(scounts)[:-1]]).astype("i")
+    rdispls = np.concatenate([[0], np.cumsum(rcounts)[:-1]]).astype("i")
+    got = np.empty(int(rcounts.sum()), "i")
+    comm.Alltoallv([send, scounts, sdispls, MPI.INT], [got, rcounts, rdispls, MPI.INT])
+    got.sort()
+    sizes = comm.gather(len(got), root=0)
+    out = None
+    if rank == 0:
+        out = np.empty(sum(sizes), "i")
+        displs = [sum(sizes[:i]) for i in range(size)]
+        comm.Gatherv(got, [out, sizes, displs, MPI.INT], root=0)
+    else:
+        comm.Gatherv(got, None, root=0)
+    every = comm.gather(mine.tolist(), root=0)
+    if rank == 0:
+        say("sort", sizes, out[:8], bool(np.array_equal(out, np.sort(sum(every, [])))))
+
+
+def halo():
+    dims = MPI.Compute_dims(size, 2)
+    cart = comm.Create_cart(dims, periods=[True, False], reorder=False)
+    coords = cart.Get_coords(cart.Get_rank())
+    u = np.full((3, 4), float(cart.Get_rank()))
+    left = np.zeros(3)
+    src, dst = cart.Shift(1, 1)
+    edge = np.ascontiguousarray(u[:, -1])
+    cart.Sendrecv(edge, dest=dst, sendtag=1, recvbuf=left, source=src, recvtag=1)
+    up, down = cart.Shift(0, 1)
+    row = np.empty(4)
+    cart.Sendrecv(u[-1].copy(), dest=down, recvbuf=row, source=up)
+    total = cart.allreduce(float(left.sum() + row.sum()), op=MPI.SUM)
+    tab = comm.gather([dims, coords, list(cart.Shift(0, 1)), list(cart.Shift(1, 1)),
+                       cart.Get_cart_rank(coords)], root=0)
+    say("halo", tab, total, cart.Get_topo()[0] if rank == 0 else None)
+    cart.Free()
+
+
+def task_farm():
+    tasks = list(range(1, 8))
+    if rank == 0:
+        results, st, busy = [], MPI.Status(), 0
+        for w in range(1, size):
+            t = tasks.pop() if tasks else None
+            comm.send(t, dest=w, tag=1)
+            busy += t is not None
+        while busy:
+            results.append(comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st))
+            t = tasks.pop() if tasks else None
+            comm.send(t, dest=st.Get_source(), tag=1)
+            busy += (t is not None) - 1
+        say("farm", sorted(results))
+    else:
+        while (t := comm.recv(source=0, tag=1)) is not None:
+            comm.send(t * t, dest=0, tag=2)
+
+
+def nonblocking():
+    a = np.arange(5, dtype="d") * (rank + 1)
+    b = np.empty_like(a)
+    req = comm.Iallreduce(a, b, op=MPI.SUM)
+    req.Wait()
+    c = np.full(3, float(rank))
+    comm.Iallreduce(MPI.IN_PLACE, c, op=MPI.MAX).Wait()
+    d = np.arange(4, dtype="i") if rank == 0 else np.zeros(4, "i")
+    comm.Ibcast(d, root=0).Wait()
+    right, left = (rank + 1) % size, (rank - 1) % size
+    out = np.full(2, rank, "i")
+    inn = np.empty(2, "i")
+    reqs = [comm.Irecv(inn, source=left, tag=4), comm.Isend(out, dest=right, tag=4)]
+    MPI.Request.Waitall(reqs)
+    ring = comm.gather(inn.tolist(), root=0)
+    r = [comm.isend(rank, dest=right, tag=5), comm.irecv(source=left, tag=5)]
+    got = MPI.Request.waitall(r)
+    every = comm.gather(got[1], root=0)
+    rd = np.zeros(2, "i") if rank == 1 else None
+    ig = np.zeros(2 * size, "i") if rank == 0 else None
+    isc = np.empty(2, "i")
+    iag = np.empty(size, "d")
+    iat = np.empty(size, "i")
+    sends = [np.array([rank, 1], "i"), np.array([rank, -rank], "i"),
+             np.arange(2 * size, dtype="i"), np.array([rank / 2]),
+             np.arange(size, dtype="i") * (rank + 1)]      # (in use until the waits)
+    reqs = [comm.Ireduce(sends[0], rd, op=MPI.SUM, root=1),
+            comm.Igather(sends[1], ig, root=0),
+            comm.Iscatter(sends[2] if rank == 0 else None, isc, root=0),
+            comm.Iallgather(sends[3], iag),
+            comm.Ialltoall(sends[4], iat)]
+    while not MPI.Request.Testall(reqs):
+        pass
+    tab = comm.gather([None if rd is None else rd.tolist(), isc.tolist(), iag.tolist(),
+                       iat.tolist()], root=0)
+    say("nonblocking", b, c, d, ring, every, MPI.Request.Waitany([MPI.REQUEST_NULL]) ==
+        MPI.UNDEFINED, ig, tab)
+
+
+def split():
+    sub = comm.Split(color=rank % 2, key=-rank)
+    total = sub.allreduce(rank, op=MPI.SUM)
+    none = comm.Split(MPI.UNDEFINED if rank == 0 else 1, key=rank)
+    tab = comm.gather([sub.Get_rank(), sub.Get_size(), total,
+                       none == MPI.COMM_NULL], root=0)
+    dup = comm.Dup()
+    say("split", tab, dup.allreduce(1, op=MPI.SUM))
+    dup.Free()
+
+
+def objects():
+    data = comm.bcast({"key": [1, 2.5, "x"], "n": 7} if rank == 0 else None, root=0)
+    part = comm.scatter([[i, i * i] for i in range(size)] if rank == 0 else None, root=0)
+    every = comm.allgather(rank * 10)
+    swapped = comm.alltoall([rank * 100 + j for j in range(size)])
+    gathered = comm.gather(swapped, root=0)
+    mx = comm.allreduce((float(rank % 2), rank), op=MPI.MAXLOC)
+    mn = comm.reduce((rank + 3, rank), op=MPI.MINLOC, root=0)
+    flags = [comm.allreduce(rank > 0, op=o) for o in (MPI.LAND, MPI.LOR, MPI.LXOR)]
+    bits = [comm.allreduce(rank + 5, op=o) for o in (MPI.BAND, MPI.BOR, MPI.BXOR)]
+    ext = [comm.allreduce(rank - 1, op=o) for o in (MPI.MIN, MPI.MAX, MPI.PROD)]
+    sc = comm.scan(rank + 1, op=MPI.SUM)
+    ex = comm.exscan(rank + 1, op=MPI.SUM)
+    lists = comm.allreduce([rank], op=MPI.SUM)
+    arr = comm.allreduce(np.arange(3) * rank, op=MPI.SUM)
+    scalar = comm.allreduce(np.float64(rank) / 4, op=MPI.SUM)
+    right, left = (rank + 1) % size, (rank - 1) % size
+    ring = comm.sendrecv({"from": rank}, dest=right, source=left)
+    tab = comm.gather([part, sc, ex, ring], root=0)
+    say("objects", data, every, gathered, mx, mn, flags, bits, ext, lists, arr, scalar, tab)
+
+
+def buffers():
+    right, left = (rank + 1) % size, (rank - 1) % size
+    # a receive buffer longer than the message, Probe and Get_count
+    comm.Send([np.arange(rank + 2, dtype="i"), MPI.INT], dest=right, tag=7)
+    st = MPI.Status()
+    comm.Probe(source=MPI.ANY_SOURCE, tag=7, status=st)
+    n = st.Get_count(MPI.INT)
+    buf = np.full(10, -1, "i")
+    st2 = MPI.Status()
+    comm.Recv([buf, MPI.INT], source=MPI.ANY_SOURCE, tag=7, status=st2)
+    probed = [n, st.Get_source(), st2.Get_tag(), st2.Get_count(MPI.INT), buf.tolist()]
+    # a count and a typecode in the spec, Ssend, Sendrecv_replace
+    x = np.zeros(6, "d")
+    if rank == 0:
+        comm.Ssend([np.arange(6, dtype="d"), 3, MPI.DOUBLE], dest=1, tag=8)
+    elif rank == 1:
+        comm.Recv([x, 3, "d"], source=0, tag=8)
+    y = np.full(2, float(rank))
+    comm.Sendrecv_replace(y, dest=right, sendtag=11, source=left, recvtag=11)
+    # matched probe
+    comm.Isend(np.array([rank, rank], "l"), dest=right, tag=9).Wait()
+    msg = comm.Mprobe(source=left, tag=9)
+    z = np.empty(2, "l")
+    msg.Recv(z)
+    # persistent
+    sb, rb = np.zeros(1, "i"), np.zeros(1, "i")
+    reqs = [comm.Send_init(sb, dest=right, tag=10), comm.Recv_init(rb, source=left, tag=10)]
+    acc = 0
+    for it in range(3):
+        sb[0] = rank * 10 + it
+        MPI.Prequest.Startall(reqs)
+        MPI.Request.Waitall(reqs)
+        acc += int(rb[0])
+    # a cancelled receive
+    c = comm.Irecv(np.empty(1, "i"), source=left, tag=99)
+    c.Cancel()
+    cst = MPI.Status()
+    c.Wait(cst)
+    # the null peer, a fresh status, the largest tag
+    pst = MPI.Status()
+    comm.Recv(np.empty(1), source=MPI.PROC_NULL, status=pst)
+    null = [pst.Get_source(), pst.Get_tag(), pst.Get_count(), MPI.Status().Get_tag(),
+            comm.Get_attr(MPI.TAG_UB) >= 32767, MPI.ANY_TAG, MPI.ANY_SOURCE, MPI.UNDEFINED]
+    tab = comm.gather([probed, x.tolist(), y.tolist(), z.tolist(), acc, cst.Is_cancelled(),
+                       null], root=0)
+    say("buffers", tab)
+
+
+def collectives():
+    r = rank
+    a = np.arange(4, dtype="i") + r
+    red = np.zeros(4, "i")
+    comm.Allreduce(a, red, op=MPI.SUM)
+    mx = a.copy()
+    comm.Allreduce(MPI.IN_PLACE, mx, op=MPI.MAX)
+    p = np.zeros(4, "i")
+    comm.Reduce(a, p, op=MPI.PROD, root=size - 1)
+    g = np.zeros(size * 2, "d") if r == 0 else None
+    comm.Gather(np.full(2, r, "d"), g, root=0)
+    sc = np.empty(2, "d")
+    comm.Scatter(np.arange(2 * size, dtype="d") if r == 0 else None, sc, root=0)
+    ag = np.zeros(size, "i")
+    ag[r] = r * 3
+    comm.Allgather(MPI.IN_PLACE, ag)
+    at = np.empty(size, "i")
+    comm.Alltoall(np.arange(size, dtype="i") + 10 * r, at)
+    counts = [i + 1 for i in range(size)]
+    displs = [sum(counts[:i]) for i in range(size)]
+    agv = np.zeros(sum(counts), "d")
+    comm.Allgatherv(np.full(r + 1, float(r)), [agv, counts, displs, MPI.DOUBLE])
+    sv = np.empty(r + 1, "d")
+    src = np.arange(sum(counts), dtype="d") if r == 0 else None
+    comm.Scatterv([src, counts, displs, MPI.DOUBLE] if r == 0 else None, sv, root=0)
+    rsb = np.empty(2, "i")
+    comm.Reduce_scatter_block(np.arange(2 * size, dtype="i"), rsb, op=MPI.SUM)
+    rs = np.empty(counts[r], "i")
+    comm.Reduce_scatter(np.ones(sum(counts), "i"), rs, recvcounts=counts, op=MPI.SUM)
+    s = np.empty(2, "i")
+    comm.Scan(np.array([r, 1], "i"), s, op=MPI.SUM)
+    e = np.full(2, -1, "i")
+    comm.Exscan(np.array([r, 1], "i"), e, op=MPI.SUM)
+    double_int = np.dtype([("v", "f8"), ("i", "i4")], align=True)
+    loc = np.zeros(1, dtype=double_int)
+    pair = np.array([(float(r % 2), r)], dtype=double_int)
+    comm.Allreduce([pair, MPI.DOUBLE_INT], [loc, MPI.DOUBLE_INT], op=MPI.MAXLOC)
+
+    def shift_add(inbuf, inoutbuf, datatype):
+        i = np.frombuffer(inbuf, dtype="i")
+        io = np.frombuffer(inoutbuf, dtype="i")
+        io[:] = i + io
+
+    op = MPI.Op.Create(shift_add, commute=True)
+    u = np.zeros(2, "i")
+    comm.Allreduce(np.array([r, 2 * r], "i"), u, op=op)
+    op.Free()
+    comm.Barrier()
+    tab = comm.gather([p.tolist(), sc.tolist(), sv.tolist(), rsb.tolist(), rs.tolist(),
+                       s.tolist(), e.tolist()], root=0)
+    say("collectives", red, mx, g, ag, at, agv, tab, loc["v"], loc["i"], u,
+        type(MPI.Wtime()).__name__, MPI.DOUBLE.Get_size(), MPI.INT.Get_size(),
+        MPI.Is_initialized())
+
+
+for prog in (pi_by_reduce, matvec, sample_sort, halo, task_farm, nonblocking, split,
+             objects, buffers, collectives):
+    prog()
+say("ALL OK", size)
