@@ -28,6 +28,8 @@
                   gpu.py (a call's array and streams), ring.py (the ring through
                   pinned slots), cuda_ipc.py (peers' device memory)
     tools/        python -m collectives.tools.bench | .soak (bench_gloo.py: torch's side)
+    horovod/      Horovod's torch API (import collectives.horovod as hvd; imported
+                  only by a program that asks for it, as it imports torch)
 """
 from . import api
 from .api import (all_gather, all_gather_object, all_gather_v, all_reduce, all_reduce_loc,
