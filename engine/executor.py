@@ -427,6 +427,7 @@ class Pipeline:
             st.agree(e)
             raise
         st.agree(None)
+        self.owned_params.agreed()      # (ZeRO stage 3: the order the next step prefetches by)
         mean = st.settle(st.loss)
         self.reports = st.counts.reports.total
         return mean

@@ -164,13 +164,14 @@ class Job(_ModelState, _OptimizerState, _Retiming):
         self.pipeline.owned.take(params, owners)
 
     def _params_kept_by(self, params: Sequence[Any], owners: Sequence[int] | None,
-                        per_layer: bool = True) -> None:
+                        per_layer: bool = True, prefetch: int = 0) -> None:
         """ZeRO stage 3 (engine.ZeroRedundancyOptimizer(stage=3) calls it):
         each of ``params``' values kept by the dp replica ``owners`` names
         alone between steps, the others' dropped now, a step gathering them
-        module by module (``per_layer``) or whole; None: on every replica
-        again (collective over dp: engine.zero_params)."""
-        self.pipeline.owned_params.take(params, owners, per_layer)
+        module by module (``per_layer``, ``prefetch`` modules ahead of the
+        one running) or whole; None: on every replica again (collective
+        over dp: engine.zero_params)."""
+        self.pipeline.owned_params.take(params, owners, per_layer, prefetch)
 
     def gathered(self, fill: bool = True) -> Any:
         """A context manager: under ZeRO stage 3, every parameter of this

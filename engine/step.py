@@ -158,7 +158,7 @@ class _StepActions:
         # (ZeRO stage 3: the parameters other replicas own, broadcast from them, in flight
         # while the step starts, each stage waiting for its own before it computes; or each
         # module's gathered as it runs: engine.zero_layers)
-        pipe.owned_params.begin(self.n)
+        pipe.owned_params.begin(self.n, self.forward_only)
         if not self.forward_only:
             self.scaled = LossScale.of(self.scaler, pipe)
             self.before = self._snapshot()

@@ -49,6 +49,8 @@ import collectives
 from mesh import Comm
 from mesh.tensors import is_tensor
 
+from .zero_prefetch import PREFETCH
+
 __all__ = ["ZeroRedundancyOptimizer", "shares"]
 
 _TAG = (1 << 60) + (1 << 42)    # consolidate_state_dict's messages, above the job's own
@@ -135,8 +137,10 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     (``process_group`` the job, whose step then keeps each gradient on
     its owner alone; its parameters the job's) or 3 (each parameter's
     values too, between steps; ``stage3_per_layer``: a step gathers each
-    module's as it runs, else a stage's whole weights for the step): see
-    the module docstring.
+    module's as it runs, else a stage's whole weights for the step;
+    ``stage3_prefetch``: the modules whose gathers a step posts ahead of
+    the one running, in the order the last step ran them, 0 none,
+    engine.zero_prefetch): see the module docstring.
     A job's newest such optimizer over a parameter says how the job reduces
     its gradient (a stage 1 one over the job: averaged on every replica
     again). Collective over the dp group: building it (the replicas'
@@ -145,7 +149,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], optimizer_class: type,
                  process_group: Any, *, stage: int = 1, stage3_per_layer: bool = True,
-                 **defaults: Any) -> None:
+                 stage3_prefetch: int = PREFETCH, **defaults: Any) -> None:
         self.group, self.timeout = _dp_of(process_group)
         g = self.group
         self.where = f"rank {g.ranks[g.rank]}: ZeroRedundancyOptimizer on group {g.name}"
@@ -160,9 +164,15 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{self.where}: stage3_per_layer={stage3_per_layer!r}: True "
                                 f"(a step gathers each module's parameters as it runs) or "
                                 f"False (a stage's whole weights for the step)")
+            ahead = f"{self.where}: stage3_prefetch={stage3_prefetch!r}: the modules " \
+                    f"gathered ahead of the one running, an int >= 0 (0: none)"
+            if isinstance(stage3_prefetch, bool) or not isinstance(stage3_prefetch, int):
+                raise TypeError(ahead)
+            if stage3_prefetch < 0:
+                raise ValueError(ahead)
             said: Any = [stage, [[str(p.dtype), list(_shape(job, p))]
                                  for grp in whole.param_groups for p in grp["params"]],
-                         stage3_per_layer]
+                         [stage3_per_layer, stage3_prefetch]]
         except (TypeError, ValueError) as e:    # (an empty list: every replica hears of it)
             fault, said = e, f"{type(e).__name__}: {e}"
         told = collectives.all_gather_object(g, said, timeout=self.timeout)
@@ -176,14 +186,19 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if other is not None:
             raise ValueError(f"{self.where}: stage={stage} here but stage={told[other][0]} on "
                              f"rank {g.ranks[other]}: every replica passes the same")
-        other = next((r for r, t in enumerate(told) if t[2] != stage3_per_layer), None)
+        other = next((r for r, t in enumerate(told) if t[2] != [stage3_per_layer,
+                                                                 stage3_prefetch]), None)
         if stage == 3 and other is not None:
-            raise ValueError(f"{self.where}: stage3_per_layer={stage3_per_layer} here but "
-                             f"{told[other][2]} on rank {g.ranks[other]}: every replica passes "
-                             f"the same (the gathers pair up)")
+            here, there = (f"stage3_per_layer={stage3_per_layer}", told[other][2][0]) \
+                if told[other][2][0] != stage3_per_layer else \
+                (f"stage3_prefetch={stage3_prefetch}", told[other][2][1])
+            raise ValueError(f"{self.where}: {here} here but {there} on rank "
+                             f"{g.ranks[other]}: every replica passes the same (the gathers "
+                             f"pair up)")
         told = [t[1] for t in told]
         self.stage = stage
         self.stage3_per_layer = stage3_per_layer
+        self.stage3_prefetch = stage3_prefetch
         self.job: Any = job     # (None: a mesh group, stage 1)
         self._building = True
         super().__init__([dict(grp) for grp in whole.param_groups], dict(whole.defaults))
@@ -207,7 +222,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
             job._grads_kept_by(self.params, self.owner if stage > 1 else None)  # there only
             # stage 3: each parameter's values too, between steps (engine.zero_params)
             job._params_kept_by(self.params, self.owner if stage == 3 else None,
-                                stage3_per_layer)
+                                stage3_per_layer, stage3_prefetch)
 
     def grad_bytes(self) -> int:
         """The bytes of the gradients this replica holds of ``params`` (under

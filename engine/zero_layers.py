@@ -24,7 +24,11 @@ dropped when none holds it (a weight tied into two modules of a stage is
 one parameter). A parameter read through its module's attribute outside
 that module's forward (a parent's ``x @ self.embed.weight.T``, a
 recomputed checkpointed module's own weight) is gathered on that read and
-held until the action ends.
+held until the action ends. A gather may have been posted ahead: the
+next modules' (``stage3_prefetch`` of them, in the order the last step
+ran them) are posted as a module is gathered, so they travel while it
+runs (engine.zero_prefetch; ``acquire`` takes them, ``release`` hands a
+parameter's buffer on to a gather of it posted ahead).
 
 Between the gathers a parameter another replica owns holds a placeholder
 of its whole shape and no storage (one element, expanded: NaN where the
@@ -46,6 +50,8 @@ import weakref
 from typing import Any, Iterator, Sequence
 
 from mesh import MeshTimeoutError
+
+from .zero_prefetch import Prefetch
 
 __all__ = ["LayerGathers", "KEEP"]
 
@@ -97,6 +103,7 @@ class LayerGathers:
         self.units: dict[int, list[Any]] = {}   # each module's own sharded parameters (by id)
         self.unit_of: dict[int, list[Any]] = {}     # each parameter's first module's
         self.index: dict[int, int] = {}     # each parameter's place (its tag)
+        self.params: list[Any] = []         # the parameters by their place
         self.live: dict[int, Any] = {}      # gathered storages' addresses: their parameters
         self.blank: dict[int, Any] = {}     # the placeholders of the others' parameters
         self.back: list[list[Any]] = []     # what the backward gathered (oldest first)
@@ -105,6 +112,7 @@ class LayerGathers:
         self.tag = 0
         self.held_bytes = 0         # the others' parameters' bytes held now, and the most
         self.peak_bytes = 0         # held at once during the last step
+        self.ahead = Prefetch()     # the next modules' gathers posted ahead (zero_prefetch)
 
     # ---- set up (ShardedParams.take)
 
@@ -112,6 +120,8 @@ class LayerGathers:
         """Index the sharded ``params`` (the replicas' common order: their
         tags) and the ``modules`` holding some of them directly."""
         self.index = {id(p): i for i, p in enumerate(params)}
+        self.params = list(params)
+        self.ahead.reset()
         self.units, self.unit_of = {}, {}
         for m in modules:
             own = [p for p in m.parameters(recurse=False) if id(p) in self.index]
@@ -124,15 +134,18 @@ class LayerGathers:
 
     # ---- a step
 
-    def begin(self, stages: set[int], tag: int, params: Sequence[Any]) -> None:
+    def begin(self, stages: set[int], tag: int, params: Sequence[Any],
+              kind: bool = False) -> None:
         """A step runs ``stages`` layer by layer: the others' ``params``
-        (of those stages) get their placeholders; ``tag`` the step's."""
+        (of those stages) get their placeholders; ``tag`` the step's;
+        ``kind`` True for an eval_step (its gathers' order its own)."""
         torch = sys.modules["torch"]
         me = self.kept.pipe.dp_index
         self.active, self.stages, self.tag = True, stages, tag
         self.count = {id(p): 0 for p in params}
         self.live, self.back, self.stray, self.sends = {}, [], [], []
         self.held_bytes = self.peak_bytes = 0
+        self.ahead.begin(kind)
         for p in params:
             if self.kept.owner[id(p)] != me:
                 blank = self.blank.get(id(p))
@@ -145,9 +158,15 @@ class LayerGathers:
                     blank = self.blank[id(p)] = one.expand(*shape)
                 p.data = blank
 
+    def tag_of(self, p: Any) -> int:
+        """The tag of ``p``'s gathers in the step running."""
+        return self.tag + _GATHER + self.index[id(p)]
+
     def acquire(self, params: Sequence[Any]) -> None:
         """One more holder of each of ``params``: those held by none get
-        their values (each from its owner, all in flight, then waited for)."""
+        their values (each from its owner, all in flight, or posted ahead
+        as the step's order predicted: engine.zero_prefetch), the next
+        modules' posted ahead, then these waited for."""
         new = [p for p in params if self.count.get(id(p)) == 0]
         for p in params:
             if id(p) in self.count:
@@ -158,10 +177,17 @@ class LayerGathers:
         pipe = self.kept.pipe
         dp, me, owner = pipe.dp, pipe.dp_index, self.kept.owner
         recvs = []
+        got = self.ahead.match(self, new)
         for p in new:
             r = owner[id(p)]
-            tag = self.tag + _GATHER + self.index[id(p)]
-            if r == me:
+            tag = self.tag_of(p)
+            posted = got.get(self.index[id(p)])
+            if posted is not None:
+                if r != me:
+                    p.data = posted[0]
+                    if posted[1] is not None:       # (else handed on: its values here)
+                        recvs.append(posted[1])
+            elif r == me:
                 self.sends += [dp.isend(p.detach(), k, tag=tag) for k in range(dp.size)
                                if k != me]
             else:
@@ -170,6 +196,7 @@ class LayerGathers:
                 self.held_bytes += p.numel() * p.element_size()
             self.live[p.untyped_storage().data_ptr()] = p
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        self.ahead.top_up(self)
         try:
             for req in recvs:
                 req.wait(pipe.timeout)
@@ -198,7 +225,10 @@ class LayerGathers:
             self.count[id(p)] = n - 1
             if n == 1:
                 self.live.pop(p.untyped_storage().data_ptr(), None)
-                if owner[id(p)] != me:
+                if self.ahead.keep(self, p):     # (its values an event posted ahead's)
+                    if owner[id(p)] != me:
+                        p.data = self.blank[id(p)]
+                elif owner[id(p)] != me:
                     self.held_bytes -= p.numel() * p.element_size()
                     p.data = self.blank[id(p)]
 
@@ -248,12 +278,19 @@ class LayerGathers:
                 while held:
                     self.release(held.pop())
 
+    def agreed(self) -> None:
+        """Every rank's step succeeded: its gathers' order the next's (and
+        its prefetches not used waited for: engine.zero_prefetch)."""
+        if self.active:
+            self.ahead.agreed(self)
+
     def end(self) -> None:
         """The step is done (or failed): its sends waited for (a failed
         one's error dropped: the step's own is raised), every count
         cleared; ShardedParams.free drops the values."""
         if not self.active:
             return
+        self.ahead.end()
         for w in self.sends:
             try:
                 w.wait()

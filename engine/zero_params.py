@@ -29,9 +29,11 @@ That is a step with ``per_layer`` False; with it (the default) a torch
 stage's step gathers each module's parameters just before the module
 runs and drops them after (engine.zero_layers: ``begin``, the module
 hooks ``_guard`` sets, ``computing`` around each forward and backward
-action), so a step holds a module or two of the others' weights at a
-time, not the stage's; a compiled stage, and a traced model traced again
-at its inputs' shapes, are gathered whole.
+action; the next modules' gathers posted ahead, engine.zero_prefetch,
+in the order the last step ran them once every rank ``agreed`` it
+succeeded), so a step holds a module or two of the others' weights at a
+time (and the ones posted ahead), not the stage's; a compiled stage, and
+a traced model traced again at its inputs' shapes, are gathered whole.
 """
 from __future__ import annotations
 
@@ -84,13 +86,14 @@ class ShardedParams:
         return tuple(self.shape.get(id(p), p.shape))
 
     def take(self, params: Sequence[Any], owners: Sequence[int] | None,
-             per_layer: bool = True) -> None:
+             per_layer: bool = True, prefetch: int = 0) -> None:
         """From now on, each of ``params``' values kept by the replica
         ``owners`` names alone between steps (None: by every replica again,
         as without stage 3), a step gathering them module by module
-        (``per_layer``) or whole. Collective over dp where a parameter sharded
-        so far is given back its values (the replicas make the same call:
-        building the optimizer is)."""
+        (``per_layer``; ``prefetch`` modules' gathers posted ahead of the
+        one running: engine.zero_prefetch) or whole. Collective over dp
+        where a parameter sharded so far is given back its values (the
+        replicas make the same call: building the optimizer is)."""
         back = [p for p in params if id(p) in self.owner] if owners is None else []
         if back:
             with self.whole(params=back):
@@ -108,6 +111,7 @@ class ShardedParams:
             if int(r) != self.pipe.dp_index:
                 p.grad = None       # (the owner keeps it, as stage 2 after a step)
         self.per_layer = bool(per_layer)
+        self.layers.ahead.window = int(prefetch)
         self._guard()
         self.held = True
         self.free()
@@ -165,8 +169,8 @@ class ShardedParams:
                         m.register_forward_hook(after)
         self.layers.watch([p for _, ps in self._stage_params() for p in ps], modules)
 
-    def begin(self, n: int) -> None:
-        """Step (or evaluation) ``n`` starts: the torch stages that run
+    def begin(self, n: int, kind: bool = False) -> None:
+        """Step (or evaluation: ``kind`` True) ``n`` starts: the torch stages that run
         layer by layer (``per_layer``; not a compiled stage, nor a traced
         model traced again at its inputs' shapes, which reads every weight)
         gather each module's parameters as it runs (engine.zero_layers,
@@ -183,7 +187,7 @@ class ShardedParams:
         staged = self._stage_params()
         if layered:     # (the tags of step n: engine.executor's, above its messages')
             self.layers.begin(layered, pipe.tag_base + ((pipe._step0 + n) << 32),
-                              [p for s, ps in staged if s in layered for p in ps])
+                              [p for s, ps in staged if s in layered for p in ps], kind)
         rest = [p for s, ps in staged if s not in layered for p in ps]
         self.gather(params=rest)
         me = pipe.dp_index
@@ -197,6 +201,11 @@ class ShardedParams:
         if self.pending:
             self.wait(s)
         return self.layers.computing(s) if self.layers.active else _NOTHING
+
+    def agreed(self) -> None:
+        """Every rank of the pipeline agreed that the step succeeded: its
+        modules' order is the next one's to prefetch by (engine.zero_prefetch)."""
+        self.layers.agreed()
 
     def abandon(self, reason: str, kind: Any, lost: int | None) -> None:
         """This rank's step failed: the replicas waiting for its parameters

@@ -233,8 +233,9 @@ def _param_bytes(job):
 def _refused_stages(world, grid, job, d):
     """A stage other than 1 or 2, stage 2 over a mesh group (the job must
     know the shares), stage 2 of a tensor not the job's, replicas given
-    other stages, and stage3_per_layer not a bool or other on the replicas:
-    each refused, every replica raising at once."""
+    other stages, stage3_per_layer not a bool, stage3_prefetch not an int
+    >= 0, and either other on the replicas: each refused, every replica
+    raising at once."""
     import torch
     with pytest.raises(ValueError, match=r"stage=4: 1 .*, 2 .* or 3 \(its share's "
                                          r"parameters too\)"):
@@ -252,6 +253,11 @@ def _refused_stages(world, grid, job, d):
                                         r"each module's parameters as it runs\) or False"):
         engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
                                        stage3_per_layer="yes")
+    for ahead, error in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=f"stage3_prefetch={ahead}: the modules gathered ahead "
+                                        f"of the one running, an int >= 0"):
+            engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
+                                           stage3_prefetch=ahead)
     if world.size == 2:
         with pytest.raises(ValueError, match=f"stage={1 + d} here but stage={2 - d} on rank "
                                              f"{1 - d}: every replica passes the same"):
@@ -262,6 +268,10 @@ def _refused_stages(world, grid, job, d):
                                              f"{not d} on rank {1 - d}: every replica"):
             engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
                                            stage3_per_layer=bool(d))
+        with pytest.raises(ValueError, match=f"stage3_prefetch={d} here but {1 - d} on rank "
+                                             f"{1 - d}: every replica"):
+            engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
+                                           stage3_prefetch=d)
 
 
 def _same(got, want, what):
@@ -303,11 +313,11 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
                 res["zero3_called"] and "job.gathered()" in res["zero3_called"], res
         assert len(set(res["zero3_at_rest"])) == 1, res["zero3_at_rest"]
         assert 0 < res["zero3_at_rest"][0] == res["zero3_param_bytes"] < res["whole_bytes"], res
-        # a step gathers module by module: at pp=1 (5 Linear a stage) a few of the others'
-        # parameters at once, not all (at pp=2 a stage's two or three may all be)
+        # a step gathers module by module, never more than the others' whole parameters (on
+        # this small model the modules gathered ahead may make them all: _layered_zero3
+        # compares layer by layer with the whole gather)
         others = res["whole_bytes"] - res["zero3_param_bytes"]
-        assert 0 < res["zero3_peak"] <= others and (res["zero3_peak"] < others or
-                                                    axes["pp"] > 1), (res["zero3_peak"], others)
+        assert 0 < res["zero3_peak"] <= others, (res["zero3_peak"], others)
     assert sum(res["zero3_called"] is not None for res in results) == (2 if plan is None
                                                                          else 0)
     for res in results:     # a replica's share and its mate's make the whole state
@@ -604,9 +614,18 @@ def _failed_step_worker(world):
 def _layered_model():
     """Blocks that read their own scale and their child's weight outside
     the child's forward (x @ lin.weight.T), a norm, a weight tied into two
-    modules of the stage."""
+    modules of the stage, two Linear run in the order ``flip`` says."""
     import torch
     torch.manual_seed(SEED)
+
+    class Pair(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.a, self.b, self.flip = torch.nn.Linear(n, n), torch.nn.Linear(n, n), False
+
+        def forward(self, x):
+            first, then = (self.b, self.a) if self.flip else (self.a, self.b)
+            return then(torch.tanh(first(x)))
 
     class Block(torch.nn.Module):
         def __init__(self, n):
@@ -617,38 +636,51 @@ def _layered_model():
         def forward(self, x):
             return torch.tanh(self.lin(x)) * self.scale + 0.1 * (x @ self.lin.weight.t())
     mods = [torch.nn.Linear(6, 8), Block(8), Block(8), torch.nn.LayerNorm(8), Block(8),
-            torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)]
+            torch.nn.Linear(8, 8), Pair(8), torch.nn.Linear(8, 4)]
     mods[5].weight = mods[1].lin.weight
     return torch.nn.Sequential(*mods)
 
 
 def _layered_zero3(grid, d):
     """dp=2: ZeRO stage 3 gathering each module's parameters as it runs
-    (the default) and a stage's whole weights for the step
+    (the default: the next two modules' gathers posted ahead, in the
+    order the last step ran them), the same with none ahead
+    (stage3_prefetch=0) and a stage's whole weights for the step
     (stage3_per_layer=False) beside the whole AdamW, two of the three
     blocks recomputed (torch.utils.checkpoint: a block's own scale read
-    again in the backward), with eval_step between the steps."""
+    again in the backward), with eval_step between the steps; the third
+    step runs two modules in the other order (the prefetch's order left,
+    the fourth's prefetch following the third's order)."""
     import torch
     jobs = [engine.distribute(_layered_model(), grid, schedule="1f1b", microbatches=2,
                               balance="uniform", loss_fn=torch.nn.functional.mse_loss,
                               overhead=0.0, verbose=False, timeout=30, tag_base=t,
                               recompute=["1", "4"], sample=_data(0)[0][d::2])
-            for t in (5 << 20, 6 << 20, 7 << 20)]
+            for t in (5 << 20, 6 << 20, 7 << 20, 9 << 20)]
     opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR)] + [
         engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
-                                       stage3_per_layer=layered, lr=LR)
-        for job, layered in zip(jobs[1:], (True, False))]
-    out = {"layered_evals": [], "layered_peaks": []}
-    for step in range(2):
+                                       stage3_per_layer=layered, stage3_prefetch=ahead, lr=LR)
+        for job, layered, ahead in zip(jobs[1:], (True, False, True), (2, 2, 0))]
+    pairs = [m for job in jobs for m in job.stages[0].module.modules() if hasattr(m, "flip")]
+    out = {"layered_evals": [], "layered_peaks": [], "ahead": []}
+    for step in range(4):
         x, y = (a[d::2] for a in _data(step))
+        for m in pairs:
+            m.flip = step >= 2
         for job, o in zip(jobs, opts):
             o.zero_grad()
             job.step(x, y[:, :4])
+            if o is not opts[0] and o.stage3_per_layer:     # (what the step prefetched)
+                ahead = job.pipeline.owned_params.layers.ahead
+                out["ahead"].append([o.stage3_prefetch, step, ahead.used, ahead.missed])
             out["layered_evals"].append(job.eval_step(x, y[:, :4]))
             o.step()
         out["layered_peaks"].append([o.peak_gathered_bytes() for o in opts[1:]])
     out["layered_others"] = sum(4 * math.prod(jobs[2].pipeline.owned_params.shape_of(p))
                                 for p in opts[2].params if not opts[2].holds(p))
+    kept = jobs[1].pipeline.owned_params     # (the others' bytes of the largest module's)
+    out["layered_unit"] = max(sum(4 * math.prod(kept.shape_of(p)) for p in own
+                                  if not opts[1].holds(p)) for own in kept.layers.units.values())
     out["layered_weights"] = [_numpy(job.state_dict()) for job in jobs]
     # a module called on replica 1 only: its gather of the part replica 0 owns times out,
     # saying why; replica 0, told, fails the step too
@@ -759,9 +791,10 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
     _same(*reversed(results[0]["token_weights"]), "per-token stage 3 weights")
     # stage 3 layer by layer and whole: the whole AdamW's weights; a step held a module's
     # or two of the others' parameters at once, not the stage's (the whole gather's)
-    whole, layered, at_once = results[0]["layered_weights"]
+    whole, layered, at_once, one_by_one = results[0]["layered_weights"]
     _same(layered, whole, "stage 3 weights, layer by layer")
     _same(at_once, whole, "stage 3 weights, gathered whole")
+    _same(one_by_one, whole, "stage 3 weights, layer by layer, none gathered ahead")
     # a module called on one replica only: a gather that waited out the timeout (replica
     # 1's of that module, or replica 0's of the next, which replica 1 never reached) says
     # why; the other replica, if told first, fails the step too
@@ -772,10 +805,20 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
         for note in timed_out), [res["odd"] for res in results]
     for res in results:
         evals = res["layered_evals"]
-        assert evals[0::3] == evals[1::3] == evals[2::3], evals
-        for peak, whole_peak in res["layered_peaks"]:
+        assert evals[0::4] == evals[1::4] == evals[2::4] == evals[3::4], evals
+        for peak, whole_peak, alone in res["layered_peaks"]:
             assert whole_peak == res["layered_others"], (whole_peak, res["layered_others"])
-            assert 0 < peak < whole_peak, (peak, whole_peak)
+            assert 0 < alone < whole_peak, (alone, whole_peak)
+            # (each step's eval_step's: two modules gathered ahead at most)
+            assert alone <= peak <= min(whole_peak, alone + 2 * res["layered_unit"]), \
+                (peak, alone, res["layered_unit"])
+        # the first step records the order; the second gathers ahead by it; the third runs
+        # two modules the other way round (the rest gathered as each runs); the fourth
+        # gathers ahead by the third's order; stage3_prefetch=0 never ahead
+        ahead = {(n, step): (used, missed) for n, step, used, missed in res["ahead"]}
+        assert ahead[2, 0] == (0, 0) and ahead[2, 1][0] > 0 and ahead[2, 1][1] == 0, ahead
+        assert ahead[2, 2][1] == 1 and ahead[2, 3][0] == ahead[2, 1][0], ahead
+        assert ahead[2, 3][1] == 0 and all(ahead[0, k] == (0, 0) for k in range(4)), ahead
 
 
 
