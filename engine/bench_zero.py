@@ -5,9 +5,11 @@ is distributed over dp x pp (``schedule="1f1b"``, a uniform cut, no
 profile) and trained with AdamW, either whole on every replica or under
 ``engine.ZeroRedundancyOptimizer`` at stage 1 (the state sharded), 2
 (the gradients too) or 3 (the parameters too: "zero3" gathering each
-module's as it runs, "zero3whole" a stage's whole weights for the step,
-``stage3_per_layer=False``); the five alternate, each round one
-``mesh.spawn`` of each, so all see the machine's load of the moment. Each
+module's as it runs, ``--prefetch`` modules' gathers posted ahead of the
+one running, "zero3pf0" none ahead, ``stage3_prefetch=0``, "zero3whole"
+a stage's whole weights for the step, ``stage3_per_layer=False``); the
+six (or the ``--ways`` named) alternate, each round one ``mesh.spawn`` of
+each, so all see the machine's load of the moment. Each
 rank reports the bytes of its optimizer state, of the gradients and of
 the parameters' values it holds after the step (``opt.step()`` done, at
 rest: under stage 2 its share's gradients, under stage 3 its share's
@@ -28,6 +30,7 @@ steps and rounds, with the rounds' spread; the bytes are the most any
 rank holds.
 
     python -m engine.bench_zero --dp 2 [--pp 1] [--width 1024] [--depth 8] [--rounds 3]
+                                [--prefetch 2] [--ways zero3,zero3pf0]
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ import collectives
 import mesh
 
 from mesh.cliargs import positive
+
+from .zero_prefetch import PREFETCH
 
 __all__ = ["main", "run"]
 
@@ -65,15 +70,16 @@ def _trimmed_rss() -> int:
     return _rss()
 
 
-_WAYS = {"whole": (0, True), "zero1": (1, True), "zero2": (2, True),
-         "zero3": (3, True), "zero3whole": (3, False)}
+_WAYS = {"whole": (0, True, False), "zero1": (1, True, False), "zero2": (2, True, False),
+         "zero3": (3, True, True), "zero3pf0": (3, True, False), "zero3whole": (3, False, False)}
 
 
-def _worker(world: Any, zero: int, per_layer: bool, dp: int, pp: int, width: int, depth: int,
-            rows: int, steps: int) -> dict[str, Any]:
+def _worker(world: Any, zero: int, per_layer: bool, ahead: int, dp: int, pp: int, width: int,
+            depth: int, rows: int, steps: int) -> dict[str, Any]:
     """One way's run on this rank: ``zero`` 0 (the whole AdamW), 1, 2 or 3
     (engine.ZeroRedundancyOptimizer's stage; 3 gathering module by module
-    with ``per_layer``, else a stage's whole weights for the step)."""
+    with ``per_layer``, ``ahead`` modules' gathers posted ahead of the one
+    running, else a stage's whole weights for the step)."""
     import torch
 
     import engine
@@ -91,7 +97,8 @@ def _worker(world: Any, zero: int, per_layer: bool, dp: int, pp: int, width: int
                             overhead=0.0, verbose=False, timeout=120)
     params = job.parameters()
     opt: Any = (engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, job, stage=zero,
-                                               stage3_per_layer=per_layer, lr=1e-4)
+                                               stage3_per_layer=per_layer,
+                                               stage3_prefetch=ahead, lr=1e-4)
                 if zero else torch.optim.AdamW(params, lr=1e-4))
     before = _rss()
     times, stepping, cpu = [], [], []
@@ -121,13 +128,18 @@ def _worker(world: Any, zero: int, per_layer: bool, dp: int, pp: int, width: int
 
 
 def run(dp: int, pp: int, width: int, depth: int, rows: int, steps: int,
-        rounds: int) -> dict[str, Any]:
-    """The five ways, alternating, ``rounds`` times: per way the medians."""
-    got: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in _WAYS}
+        rounds: int, prefetch: int = PREFETCH,
+        ways: list[str] | None = None) -> dict[str, Any]:
+    """The ways (``ways``: these; default all six), alternating,
+    ``rounds`` times: per way the medians; "zero3" gathers ``prefetch``
+    modules ahead."""
+    got: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in ways or _WAYS}
     for _ in range(rounds):
-        for name, (zero, per_layer) in _WAYS.items():
-            got[name].append(mesh.spawn(_worker, dp * pp, zero, per_layer, dp, pp, width,
-                                        depth, rows, steps, timeout=600))
+        for name in got:
+            zero, per_layer, ahead = _WAYS[name]
+            got[name].append(mesh.spawn(_worker, dp * pp, zero, per_layer,
+                                        prefetch if ahead else 0, dp, pp, width, depth, rows,
+                                        steps, timeout=600))
     out: dict[str, Any] = {}
     for name, runs in got.items():
         steps_ms = [statistics.median(r[0]["times"]) * 1e3 for r in runs]
@@ -158,8 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=positive, default=64, help="rows per replica's batch")
     ap.add_argument("--steps", type=positive, default=10, help="timed steps (after one)")
     ap.add_argument("--rounds", type=positive, default=3)
+    ap.add_argument("--prefetch", type=int, default=PREFETCH,
+                    help="zero3's stage3_prefetch (modules gathered ahead)")
+    ap.add_argument("--ways", type=lambda t: t.split(","), default=None,
+                    help=f"comma-separated, of {','.join(_WAYS)} (default all)")
     a = ap.parse_args(argv)
-    res = run(a.dp, a.pp, a.width, a.depth, a.rows, a.steps, a.rounds)
+    bad = [w for w in a.ways or [] if w not in _WAYS]
+    if bad:
+        ap.error(f"--ways: {','.join(bad)} not of {','.join(_WAYS)}")
+    res = run(a.dp, a.pp, a.width, a.depth, a.rows, a.steps, a.rounds, a.prefetch, a.ways)
     print(f"dp={a.dp} pp={a.pp}: {a.depth} Linear({a.width}, {a.width}), {a.rows} rows a "
           f"replica, AdamW, {a.rounds} rounds of {a.steps} steps (medians; rounds' spread)")
     print(f"{'optimizer':<11}{'weights MB':>11}{'in step MB':>11}{'state MB':>10}"
