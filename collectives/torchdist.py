@@ -33,7 +33,10 @@ backend to torch's own. It also wraps torch's ``_object_to_tensor``, so
 that an object one rank cannot pickle fails an object collective on a
 meshrun group on every member (_object_to_tensor below), and torch's
 ``_coalescing_manager``, so that a block with no call in it on one rank
-fails the others' coalesced call (_coalescing_manager below).
+fails the others' coalesced call (_coalescing_manager below), and torch's
+``_unregister_all_process_groups``, so that ``destroy_process_group()``
+leaves the names ``keep_registered`` gave (below) to torch's functional
+collectives.
 
 The ``torch.backends`` entry point (``autoload``) registers the backend
 when torch is imported; it never raises. That import may be the first
@@ -50,6 +53,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -83,7 +87,7 @@ if TYPE_CHECKING:
     from .torchpg import ProcessGroupMeshrun
 
 __all__ = ["BACKEND", "register", "autoload", "comm_of", "ProcessGroupMeshrun",
-           "monitored_barrier"]
+           "monitored_barrier", "keep_registered"]
 
 BACKEND = "meshrun"
 _lock = threading.Lock()
@@ -93,6 +97,9 @@ _torch_store: Any = None       # torch's rendezvous._create_c10d_store (env://, 
 _torch_monitored: Any = None   # torch's dist.monitored_barrier, which refuses all but gloo
 _torch_pickle: Any = None      # torch's c10d._object_to_tensor (the object collectives')
 _torch_coalescing: Any = None  # torch's c10d._coalescing_manager
+_torch_unregister_all: Any = None  # torch's c10d._unregister_all_process_groups
+_kept: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+"""keep_registered's groups by name, held weakly (as torch's registry holds them)."""
 _owned: Any = None          # the mesh this module made (closed with the default group)
 _default: Any = None        # the default group's mesh
 
@@ -114,7 +121,7 @@ def register() -> None:
     """Register the "meshrun" backend with torch.distributed (and wrap
     env:// for meshrun's jobs); calling it again does nothing."""
     global _registered, _torch_env, _torch_monitored, _torch_store, _torch_pickle
-    global _torch_coalescing
+    global _torch_coalescing, _torch_unregister_all
     with _lock:
         if _registered:
             return
@@ -132,6 +139,8 @@ def register() -> None:
                                  _coalescing_manager) or _torch_coalescing
         _torch_monitored = _put((c10d, dist), "monitored_barrier",
                                 monitored_barrier) or _torch_monitored
+        _torch_unregister_all = _put((c10d,), "_unregister_all_process_groups",
+                                     _unregister_all) or _torch_unregister_all
         _registered = True
 
 
@@ -147,6 +156,29 @@ def _put(where: tuple, name: str, ours: Any) -> Any:
         if getattr(module, name, None) is theirs:
             setattr(module, name, ours)
     return theirs
+
+
+def keep_registered(name: str, pg: Any) -> None:
+    """Register ``pg`` with torch's c10d under ``name`` (where torch's
+    functional collectives, and the graphs torch.compile makes of them, look
+    a group up by its name) for as long as ``pg`` lives, not only until the
+    next ``destroy_process_group()``: torch's drops every name then, and the
+    wrapper put in place of torch's ``_unregister_all_process_groups``
+    registers these again. For a group over a mesh of the user's, which
+    torch's teardown leaves open (engine.parallelize's tp groups)."""
+    c10d: Any = dist.distributed_c10d
+    c10d._register_process_group(name, pg)
+    _kept[name] = pg
+
+
+def _unregister_all() -> None:
+    """torch's ``_unregister_all_process_groups`` (destroy_process_group of
+    the default group, _abort_process_group), then keep_registered's names
+    registered again."""
+    _torch_unregister_all()
+    c10d: Any = dist.distributed_c10d
+    for name, pg in list(_kept.items()):
+        c10d._register_process_group(name, pg)
 
 
 def monitored_barrier(group: Any = None, timeout: Any = None,

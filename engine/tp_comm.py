@@ -66,9 +66,10 @@ def _register(group: Any) -> str | None:
         return None
     try:
         from torch import distributed
+        from collectives.torchdist import keep_registered
         from collectives.torchpg import ProcessGroupMeshrun
         c10d: Any = distributed.distributed_c10d
-        register, unregister = c10d._register_process_group, c10d._unregister_process_group
+        unregister = c10d._unregister_process_group
         _torch().ops._c10d_functional.all_reduce      # (torch >= 2.3)
     except (ImportError, AttributeError, RuntimeError):
         _KEYS[group] = None
@@ -76,7 +77,9 @@ def _register(group: Any) -> str | None:
     key = f"meshrun-tp:{group.name}:{id(group):x}"
     pg = ProcessGroupMeshrun(group, float(group.timeout))
     pg._set_group_name(key)
-    register(key, pg)           # (torch's registry holds it weakly: the group holds it)
+    # (torch's registry holds it weakly: the group holds it; registered again after
+    # destroy_process_group, which drops every name: a compiled model's next call failed)
+    keep_registered(key, pg)
     group._tp_process_group = pg
     weakref.finalize(group, unregister, key).atexit = False
     _KEYS[group] = key
