@@ -32,13 +32,17 @@ class _Stream:
     default state first) draws the same seed and the same masks again.
     Inside, a submodule planned ``rng="shared"`` (a dropout on the module's
     replicated output) draws from the default stream as it was outside
-    (``_on_shared``), and the draws it made count there after."""
+    (``_on_shared``), and the draws it made count there after. A module
+    that draws nothing (``still``: draws_nothing) runs as it is, after the
+    one draw (_drawn)."""
 
-    def __init__(self, torch: Any, rank: int) -> None:
-        self.torch, self.rank = torch, rank
+    def __init__(self, torch: Any, rank: int, still: bool = False) -> None:
+        self.torch, self.rank, self.still = torch, rank, still
 
     def run(self, fn: Any, x: Any) -> Any:
         torch = self.torch
+        if self.still:
+            return fn(self._drawn(x))
         draw = int(torch.randint(0, 2**62, (1,)).item())
         seed = (draw + 2718 + self.rank) % 2**63
         gens = _generators(torch, x)
@@ -56,6 +60,32 @@ class _Stream:
                 _shared.states = None
             for g, state in zip(gens, after):
                 g.set_state(state)
+
+    def _drawn(self, x: Any) -> Any:
+        """``x`` after the default stream's one draw, for a module that
+        draws nothing (``still``): its stream is that draw alone, which
+        torch.compile traces (not the generators' states: a graph break
+        each). In a graph the draw is tied to ``x`` (``where(draw >= 0, x,
+        x)``, ``x`` itself), or AOT autograd drops it, unused: the default
+        stream one draw behind eager mode's."""
+        torch = self.torch
+        draw = torch.randint(0, 2**62, (1,))
+        if torch.compiler.is_compiling() and isinstance(x, torch.Tensor):
+            return torch.where((draw[0] >= 0).to(x.device), x, x)
+        return x
+
+
+_STILL = ("torch.nn.modules.normalization", "torch.nn.modules.batchnorm",
+          "torch.nn.modules.instancenorm")
+
+
+def draws_nothing(module: Any) -> bool:
+    """Whether ``module``'s forward draws no random numbers: torch's own
+    norms (LayerNorm, RMSNorm, GroupNorm, the batch and instance norms), no
+    submodule in them. On a tp rank's own stream such a module's forward
+    is its own, and the stream's one draw from the default one
+    (_Stream.still)."""
+    return type(module).__module__ in _STILL and next(module.children(), None) is None
 
 
 def _on_shared(torch: Any, fn: Any, x: Any) -> Any:

@@ -10,7 +10,7 @@ import types
 from typing import Any
 
 from .tp_plan import Style, joined_order, rewrite_attrs, shard_rows
-from .tp_rng import _Stream
+from .tp_rng import _Stream, draws_nothing
 from .tp_checks import _dims, is_conv1d
 from .tp_record import _Meta, _summed
 from .tp_forward import _forward
@@ -93,7 +93,7 @@ def _shard(torch: Any, name: str, sub: Any, style: Style, group: Any,
     rewrite_attrs(sub, style, tp)
     sub._tp = meta
     if style.rng == "rank":
-        meta.stream = _Stream(torch, r)
+        meta.stream = _Stream(torch, r, draws_nothing(sub))
     if style.style != "replicate" or (style.input, style.output) != ("any", "any") or \
             meta.stream is not None or style.width or style.attrs or style.rng == "shared":
         sub.forward = types.MethodType(_forward, sub)

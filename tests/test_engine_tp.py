@@ -547,7 +547,8 @@ def test_torch_styles_match_the_unsharded_module():
                                         "compiled rowwise eager": (1, False),
                                         "compiled rowwise aot_eager": (1, False),
                                         "compiled rowwise with its loss": (1, True),
-                                        "compiled rowwise sequence": (8, True),
+                                        "compiled rowwise sequence": (1, False),
+                                        "compiled sequence stream": True,
                                         "compiled id": "tp rank r: 0.embed: a token id is "
                                         "out of range for the embedding's 8 rows "
                                         "(vocab-sharded over tp=2)"}
@@ -695,6 +696,14 @@ def _rng_worker(world):
     out["heads own"] = not torch.equal(*collectives_all_gather(world, tp[0].heads))
     out["output shared"] = bool(torch.equal(y, want))
     out["stream moved on"] = bool(torch.equal(after, torch.rand(8)))
+    norm = parallelize(torch.nn.Sequential(torch.nn.LayerNorm(64)), world, {  # (draws nothing:
+        "0": {"style": "sequence", "input": "replicate", "output": "replicate"}})  # its stream
+    before = torch.random.get_rng_state()                       # the one draw alone)
+    norm(torch.ones(2, 8, 64))
+    after = torch.rand(8)
+    torch.random.set_rng_state(before)
+    torch.randint(0, 2**62, (1,))
+    out["norm one draw"] = bool(torch.equal(after, torch.rand(8)))
 
     class Probs(torch.nn.Module):     # the attention probabilities' dropout, a submodule
         def __init__(self):
@@ -741,6 +750,7 @@ def test_a_sequence_shard_draws_its_dropout_from_its_own_stream():
         assert res["shared"][0], res
         assert res["replicated equal"] and res["recomputed"] and res["ranks differ"], res
         assert res["heads own"] and res["output shared"] and res["stream moved on"], res
+        assert res["norm one draw"], res
         assert "0.drop (Dropout, p=0.5) inside 0, whose num_heads the plan divides" in \
             res["probs unplanned"], res
         assert "'0.drop': {'style': 'replicate', 'rng': 'rank'}" in res["probs unplanned"], res

@@ -169,7 +169,10 @@ def _compiled_rowwise(world):
     with AOT autograd too; a loss compiled with the model runs eagerly (a
     graph break), and a token id outside the vocabulary raises in the graph.
     Under a sequence plan its all-gathers and reduce-scatters are in the
-    graphs too, broken only where its norms run on the rank's own stream."""
+    graph too, and its norms on the rank's own stream (a graph break each:
+    the generators' states), torch's LayerNorm drawing nothing, its stream
+    the default one's one draw, traced: one graph, the default stream
+    after it where eager mode leaves it."""
     from torch._dynamo.utils import counters
     ids, t = (torch.from_numpy(a) for a in tp_models.tokens(5, 3))
     ref = tp_models.model(blocks=1)
@@ -183,8 +186,14 @@ def _compiled_rowwise(world):
                          tp_models.SEQUENCE)       # (its all-gathers and reduce-scatters)
         counters.clear()
         if how == "sequence":   # (its norms on the rank's own stream: a graph break each)
-            got = F.cross_entropy(torch.compile(tp, backend="eager")(ids).flatten(0, 1),
-                                  t.flatten())
+            torch.manual_seed(5)
+            with torch.no_grad():
+                tp(ids)
+            drawn = torch.rand(1)           # (the default stream after eager mode's forward)
+            torch.manual_seed(5)
+            got = F.cross_entropy(torch.compile(tp, backend="eager", fullgraph=True)(
+                ids).flatten(0, 1), t.flatten())
+            done["compiled sequence stream"] = torch.equal(torch.rand(1), drawn)
         elif how == "with its loss":
             step = torch.compile(lambda i, y: F.cross_entropy(tp(i).flatten(0, 1), y.flatten()),
                                  backend="eager")
