@@ -7,6 +7,7 @@
     api.py        the public collectives: each call takes its array kind's path
     tensors.py    torch tensors through them (views, bfloat16, results as tensors)
     buckets.py    GradReducer: gradient all-reduce in fusion buckets
+    persistent.py all_reduce_init and the rest: persistent collectives (MPI-4's)
     runner.py     how one call runs: tag, fingerprint, deadline, abort, lanes, Work
     plan.py       pure arithmetic: chunks, segments, trees, algorithm choice, Tuning
     ops.py        reduction operators;  scratch.py: buffers kept between calls
@@ -38,6 +39,9 @@ from .api import (all_gather, all_gather_object, all_gather_v, all_reduce, all_r
                   reduce_scatter, reduce_scatter_v, scan, scatter, scatter_object, scatter_v)
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
+from .persistent import (all_gather_init, all_reduce_init, all_to_all_init, barrier_init,
+                         broadcast_init, exscan_init, gather_init, reduce_init,
+                         reduce_scatter_init, scan_init, scatter_init)
 from .userop import Op
 from .plan import Tuning
 from .runner import Work, abandon
@@ -47,4 +51,7 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
            "exscan", "gather_v", "scatter_v", "all_reduce_loc", "barrier",
            "broadcast_object", "all_gather_object", "gather_object", "scatter_object",
            "all_to_all_object", "broadcast_state", "GradReducer", "all_reduce_grads", "bucket_plan",
-           "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "Op", "abandon"]
+           "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "Op", "abandon", "all_reduce_init",
+           "broadcast_init", "reduce_init", "all_gather_init", "reduce_scatter_init",
+           "all_to_all_init", "gather_init", "scatter_init", "scan_init", "exscan_init",
+           "barrier_init"]

@@ -29,7 +29,8 @@ from mesh import ANY, AbortKind, Comm, LostPeerError, MeshError, MeshTimeoutErro
 from .plan import Tuning
 
 __all__ = ["Ctx", "Work", "Body", "start", "now", "NOT_NOW", "abandon", "agreed", "check_comm",
-           "caught", "where", "named", "release", "blocking", "abort_kind", "abort_now"]
+           "caught", "where", "named", "release", "blocking", "abort_kind", "abort_now",
+           "run_by_waiter"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -169,7 +170,8 @@ class Work:
     blocking call would have returned, or raises its error. A ``wait`` that
     runs out of time aborts the collective on every member."""
 
-    __slots__ = ("_event", "_value", "_error", "desc", "_abort", "_callbacks", "_then")
+    __slots__ = ("_event", "_value", "_error", "desc", "_abort", "_callbacks", "_then",
+                 "_lane")
 
     def __init__(self, desc: str, abort: Callable[[BaseException], None] | None = None) -> None:
         self._event = threading.Event()
@@ -179,6 +181,7 @@ class Work:
         self._abort = abort
         self._callbacks: list[Callable[["Work"], None]] = []
         self._then: Any = None      # settle_with's fn; _SETTLED once the lane is past it
+        self._lane: _Group | None = None    # the lane whose queue its waiter may take it from
 
     def settle_with(self, fn: Callable[[Any], None]) -> bool:
         """Make ``fn(value)`` the last step of the call, in the lane before
@@ -225,6 +228,8 @@ class Work:
             timeout = _wait_limit(self.desc, timeout)
         if not self._event.is_set():
             blocking()
+            if self._lane is not None and timeout is None:
+                self._lane.run_here(self)
         if not self._event.wait(timeout) and not self._event.is_set():
             e = MeshTimeoutError(f"{self.desc} timed out after {timeout:g}s (in Work.wait); "
                                  f"aborted on every member")
@@ -240,6 +245,7 @@ class Work:
 
     def _finish(self, value: Any, error: BaseException | None) -> None:
         self._value, self._error = value, error
+        self._lane = None
         with _callbacks_lock:
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
@@ -372,6 +378,30 @@ class _Group:
         with self.lock:
             return not self.queue and not self.running and not self.former
 
+    def run_here(self, work: Work) -> None:
+        """(``work.wait()``, a persistent collective's start: run_by_waiter)
+        Run ``work`` in the waiting thread, as a blocking call runs, where
+        the lane has not begun it and it is next in the queue (what was
+        queued before it runs first): the lane's hand-off (its thread woken,
+        the waiter woken back) cost a tiny call more than the call itself.
+        The lane, woken for it, lingers on (_serve)."""
+        if threading.get_ident() in _lanes:
+            return
+        with self.lock:
+            if self.running or self.former or not self.queue or self.queue[0][1] is not work:
+                return
+            fn = self.queue.popleft()[0]
+            self.running = True
+        try:
+            value, error = fn(), None
+            work._settle(value)
+        except BaseException as e:      # (the call's error, or an interrupt: wait raises it)
+            value, error = None, e
+        with self.lock:
+            self.running = False
+            self.wake.notify()      # (the lane, for what was queued behind it)
+        work._finish(value, error)
+
     def forget(self) -> None:
         """The group is dropped or its mesh closed: no watch is kept (the
         inbox has withdrawn or failed their receives), the lane ends."""
@@ -402,8 +432,15 @@ class _Group:
                 if self.thread is not me:       # handed on (submit)
                     self.former.discard(me)
                     return
-                if not self.queue and not self.stop:
-                    self.wake.wait(_LINGER_S)
+                until = time.monotonic() + _LINGER_S
+                while True:
+                    if self.running:    # a waiter runs the queue's next call (run_here)
+                        self.wake.wait()
+                        continue
+                    left = until - time.monotonic()
+                    if self.queue or self.stop or left <= 0:
+                        break
+                    self.wake.wait(left)    # (woken for a call its waiter took: lingers on)
                 if not self.queue:
                     self.busy = self.running = False
                     self.thread = None
@@ -691,6 +728,8 @@ def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
     if not async_op and st.idle():
         return run()
     work = Work(ctx.where(), lambda e: _abort(g, tag, name, e))
+    if async_op and _waiter.on:
+        work._lane = st
     st.submit(run, work)
     if async_op:
         return work
@@ -706,6 +745,29 @@ def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
             # written into them after the call had raised
             _abort(g, tag, name, e)
         raise
+
+
+class _Waiter(threading.local):
+    on = False
+
+
+_waiter = _Waiter()
+"""``.on``: this thread's async calls now are a persistent collective's
+start (run_by_waiter)."""
+
+
+def run_by_waiter(call: Callable[[], Any]) -> Any:
+    """``call()``: a persistent collective's start (collectives.persistent),
+    an ``async_op=True`` call whose Work its ``wait()`` (with no timeout)
+    runs in the waiting thread where the lane has not begun it yet
+    (_Group.run_here). The lane is handed the call all the same, so that
+    it completes without a wait (a rank that starts it and then blocks in
+    a receive its peers send only once theirs is done)."""
+    _waiter.on = True
+    try:
+        return call()
+    finally:
+        _waiter.on = False
 
 
 NOT_NOW = object()

@@ -13,7 +13,9 @@ the request its last start made, so ``mesh.waitall``, ``waitany`` and the
 others take it as any. Between a start and the wait or test that gives its
 result it is active; otherwise inactive, and then, by MPI's rule, its wait
 returns None at once with an empty status (waitany skips it), and only an
-inactive one may be started again.
+inactive one may be started again. collectives.persistent makes them of
+collectives too (``C.all_reduce_init`` and the rest: each start the
+collective's async call).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ class Prequest(Request):
 
     __slots__ = ("_inner", "_active", "_post", "_desc")
 
-    def __init__(self, comm: Comm, post: Callable[[], Request], desc: tuple) -> None:
+    def __init__(self, comm: Comm, post: Callable[[], Request], desc: tuple | str) -> None:
         super().__init__(comm, SENT)    # (none posted yet: inactive)
         self._inner: Request | None = None
         self._active = False

@@ -631,6 +631,16 @@ def _written_in_place(world: Any) -> list:
     else:
         world.recv(0, out=out)
         seen.append(out._version > before)
+    t, u = torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3)
+    rows = torch.empty(world.size, 3)
+    reqs = [C.all_reduce_init(world, t, op="avg"), C.all_gather_init(world, u, out=rows)]
+    for i in range(2):      # persistent: bfloat16 copied back at each start, rows into out=
+        t.fill_(world.rank + i)
+        u.fill_(10 * world.rank + i)
+        mesh.startall(reqs)
+        got = mesh.waitall(reqs)
+        assert got[0] is t and t.tolist() == [0.5 + i] * 3, t
+        assert got[1] is rows and rows[:, 0].tolist() == [i, 10.0 + i], rows
     return seen
 
 
@@ -822,7 +832,8 @@ def test_a_list_of_arrays_is_refused_with_advice_for_the_collective_called() -> 
 def _not_communicators(world: mesh.Mesh) -> list[str]:
     said = []
     for call in (lambda: C.all_reduce(mesh.grid(world, dp=world.size), np.ones(2)),
-                 lambda: C.barrier(0)):
+                 lambda: C.barrier(0),
+                 lambda: C.all_reduce_init(mesh.grid(world, dp=world.size), np.ones(2))):
         with pytest.raises(TypeError) as e:
             call()
         said.append(str(e.value))
@@ -837,6 +848,8 @@ def test_a_grid_or_other_object_for_a_communicator_is_named() -> None:
                                   f"pass the group of one of its axes, grid.group('dp')"), said
         assert said[1].startswith(f"rank {r}: barrier: the communicator is an int; "
                                   f"collectives take a meshrun communicator"), said
+        assert said[2].startswith(f"rank {r}: all_reduce_init: the communicator is a "
+                                  f"mesh.Grid"), said
 
 
 def _tensor_without_communicator(world: mesh.Mesh) -> list[str]:

@@ -83,7 +83,19 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "user op raises on one rank, large": lambda g: _fails_on_rank_1(g, 20_000),
     "user op returns the wrong shape": lambda g: C.all_reduce(
         g, np.ones(3), op=C.Op(lambda a, b: (a + b)[:2], name="short")),
+    "persistent shape": lambda g: _started(C.all_reduce_init(
+        g, np.ones(_odd(g.rank, 4, 5, 0), np.float32))),
+    "persistent op": lambda g: _started(C.all_reduce_init(
+        g, np.ones(4, np.float32), op=_odd(g.rank, "sum", "max"))),
+    "persistent bad op on one rank": lambda g: _started(C.all_reduce_init(
+        g, np.ones(3, np.float32), op=_odd(g.rank, "sum", "band"))),
 }
+
+
+def _started(p: Any) -> Any:
+    """A persistent collective's first start, and its wait."""
+    p.start()
+    return p.wait()
 
 
 LATE = {"root", "gather root", "gather root seen late", "scan vs exscan",
@@ -145,6 +157,8 @@ def _texts(outcomes: list[dict[str, list[str]]], case: str) -> list[str]:
     ("size picks another algorithm", ["alg=rd", "alg=ring"]),
     ("collective", ["broadcast(", "all_reduce("]),
     ("reduce_scatter vs all_gather", ["all_gather(", "reduce_scatter("]),
+    ("persistent shape", ["shape=[4]", "shape=[5]"]),      # (an all_reduce_init's start)
+    ("persistent op", ["op=sum", "op=max"]),
 ])
 def test_every_rank_raises_a_mismatch_naming_both_calls(outcomes: list, case: str,
                                                        needles: list[str]) -> None:
@@ -221,8 +235,10 @@ def test_a_user_op_failing_on_one_rank_fails_the_call_on_every_rank(outcomes: li
                 "float64 of shape (3,)" in text, text
 
 
-def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list) -> None:
-    texts = _texts(outcomes, "bad op on one rank")
+@pytest.mark.parametrize("case", ["bad op on one rank", "persistent bad op on one rank"])
+def test_bad_arguments_fail_the_caller_and_abort_the_others(outcomes: list, case: str) -> None:
+    """(An all_reduce_init's: at its first start, on every rank.)"""
+    texts = _texts(outcomes, case)
     assert texts[1].startswith("TypeError: rank 1: all_reduce on group world: op 'band' needs "
                                "an integer"), texts[1]
     for rank in (0, 2):

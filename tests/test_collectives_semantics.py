@@ -297,7 +297,103 @@ def _mpi4py_programs(world: Any) -> str:
     assert farm == ([list(range(t)) for t in range(1, 12)] if r == 0 else farm), farm
     done = C.reduce(world, np.array(0 if r == 0 else farm), root=0)
     assert r != 0 or done == 11, done           # (every task done once)
+    _persistent(world)
     return "ok"
+
+
+def _persistent(world: Any) -> None:
+    """Persistent collectives (MPI-4's Allreduce_init and the rest): each
+    start uses the arrays' contents then, results in place or in the
+    init's out=; MPI's rules (an active one's start raises, an inactive
+    one's wait returns None at once); mesh.startall, waitall, waitany,
+    testall and test take them beside point-to-point requests; a start
+    completes with no wait (its peers' waits need it); a tiny numpy
+    all_reduce's starts take the board's short way once one has settled
+    it."""
+    from collectives import persistent
+    n, r = world.size, world.rank
+    short: list[int] = []
+    settled = persistent.tiny.settled
+
+    def counted(ctx: Any, a: Any, op: Any) -> Any:
+        plan = settled(ctx, a, op)
+        short.append(plan is not None)
+        return plan
+    persistent.tiny.settled = counted
+    try:
+        for size in (1, 3, 200_000):    # (the short way, the board, the board's large form)
+            a = np.zeros(size)
+            p = C.all_reduce_init(world, a, op="sum")
+            assert p.wait() is None and not p.active       # (never started: inactive)
+            for i in range(4):
+                a[:] = r + i
+                p.start()
+                with pytest.raises(mesh.MeshError, match=r"rank \d: start of the persistent "
+                                   r"all_reduce on group world: it is active"):
+                    p.start()
+                assert p.wait() is a and (a == n * i + n * (n - 1) / 2).all(), (size, i, a[:3])
+                assert p.wait() is None     # (completed: inactive again)
+    finally:
+        persistent.tiny.settled = settled
+    assert short[:4] == [False, True, True, True], short    # (settled by the first start)
+    x = np.arange(4, dtype=np.int32) + 10 * r
+    rows = np.empty((n, 4), np.int32)
+    b = np.zeros(2)
+    red = np.zeros(3, np.int64)
+    blocks = np.empty(2 * n)
+    reqs = [C.all_gather_init(world, x, out=rows), C.broadcast_init(world, b, root=1),
+            C.reduce_init(world, red, root=2, op="max"),
+            C.all_to_all_init(world, np.arange(2 * n) + 100.0 * r, out=blocks),
+            C.reduce_scatter_init(world, np.ones((2 * n, 2))),
+            C.gather_init(world, np.array([r, -r]), root=0),
+            C.scatter_init(world, np.arange(3 * n).reshape(n, 3) if r == 1 else None, root=1),
+            C.scan_init(world, np.array([r + 1.0])), C.exscan_init(world, np.array([r + 1])),
+            C.barrier_init(world), world.irecv(mesh.PROC_NULL)]
+    for i in range(6):      # (a lane that ran the next while its waiter ran one: seen)
+        x[:] = np.arange(4) + 10 * r + i
+        b[:] = [i, -i] if r == 1 else 7
+        red[:] = [r, -r, i]
+        mesh.startall(reqs[:-1])
+        got = mesh.waitall(reqs)
+        assert got[0] is rows and (rows == np.arange(4) + 10 * np.arange(n)[:, None] + i).all()
+        assert got[1] is b and list(b) == [i, -i], b
+        assert got[2] is red and (r != 2 or list(red) == [n - 1, 0, i]), red
+        assert got[3] is blocks and list(blocks) == [100.0 * k + 2 * r + j
+                                                     for k in range(n) for j in range(2)]
+        assert got[4].shape == (2, 2) and (got[4] == n).all()
+        assert (got[5] is None) if r else got[5].tolist() == [[k, -k] for k in range(n)]
+        assert list(got[6]) == [3 * r, 3 * r + 1, 3 * r + 2], got[6]
+        assert got[7][0] == (r + 1) * (r + 2) / 2 and (got[8] is None if r == 0
+                                                       else got[8][0] == r * (r + 1) / 2)
+        assert got[9] is None and got[10] is None
+        reqs.pop()
+        reqs.append(world.irecv(mesh.PROC_NULL))
+    # a start completes though its rank waits for something else first: rank 0 starts,
+    # then receives what rank 1 sends only once its own all_reduce is done
+    a = np.full(5, r + 1.0)
+    p = C.all_reduce_init(world, a)
+    p.start()
+    if r == 0:
+        assert world.recv(1, tag=3, timeout=20) == "after"
+    k, v = mesh.waitany([p])
+    assert k == 0 and v is a and (a == n * (n + 1) / 2).all(), a
+    if r == 1:
+        world.send("after", 0, tag=3)
+    for i in range(2):      # polled by test(), by testall
+        p.start()
+        while not (p.test()[0] if i == 0 else mesh.testall([p])[0]):
+            pass
+        assert not p.active
+    q = C.all_reduce_init(world, np.zeros(2, np.float32), op="band")     # (float: refused)
+    with pytest.raises((TypeError, mesh.MeshError), match="all_reduce"):
+        q.start()
+        q.wait()
+    assert not q.active
+    q = C.all_gather_init(world, x, out=np.empty(3, np.int32))      # (rows of 4 a rank)
+    with pytest.raises((ValueError, mesh.MeshError), match=r"all_gather_init on group world: "
+                       r"out= has 3 elements, shaped \(3,\); the result has"):
+        q.start()
+        q.wait()
 
 
 def test_mpi4py_programs_give_mpi4pys_answers() -> None:

@@ -23,7 +23,7 @@ from .ring import ring
 from .rooted import reduce_chain, reduce_tree
 from .small import all_reduce_rd
 
-__all__ = ["all_reduce", "reduce", "reduce_scatter", "scan"]
+__all__ = ["all_reduce", "all_reduce_plan", "reduce", "reduce_scatter", "scan"]
 
 
 
@@ -37,6 +37,17 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
     MESH_CMA=0. Across hosts with more than one rank on some host, or with
     "hier", it runs in two levels (collectives.host.hier; "rd" / "ring"
     force the flat algorithm). ``check``: as all_gather_v's."""
+    return start(g, "all_reduce", all_reduce_plan(g, a, op, algorithm, check), async_op,
+                 timeout, _skipped(g, "all_reduce", a, 0, algorithm))
+
+
+def all_reduce_plan(g: Comm, a: np.ndarray, op: str = "sum", algorithm: str | None = None,
+                    check: Callable[[], Any] | None = None
+                    ) -> Callable[[Tuning], tuple[dict, Body]]:
+    """all_reduce's preparation (runner.start's ``prepare``): the
+    arguments checked, the op, algorithm and layout chosen, and the
+    fingerprint and body made, for one tuning (collectives.persistent
+    makes it once, for every start)."""
     def prepare(t: Tuning) -> tuple[dict, Body]:
         if check is not None:
             check()
@@ -71,8 +82,7 @@ def all_reduce(g: Comm, a: np.ndarray, op: str = "sum", async_op: bool = False,
                     ring(ctx, buf, rop, 2 * (ctx.g.size - 1), ctx.g.size - 1)
             rop.finish(buf, ctx.g.size)
         return _fp("all_reduce", arr, op=op, alg=alg, hier=lay), _in_place(arr, body)
-    return start(g, "all_reduce", prepare, async_op, timeout,
-                 _skipped(g, "all_reduce", a, 0, algorithm))
+    return prepare
 
 
 

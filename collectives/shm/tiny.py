@@ -76,7 +76,7 @@ from .tiny_move import _Broadcast, _Collect, _Deal, _Exchange, _ExchangeV, _Gath
 from .tiny_reduce import _Plan, _Reduce, _Scatter, _Short
 
 __all__ = ["MAX_BYTES", "forget", "learn", "learn_scatter", "learn_v", "keep", "plan_key",
-           "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather",
+           "settled", "all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "gather",
            "scatter", "all_to_all", "all_gather_v", "gather_v", "reduce_scatter_v",
            "scatter_v", "all_to_all_v"]
 
@@ -251,6 +251,19 @@ def _find(coll: str, g: Comm, a: np.ndarray, op: Any, timeout: Any, root: Any = 
             return None
         _last[coll] = (weakref.ref(g), a.dtype, a.shape, op, root, plan)
     return _tuned(plan, timeout)
+
+
+def settled(ctx: Ctx, a: np.ndarray, op: Any) -> Any:
+    """The all_reduce plan of ``a`` and ``op`` on ``ctx``'s group, settled
+    under ``ctx``'s tuning, else None: for a call that has its tag and
+    deadline already (a persistent all_reduce's start, collectives.persistent),
+    whose body takes the plan's ``step`` as runner.now does (its ``rest``
+    run with ``ctx`` where it gives one)."""
+    try:
+        plan = _plans[ctx.g][plan_key(a.dtype, a.shape, op)]
+    except (KeyError, TypeError):
+        return None
+    return plan if plan.tuning is ctx.tuning else None
 
 
 def _tuned(plan: Any, timeout: Any) -> Any:
