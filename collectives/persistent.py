@@ -32,9 +32,15 @@ the arguments' checks, the op, the algorithm, the layout and the
 fingerprint, made once at init (again only where the MESH_COLL_*
 tuning changed since), and the same-host board's short way
 (collectives.shm.tiny) once a start has settled it, where an async call
-always takes the long way; for every call, a wait (with no timeout) that
-finds its start not yet begun by the group's lane runs it itself, as a
-blocking call runs (runner.run_by_waiter), without the lane's hand-off.
+always takes the long way. Such a start, where the group has nothing
+else going on, posts this rank's array on the board at once and leaves
+the rest (the peers' posts read and combined) to its wait, in the
+waiting thread (runner.post: no Work, no lane), which the peers do not
+need to finish theirs; the group's next call, a test, done() or waitany
+hand the rest to the lane instead. For every other start, a wait (with
+no timeout) that finds it not yet begun by the group's lane runs it
+itself, as a blocking call runs (runner.run_by_waiter), without the
+lane's hand-off.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ from .host import paths as host
 from .host.paths_reduce import all_reduce_plan
 from .host.paths_route import _skipped
 from .plan import Tuning
-from .runner import Body, Ctx, check_comm, run_by_waiter, start
+from .runner import NOT_NOW, Body, Ctx, check_comm, post, run_by_waiter, start
 from .shm import tiny
 from .tensors import is_tensor
 from .userop import Op
@@ -114,6 +120,62 @@ class _Started(Request):
 
     def cancel(self) -> bool:
         return False        # (MPI's Cancel of a collective: not allowed; nothing done here)
+
+    @property
+    def status(self) -> Status | None:
+        return None
+
+
+class _Posted(Request):
+    """One start of a persistent all_reduce that posted on the board
+    (runner.post: the short way's first half), its wait finishing it in
+    the waiting thread (``Posted.run``); a wait with a timeout, a test,
+    done() or waitany hand the rest to the group's lane first
+    (``Posted.to_lane``) and wait for that."""
+
+    __slots__ = ("posted", "_nudge")
+
+    def __init__(self, g: Comm, desc: str) -> None:
+        super().__init__(g, Pending(g.gid, ANY, 0, None, None, desc))
+        self.posted: Any = None
+        self._nudge = g._t.progress.nudge
+
+    def ended(self, error: BaseException | None) -> None:
+        """(Posted's ``done_with``) The call is done: its item too."""
+        item = self._item
+        assert isinstance(item, Pending)
+        if error is None:
+            item.complete(None)
+        else:
+            item.fail(error)
+        self._nudge()
+
+    def wait(self, timeout: float | None = None, status: Status | None = None) -> Any:
+        _answered(self, timeout, status, _empty, "wait")
+        try:
+            if timeout is None:
+                value = self.posted.run()
+            else:
+                work = self.posted.to_lane()
+                value = self.posted.run() if work is None else work.wait(timeout)
+        except BaseException:
+            self._spent = self._spent or self.done()
+            raise
+        self._spent = True
+        return value
+
+    def done(self) -> bool:
+        work = self.posted.to_lane()
+        item = self._item
+        assert isinstance(item, Pending)
+        return item.event.is_set() if work is None else bool(work.done())
+
+    def get_status(self, status: Status | None = None) -> bool:
+        _answered(self, None, status, _empty, "get_status")
+        return self.done()
+
+    def cancel(self) -> bool:
+        return False
 
     @property
     def status(self) -> Status | None:
@@ -200,7 +262,7 @@ def _planned(g: Comm, a: np.ndarray, op: str, algorithm: str | None,
     short = algorithm is None and a.flags.c_contiguous and a.flags.writeable and g.size > 1
 
     def run(ctx: Ctx) -> Any:
-        plan = tiny.settled(ctx, a, op) if short else None
+        plan = tiny.settled(ctx.g, ctx.tuning, a, op) if short else None
         if plan is None:
             return body(ctx)
         rest = plan.step(ctx.tag, a)
@@ -215,7 +277,32 @@ def _planned(g: Comm, a: np.ndarray, op: str, algorithm: str | None,
             return fp, run
         return prepare(t)   # (the tuning changed since: planned again)
     skipped = _skipped(g, "all_reduce", a, 0, algorithm)
-    return _init(g, "all_reduce", lambda: start(g, "all_reduce", planned, True, timeout, skipped))
+    call = lambda: start(g, "all_reduce", planned, True, timeout, skipped)   # noqa: E731
+    if not short or not (timeout is None or type(timeout) is float and timeout >= 0):
+        return _init(g, "all_reduce", call)
+    desc = f"all_reduce on group {g.name}"
+
+    def begin() -> Request:
+        """A start: posted on the board where a start has settled the short
+        way's plan under this tuning and the group has nothing else going
+        on (runner.post), else as an async call (_Started)."""
+        try:
+            t = Tuning.from_env()
+        except ValueError:      # (start raises it, naming the call)
+            t = None
+        plan = tiny.settled(g, t, a, op) if t is tuning and t is not None else None
+        if plan is not None:
+            inner = _Posted(g, desc)
+            got = post(g, "all_reduce", plan.fp, plan.tuning,
+                       lambda tag, x: bool(plan.quick.post(-tag, x)), plan.after, a, timeout,
+                       inner.ended)
+            if got is not NOT_NOW:
+                if debug.ON:
+                    debug.note(g, "all_reduce", tiny.SHORT_PATH, a.nbytes)
+                inner.posted = got
+                return inner
+        return _Started(g, run_by_waiter(call), desc)
+    return Prequest(g, begin, desc)
 
 
 def broadcast_init(g: Comm, a: Any, root: int = 0, algorithm: str | None = None,

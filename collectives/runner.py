@@ -25,12 +25,13 @@ from collections import deque
 from typing import Any, Callable
 
 from mesh import ANY, AbortKind, Comm, LostPeerError, MeshError, MeshTimeoutError
+from mesh.match import Flag
 
 from .plan import Tuning
 
 __all__ = ["Ctx", "Work", "Body", "start", "now", "NOT_NOW", "abandon", "agreed", "check_comm",
            "caught", "where", "named", "release", "blocking", "abort_kind", "abort_now",
-           "run_by_waiter"]
+           "run_by_waiter", "post", "Posted"]
 
 
 Body = Callable[["Ctx"], Any]
@@ -326,6 +327,9 @@ class _Group:
         # call would take the group's tags in an order the other ranks need
         # not share (their data crossed, or a hang)
         self.user: int | None = None     # (a thread's ident)
+        # a persistent start that has posted on the board and is finished by its wait
+        # (Posted): the group's next call hands it to the lane first, ahead of itself
+        self.posted: Posted | None = None
 
     def enter(self, me: int) -> int | None:
         """Thread ``me`` (not a lane's: bodies and done-callbacks are not
@@ -683,6 +687,8 @@ def _start(g: Comm, name: str, prepare: Callable[[Tuning], tuple[dict, Body]],
            async_op: bool, timeout: float | None,
            skipped: Callable[[BaseException, int], None] | None, t0: float, ch: Any, st: _Group,
            other: int | None) -> Any:
+    if st.posted is not None:
+        st.posted.to_lane()     # (ahead of this call, as it was made before it)
     tag = ch.next_tag()
     try:
         if other is not None:
@@ -786,7 +792,8 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any],
     the group's lane has work or watches (the call then takes ``start``,
     which orders it behind them and reports what they caught)."""
     st = _groups.get(g)     # (made by the first call, which took ``start``)
-    if st is None or st.watches or st.running or st.queue or st.former or st.user is not None:
+    if st is None or st.watches or st.running or st.queue or st.former or st.user is not None \
+            or st.posted is not None:
         return NOT_NOW      # (another thread in a call: start says so)
     me = threading.get_ident()
     mine = me not in _lanes
@@ -811,4 +818,134 @@ def now(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any],
         raise err from None
     finally:
         if mine and st.user == me:      # (_Group.leave, inline: the short path's cost)
+            st.user = None
+
+
+class Posted:
+    """A persistent collective's start that took its tag and posted this
+    rank's part where its peers read it (collectives.shm.tiny's board:
+    ``post``), its rest (``finish``: reading theirs) left to its wait, as
+    MPI's start may leave it; made by ``post``. The peers need nothing
+    more of it to finish theirs (only a later call's post into its slot
+    waits for its ack), so the rest runs in the waiting thread (``run``,
+    as runner.now's step), unless the group's next call comes first,
+    which hands it to the lane ahead of itself (``to_lane``: a Work, as an
+    async call's)."""
+
+    __slots__ = ("g", "st", "tag", "name", "fp", "tuning", "finish", "arg", "posted", "t0",
+                 "limit", "work", "done_with", "ended", "error")
+
+    def __init__(self, g: Comm, st: _Group, tag: int, name: str, fp: dict, tuning: Tuning,
+                 finish: Callable[[int, Any, bool], Body | None], arg: Any, posted: bool,
+                 t0: float, limit: float,
+                 done_with: Callable[[BaseException | None], None]) -> None:
+        self.g, self.st, self.tag, self.name, self.fp = g, st, tag, name, fp
+        self.tuning, self.finish, self.arg, self.posted = tuning, finish, arg, posted
+        self.t0, self.limit = t0, limit
+        self.work: Work | None = None
+        self.done_with = done_with      # (told once the call is done: its error or None)
+        self.ended = Flag()     # (set once a wait has run the rest: run)
+        self.error: BaseException | None = None
+
+    def _claim(self, here: bool = False) -> bool:
+        """Whether this thread takes the rest (the group holds it still);
+        ``here``: to run it, the lane kept aside meanwhile (as run_here's)."""
+        st = self.st
+        with st.lock:
+            if st.posted is not self:
+                return False
+            st.posted = None
+            st.running = here
+            return True
+
+    def run(self) -> Any:
+        """The rest, here: its value (raised: its error, the call aborted on
+        every member); where the lane has it, its Work's wait (another
+        thread's wait running it: that one's end)."""
+        if not self._claim(True):
+            if self.work is not None:
+                return self.work.wait()
+            self.ended.wait()
+            if self.error is not None:
+                raise self.error
+            return self.arg
+        st = self.st
+        try:
+            value = self._rest()
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            with st.lock:
+                st.running = False
+                st.wake.notify()    # (the lane, for the calls queued meanwhile)
+            self.ended.set()
+            self.done_with(self.error)
+        return value
+
+    def _rest(self) -> Any:
+        g, tag, name = self.g, self.tag, self.name
+        try:
+            rest = self.finish(tag, self.arg, self.posted)
+            if rest is not None:
+                rest(Ctx(g, tag, self.fp, self.tuning, name, self.limit, self.t0 + self.limit))
+            return self.arg
+        except BaseException as e:
+            err = _failed(g, tag, name, e)
+            if err is e:
+                raise
+            raise err from None
+
+    def to_lane(self) -> Work | None:
+        """Hand the rest to the group's lane (the group's next call comes,
+        a test or waitany asks): the Work that runs it, or None where a
+        wait runs it already."""
+        if self._claim():
+            work = self.work = Work(where(self.g, self.name, self.tag),
+                                    lambda e: _abort(self.g, self.tag, self.name, e))
+            work.add_done_callback(lambda w: self.done_with(w._error))
+            self.st.submit(self._rest, work)
+        return self.work
+
+
+def post(g: Comm, name: str, fp: dict, tuning: Tuning, step: Callable[[int, Any], bool],
+         finish: Callable[[int, Any, bool], Body | None], arg: Any, timeout: float | None,
+         done_with: Callable[[BaseException | None], None]) -> Any:
+    """``now``'s, for a persistent collective's start (collectives.persistent)
+    whose plan posts without waiting: the group's next tag, ``step(tag,
+    arg)`` (False: nothing posted, and the rest goes to the lane at once,
+    for the peers wait for this rank's post), and a Posted whose ``run``
+    (the wait's) finishes it: ``finish(tag, arg, posted)``, None once
+    done, else the Body that finishes it with the call's Ctx. NOT_NOW, with no tag
+    taken, where ``now`` gives it (the start then takes ``start``)."""
+    st = _groups.get(g)
+    if st is None or st.watches or st.running or st.queue or st.former or st.user is not None \
+            or st.posted is not None:
+        return NOT_NOW
+    me = threading.get_ident()
+    if me in _lanes:
+        return NOT_NOW
+    st.user = me
+    try:
+        t0 = time.monotonic()
+        ch = g.collective_channel()
+        tag = ch.next_tag()
+        st.calls += 1
+        limit = float(g.timeout) if timeout is None else timeout
+        try:
+            if ch.aborted(tag, "") is not None:
+                raise ch.aborted(tag, f"{name} #{-tag} on group {g.name}")  # type: ignore[misc]
+            posted = step(tag, arg)
+        except BaseException as e:
+            err = _failed(g, tag, name, e)
+            if err is e:
+                raise
+            raise err from None
+        p = Posted(g, st, tag, name, fp, tuning, finish, arg, posted, t0, limit, done_with)
+        st.posted = p
+        if not posted:
+            p.to_lane()
+        return p
+    finally:
+        if st.user == me:
             st.user = None

@@ -310,32 +310,31 @@ def _persistent(world: Any) -> None:
     completes with no wait (its peers' waits need it); a tiny numpy
     all_reduce's starts take the board's short way once one has settled
     it."""
-    from collectives import persistent
     n, r = world.size, world.rank
-    short: list[int] = []
-    settled = persistent.tiny.settled
-
-    def counted(ctx: Any, a: Any, op: Any) -> Any:
-        plan = settled(ctx, a, op)
-        short.append(plan is not None)
-        return plan
-    persistent.tiny.settled = counted
-    try:
-        for size in (1, 3, 200_000):    # (the short way, the board, the board's large form)
-            a = np.zeros(size)
-            p = C.all_reduce_init(world, a, op="sum")
-            assert p.wait() is None and not p.active       # (never started: inactive)
-            for i in range(4):
-                a[:] = r + i
+    ways = []
+    for size in (1, 3, 200_000):    # (the short way, the board, the board's large form)
+        a = np.zeros(size)
+        p = C.all_reduce_init(world, a, op="sum")
+        assert p.wait() is None and not p.active       # (never started: inactive)
+        for i in range(4):
+            a[:] = r + i
+            p.start()
+            ways.append(type(p._inner).__name__)
+            with pytest.raises(mesh.MeshError, match=r"rank \d: start of the persistent "
+                               r"all_reduce on group world: it is active"):
                 p.start()
-                with pytest.raises(mesh.MeshError, match=r"rank \d: start of the persistent "
-                                   r"all_reduce on group world: it is active"):
-                    p.start()
-                assert p.wait() is a and (a == n * i + n * (n - 1) / 2).all(), (size, i, a[:3])
-                assert p.wait() is None     # (completed: inactive again)
-    finally:
-        persistent.tiny.settled = settled
-    assert short[:4] == [False, True, True, True], short    # (settled by the first start)
+            assert p.wait() is a and (a == n * i + n * (n - 1) / 2).all(), (size, i, a[:3])
+            assert p.wait() is None     # (completed: inactive again)
+    # the first start settles the short way, the next post on the board at their start
+    assert ways[:4] == ["_Started", "_Posted", "_Posted", "_Posted"], ways
+    assert ways[8:] == ["_Started"] * 4, ways
+    a = np.zeros(1)
+    p, b = C.all_reduce_init(world, a), C.barrier_init(world)
+    for i in range(3):      # behind another start: through the lane's queue, its short way
+        a[:] = r + i
+        mesh.startall([b, p])
+        assert mesh.waitall([b, p])[1] is a and a[0] == n * i + n * (n - 1) / 2, a
+        assert type(p._inner).__name__ == "_Started"
     x = np.arange(4, dtype=np.int32) + 10 * r
     rows = np.empty((n, 4), np.int32)
     b = np.zeros(2)

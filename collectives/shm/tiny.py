@@ -253,17 +253,17 @@ def _find(coll: str, g: Comm, a: np.ndarray, op: Any, timeout: Any, root: Any = 
     return _tuned(plan, timeout)
 
 
-def settled(ctx: Ctx, a: np.ndarray, op: Any) -> Any:
-    """The all_reduce plan of ``a`` and ``op`` on ``ctx``'s group, settled
-    under ``ctx``'s tuning, else None: for a call that has its tag and
-    deadline already (a persistent all_reduce's start, collectives.persistent),
-    whose body takes the plan's ``step`` as runner.now does (its ``rest``
-    run with ``ctx`` where it gives one)."""
+def settled(g: Comm, tuning: Tuning, a: np.ndarray, op: Any) -> Any:
+    """The all_reduce plan of ``a`` and ``op`` on ``g``, settled under
+    ``tuning``, else None: for a persistent all_reduce's start
+    (collectives.persistent), which posts with the plan (runner.post) or,
+    its tag taken already, takes its ``step`` as runner.now does (its
+    ``rest`` run with the call's Ctx where it gives one)."""
     try:
-        plan = _plans[ctx.g][plan_key(a.dtype, a.shape, op)]
+        plan = _plans[g][plan_key(a.dtype, a.shape, op)]
     except (KeyError, TypeError):
         return None
-    return plan if plan.tuning is ctx.tuning else None
+    return plan if plan.tuning is tuning else None
 
 
 def _tuned(plan: Any, timeout: Any) -> Any:

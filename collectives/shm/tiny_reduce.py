@@ -58,8 +58,15 @@ class _Plan(_Short):
     def step(self, tag: int, a: np.ndarray) -> Body | None:
         """runner.now's step: the call on the board's Quick; None once done,
         else the rest of it on a Round."""
+        return self.after(tag, a, self.quick.post(-tag, a))
+
+    def after(self, tag: int, a: np.ndarray, posted: bool) -> Body | None:
+        """``step`` once ``a`` is posted (``posted``; else the Round posts
+        it): the peers' posts combined, None once done, else the rest of it
+        on a Round (runner.post's finish: a persistent start posts, its
+        wait finishes)."""
         seq, quick = -tag, self.quick
-        if not quick.post(seq, a):
+        if not posted:
             return self.rest(a, False)
         if not quick.arrived(seq):
             return self.rest(a, True)
