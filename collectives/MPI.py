@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import mesh
 
+from .mpi_compat.file import FILE_ERRORS, MODES, SEEK_CUR, SEEK_END, SEEK_SET, File
 from .mpi_compat.comm import COMM_NULL, COMM_TYPE_SHARED, Cartcomm, Comm, Intracomm
 from .mpi_compat.objects import fold, scan_fold
 from .mpi_compat.message import MESSAGE_NO_PROC, MESSAGE_NULL, Message
@@ -36,6 +37,8 @@ from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DAT
 
 globals().update(DATATYPES)
 globals().update(OPS)
+globals().update(MODES)
+globals().update(FILE_ERRORS)
 DATATYPE_NULL = Datatype("DATATYPE_NULL", "V0")
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None
@@ -51,7 +54,8 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "THREAD_SERIALIZED", "THREAD_MULTIPLE", "Init", "Init_thread", "Finalize",
            "Is_initialized", "Is_finalized", "Query_thread", "Is_thread_main", "Wtime",
            "Wtick", "Get_processor_name", "Get_version", "Get_library_version",
-           "Compute_dims", "Pcontrol", "fold", "scan_fold", *DATATYPES, *OPS]
+           "Compute_dims", "Pcontrol", "fold", "scan_fold", *DATATYPES, *OPS,
+           "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS]
 
 _state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False}
 

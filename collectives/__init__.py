@@ -12,6 +12,7 @@
     plan.py       pure arithmetic: chunks, segments, trees, algorithm choice, Tuning
     ops.py        reduction operators;  scratch.py: buffers kept between calls
     userop.py     Op: a reduction given by a Python function, and its paths
+    file.py       File: parallel file I/O over a group (MPI-IO), each rank at its offset
     host/         numpy arrays: paths.py (every call's path: paths_reduce.py,
                   paths_move.py, paths_uneven.py, paths_objects.py, paths_barrier.py;
                   paths_checks.py their arguments, paths_route.py which path), and the
@@ -37,6 +38,7 @@ from .api import (all_gather, all_gather_object, all_gather_v, all_reduce, all_r
                   all_to_all, all_to_all_object, all_to_all_v, barrier, broadcast, broadcast_object,
                   broadcast_state, exscan, gather, gather_object, gather_v, reduce,
                   reduce_scatter, reduce_scatter_v, scan, scatter, scatter_object, scatter_v)
+from .file import File, FileError
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
 from .persistent import (all_gather_init, all_reduce_init, all_to_all_init, barrier_init,
@@ -54,4 +56,4 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
            "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "Op", "abandon", "all_reduce_init",
            "broadcast_init", "reduce_init", "all_gather_init", "reduce_scatter_init",
            "all_to_all_init", "gather_init", "scatter_init", "scan_init", "exscan_init",
-           "barrier_init"]
+           "barrier_init", "File", "FileError"]

@@ -83,8 +83,6 @@ def test_what_is_not_provided_names_itself() -> None:
         MPI.COMM_NULL.Spawn
     with pytest.raises(NotImplementedError, match="derived datatypes"):
         MPI.DOUBLE.Create_vector
-    with pytest.raises(NotImplementedError, match="np.memmap"):
-        MPI.File.Open
     with pytest.raises(AttributeError, match="not provided"):
         MPI.Attach_buffer
     assert MPI.COMM_NULL == MPI.COMM_NULL and not MPI.COMM_NULL
