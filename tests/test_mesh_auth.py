@@ -439,6 +439,10 @@ class _Sniffer:
     def __init__(self, needles: list[bytes]) -> None:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
         self.sock.bind(("lo", 0))
+        try:    # (other processes' traffic on lo must not crowd the mark out)
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)   # SO_RCVBUFFORCE
+        except OSError:
+            pass
         self.sock.settimeout(0.05)
         self.needles = needles
         self.found: set[bytes] = set()
@@ -448,10 +452,15 @@ class _Sniffer:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        end = None      # (stopped: once what was queued is read, 3 s at most)
+        while end is None or time.monotonic() < end:
+            if end is None and self._stop.is_set():
+                end = time.monotonic() + 3
             try:
                 pkt = self.sock.recv(1 << 17)
             except socket.timeout:
+                if self._stop.is_set():
+                    return
                 continue
             for n in self.needles:
                 if n in pkt:
@@ -461,7 +470,7 @@ class _Sniffer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(10)
         self.sock.close()
 
     def saw(self, needle: bytes) -> bool:
