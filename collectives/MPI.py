@@ -9,10 +9,10 @@
 
 A thin layer over meshrun's public calls (collectives.mpi_compat: types.py
 the datatypes, ops and constants; buffers.py the buffer specs; p2p.py,
-requests.py and
-message.py point-to-point; coll.py the buffer collectives, objects.py the
-lowercase ones; comm.py the communicators): objects go by msgpack, never
-pickle, and meshrun's errors (MismatchError, MeshTimeoutError,
+requests.py and message.py point-to-point; coll.py the buffer
+collectives, objects.py the lowercase ones; comm.py the communicators;
+win.py the one-sided windows over comm.window): objects go by msgpack,
+never pickle, and meshrun's errors (MismatchError, MeshTimeoutError,
 LostPeerError) come through unchanged. It lives in collectives, not mesh,
 because its collectives are collectives' (mesh imports nothing above it).
 What meshrun does not provide raises NotImplementedError naming the call."""
@@ -29,6 +29,9 @@ from .mpi_compat.comm import COMM_NULL, COMM_TYPE_SHARED, Cartcomm, Comm, Intrac
 from .mpi_compat.objects import fold, scan_fold
 from .mpi_compat.message import MESSAGE_NO_PROC, MESSAGE_NULL, Message
 from .mpi_compat.requests import REQUEST_NULL, Grequest, Prequest, Request, Status
+from .mpi_compat.win import (LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE,
+                             MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED, WIN_BASE, WIN_DISP_UNIT,
+                             WIN_SIZE, Win)
 from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DATATYPES,
                                DIST_GRAPH, ERR_OTHER, ERR_TRUNCATE, GRAPH, IDENT, IN_PLACE,
                                OPS, PROC_NULL, ROOT, SIMILAR, SUCCESS, TAG_UB, THREAD_FUNNELED,
@@ -42,6 +45,7 @@ globals().update(FILE_ERRORS)
 DATATYPE_NULL = Datatype("DATATYPE_NULL", "V0")
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None
+WIN_NULL = None
 KEYVAL_INVALID = -1
 MAX_PROCESSOR_NAME = 256
 
@@ -54,7 +58,9 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "THREAD_SERIALIZED", "THREAD_MULTIPLE", "Init", "Init_thread", "Finalize",
            "Is_initialized", "Is_finalized", "Query_thread", "Is_thread_main", "Wtime",
            "Wtick", "Get_processor_name", "Get_version", "Get_library_version",
-           "Compute_dims", "Pcontrol", "fold", "scan_fold", *DATATYPES, *OPS,
+           "Compute_dims", "Pcontrol", "fold", "scan_fold", "Win", "WIN_NULL", "LOCK_EXCLUSIVE",
+           "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOPRECEDE", "MODE_NOPUT", "MODE_NOSTORE",
+           "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE", "WIN_DISP_UNIT", *DATATYPES, *OPS,
            "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS]
 
 _state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False}
@@ -80,7 +86,7 @@ def __getattr__(name: str) -> Any:
             w = _world().mesh
             _state["self"] = Intracomm(w.group([w.rank]))
         return _state["self"]
-    if name in ("Win", "File", "Group", "Info", "Errhandler"):
+    if name in ("Group", "Info", "Errhandler"):
         return _Absent(name)
     if name.startswith("_"):
         raise AttributeError(name)
@@ -89,15 +95,10 @@ def __getattr__(name: str) -> Any:
 
 
 class _Absent:
-    """MPI.Win (one-sided windows), MPI.File (parallel I/O) and the others
-    meshrun does not provide: every use raises, naming it."""
+    """MPI.Group and the others meshrun does not provide: every use
+    raises, naming it."""
 
-    _WHY = {"Win": "one-sided windows (MPI RMA: Win.Create, Put, Get, Accumulate, Fence, "
-                   "Lock) are not wired into collectives.MPI yet: point-to-point with the "
-                   "owner answering, or a collective",
-            "File": "parallel I/O (MPI.File) is not provided: each rank writes its slice "
-                    "at its offset (np.memmap), or the root writes what it gathered",
-            "Group": "process groups (MPI.Group) are not provided: comm.Split, or "
+    _WHY = {"Group": "process groups (MPI.Group) are not provided: comm.Split, or "
                      "comm.mesh.group(ranks)"}
 
     def __init__(self, name: str) -> None:

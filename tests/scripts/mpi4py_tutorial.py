@@ -286,7 +286,78 @@ def collectives():
         MPI.Is_initialized())
 
 
+def one_sided():
+    # a fence epoch of puts: every rank writes its rank into slot `rank` of every rank's array
+    a = np.full(size, -1, "i")
+    win = MPI.Win.Create(a, disp_unit=a.itemsize, comm=comm)
+    mine = np.array([rank], "i")          # (an origin buffer lives until the epoch's end)
+    win.Fence()
+    for t in range(size):
+        win.Put(mine, t, target=rank)
+    win.Fence()
+    seen = a.copy()
+    comm.Barrier()                        # (read before the next epoch's accumulates come)
+    # accumulates from every rank into rank 0's array, then a get of the next rank's
+    ones = np.full(size, rank + 1, "i")
+    win.Accumulate([ones, MPI.INT], 0, op=MPI.SUM)
+    win.Fence()
+    nxt = np.empty(size - 1, "i")
+    win.Get([nxt, MPI.INT], (rank + 1) % size, target=(1, size - 1, MPI.INT))
+    win.Fence()
+    win.Free()
+    # passive target: a counter on rank 0, tickets drawn by Fetch_and_op under Lock
+    cw = MPI.Win.Allocate(2 * 4 if rank == 0 else 0, disp_unit=4, comm=comm)
+    if rank == 0:
+        np.frombuffer(cw.tomemory(), "i")[:] = 0
+    comm.Barrier()
+    one, got, tickets = np.ones(1, "i"), np.empty(1, "i"), []
+    for _ in range(3):
+        cw.Lock(0, MPI.LOCK_EXCLUSIVE)
+        cw.Fetch_and_op(one, got, 0, 0, op=MPI.SUM)
+        cw.Unlock(0)
+        tickets.append(int(got[0]))
+    everyone = comm.allgather(tickets)
+    cw.Lock(0, MPI.LOCK_SHARED)
+    cw.Fetch_and_op(one, got, 0, 0, op=MPI.NO_OP)
+    cw.Unlock(0)
+    drawn = int(got[0])
+    # a spin lock by Compare_and_swap on rank 0's slot 1 guarding a read-modify-write of a
+    # value in rank 1's window (Get, Flush, Put, Flush), every rank in one Lock_all epoch
+    data = np.zeros(1, "i")
+    dw = MPI.Win.Create(data, disp_unit=4, comm=comm)
+    comm.Barrier()
+    owner = 1 % size
+    free, taken, old, val = np.zeros(1, "i"), np.ones(1, "i"), np.empty(1, "i"), np.empty(1, "i")
+    spins = 0
+    cw.Lock_all()
+    dw.Lock_all()
+    for _ in range(2):
+        while True:
+            cw.Compare_and_swap(taken, free, old, 0, 1)
+            cw.Flush(0)
+            if old[0] == 0:
+                break
+            spins += 1
+        dw.Get(val, owner, target=0)
+        dw.Flush(owner)
+        val[0] += rank + 1
+        dw.Put(val, owner, target=0)
+        dw.Flush(owner)
+        cw.Compare_and_swap(free, taken, old, 0, 1)
+        cw.Flush(0)
+        assert old[0] == 1, old
+    dw.Unlock_all()
+    cw.Unlock_all()
+    comm.Barrier()
+    total = comm.bcast(int(data[0]) if rank == owner else None, root=owner)
+    dw.Free()
+    cw.Free()
+    assert total == size * (size + 1), total
+    say("one_sided", seen, a, nxt, sorted(sum(everyone, [])) == list(range(3 * size)),
+        [t == sorted(t) for t in everyone], drawn, total, MPI.LOCK_EXCLUSIVE, MPI.LOCK_SHARED)
+
+
 for prog in (pi_by_reduce, matvec, sample_sort, halo, task_farm, nonblocking, split,
-             objects, buffers, collectives):
+             objects, buffers, collectives, one_sided):
     prog()
 say("ALL OK", size)
