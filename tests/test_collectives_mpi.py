@@ -188,6 +188,35 @@ def _edges(world: Any) -> str:
     if cart:
         assert cart.Shift(0, 1) == ((r - 1) % (n - 1), (r + 1) % (n - 1))
         assert cart.Get_cart_rank([r + n - 1]) == r and cart.Sub([True]).Get_size() == n - 1
+    # a synchronous send's Cancel withdraws it while no receive took it (its receiver never
+    # sees it); an Ssend_init's start likewise, and the Prequest then starts again
+    s = comm.Issend(np.array([r], "i"), dest=right, tag=12)
+    s.Cancel()
+    st = MPI.Status()
+    s.Wait(st)
+    assert st.Is_cancelled() and s == MPI.REQUEST_NULL
+    p = comm.Ssend_init(np.array([r], "i"), dest=right, tag=13)
+    p.Start()
+    p.Cancel()
+    p.Wait(st)
+    assert st.Is_cancelled() and p != MPI.REQUEST_NULL
+    got = np.empty(1, "i")
+    q = comm.Recv_init(got, source=left, tag=14)
+    q.Start()
+    q.Cancel()
+    q.Wait(st)
+    assert st.Is_cancelled()
+    comm.Barrier()          # (every cancel answered before any receive is posted)
+    assert not comm.Iprobe(source=left, tag=12) and not comm.Iprobe(source=left, tag=13)
+    comm.Barrier()          # (every rank has looked before any starts again)
+    p.Start()
+    comm.Recv(got, source=left, tag=13)
+    p.Wait(st)
+    assert not st.Is_cancelled() and got.tolist() == [left]
+    q.Start()
+    comm.Send(np.array([r + 10], "i"), dest=right, tag=14)
+    q.Wait(st)
+    assert not st.Is_cancelled() and got.tolist() == [left + 10] and st.Get_source() == left
     # one-sided windows: displacements in disp_unit bytes onto the window's elements, any
     # datatype's bytes by Put and Get, what does not map refused naming the call
     mem = np.zeros(4, "d")

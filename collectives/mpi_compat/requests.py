@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import mesh
-from mesh.errors import MeshTimeoutError, OutMismatchError
+from mesh.errors import MeshError, MeshTimeoutError, OutMismatchError
 
 from .buffers import copy_into
 from .types import ANY_SOURCE, ANY_TAG, ERR_TRUNCATE, UNDEFINED, Datatype, Exception, mpi_tag
@@ -138,7 +138,14 @@ class Request:
                 status.nbytes = 0
             return None
         if self._cancelled:
-            self._req = None
+            self._cancelled = False
+            if isinstance(r, mesh.Request):
+                try:        # (spent: a persistent one inactive again, ready to Start)
+                    r.wait(0)
+                except MeshError:
+                    pass    # ("... was cancelled", as meshrun's withdrawn requests say)
+            if not isinstance(self, Prequest):
+                self._req = None
             if status is not None:
                 status.cancelled = True
             return None
@@ -200,9 +207,13 @@ class Request:
     get_status = Get_status
 
     def Cancel(self) -> None:
-        """MPI_Cancel: a receive no message matched yet is withdrawn (its
-        wait then completes, Status.Is_cancelled() True); a send's cancel
-        is meshrun's (Request.cancel), which today withdraws none."""
+        """MPI_Cancel: a receive no message matched yet, or a synchronous
+        send's (Issend, an Ssend_init's start) no receive took yet, is
+        withdrawn (meshrun's Request.cancel): its wait then completes at
+        once, Status.Is_cancelled() True (the receiver never sees the send);
+        otherwise, and for a standard, buffered or ready send (whose message
+        carries no id to withdraw it by), it completes as it would have,
+        Is_cancelled() False, as MPI allows."""
         r = self._req
         if isinstance(r, mesh.Request) and r.cancel():
             self._cancelled = True
