@@ -71,15 +71,16 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
 
 
 def test_what_is_not_provided_names_itself() -> None:
-    """The lead wires in persistent collectives as they land; until then
-    each says what it is and what to use, as the parts of MPI's RMA that
-    meshrun's windows lack do."""
+    """What is not wired in says what it is and what to use: the
+    persistent collectives past Allreduce_init, Bcast_init, Reduce_init,
+    Allgather_init and Barrier_init, the parts of MPI's RMA that meshrun's
+    windows lack."""
     with pytest.raises(NotImplementedError, match="PSCW is not provided"):
         MPI.Win.Post
     with pytest.raises(NotImplementedError, match="no dynamic windows"):
         MPI.Win.Create_dynamic
-    with pytest.raises(NotImplementedError, match="persistent collectives"):
-        MPI.COMM_NULL.Allreduce_init
+    with pytest.raises(NotImplementedError, match="persistent collectives Allreduce_init"):
+        MPI.COMM_NULL.Alltoall_init
     with pytest.raises(NotImplementedError, match="Iallgather and Ialltoall are provided"):
         MPI.COMM_NULL.Ialltoallv
     with pytest.raises(NotImplementedError, match="mesh.spawn"):
@@ -255,6 +256,22 @@ def _edges(world: Any) -> str:
         win.Put(np.ones(1), right)
     with pytest.raises(mesh.MismatchError, match="differs in datatype"):
         MPI.Win.Allocate(8, 8, comm=comm, datatype=MPI.LONG if r == 1 else MPI.DOUBLE)
+    # persistent collectives: each start reads the send buffers as they are then
+    x, s = np.zeros(2), np.zeros(2)
+    ar = comm.Allreduce_init(x, s, op=MPI.SUM)
+    b, rs, rr, ag = np.zeros(3, "i"), np.zeros(1, "i"), np.zeros(1, "i"), np.zeros(n, "i")
+    reqs = [ar, comm.Bcast_init(b, root=1), comm.Reduce_init(rs, rr, op=MPI.MAX, root=0),
+            comm.Allgather_init(MPI.IN_PLACE, ag), comm.Barrier_init()]
+    for it in range(3):
+        x[:], b[:], rs[0], ag[r] = [r, it], 10 * it + r, r * it, r + it
+        MPI.Prequest.Startall(reqs)
+        MPI.Request.Waitall(reqs)
+        assert s.tolist() == [n * (n - 1) / 2, n * it] and b.tolist() == [10 * it + 1] * 3
+        assert ag.tolist() == [j + it for j in range(n)] and (r or rr.tolist() == [2 * it])
+    ar.Start()
+    with pytest.raises(mesh.MeshError, match="it is active"):
+        ar.Start()
+    ar.Wait()
     MPI.Finalize()      # (mesh.spawn's world is left open: spawn closes it)
     assert MPI.Is_finalized() and mesh.world.current() is world
     return "ok"

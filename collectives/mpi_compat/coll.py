@@ -8,15 +8,16 @@ collectives' (the v-calls' counts, which MPI gives the root alone, one small
 all_gather more), results written into the receive buffer."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 import mesh
 
 from .. import api as C
+from .. import persistent as P
 from .buffers import Buf, copy_into, in_place, spec, vspec
-from .requests import Request
+from .requests import Prequest, Request
 from .types import OPS, Op
 
 __all__ = ["Collectives", "coll_op"]
@@ -30,6 +31,22 @@ def coll_op(op: Any, what: str) -> Any:
         raise TypeError(f"collectives.MPI {what}: op must be an MPI.Op (MPI.SUM, "
                         f"MPI.Op.Create(fn)), got {op!r:.60}")
     return op.coll
+
+
+def _persistent_op(op: Any, what: str) -> Any:
+    if isinstance(op, Op) and op.name in ("MAXLOC", "MINLOC"):
+        raise NotImplementedError(f"collectives.MPI {what} with {op.name}: not provided "
+                                  f"(the pair types' persistent form): call Allreduce each "
+                                  f"iteration")
+    return coll_op(op, what)
+
+
+def _copying(recv: np.ndarray, send: np.ndarray | None,
+             what: str) -> Callable[[], None] | None:
+    """A start's first step: ``send`` copied into ``recv`` (None: in place)."""
+    if send is None:
+        return None
+    return lambda: copy_into(recv, send, what)
 
 
 def _loc(g: mesh.Comm, send: np.ndarray, recv: np.ndarray | None, op: Op, what: str) -> None:
@@ -90,6 +107,47 @@ class Collectives:
         if send is not recv:
             copy_into(recv, send, "Allreduce")
         C.all_reduce(self._g, recv, coll_op(op, "Allreduce"))
+
+    # -- persistent (MPI-4's *_init: collectives.persistent) ------------------------------
+    def Allreduce_init(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Prequest:
+        """Each start all-reduces, in place on ``recvbuf``, what ``sendbuf``
+        holds then (copied in at the start, unless MPI.IN_PLACE)."""
+        recv = spec(recvbuf, "Allreduce_init").view
+        send = None if in_place(sendbuf) else spec(sendbuf, "Allreduce_init").view
+        req = P.all_reduce_init(self._g, recv, _persistent_op(op, "Allreduce_init"))
+        return Prequest(req, before=_copying(recv, send, "Allreduce_init"))
+
+    def Bcast_init(self, buf: Any, root: int = 0) -> Prequest:
+        return Prequest(P.broadcast_init(self._g, spec(buf, "Bcast_init").view, root))
+
+    def Reduce_init(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM,
+                    root: int = 0) -> Prequest:
+        """As Allreduce_init on the root; the others' ``sendbuf`` is read
+        as it is at each start."""
+        g = self._g
+        name = _persistent_op(op, "Reduce_init")
+        if g.rank != root:
+            return Prequest(P.reduce_init(g, spec(sendbuf, "Reduce_init").view, root, name))
+        recv = spec(recvbuf, "Reduce_init").view
+        send = None if in_place(sendbuf) else spec(sendbuf, "Reduce_init").view
+        return Prequest(P.reduce_init(g, recv, root, name),
+                        before=_copying(recv, send, "Reduce_init"))
+
+    def Allgather_init(self, sendbuf: Any, recvbuf: Any) -> Prequest:
+        g = self._g
+        recv = spec(recvbuf, "Allgather_init", per=g.size).view
+        k = len(recv) // g.size
+        if in_place(sendbuf):       # (this rank's block, copied out at each start)
+            send = np.empty(k, recv.dtype)
+            mine = recv[g.rank * k:(g.rank + 1) * k]
+            before: Callable[[], None] | None = lambda: copy_into(send, mine, "Allgather_init")
+        else:
+            send, before = spec(sendbuf, "Allgather_init").view, None
+        req = P.all_gather_init(g, send, out=recv.reshape(g.size, -1))
+        return Prequest(req, before=before)
+
+    def Barrier_init(self) -> Prequest:
+        return Prequest(P.barrier_init(self._g))
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Request:
         recv = spec(recvbuf, "Iallreduce").view

@@ -22,8 +22,7 @@ __all__ = ["Comm", "Intracomm", "Cartcomm", "COMM_NULL", "COMM_TYPE_SHARED", "no
 
 COMM_TYPE_SHARED = 0       # (Open MPI's)
 
-_PERSISTENT = ("Allreduce_init", "Bcast_init", "Reduce_init", "Allgather_init",
-               "Alltoall_init", "Barrier_init", "Gather_init", "Scatter_init", "Scan_init",
+_PERSISTENT = ("Alltoall_init", "Gather_init", "Scatter_init", "Scan_init",
                "Exscan_init", "Reduce_scatter_init", "Reduce_scatter_block_init",
                "Allgatherv_init", "Alltoallv_init", "Gatherv_init", "Scatterv_init",
                "Alltoallw_init")
@@ -36,8 +35,10 @@ _NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoall
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
     if name in _PERSISTENT:
-        why = ("persistent collectives (MPI-4 *_init) are not wired into collectives.MPI "
-               "yet: call the blocking collective each iteration")
+        why = ("of the persistent collectives Allreduce_init, Bcast_init, Reduce_init, "
+               "Allgather_init and Barrier_init are wired into collectives.MPI: call the "
+               f"blocking {name[:-5]} each iteration, or meshrun's own persistent form "
+               f"where it has one (collectives.gather_init...: README)")
     elif name in _NONBLOCKING:
         why = (f"of the nonblocking collectives Iallreduce, Ibcast, Ibarrier, Ireduce, "
                f"Igather, Iscatter, Iallgather and Ialltoall are provided: call {name[1:]} "

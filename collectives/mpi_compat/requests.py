@@ -356,11 +356,22 @@ class Into:
 
 
 class Prequest(Request):
-    """mpi4py's Prequest (Send_init, Recv_init): Start, Startall, then the
-    completion calls; it stays usable after its wait."""
+    """mpi4py's Prequest (Send_init, Recv_init, Allreduce_init...): Start,
+    Startall, then the completion calls; it stays usable after its wait.
+    ``before``: what each start does first (a persistent collective's send
+    buffer copied into the receive buffer it runs in place on)."""
+
+    def __init__(self, req: Any = None, *, before: Callable[[], None] | None = None) -> None:
+        super().__init__(req)
+        self._before = before
+
+    def _starting(self) -> None:
+        self._cancelled = False
+        if self._before is not None and not self._req.active:   # (an active one: start raises)
+            self._before()
 
     def Start(self) -> None:
-        self._cancelled = False
+        self._starting()
         self._req.start()
 
     start = Start
@@ -368,7 +379,7 @@ class Prequest(Request):
     @classmethod
     def Startall(cls, requests: Sequence["Prequest"]) -> None:
         for r in requests:
-            r._cancelled = False
+            r._starting()
         mesh.startall([r._req for r in requests])
 
     startall = Startall
