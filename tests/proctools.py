@@ -148,3 +148,17 @@ def run_ranks(script: str, args: list[list[str]], env: dict[str, str],
                 outs.append(f.read())
             os.unlink(path)
     return procs, outs
+
+
+def launch_env(root: Any) -> dict[str, str]:
+    """This process's environment for a job started by a launcher in a
+    test (meshrun, mpirun): no launcher's variables of the test's own run,
+    the repository ``root`` on PYTHONPATH, the venv's bin first on PATH,
+    timeouts a test can wait out, and mpirun allowed as root (CI's)."""
+    launcher = ("MESH_", "MASTER_", "OMPI_", "PMIX_", "SLURM_", "TORCHELASTIC_", "PMI_")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(launcher)
+         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    e.update(PYTHONPATH=str(root), MESH_RENDEZVOUS_TIMEOUT="30", MESH_TIMEOUT="30",
+             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+             PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    return e

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from proctools import run_in_session
+from proctools import launch_env, run_in_session
 
 import collectives as C
 import mesh
@@ -167,16 +167,6 @@ def test_every_file_call_at_three_ranks(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def _env() -> dict[str, str]:
-    launcher = ("MESH_", "MASTER_", "OMPI_", "PMIX_", "SLURM_", "TORCHELASTIC_", "PMI_")
-    e = {k: v for k, v in os.environ.items() if not k.startswith(launcher)
-         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    e.update(PYTHONPATH=str(ROOT), MESH_RENDEZVOUS_TIMEOUT="30", MESH_TIMEOUT="30",
-             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-             PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
-    return e
-
-
 def test_mpi4py_file_program_writes_mpi4pys_bytes(tmp_path: Path) -> None:
     """tests/scripts/mpi4py_file.py (a header, each rank's slice by
     Write_at_all under a view, Write_ordered twice, Read_at_all,
@@ -190,7 +180,7 @@ def test_mpi4py_file_program_writes_mpi4pys_bytes(tmp_path: Path) -> None:
     ported = tmp_path / "ported.py"
     ported.write_text(text.replace("from mpi4py import MPI\n", "from collectives import MPI\n"))
     code, out = run_in_session([sys.executable, "-m", "mesh.launch", "-n", "3", str(ported),
-                                str(tmp_path / "mine.bin")], _env(), 90, cwd=ROOT)
+                                str(tmp_path / "mine.bin")], launch_env(ROOT), 90, cwd=ROOT)
     assert code == 0, out
     mine = "".join(ln[4:] + "\n" for ln in out.splitlines() if ln.startswith("[0] "))
     assert mine.endswith("ALL OK 3\n") and "sha256 184 " in mine, out
@@ -198,7 +188,7 @@ def test_mpi4py_file_program_writes_mpi4pys_bytes(tmp_path: Path) -> None:
         pytest.skip("Open MPI's mpirun or mpi4py is not installed: compared with nothing")
     code, real = run_in_session(["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
                                  "self,tcp", "-n", "3", sys.executable, str(SCRIPT),
-                                 str(tmp_path / "real.bin")], _env(), 90, cwd=ROOT)
+                                 str(tmp_path / "real.bin")], launch_env(ROOT), 90, cwd=ROOT)
     assert code == 0, real
     assert mine == real, f"meshrun:\n{mine}\nmpirun:\n{real}"
     assert (tmp_path / "mine.bin").read_bytes() == (tmp_path / "real.bin").read_bytes()

@@ -8,7 +8,6 @@ reduction order as pure functions; what is not provided names itself."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import shutil
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from proctools import run_in_session
+from proctools import launch_env, run_in_session
 
 import mesh
 from collectives import MPI
@@ -282,16 +281,6 @@ def test_mpi_semantics_where_meshruns_differ() -> None:
     assert mesh.spawn(_edges, 3, timeout=90, env={"MESH_TIMEOUT": "30"}) == ["ok"] * 3
 
 
-def _env() -> dict[str, str]:
-    launcher = ("MESH_", "MASTER_", "OMPI_", "PMIX_", "SLURM_", "TORCHELASTIC_", "PMI_")
-    e = {k: v for k, v in os.environ.items() if not k.startswith(launcher)
-         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    e.update(PYTHONPATH=str(ROOT), MESH_RENDEZVOUS_TIMEOUT="30", MESH_TIMEOUT="30",
-             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-             PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
-    return e
-
-
 def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     """pi by reduce, a matrix-vector product by Scatter and Gather, a sample
     sort by Alltoallv, a halo exchange on a Cartesian grid, a task farm
@@ -306,7 +295,7 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     ported = tmp_path / "tutorial.py"
     ported.write_text(text.replace("from mpi4py import MPI\n", "from collectives import MPI\n"))
     code, out = run_in_session([sys.executable, "-m", "mesh.launch", "-n", "3", str(ported)],
-                               _env(), 90, cwd=ROOT)
+                               launch_env(ROOT), 90, cwd=ROOT)
     assert code == 0, out
     mine = "".join(ln[4:] + "\n" for ln in out.splitlines() if ln.startswith("[0] "))
     assert mine.endswith("ALL OK 3\n"), out
@@ -319,6 +308,6 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     code, real = run_in_session(["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
                                  "self,tcp", "--mca", "osc", "pt2pt", "-n", "3", sys.executable,
                                  str(TUTORIAL)],
-                                {**_env(), "MPI4PY_RC_THREAD_LEVEL": "serialized"}, 90, cwd=ROOT)
+                                {**launch_env(ROOT), "MPI4PY_RC_THREAD_LEVEL": "serialized"}, 90, cwd=ROOT)
     assert code == 0, real
     assert mine == real, f"meshrun:\n{mine}\nmpirun:\n{real}"
