@@ -61,6 +61,19 @@ def _loc(g: mesh.Comm, send: np.ndarray, recv: np.ndarray | None, op: Op, what: 
         recv["v"], recv["i"] = v, i
 
 
+def _gathering(g: mesh.Comm, sendbuf: Any, recvbuf: Any, what: str,
+               root: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A Gather's (``root``) or an Allgather's (None) block to send and
+    receive buffer (None off the root): with IN_PLACE, a copy of the rank's
+    own block of the receive buffer, where MPI reads it."""
+    own = g.rank if root is None else root
+    recv = spec(recvbuf, what, per=g.size).view if g.rank == own else None
+    if in_place(sendbuf) and recv is not None:
+        k = len(recv) // g.size
+        return recv[own * k:(own + 1) * k].copy(), recv
+    return spec(sendbuf, what).view, recv
+
+
 def _into(recv: np.ndarray | None, got: Any, what: str) -> None:
     """A nonblocking collective's result into its receive buffer, at its wait."""
     if recv is not None and got is not None:
@@ -174,12 +187,7 @@ class Collectives:
 
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
         g = self._g
-        recv = spec(recvbuf, "Igather", per=g.size).view if g.rank == root else None
-        if in_place(sendbuf) and recv is not None:
-            k = len(recv) // g.size
-            send = recv[root * k:(root + 1) * k].copy()
-        else:
-            send = spec(sendbuf, "Igather").view
+        send, recv = _gathering(g, sendbuf, recvbuf, "Igather", root)
         return Request(C.gather(g, send, root, async_op=True),
                        finish=lambda rows: _into(recv, rows, "Igather"))
 
@@ -195,12 +203,7 @@ class Collectives:
 
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
         g = self._g
-        recv = spec(recvbuf, "Iallgather", per=g.size).view
-        if in_place(sendbuf):
-            k = len(recv) // g.size
-            send = recv[g.rank * k:(g.rank + 1) * k].copy()
-        else:
-            send = spec(sendbuf, "Iallgather").view
+        send, recv = _gathering(g, sendbuf, recvbuf, "Iallgather")
         return Request(C.all_gather(g, send, async_op=True),
                        finish=lambda rows: _into(recv, rows, "Iallgather"))
 
@@ -213,12 +216,7 @@ class Collectives:
 
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         g = self._g
-        recv = spec(recvbuf, "Gather", per=g.size).view if g.rank == root else None
-        if in_place(sendbuf) and recv is not None:
-            k = len(recv) // g.size
-            send = recv[root * k:(root + 1) * k].copy()
-        else:
-            send = spec(sendbuf, "Gather").view
+        send, recv = _gathering(g, sendbuf, recvbuf, "Gather", root)
         rows = C.gather(g, send, root)
         if recv is not None:
             copy_into(recv, rows, "Gather")
@@ -239,13 +237,8 @@ class Collectives:
 
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
         g = self._g
-        recv = spec(recvbuf, "Allgather", per=g.size).view
-        if in_place(sendbuf):
-            k = len(recv) // g.size
-            send = recv[g.rank * k:(g.rank + 1) * k].copy()
-        else:
-            send = spec(sendbuf, "Allgather").view
-        copy_into(recv, C.all_gather(g, send), "Allgather")
+        send, recv = _gathering(g, sendbuf, recvbuf, "Allgather")
+        _into(recv, C.all_gather(g, send), "Allgather")
 
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
         g = self._g
