@@ -71,15 +71,14 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
 
 def test_what_is_not_provided_names_itself() -> None:
     """What is not wired in says what it is and what to use: the
-    persistent collectives past Allreduce_init, Bcast_init, Reduce_init,
-    Allgather_init and Barrier_init, the parts of MPI's RMA that meshrun's
+    persistent collectives of uneven blocks (Allgatherv_init...), the parts of MPI's RMA that meshrun's
     windows lack."""
     with pytest.raises(NotImplementedError, match="PSCW is not provided"):
         MPI.Win.Post
     with pytest.raises(NotImplementedError, match="no dynamic windows"):
         MPI.Win.Create_dynamic
-    with pytest.raises(NotImplementedError, match="persistent collectives Allreduce_init"):
-        MPI.COMM_NULL.Alltoall_init
+    with pytest.raises(NotImplementedError, match="only those of even blocks"):
+        MPI.COMM_NULL.Allgatherv_init
     with pytest.raises(NotImplementedError, match="Iallgather and Ialltoall are provided"):
         MPI.COMM_NULL.Ialltoallv
     with pytest.raises(NotImplementedError, match="mesh.spawn"):
@@ -267,6 +266,24 @@ def _edges(world: Any) -> str:
         MPI.Request.Waitall(reqs)
         assert s.tolist() == [n * (n - 1) / 2, n * it] and b.tolist() == [10 * it + 1] * 3
         assert ag.tolist() == [j + it for j in range(n)] and (r or rr.tolist() == [2 * it])
+    # the rest of even blocks (Reduce_scatter_block_init's input in place: recvbuf whole)
+    at, atr, gs, sc = np.zeros(n, "i"), np.zeros(n, "i"), np.zeros(1, "i"), np.zeros(1, "i")
+    ga, blocks = np.zeros(n, "i"), np.zeros(n, "i")
+    sv, sr, ex, rsb = np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(n)
+    more = [comm.Alltoall_init(at, atr), comm.Gather_init(gs, ga, root=0),
+            comm.Scatter_init(blocks, sc, root=n - 1), comm.Scan_init(sv, sr, op=MPI.SUM),
+            comm.Exscan_init(sv, ex, op=MPI.SUM),
+            comm.Reduce_scatter_block_init(MPI.IN_PLACE, rsb, op=MPI.SUM)]
+    for it in range(2):
+        at[:], blocks[:] = [100 * r + j + it for j in range(n)], [j * it + 7 for j in range(n)]
+        gs[0], sv[0], rsb[:] = r + it, r + 1 + it, [r + j + it for j in range(n)]
+        MPI.Prequest.Startall(more)
+        MPI.Request.Waitall(more)
+        assert atr.tolist() == [100 * j + r + it for j in range(n)]
+        assert (r or ga.tolist() == [j + it for j in range(n)]) and sc.tolist() == [r * it + 7]
+        assert sr[0] == sum(j + 1 + it for j in range(r + 1))
+        assert r == 0 or ex[0] == sum(j + 1 + it for j in range(r))
+        assert rsb[0] == sum(j + r + it for j in range(n))
     ar.Start()
     with pytest.raises(mesh.MeshError, match="it is active"):
         ar.Start()

@@ -162,6 +162,75 @@ class Collectives:
     def Barrier_init(self) -> Prequest:
         return Prequest(P.barrier_init(self._g))
 
+    def Alltoall_init(self, sendbuf: Any, recvbuf: Any) -> Prequest:
+        g = self._g
+        recv = spec(recvbuf, "Alltoall_init", per=g.size).view
+        if in_place(sendbuf):       # (the receive buffer, copied out at each start)
+            send = np.empty_like(recv)
+            before = _copying(send, recv, "Alltoall_init")
+        else:
+            send, before = spec(sendbuf, "Alltoall_init", per=g.size).view, None
+        req = P.all_to_all_init(g, send.reshape(g.size, -1), out=recv.reshape(g.size, -1))
+        return Prequest(req, before=before)
+
+    def Gather_init(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Prequest:
+        g = self._g
+        if g.rank != root:
+            return Prequest(P.gather_init(g, spec(sendbuf, "Gather_init").view, root))
+        recv = spec(recvbuf, "Gather_init", per=g.size).view
+        before = None
+        if in_place(sendbuf):       # (the root's block, copied out at each start)
+            k = len(recv) // g.size
+            send = np.empty(k, recv.dtype)
+            before = _copying(send, recv[root * k:(root + 1) * k], "Gather_init")
+        else:
+            send = spec(sendbuf, "Gather_init").view
+        req = P.gather_init(g, send, root, out=recv.reshape(g.size, -1))
+        return Prequest(req, before=before)
+
+    def Scatter_init(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Prequest:
+        g = self._g
+        if g.rank == root:
+            blocks = spec(sendbuf, "Scatter_init", per=g.size).view.reshape(g.size, -1)
+            out = None if in_place(recvbuf) else spec(recvbuf, "Scatter_init").view
+            return Prequest(P.scatter_init(g, blocks, root, out=out))
+        recv = spec(recvbuf, "Scatter_init").view
+        return Prequest(P.scatter_init(g, None, root, out=recv, dtype=recv.dtype,
+                                       shape=recv.shape))
+
+    def Scan_init(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Prequest:
+        return self._scan_init(P.scan_init, sendbuf, recvbuf, op, "Scan_init")
+
+    def Exscan_init(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Prequest:
+        """Rank 0's ``recvbuf`` is left as it was (MPI's is undefined)."""
+        return self._scan_init(P.exscan_init, sendbuf, recvbuf, op, "Exscan_init")
+
+    def _scan_init(self, init: Callable[..., Any], sendbuf: Any, recvbuf: Any, op: Op,
+                   what: str) -> Prequest:
+        recv = spec(recvbuf, what).view
+        if in_place(sendbuf):       # (the receive buffer, copied out at each start)
+            send = np.empty_like(recv)
+            before = _copying(send, recv, what)
+        else:
+            send, before = spec(sendbuf, what).view, None
+        return Prequest(init(self._g, send, _persistent_op(op, what), out=recv), before=before)
+
+    def Reduce_scatter_block_init(self, sendbuf: Any, recvbuf: Any,
+                                  op: Op = _SUM) -> Prequest:
+        """With IN_PLACE the input is ``recvbuf`` whole, the result its
+        first block (MPI's)."""
+        g, what = self._g, "Reduce_scatter_block_init"
+        if in_place(sendbuf):
+            whole = spec(recvbuf, what, per=g.size).view
+            send = np.empty_like(whole)
+            out = whole[:len(whole) // g.size]
+            before = _copying(send, whole, what)
+        else:
+            send, before = spec(sendbuf, what, per=g.size).view, None
+            out = spec(recvbuf, what).view
+        return Prequest(P.reduce_scatter_init(g, send, _persistent_op(op, what), out=out),
+                        before=before)
+
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Request:
         recv = spec(recvbuf, "Iallreduce").view
         if not in_place(sendbuf):

@@ -22,9 +22,7 @@ __all__ = ["Comm", "Intracomm", "Cartcomm", "COMM_NULL", "COMM_TYPE_SHARED", "no
 
 COMM_TYPE_SHARED = 0       # (Open MPI's)
 
-_PERSISTENT = ("Alltoall_init", "Gather_init", "Scatter_init", "Scan_init",
-               "Exscan_init", "Reduce_scatter_init", "Reduce_scatter_block_init",
-               "Allgatherv_init", "Alltoallv_init", "Gatherv_init", "Scatterv_init",
+_PERSISTENT = ("Reduce_scatter_init", "Allgatherv_init", "Alltoallv_init", "Gatherv_init", "Scatterv_init",
                "Alltoallw_init")
 
 _NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoallw",
@@ -35,10 +33,11 @@ _NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoall
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
     if name in _PERSISTENT:
-        why = ("of the persistent collectives Allreduce_init, Bcast_init, Reduce_init, "
-               "Allgather_init and Barrier_init are wired into collectives.MPI: call the "
-               f"blocking {name[:-5]} each iteration, or meshrun's own persistent form "
-               f"where it has one (collectives.gather_init...: README)")
+        why = ("of the persistent collectives only those of even blocks (Allreduce_init, "
+               "Bcast_init, Reduce_init, Allgather_init, Alltoall_init, Gather_init, "
+               "Scatter_init, Scan_init, Exscan_init, Reduce_scatter_block_init, "
+               f"Barrier_init) are provided: call the blocking {name[:-5]} each iteration, "
+               "or start it with meshrun's async_op=True (README)")
     elif name in _NONBLOCKING:
         why = (f"of the nonblocking collectives Iallreduce, Ibcast, Ibarrier, Ireduce, "
                f"Igather, Iscatter, Iallgather and Ialltoall are provided: call {name[1:]} "
