@@ -57,6 +57,13 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
     assert (v.counts, v.displs) == ([1, 1, 1], [4, 2, 0])
     v = vspec([a, [2, 2, 2], [0, 2, 4], MPI.DOUBLE], "t", 3)
     assert v.displs == [0, 2, 4]
+    # mpi4py's other forms (demo/mandelbrot's Gatherv: [buf, (counts, None), MPI.INT])
+    v = vspec([a, (np.array([1, 2, 3], "i"), None), MPI.INT], "t", 3)
+    assert (v.counts, v.displs) == ([1, 2, 3], [0, 1, 3])
+    assert vspec([a, 2, MPI.DOUBLE], "t", 3).displs == [0, 2, 4]          # one count
+    assert vspec([a, (1, 2), MPI.DOUBLE], "t", 3).displs == [0, 2, 4]     # a stride
+    v = vspec([np.arange(7.0), MPI.DOUBLE], "t", 3)                       # split unevenly
+    assert (v.counts, v.displs) == ([3, 2, 2], [0, 3, 5])
     with pytest.raises(ValueError, match="not contiguous"):
         spec(np.zeros((3, 3))[:, 0], "Send")
     with pytest.raises(ValueError, match="overrun"):

@@ -104,27 +104,30 @@ def spec(buf: Any, what: str, *, per: int = 1) -> Buf:
 
 
 def vspec(buf: Any, what: str, size: int) -> Buf:
-    """A v-call's spec: counts (required) and displacements (default:
-    packed), in elements."""
+    """A v-call's spec, read as mpi4py reads it: counts a sequence, one int
+    (every rank's) or None (the buffer split as evenly as it goes, the first
+    ranks an element more); displacements a sequence, one int (a stride) or
+    None (packed); a pair ``(counts, displs)`` in place of the counts."""
     data, mid, dt = _parts(buf, what)
     flat = _flat(data, datatype_of(dt, what), what)
-    counts: list[int] | None = None
-    displs: list[int] | None = None
-    if len(mid) == 1 and isinstance(mid[0], tuple) and len(mid[0]) == 2 \
-            and not isinstance(mid[0][0], (int, np.integer)):
-        counts, displs = _ints(mid[0][0], what), _ints(mid[0][1], what)
-    elif len(mid) >= 1:
-        counts = _ints(mid[0], what)
-        displs = _ints(mid[1], what) if len(mid) > 1 and mid[1] is not None else None
-    if counts is None:
-        if len(flat) % size:
-            raise ValueError(f"collectives.MPI {what}: no counts given and a buffer of "
-                             f"{len(flat)} elements does not split into {size}")
-        counts = [len(flat) // size] * size
+    c: Any = mid[0] if mid else None
+    d: Any = mid[1] if len(mid) > 1 else None
+    if len(mid) == 1 and isinstance(c, tuple) and len(c) == 2:
+        c, d = c
+    if c is None:
+        counts = [len(flat) // size + (len(flat) % size > r) for r in range(size)]
+    elif isinstance(c, (int, np.integer)):
+        counts = [int(c)] * size
+    else:
+        counts = _ints(c, what)
     if len(counts) != size:
         raise ValueError(f"collectives.MPI {what}: {len(counts)} counts for {size} ranks")
-    if displs is None:
+    if d is None:
         displs = list(np.cumsum([0] + counts[:-1]).tolist())
+    elif isinstance(d, (int, np.integer)):
+        displs = [int(d) * r for r in range(size)]
+    else:
+        displs = _ints(d, what)
     return Buf(flat, flat, counts, displs)
 
 
