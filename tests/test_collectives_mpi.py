@@ -7,6 +7,7 @@ IN_PLACE forms, null requests); the buffer specs and mpi4py's object
 reduction order as pure functions; what is not provided names itself."""
 from __future__ import annotations
 
+import array
 import importlib.util
 import re
 import shutil
@@ -71,6 +72,8 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
     with pytest.raises(TypeError, match="not a buffer"):
         spec({"x": 1}, "Send")
     assert MPI.DOUBLE_INT.Get_size() == 16 and MPI.INT.size == 4 and MPI.LONG.size == 8
+    with pytest.raises(NotImplementedError, match=r"derived datatypes \(Datatype.Create_st"):
+        MPI.Datatype.Create_struct      # (mpi-ref-v1's ex-3.02: a class's call in mpi4py)
     assert MPI.Compute_dims(12, 2) == [4, 3] and MPI.Compute_dims(12, [0, 2, 0]) == [3, 2, 2]
     # Open MPI's values, as mpi4py has them (meshrun's ANY_TAG is another: mapped)
     assert (MPI.ANY_SOURCE, MPI.ANY_TAG, MPI.PROC_NULL, MPI.UNDEFINED) == (-1, -1, -2, -32766)
@@ -158,6 +161,11 @@ def _edges(world: Any) -> str:
     assert m.recv().tolist() == [left]
     out = np.empty(1, "i")
     comm.Recv(out, source=left, tag=10)
+    # MPI.CHAR moves bytes (mpi-ref-v1's ex-2.01: a C string in an array('B'))
+    comm.Send([array.array("B", b"hi\0"), 3, MPI.CHAR], dest=right, tag=21)
+    chars, st = array.array("B", b"\1" * 5), MPI.Status()
+    comm.Recv([chars, 5, MPI.CHAR], source=left, tag=21, status=st)
+    assert bytes(chars) == b"hi\0\1\1" and st.Get_count(MPI.CHAR) == 3, (chars, st)
     # IN_PLACE forms
     a = np.full(2, r + 1, "i")
     comm.Reduce(MPI.IN_PLACE if r == 0 else a, a if r == 0 else None, op=MPI.SUM, root=0)

@@ -76,7 +76,24 @@ class Exception(RuntimeError):      # noqa: A001 (mpi4py's name: MPI.Exception)
         return str(self)
 
 
-class Datatype:
+def _derived(owner: str, name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"collectives.MPI: derived datatypes ({owner}.{name}) are not provided: "
+        f"send numpy arrays (a strided view, a structured array's field or a "
+        f"contiguous block) with their own dtype instead")
+
+
+class _DatatypeMeta(type):
+    """``MPI.Datatype.Create_struct(...)`` (a class's call in mpi4py) names
+    itself as the instances' ``Create_*`` do."""
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("Create_"):
+            raise _derived("Datatype", name)
+        raise AttributeError(f"collectives.MPI.Datatype has no {name}")
+
+
+class Datatype(metaclass=_DatatypeMeta):
     """An MPI datatype as the numpy dtype of its elements (MPI.DOUBLE:
     float64); the pair types (MPI.DOUBLE_INT...) as a structured dtype of a
     value ``v`` and an index ``i``, for MAXLOC and MINLOC."""
@@ -114,10 +131,7 @@ class Datatype:
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("Create_"):
-            raise NotImplementedError(
-                f"collectives.MPI: derived datatypes ({self.name}.{name}) are not provided: "
-                f"send numpy arrays (a strided view, a structured array's field or a "
-                f"contiguous block) with their own dtype instead")
+            raise _derived(self.name, name)
         raise AttributeError(f"collectives.MPI.Datatype has no {name}")
 
 
@@ -127,7 +141,8 @@ def _pair(value: Any, index: Any) -> np.dtype:
 
 
 _NAMES = {
-    "CHAR": "S1", "WCHAR": "U1", "SIGNED_CHAR": np.int8, "UNSIGNED_CHAR": np.uint8,
+    "CHAR": np.int8, "WCHAR": np.int32,     # (C's char and Linux's wchar_t: their bytes)
+    "SIGNED_CHAR": np.int8, "UNSIGNED_CHAR": np.uint8,
     "BYTE": np.uint8, "PACKED": np.uint8, "SHORT": np.int16, "UNSIGNED_SHORT": np.uint16,
     "INT": np.intc, "UNSIGNED": np.uintc, "UNSIGNED_INT": np.uintc, "LONG": np.int_,
     "UNSIGNED_LONG": np.uint, "LONG_LONG": np.longlong, "LONG_LONG_INT": np.longlong,
