@@ -19,6 +19,7 @@ What meshrun does not provide raises NotImplementedError naming the call."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any, Sequence
 
@@ -66,16 +67,23 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
 _state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False}
 
 
+_init_lock = threading.Lock()
+
+
 def _world() -> Comm:
     """COMM_WORLD: the world this process has open (mesh.spawn's, or one
-    opened before), else mesh.init()'s, made on first use."""
-    w = mesh.world.current()
-    kept = _state["world"]
-    if kept is None or (w is not None and kept.mesh is not w):   # (a forked worker's own)
-        if w is None:
-            w = _state["opened"] = mesh.init()
-        _state.update(world=Intracomm(w), self=None)
-    return _state["world"]
+    opened before), else mesh.init()'s, made on first use. Under a lock:
+    mpi4py's MPI is initialized at its import, so threads that touch
+    COMM_WORLD first at once (its demo/threads) must get one world, where
+    each joined the rendezvous again and was refused as a duplicate."""
+    with _init_lock:
+        w = mesh.world.current()
+        kept = _state["world"]
+        if kept is None or (w is not None and kept.mesh is not w):  # (a forked worker's own)
+            if w is None:
+                w = _state["opened"] = mesh.init()
+            _state.update(world=Intracomm(w), self=None)
+        return _state["world"]
 
 
 def __getattr__(name: str) -> Any:
@@ -128,7 +136,6 @@ def Query_thread() -> int:
 
 
 def Is_thread_main() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 

@@ -3,8 +3,17 @@
 ``from collectives import MPI`` under ``meshrun -n 3`` (tests/test_collectives_mpi.py
 compares the two outputs byte for byte). Rank 0 prints; every rank checks."""
 from mpi4py import MPI
+import threading
 import numpy as np
 
+# threads touching COMM_WORLD first, at once (mpi4py's demo/threads/sendrecv.py)
+seen = []
+first = [threading.Thread(target=lambda: seen.append(MPI.COMM_WORLD.Get_size())) for _ in "abc"]
+for t in first:
+    t.start()
+for t in first:
+    t.join()
+assert len(seen) == 3, seen
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 
