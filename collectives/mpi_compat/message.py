@@ -18,8 +18,9 @@ class Message:
     """mpi4py's Message (Mprobe, Improbe): ``Recv(buf)`` / ``Irecv(buf)`` /
     ``recv()`` / ``irecv()`` over meshrun's matched probe."""
 
-    def __init__(self, msg: mesh.Message | None, what: str = "Mprobe") -> None:
-        self._msg, self._what = msg, what
+    def __init__(self, msg: mesh.Message | None, what: str = "Mprobe",
+                 g: mesh.Comm | None = None) -> None:
+        self._msg, self._what, self._g = msg, what, g
 
     def __bool__(self) -> bool:
         return self._msg is not None
@@ -32,7 +33,8 @@ class Message:
         try:
             msg.recv(out=view, status=st)
         except OutMismatchError:
-            fit(view, msg.recv(status=st), st, "Message.Recv")
+            assert self._g is not None      # (a Message with a message has its group)
+            fit(view, msg.recv(status=st), st, "Message.Recv", self._g)
         fill(status, st)
         self._msg = None
 

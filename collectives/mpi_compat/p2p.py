@@ -132,7 +132,7 @@ class PointToPoint:
         self._posting()
         msg = self._g.mprobe(source, mesh_tag(tag))
         fill(status, msg.status)
-        return Message(msg)
+        return Message(msg, g=self._g)
 
     mprobe = Mprobe
 
@@ -143,7 +143,7 @@ class PointToPoint:
         if msg is None:
             return None
         fill(status, msg.status)
-        return Message(msg)
+        return Message(msg, g=self._g)
 
     improbe = Improbe
 

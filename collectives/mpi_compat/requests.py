@@ -76,16 +76,19 @@ def fill(status: Status | None, st: mesh.Status | None) -> None:
         status.cancelled = False
 
 
-def fit(view: np.ndarray, data: Any, st: mesh.Status, what: str) -> None:
+def fit(view: np.ndarray, data: Any, st: mesh.Status, what: str, g: mesh.Comm) -> None:
     """A message that did not fit ``view`` exactly, into its start (MPI's
-    receive of a shorter message), or MPI's ERR_TRUNCATE."""
+    receive of a shorter message), or MPI's ERR_TRUNCATE (naming the rank
+    of ``g``, the receiver's group, as meshrun's errors do)."""
     if not isinstance(data, np.ndarray):
-        raise TypeError(f"collectives.MPI {what} from rank {st.source}, tag {st.tag}: the "
+        raise TypeError(f"rank {g.rank}: collectives.MPI {what} from rank {st.source}, tag "
+                        f"{st.tag}, group {g.name}: the "
                         f"message is an object (sent by lowercase send), not an array: "
                         f"receive it with the lowercase recv")
     if data.nbytes > view.nbytes:
-        raise Exception(ERR_TRUNCATE, f"collectives.MPI {what} from rank {st.source}, tag "
-                                      f"{st.tag}: message truncated (MPI_ERR_TRUNCATE): "
+        raise Exception(ERR_TRUNCATE, f"rank {g.rank}: collectives.MPI {what} from rank "
+                                      f"{st.source}, tag {st.tag}, group {g.name}: message "
+                                      f"truncated (MPI_ERR_TRUNCATE): "
                                       f"{data.nbytes} bytes for a buffer of {view.nbytes}")
     copy_into(view, data, what)
 
@@ -99,7 +102,7 @@ def receive_into(comm: mesh.Comm, view: np.ndarray, src: int, tag: int, st: mesh
         comm.recv(src, tag, out=view, status=st, timeout=timeout)
     except OutMismatchError:
         msg = comm.mprobe(src, tag, timeout=timeout)
-        fit(view, msg.recv(status=st), st, what)
+        fit(view, msg.recv(status=st), st, what, comm)
 
 
 class Request:
@@ -166,7 +169,7 @@ class Request:
                         f"Status.Get_count), or Mprobe then Message.Irecv") from None
                 msg = into.comm.mprobe(into.src, into.tag, timeout=timeout)
                 value = into.view
-                fit(into.view, msg.recv(status=st), st, "Irecv")
+                fit(into.view, msg.recv(status=st), st, "Irecv", into.comm)
             fill(status, st)
         else:
             value = r.wait(timeout)
