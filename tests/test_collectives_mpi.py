@@ -198,6 +198,13 @@ def _edges(world: Any) -> str:
     op = MPI.Op.Create(lambda x, y, dt: x * 10 + y, commute=False)
     assert comm.allreduce(r + 1, op=op) == int("".join(str(i + 1) for i in range(n)))
     assert MPI.COMM_SELF.allreduce(r, op=MPI.SUM) == r and MPI.COMM_SELF.Get_size() == 1
+    # a communicator's class wrapping another's (mpi4py's demo/reductions: a subclass)
+    class Sub(MPI.Intracomm):
+        def __new__(cls, c: Any = None) -> Any:
+            return super().__new__(cls, c)
+    sub = Sub(comm)
+    assert sub == comm == MPI.Intracomm(comm) and sub.allreduce(r) == n * (n - 1) // 2
+    assert sub.Get_name() == "MPI_COMM_WORLD" and not MPI.Intracomm()
     cart = comm.Create_cart([n - 1], periods=[True])
     assert (cart == MPI.COMM_NULL) == (r == n - 1)
     if cart:

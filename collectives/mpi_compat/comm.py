@@ -58,10 +58,20 @@ class Comm(PointToPoint, Collectives, ObjectCollectives):
     """mpi4py's Comm over a meshrun communicator (``comm.mesh``: it, for
     meshrun's own calls); COMM_NULL's is None."""
 
-    def __init__(self, g: MeshComm | None) -> None:
+    def __new__(cls, *args: Any, **kw: Any) -> "Comm":
+        """(as mpi4py's, taking the communicator: a subclass's ``__new__``
+        calls ``super().__new__(cls, comm)``, mpi4py's demo/reductions)"""
+        return super().__new__(cls)
+
+    def __init__(self, g: "MeshComm | Comm | None" = None) -> None:
+        """``g`` a meshrun communicator, or a Comm (mpi4py's
+        ``MPI.Intracomm(comm)``: another handle of its communicator)."""
+        of = g if isinstance(g, Comm) else None
+        g = of._g if of is not None else g
         self._g = g         # type: ignore[assignment]
         self._posted = 0
-        self._name = "MPI_COMM_WORLD" if g is not None and g is mesh.world.current() else ""
+        self._name: str = of.Get_name() if of is not None else \
+            "MPI_COMM_WORLD" if g is not None and g is mesh.world.current() else ""
 
     @property
     def mesh(self) -> MeshComm:
