@@ -171,6 +171,11 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
                               hvd.HorovodInternalError)
     hvd.shutdown()
     out["after"] = hvd.is_initialized()
+    # Horovod's hvd.init(comm=MPI.COMM_...) with the mpi4py import changed too
+    from collectives import MPI
+    hvd.init(comm=MPI.COMM_SELF)
+    out["mpi_comm"] = (hvd.size(), hvd.rank(), hvd.allreduce(t, op=hvd.Sum).tolist())
+    hvd.shutdown()
     return out
 
 
@@ -217,6 +222,7 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() ->
         assert o["zero_grad"].startswith("AssertionError") and o["warned"]
         assert "Mismatch" in o["mismatch"] and "rank 1" in o["mismatch"], o["mismatch"]
         assert o["after"] is False
+        assert o["mpi_comm"] == (1, 0, [r, r + 1.0, r + 2.0]), o["mpi_comm"]
 
 
 @pytest.mark.timeout(120)

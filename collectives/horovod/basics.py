@@ -83,12 +83,18 @@ _s = _State()
 def init(comm: Any = None, process_sets: Sequence[ProcessSet] | str | None = None) -> None:
     """Join the job (the mesh this process has open, else ``mesh.init()``:
     meshrun, torchrun, mpirun, SLURM); a second call does nothing. ``comm``:
-    a meshrun communicator to run over instead of the world."""
+    a meshrun communicator to run over instead of the world, or a
+    collectives.MPI one (Horovod's ``hvd.init(comm=MPI.COMM_WORLD)``, its
+    mpi4py import changed too): the meshrun communicator it wraps."""
     if _s.world is not None:
         return
+    if comm is not None and not isinstance(comm, Comm) \
+            and isinstance(getattr(comm, "mesh", None), Comm):
+        comm = comm.mesh
     if comm is not None and not isinstance(comm, Comm):
         raise TypeError(f"hvd.init(comm={type(comm).__name__}): pass a meshrun communicator "
-                        f"(mpi4py's communicators and rank lists are not taken)")
+                        f"or a collectives.MPI one (real mpi4py's communicators and rank "
+                        f"lists are not taken)")
     world = comm if comm is not None else current()
     if world is None:
         world = _s.owned = mesh.init()
