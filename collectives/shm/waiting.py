@@ -22,6 +22,11 @@ from .board import (_BELL_WAIT_S, _BUSY_S, _CROWD_YIELD_S, _ENTERED, _FORGOTTEN,
                     _SPIN_S, SEQ, _Box, _boxes, _lock, crowded)
 
 
+_GONE_S = 0.2
+"""The least a wait for the abort of a call a peer left takes (gone), its
+deadline passed."""
+
+
 class Stray(MeshError):
     """A peer sent a message on the call's tag where it should have posted
     on its board: it is not on the boards (it is setting them up, after a
@@ -127,9 +132,18 @@ class _Waiting:
         ch.stalled(self.where(), waiting_for, waited, self.ctx.timeout)
 
     def gone(self, peer: int, what: str) -> None:
-        """``peer`` finished this collective without ``what``: it failed, and
-        whoever failed first aborted the tag; raise that."""
-        err = caught(self.posted(), 0.2)
+        """``peer`` finished this collective without ``what``: it failed, or
+        a member found its call mismatched (a user op's flat call where this
+        rank's phase is on the board), and the tag's abort was on its way to
+        this rank before the peer went on: a rank sends its own abort, or
+        passes on one it heard, before it wakes from it (mesh.inbox's
+        abort_local). Its board moving on (shared memory, at once) says
+        nothing of when this rank's transport reads that abort (on a loaded
+        machine, seconds later), so wait for it until the call's deadline
+        (a lost peer fails the wait too) and raise it, as every rank must
+        (a MismatchError where the calls differ); only if none comes, say
+        that the peer left."""
+        err = caught(self.posted(), max(_GONE_S, self.ctx.left()))
         if err is not None:
             raise err
         raise MeshError(f"{self.where()}: {_ranks(self.ctx, [peer])} left it without {what} "
