@@ -54,6 +54,7 @@ from mesh.tensors import dtype_name, is_tensor
 
 from . import debug
 from .device.paths import simple
+from .host import hier, paths_route
 from .host.paths import _array, _counts_fp, _fp, _in_place, _root, _rows, _uneven
 from .host.paths_reduce import scan_doubling
 from .host.small import all_reduce_rd, barrier_dissemination
@@ -228,6 +229,34 @@ def _on_board(ctx: Ctx, name: str, path: str, nbytes: int) -> tuple[bytes, int] 
     return sig
 
 
+def _met_on_hosts(ctx: Ctx, coll: str, buf: np.ndarray) -> Callable[[BaseException], None]:
+    """Where ``ctx``'s group spans hosts in two levels (collectives.host.hier),
+    as the peers' call would if it took a builtin op: post this call's
+    fingerprint on this rank's host board at the number of that call's
+    first host phase (shm.round.announce), so a host peer waiting there
+    sees the mismatch itself (its short way, collectives.host.tiny, watches
+    none of this call's messages: each waited for the other until the
+    deadline); and returns what fails the phases the peers wait in when this
+    call fails here (the host's, across hosts: hier.refuse), so that they
+    raise its error (a MismatchError) instead of waiting."""
+    topo = hier.topology(ctx.g)
+    if topo is None:
+        return lambda e: None
+    fail = paths_route._skipped(ctx.g, coll, buf, 0, None)
+    if topo.local.size > 1 and board.ready(topo.local):
+        sub = hier.numbered(topo.local, ctx.tag, hier.FIRST)
+        host = Ctx(sub, sub.collective_channel().next_tag(), dict(ctx.fp, phase="user op"),
+                   ctx.tuning, f"{ctx.name} (user op)", ctx.timeout, ctx.deadline)
+        try:
+            board.announce(host)
+        except ValueError:      # (a fingerprint too long for the board: not posted)
+            pass
+        except BaseException as e:
+            fail(e, ctx.tag)
+            raise
+    return lambda e: fail(e, ctx.tag)
+
+
 def _folded(ctx: Ctx, sig: tuple[bytes, int], mine: np.ndarray, ranks: Sequence[int],
             lo: int, hi: int, op: Op, shape: tuple[int, ...],
             out: np.ndarray | None = None) -> np.ndarray | None:
@@ -261,8 +290,13 @@ def _all_reduce(g: Comm, a: Any, op: Op, async_op: bool = False,
                 return
             sig = _on_board(ctx, "all_reduce", "recursive doubling", buf.nbytes)
             if sig is None:
-                all_reduce_rd(ctx, buf, _Bound(op, ctx, arr.shape))
-                _settled(ctx)
+                failed = _met_on_hosts(ctx, "all_reduce", buf)
+                try:
+                    all_reduce_rd(ctx, buf, _Bound(op, ctx, arr.shape))
+                    _settled(ctx)
+                except BaseException as e:
+                    failed(e)
+                    raise
                 return
             _folded(ctx, sig, buf, range(ctx.g.size), 0, buf.size, op, arr.shape, buf)
         return _fp_of("all_reduce", arr, op), _in_place(arr, body)
