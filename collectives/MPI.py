@@ -11,10 +11,11 @@ A thin layer over meshrun's public calls (collectives.mpi_compat: types.py
 the datatypes, ops and constants; buffers.py the buffer specs; p2p.py,
 requests.py and message.py point-to-point; coll.py the buffer
 collectives, objects.py the lowercase ones; comm.py the communicators;
-win.py the one-sided windows over comm.window): objects go by msgpack,
-never pickle, and meshrun's errors (MismatchError, MeshTimeoutError,
-LostPeerError) come through unchanged. It lives in collectives, not mesh,
-because its collectives are collectives' (mesh imports nothing above it).
+win.py the one-sided windows over comm.window; tuples.py keeps the lowercase
+calls' tuples): objects go by msgpack, never pickle, and meshrun's errors
+(MismatchError, MeshTimeoutError, LostPeerError) come through unchanged. It
+lives in collectives, not mesh, because its collectives are collectives'
+(mesh imports nothing above it).
 What meshrun does not provide raises NotImplementedError naming the call."""
 from __future__ import annotations
 

@@ -210,6 +210,27 @@ def _edges(world: Any) -> str:
     if cart:
         assert cart.Shift(0, 1) == ((r - 1) % (n - 1), (r + 1) % (n - 1))
         assert cart.Get_cart_rank([r + n - 1]) == r and cart.Sub([True]).Get_size() == n - 1
+    # tuples come back as tuples through every lowercase call: nested, as dict values and keys
+    # (mpi4py's pickle does; demo/reductions folds (value, rank) pairs sent by send/recv)
+    comm.send({"k": (r, [(1, "a")]), (r, 2): ((),)}, dest=right, tag=22)
+    assert comm.recv(source=left, tag=22) == {"k": (left, [(1, "a")]), (left, 2): ((),)}
+    req = comm.irecv(source=left, tag=23)
+    comm.isend((r,), dest=right, tag=23).wait()
+    assert req.wait() == (left,)
+    assert comm.sendrecv((r, "s"), dest=right, sendtag=24, source=left, recvtag=24) == (left, "s")
+    s = comm.issend([(r,)], dest=right, tag=25)
+    assert comm.mprobe(source=left, tag=25).recv() == [(left,)] and s.wait() is None
+    assert comm.bcast((1, [2, (3,)]) if r == 0 else None) == (1, [2, (3,)])
+    assert comm.gather((r,), root=0) == ([(i,) for i in range(n)] if r == 0 else None)
+    assert comm.scatter([(i, i) for i in range(n)] if r == 0 else None) == (r, r)
+    assert comm.allgather({"t": (r,)}) == [{"t": (i,)} for i in range(n)]
+    assert comm.alltoall([(r, j) for j in range(n)]) == [(j, r) for j in range(n)]
+    cat = MPI.Op.Create(lambda x, y, dt: x + y, commute=False)
+    assert comm.allreduce((r,), op=cat) == tuple(range(n))
+    assert comm.reduce((r,), op=cat, root=0) == (tuple(range(n)) if r == 0 else None)
+    assert comm.scan((r,), op=cat) == tuple(range(r + 1))
+    assert comm.exscan((r,), op=cat) == (tuple(range(r)) if r else None)
+    assert comm.allreduce((r % 2, r), op=MPI.MAXLOC) == (1, 1)
     # a synchronous send's Cancel withdraws it while no receive took it (its receiver never
     # sees it); an Ssend_init's start likewise, and the Prequest then starts again
     s = comm.Issend(np.array([r], "i"), dest=right, tag=12)

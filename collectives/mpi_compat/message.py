@@ -9,6 +9,7 @@ import mesh
 from mesh.errors import OutMismatchError
 
 from .requests import Request, Status, fill, fit
+from .tuples import unwrap
 from .types import ANY_SOURCE, ANY_TAG
 
 __all__ = ["Message", "MESSAGE_NULL", "MESSAGE_NO_PROC"]
@@ -47,7 +48,7 @@ class Message:
         value = self._need().recv(status=st)
         fill(status, st)
         self._msg = None
-        return value
+        return unwrap(value)
 
     def irecv(self) -> Request:
         value = self.recv()

@@ -1,8 +1,9 @@
 """mpi4py's lowercase collectives: objects by collectives' object calls
-(msgpack, never pickle: a tuple comes back as a list, and what msgpack
-cannot encode -- a set, a class instance, a complex, an array inside an
-object -- is refused, saying so); ``bcast`` by broadcast_state (arrays and
-nested lists and dicts of them too). ``reduce``, ``allreduce``, ``scan`` and
+(msgpack, never pickle: tuples come back as tuples, by mpi_compat.tuples,
+and what msgpack cannot encode -- a set, a class instance, a complex, an
+array inside an object -- is refused, saying so); ``bcast`` by
+broadcast_state (arrays and nested lists and dicts of them too; a tuple
+holding an array comes back a list). ``reduce``, ``allreduce``, ``scan`` and
 ``exscan`` of a numpy array (or numpy scalar) run collectives' call with the
 op; of any other object (numbers, lists, MAXLOC's ``(value, index)``) every
 value is gathered and folded with the op's Python function in the order
@@ -18,6 +19,7 @@ import mesh
 
 from .. import api as C
 from .coll import coll_op
+from .tuples import unwrap, unwrap_state, wrap, wrap_state
 from .types import OPS, Op
 
 __all__ = ["ObjectCollectives", "fold", "scan_fold"]
@@ -70,7 +72,7 @@ def _py(op: Any, what: str) -> tuple[Callable[[Any, Any], Any], bool]:
 
 
 def _pairs(items: list[Any], loc: bool) -> list[Any]:
-    """MAXLOC's pairs as tuples again (msgpack brought them as lists)."""
+    """MAXLOC's pairs as tuples (a ``[value, index]`` list too, as mpi4py's op takes)."""
     return [tuple(x) if loc and isinstance(x, list) else x for x in items]
 
 
@@ -83,6 +85,17 @@ def _array(x: Any) -> np.ndarray | None:
     return None
 
 
+def _each(objs: Any) -> Any:
+    """The root's scatter list (or alltoall's), each item wrapped (not a
+    list: as it is, for the object call to refuse)."""
+    return [wrap(x) for x in objs] if isinstance(objs, (list, tuple)) else objs
+
+
+def _all(items: Any) -> Any:
+    """Gathered items with their tuples back (None, off the root: None)."""
+    return None if items is None else [unwrap(x) for x in items]
+
+
 def _back(x: Any, a: Any) -> Any:
     return a[()] if isinstance(x, np.generic) and a is not None else a
 
@@ -93,19 +106,24 @@ class ObjectCollectives:
     _g: mesh.Comm
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
-        return C.broadcast_state(self._g, obj if self._g.rank == root else None, root)
+        g = self._g
+        if g.rank == root:
+            C.broadcast_state(g, wrap_state(obj), root)
+            return obj
+        return unwrap_state(C.broadcast_state(g, None, root))
 
     def gather(self, sendobj: Any, root: int = 0) -> Any:
-        return C.gather_object(self._g, sendobj, root)
+        return _all(C.gather_object(self._g, wrap(sendobj), root))
 
     def scatter(self, sendobj: Any, root: int = 0) -> Any:
-        return C.scatter_object(self._g, sendobj if self._g.rank == root else None, root)
+        mine = _each(sendobj) if self._g.rank == root else None
+        return unwrap(C.scatter_object(self._g, mine, root))
 
     def allgather(self, sendobj: Any) -> list[Any]:
-        return list(C.all_gather_object(self._g, sendobj))
+        return _all(C.all_gather_object(self._g, wrap(sendobj)))
 
     def alltoall(self, sendobj: Any) -> list[Any]:
-        return list(C.all_to_all_object(self._g, sendobj))
+        return _all(C.all_to_all_object(self._g, _each(sendobj)))
 
     def reduce(self, sendobj: Any, op: Op = _SUM, root: int = 0) -> Any:
         g = self._g
@@ -114,7 +132,7 @@ class ObjectCollectives:
             C.reduce(g, a, root, coll_op(op, "reduce"))
             return _back(sendobj, a) if g.rank == root else None
         fn, loc = _py(op, "reduce")
-        items = C.gather_object(g, sendobj, root)
+        items = _all(C.gather_object(g, wrap(sendobj), root))
         return None if items is None else fold(_pairs(items, loc), fn)
 
     def allreduce(self, sendobj: Any, op: Op = _SUM) -> Any:
@@ -122,14 +140,14 @@ class ObjectCollectives:
         if a is not None:
             return _back(sendobj, C.all_reduce(self._g, a, coll_op(op, "allreduce")))
         fn, loc = _py(op, "allreduce")
-        return fold(_pairs(C.all_gather_object(self._g, sendobj), loc), fn)
+        return fold(_pairs(_all(C.all_gather_object(self._g, wrap(sendobj))), loc), fn)
 
     def scan(self, sendobj: Any, op: Op = _SUM) -> Any:
         a = _array(sendobj)
         if a is not None:
             return _back(sendobj, C.scan(self._g, a, coll_op(op, "scan")))
         fn, loc = _py(op, "scan")
-        items = _pairs(C.all_gather_object(self._g, sendobj), loc)
+        items = _pairs(_all(C.all_gather_object(self._g, wrap(sendobj))), loc)
         return scan_fold(items, fn)[self._g.rank]
 
     def exscan(self, sendobj: Any, op: Op = _SUM) -> Any:
@@ -137,5 +155,5 @@ class ObjectCollectives:
         if a is not None:
             return _back(sendobj, C.exscan(self._g, a, coll_op(op, "exscan")))
         fn, loc = _py(op, "exscan")
-        items = _pairs(C.all_gather_object(self._g, sendobj), loc)
+        items = _pairs(_all(C.all_gather_object(self._g, wrap(sendobj))), loc)
         return scan_fold(items, fn, exclusive=True)[self._g.rank]

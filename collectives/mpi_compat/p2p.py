@@ -11,6 +11,7 @@ import mesh
 from .buffers import spec
 from .message import Message
 from .requests import Into, Prequest, Request, Status, fill, receive_into
+from .tuples import unwrap, wrap
 from .types import ANY_SOURCE, ANY_TAG, mesh_tag
 
 __all__ = ["PointToPoint"]
@@ -149,13 +150,13 @@ class PointToPoint:
 
     # -- objects ------------------------------------------------------------------------
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
-        self._g.send(obj, dest, tag)
+        self._g.send(wrap(obj), dest, tag)
 
     def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
-        self._g.ssend(obj, dest, tag)
+        self._g.ssend(wrap(obj), dest, tag)
 
     def bsend(self, obj: Any, dest: int, tag: int = 0) -> None:
-        self._g.bsend(obj, dest, tag)
+        self._g.bsend(wrap(obj), dest, tag)
 
     def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG,
              status: Status | None = None) -> Any:
@@ -163,26 +164,27 @@ class PointToPoint:
         self._posting()
         value = self._g.recv(source, mesh_tag(tag), status=st)
         fill(status, st)
-        return value
+        return unwrap(value)
 
     def sendrecv(self, sendobj: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
                  status: Status | None = None) -> Any:
         st = mesh.Status()
         self._posting()
-        value = self._g.sendrecv(sendobj, dest, source, sendtag, mesh_tag(recvtag), status=st)
+        value = self._g.sendrecv(wrap(sendobj), dest, source, sendtag, mesh_tag(recvtag),
+                                 status=st)
         fill(status, st)
-        return value
+        return unwrap(value)
 
     def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
-        return Request(self._g.isend(obj, dest, tag))
+        return Request(self._g.isend(wrap(obj), dest, tag))
 
     def issend(self, obj: Any, dest: int, tag: int = 0) -> Request:
-        return Request(self._g.issend(obj, dest, tag))
+        return Request(self._g.issend(wrap(obj), dest, tag))
 
     def ibsend(self, obj: Any, dest: int, tag: int = 0) -> Request:
-        return Request(self._g.ibsend(obj, dest, tag))
+        return Request(self._g.ibsend(wrap(obj), dest, tag))
 
     def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         self._posting()
-        return Request(self._g.irecv(source, mesh_tag(tag)))
+        return Request(self._g.irecv(source, mesh_tag(tag)), finish=unwrap)

@@ -190,6 +190,13 @@ def objects():
     ring = comm.sendrecv({"from": rank}, dest=right, source=left)
     tab = comm.gather([part, sc, ex, ring], root=0)
     say("objects", data, every, gathered, mx, mn, flags, bits, ext, lists, arr, scalar, tab)
+    # tuples come back as tuples: a user op's fold, nested ones, dict keys, a MAXLOC pair
+    cat = MPI.Op.Create(lambda x, y, dt: x + y, commute=False)
+    folds = [comm.allreduce((rank,), op=cat), comm.scan((rank, "s"), op=cat),
+             comm.reduce([(rank, (rank,))], op=cat, root=0)]
+    keyed = comm.allgather({(rank, "k"): (rank, [()])})
+    back = comm.sendrecv(((rank,), [rank]), dest=right, source=left)
+    say("tuples", folds, keyed, back, mx == (1.0, 1), comm.bcast((1, (2,)), root=0))
 
 
 def buffers():
