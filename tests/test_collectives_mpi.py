@@ -210,6 +210,10 @@ def _edges(world: Any) -> str:
     if cart:
         assert cart.Shift(0, 1) == ((r - 1) % (n - 1), (r + 1) % (n - 1))
         assert cart.Get_cart_rank([r + n - 1]) == r and cart.Sub([True]).Get_size() == n - 1
+        again = MPI.Cartcomm(cart)      # (another handle, as mpi4py's)
+        assert again == cart and again.Get_topo() == cart.Get_topo()
+    with pytest.raises(TypeError, match="expecting a Cartesian communicator"):
+        MPI.Cartcomm(comm)
     # tuples come back as tuples through every lowercase call: nested, as dict values and keys
     # (mpi4py's pickle does; demo/reductions folds (value, rank) pairs sent by send/recv)
     comm.send({"k": (r, [(1, "a")]), (r, 2): ((),)}, dest=right, tag=22)

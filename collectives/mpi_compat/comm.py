@@ -202,10 +202,26 @@ class Cartcomm(Intracomm):
     communicator (row-major), periodicity kept per dimension for Shift and
     Get_cart_rank."""
 
-    def __init__(self, g: MeshComm, dims: list[int], periods: list[bool]) -> None:
+    dims: list[int]
+    periods: list[bool]
+    _grid: mesh.Grid
+
+    def __init__(self, g: "MeshComm | Comm", dims: list[int] | None = None,
+                 periods: list[bool] | None = None) -> None:
+        """``g`` a meshrun communicator with its ``dims`` and ``periods``, or
+        a Cartcomm (mpi4py's ``MPI.Cartcomm(cart)``: another handle of it)."""
+        grid = None
+        if isinstance(g, Comm) and dims is None:
+            if not isinstance(g, Cartcomm):
+                raise TypeError(f"collectives.MPI Cartcomm: expecting a Cartesian "
+                                f"communicator, got {type(g).__name__}")
+            dims, periods, grid = g.dims, g.periods, g._grid
+        if dims is None or periods is None:
+            raise TypeError("collectives.MPI Cartcomm: takes a Cartcomm (MPI.Cartcomm(cart)); "
+                            "make one with comm.Create_cart(dims, periods)")
         super().__init__(g)
         self.dims, self.periods = list(dims), list(periods)
-        self._grid = mesh.grid(g, **{f"d{i}": d for i, d in enumerate(dims)})
+        self._grid = grid or mesh.grid(self._g, **{f"d{i}": d for i, d in enumerate(dims)})
 
     def _like(self, g: MeshComm) -> "Comm":
         return Cartcomm(g, self.dims, self.periods)
