@@ -177,7 +177,7 @@ class Window:
         self._check(op)
         if rank == PROC_NULL:
             return None
-        w = self._target(rank, op)
+        self._target(rank, op)      # (checked: a rank of the group, in an epoch)
         parts = [self._operand(v, rank, op) for v in values]
         if any(p.size != 1 for p in parts):
             raise ValueError(f"rank {self._t.rank}: window {self.name}: {op}: one element, "
