@@ -81,8 +81,8 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
 
 def test_what_is_not_provided_names_itself() -> None:
     """What is not wired in says what it is and what to use: the
-    persistent collectives of uneven blocks (Allgatherv_init...), the parts of MPI's RMA that meshrun's
-    windows lack."""
+    persistent collectives of uneven blocks (Allgatherv_init...), the parts
+    of MPI's RMA that meshrun's windows lack."""
     with pytest.raises(NotImplementedError, match="PSCW is not provided"):
         MPI.Win.Post
     with pytest.raises(NotImplementedError, match="no dynamic windows"):
@@ -373,6 +373,7 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     code, real = run_in_session(["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
                                  "self,tcp", "--mca", "osc", "pt2pt", "-n", "3", sys.executable,
                                  str(TUTORIAL)],
-                                {**launch_env(ROOT), "MPI4PY_RC_THREAD_LEVEL": "serialized"}, 90, cwd=ROOT)
+                                {**launch_env(ROOT), "MPI4PY_RC_THREAD_LEVEL": "serialized"},
+                                90, cwd=ROOT)
     assert code == 0, real
     assert mine == real, f"meshrun:\n{mine}\nmpirun:\n{real}"

@@ -22,8 +22,8 @@ __all__ = ["Comm", "Intracomm", "Cartcomm", "COMM_NULL", "COMM_TYPE_SHARED", "no
 
 COMM_TYPE_SHARED = 0       # (Open MPI's)
 
-_PERSISTENT = ("Reduce_scatter_init", "Allgatherv_init", "Alltoallv_init", "Gatherv_init", "Scatterv_init",
-               "Alltoallw_init")
+_PERSISTENT = ("Reduce_scatter_init", "Allgatherv_init", "Alltoallv_init", "Gatherv_init",
+               "Scatterv_init", "Alltoallw_init")
 
 _NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoallw",
                 "Ireduce_scatter", "Ireduce_scatter_block", "Iscan", "Iexscan",
