@@ -24,8 +24,13 @@ $(CORE): pyproject.toml | $(BIN)/python
 demo: $(CORE)
 	$(BIN)/meshrun -n 4 examples/train_pipeline.py
 
+# two workers, each taking whole test files (a file's tests share its set-ups and
+# their order): most of the suite's wall is waits (timeouts, peers' deaths, one
+# process importing torch), not CPU, so two overlap on two cores; TEST_JOBS=0 runs
+# it in one process
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
 
 bench: $(STAMP)
 	$(BIN)/python -m mesh.bench

@@ -37,8 +37,8 @@ def _compile_the_tree() -> list[str]:
     (``pytest_unconfigure``); one already there is left as it is. Run in
     pytest's process alone (``pytest_configure``), before any test starts
     one, not in the ranks that import this module for PATHS."""
-    if not sys.dont_write_bytecode:
-        return []
+    if not sys.dont_write_bytecode or os.environ.get("PYTEST_XDIST_WORKER"):
+        return []               # (under xdist the controller compiles, before its workers start)
     import compileall
     from importlib.util import cache_from_source
     made = []
