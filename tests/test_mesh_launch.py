@@ -233,8 +233,8 @@ def test_a_prompt_without_its_line_end_is_shown_before_the_answer(tmp_path: Path
     assert (seen + rest).decode() == "[0] name> hello bob\n", seen + rest
 
 
-def _two_ranks_relayed() -> tuple:
-    """Two ranks' pipes relayed, prefixed, into one in-memory sink."""
+def _two_ranks_relayed(prefix: bool = True) -> tuple:
+    """Two ranks' pipes relayed, prefixed (or not), into one in-memory sink."""
     import io
     from mesh.launch import relay
     out = io.BytesIO()
@@ -242,7 +242,7 @@ def _two_ranks_relayed() -> tuple:
     pipes = [os.pipe() for _ in range(2)]
     for r, _ in pipes:
         os.set_blocking(r, False)
-    streams = tuple(relay.Stream(r, f"[{i}] ".encode(), sink, None)
+    streams = tuple(relay.Stream(r, f"[{i}] ".encode() if prefix else b"", sink, None)
                     for i, (r, _) in enumerate(pipes))
     return out, pipes, streams
 
@@ -268,6 +268,25 @@ def test_a_line_left_open_is_ended_by_another_ranks_output_and_goes_on_prefixed(
     s0.pump()                            # rank 0's rest: a line of its own, prefixed
     _end_relayed(pipes, (s0, s1))
     assert out.getvalue() == b"[0] ask> more\n[1] other\n[0]  end\n[0] next\n", out.getvalue()
+
+
+def test_unprefixed_output_is_as_the_ranks_wrote_it_in_whole_lines() -> None:
+    """--no-prefix: a rank's bytes go as it wrote them, a progress bar's
+    carriage returns and a last line left open included (as under python);
+    another rank's output still ends an open line first, so that two ranks'
+    lines never mix (and that line's own end then makes no empty line)."""
+    out, pipes, (s0, s1) = _two_ranks_relayed(prefix=False)
+    for st, data in ((s0, b"ask> "), (s1, b"other\n"), (s0, b"\n\r 10%|#"), (s0, b"\r 20%"),
+                     (s0, b"\ndone\nno end")):
+        os.write(pipes[st is s1][1], data)
+        st.pump()
+        st.hold(time.monotonic() + (data != b"\ndone\nno end"))
+    for (_, w), st in zip(pipes, (s0, s1)):
+        os.close(w)
+        st.pump()   # (its end: the line left open is written so)
+        st.close()
+    s0.sink.finish(5)
+    assert out.getvalue() == b"ask> \nother\n\r 10%|#\r 20%\ndone\nno end", out.getvalue()
 
 
 def test_a_progress_bar_says_its_rank_each_time_it_starts_its_line_over() -> None:
@@ -306,6 +325,25 @@ def test_a_bar_on_stderr_is_ended_by_output_on_stdout_where_both_are_one_file(
             job.close()
     assert outcome.reason == "ok"
     assert (tmp_path / "both").read_bytes() == b"\r[0]  50%\n[0] done\n"
+
+
+def test_unprefixed_output_of_one_rank_is_its_bytes(tmp_path: Path) -> None:
+    """--no-prefix, one rank, meshrun's stdout and stderr one file (a
+    terminal): the file holds the rank's bytes, its last line left open as
+    under python (the end of the job wrote a line end after it). In this
+    process, on the Job, as the test above."""
+    from mesh.launch.records import WorkerSpec
+    from mesh.launch.supervise import Job
+    text = "import sys\nsys.stdout.write('50%\\r100%\\n\\tno end')\n"
+    with open(tmp_path / "both", "wb") as both:
+        job = Job(stdout=both, stderr=both, prefix=False)
+        try:
+            outcome = job.run([WorkerSpec(0, 0, [sys.executable, "-c", text],
+                                          dict(os.environ))], timeout=30)
+        finally:
+            job.close()
+    assert outcome.reason == "ok"
+    assert (tmp_path / "both").read_bytes() == b"50%\r100%\n\tno end"
 
 
 def test_a_line_longer_than_a_read_stays_one_line() -> None:

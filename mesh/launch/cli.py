@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
               meshrun --nnodes 2 --node-rank 1 --master-addr HOST0 --master-port 29500 -n 4 train.py
             add --curve on every node to encrypt the job's traffic (CurveZMQ).
 
-            Output lines are prefixed with the global rank: "[3] ...". When a rank
+            Output lines are prefixed with the global rank: "[3] ..." (--no-prefix: as
+            the ranks wrote them). When a rank
             fails, the others get --settle seconds to end on their own (ranks told of
             the failure end with errors of their own), then SIGTERM (and SIGCONT, so
             that a stopped rank acts on it), then SIGKILL after --grace seconds,
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write rank<R>.stdout.log, rank<R>.stderr.log and, on failure, "
                         "rank<R>.error.json here (with --max-restarts, in DIR/attempt_<N> "
                         "for each try, N its TORCHELASTIC_RESTART_COUNT)")
+    p.add_argument("--no-prefix", dest="prefix", action="store_false", default=True,
+                   help="relay each rank's output as it wrote it, without the \"[R] \" "
+                        "before each line (a line left open, a progress bar, stays so; "
+                        "another rank's output still starts on a line of its own)")
+    p.add_argument("--tag-output", dest="prefix", action="store_true", default=True,
+                   help="prefix each line with its rank, meshrun's default (mpirun's "
+                        "spelling, whose default is no prefix)")
     p.add_argument("--grace", type=nonnegative_float, default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
     p.add_argument("--settle", type=nonnegative_float, default=3.0, metavar="SECONDS",

@@ -1,7 +1,7 @@
 """Worker output relayed to meshrun's stdout and stderr, line by line with a
-rank prefix, through a writer thread that a reader who stops reading cannot
-stall, and that a slow reader holds back as it would hold back the ranks
-writing to it themselves."""
+rank prefix (or none: ``--no-prefix``), through a writer thread that a reader
+who stops reading cannot stall, and that a slow reader holds back as it would
+hold back the ranks writing to it themselves."""
 from __future__ import annotations
 
 import os
@@ -183,7 +183,10 @@ class Stream:
     on the same line unless another rank's output came between. A carriage
     return that starts the line over (a progress bar: tqdm's ``\r 40%|...``)
     is followed by the prefix again, so that the text it writes over the
-    line says its rank (the prefix came first, then the bar over it)."""
+    line says its rank (the prefix came first, then the bar over it).
+    Without a prefix (``b""``) the rank's bytes go as it wrote them, a line
+    left open at its end included (another's output still ends it first,
+    so that lines of two ranks never mix)."""
 
     def __init__(self, fd: int, prefix: bytes, sink: "Sink", log: BinaryIO | None) -> None:
         self.fd, self.prefix, self.sink, self.log = fd, prefix, sink, log
@@ -206,7 +209,7 @@ class Stream:
         self._buf += data
         lines = self._buf.split(b"\n")
         self._buf = lines.pop()
-        if not data and self._buf:
+        if not data and self._buf and self.prefix:     # (unprefixed: left open, below)
             lines.append(self._buf)
             self._buf = b""
         if lines and self.cut and not lines[0]:     # (its end alone: the line was ended)
@@ -220,8 +223,8 @@ class Stream:
             elif len(lines) > 1:
                 rest = self.prefix + rest
             self._emit(first + b"\n" + rest + b"\n" if len(lines) > 1 else first + b"\n")
-        if len(self._buf) >= _MAX_LINE:     # its end follows, unprefixed (it was cut in
-            self.hold(time.monotonic(), at_once=True)   # pieces, each a line of its own)
+        if len(self._buf) >= _MAX_LINE or not data:     # (a long line: its end follows,
+            self.hold(time.monotonic(), at_once=True)   # unprefixed; at the end: left open)
         if self._buf and not self._since:
             self._since = time.monotonic()
         return bool(data)
@@ -255,8 +258,10 @@ class Stream:
         self._at_cr = open_end and data.endswith(b"\r")
 
     def close(self) -> None:
-        if self._buf or self.open:
-            self._emit(self._tagged(self._buf, self._starts(self._buf)) + b"\n")
+        if self._buf or (self.open and self.prefix):    # (unprefixed: left open, as written)
+            end = b"\n" if self.prefix else b""
+            self._emit(self._tagged(self._buf, self._starts(self._buf)) + end,
+                       open_end=not self.prefix)
             self._buf = b""
         os.close(self.fd)
         if self.log is not None:

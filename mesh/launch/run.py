@@ -264,7 +264,7 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
             if agent is not None and e.failed and not e.after_stop:
                 agent.failed(f"rank {e.rank} ended ({e.describe()})")
         job = Job(grace=a.grace, log_dir=log_dir, scratch=run_dir, settle=a.settle,
-                  stall=a.output_stall, on_exit=ended)
+                  stall=a.output_stall, on_exit=ended, prefix=a.prefix)
         if agent is not None:
             agent.watch(job.stop)
         report = ""     # written after the relayed output, through the same writer

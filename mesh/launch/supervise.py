@@ -48,7 +48,8 @@ class Job:
     to write it to its ``WorkerSpec.where``, for the report; one that gives
     no word (wedged in native code) is sent ``_bootstrap.DUMP_STACK``, and
     faulthandler gets up to 0.2 s more to dump its stack to
-    ``WorkerSpec.stack``. ``log_dir`` gets each rank's raw output;
+    ``WorkerSpec.stack``. ``log_dir`` gets each rank's raw output; the
+    console each line of it prefixed with the rank unless ``prefix`` is False;
     ``scratch`` is a directory the watchdog removes if the launcher dies
     (else removing it is the caller's business).
     ``settle``: how long the first failure lets the others end on their own
@@ -61,8 +62,10 @@ class Job:
                  scratch: str | None = None, stdout: BinaryIO | None = None,
                  stderr: BinaryIO | None = None,
                  settle: float = 0.0, stall: float = 5.0,
-                 on_exit: Callable[[WorkerExit], None] | None = None) -> None:
+                 on_exit: Callable[[WorkerExit], None] | None = None,
+                 prefix: bool = True) -> None:
         self.grace = grace
+        self.prefix = prefix
         self.settle = settle
         self.stall = stall
         self.on_exit = on_exit      # told of each worker's end, as it is reaped
@@ -103,8 +106,9 @@ class Job:
                 os.set_blocking(fd, False)
                 log = (open(os.path.join(self.log_dir, f"rank{spec.rank}.{name}.log"), "wb")
                        if self.log_dir else None)
-                self._sel.register(fd, selectors.EVENT_READ,
-                                   Stream(fd, f"[{spec.rank}] ".encode(), sink, log))
+                stream = Stream(fd, f"[{spec.rank}] ".encode() if self.prefix else b"", sink,
+                                log)
+                self._sel.register(fd, selectors.EVENT_READ, stream)
 
     def run(self, specs: Sequence[WorkerSpec], timeout: float | None = None) -> JobOutcome:
         """Start the workers and supervise them until all have ended; whatever
@@ -143,7 +147,8 @@ class Job:
         failed (a full disk: the output lost is told on stderr, where it
         was lost silently and meshrun exited 0; python exits 1)."""
         t0 = time.monotonic()
-        self._err.write(tail.encode("utf-8", "replace"), always=True)
+        if tail:    # (nothing to add: a line a rank left open, unprefixed, stays so)
+            self._err.write(tail.encode("utf-8", "replace"), always=True)
         lost = self._out.finish(self.stall, since=t0)
         if lost:
             self._err.write(f"meshrun: {lost} bytes of the ranks' standard output were not "
