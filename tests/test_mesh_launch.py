@@ -131,16 +131,21 @@ def test_failing_rank_is_root_cause_and_others_are_stopped(tmp_path: Path) -> No
 
 def test_rank_killed_by_signal(tmp_path: Path) -> None:
     """A crash in native code: exit 128+N, and the rank's Python stack on its
-    stderr (faulthandler; it showed nothing), which the table points to."""
-    r = meshrun("-n", "2", "--settle", "0.5", str(WORKER), str(tmp_path), "*:barrier",
-                "0:segv", "*:sleep")
+    stderr (faulthandler; it showed nothing), which the table points to; the
+    rank's output kept off the console (--local-ranks-filter), the table
+    shows that stderr's last lines: nothing else said why it crashed."""
+    r = meshrun("-n", "2", "--settle", "0.5", "--local-ranks-filter", "1", str(WORKER),
+                str(tmp_path), "*:barrier", "0:segv", "*:sleep")
     assert r.returncode == 128 + signal.SIGSEGV
     assert "Root cause: rank 0 failed first" in r.stderr
     assert "exit       : killed by SIGSEGV" in r.stderr
     assert "no traceback: killed by SIGSEGV (its threads' Python stacks are in its stderr" \
         in r.stderr
-    assert "[0] Fatal Python error: Segmentation fault" in r.stderr, r.stderr
-    assert re.search(r"\[0\]   File \".*launch_worker.py\", line \d+ in <lambda>", r.stderr)
+    assert "[0]" not in r.stdout + r.stderr, r.stderr
+    table = r.stderr[r.stderr.index("=" * 20):]
+    assert "  stderr     : its last lines (the console did not show them):\n" \
+           "    Fatal Python error: Segmentation fault\n" in table, table
+    assert re.search(r"\n      File \".*launch_worker.py\", line \d+ in <lambda>\n", table)
     assert_all_gone(tmp_path, 2)
 
 
@@ -367,11 +372,20 @@ def test_a_line_longer_than_a_read_stays_one_line() -> None:
 
 
 def test_log_dir_keeps_raw_output_and_error_records(tmp_path: Path) -> None:
+    """Everything in --log-dir, the console showing what its options leave
+    it: rank 0's stdout as written (--no-prefix; its stderr --redirects'),
+    and of rank 1, kept off it (--local-ranks-filter), the error it failed
+    with, in the report."""
     piddir, logs = tmp_path / "pids", tmp_path / "logs"
     piddir.mkdir()
-    r = meshrun("-n", "2", "--log-dir", str(logs), str(WORKER), str(piddir),
+    r = meshrun("-n", "2", "--log-dir", str(logs), "--no-prefix", "--local-ranks-filter", "0",
+                "--redirects", "0:2", str(WORKER), str(piddir),
                 "*:print", "*:stderr", "*:barrier", "1:raise")
     assert r.returncode == 1
+    assert json.loads(r.stdout)["rank"] == 0, r.stdout
+    head, table = r.stderr.split("=" * 72 + "\n", 1)
+    assert head == "", r.stderr
+    assert "ValueError: boom from rank 1" in table and "in _boom" in table
     for rank in (0, 1):
         out = json.loads((logs / f"rank{rank}.stdout.log").read_text())
         assert out["rank"] == rank
@@ -611,6 +625,11 @@ def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> Non
     (("--master-addr", "no-such-host.invalid", str(WORKER)), "cannot resolve it"),
     (("--no-python", "no-such-program-here"), "no such program (not a file, nor on PATH)"),
     (("--log-dir", str(WORKER), str(WORKER)), "not a directory"),
+    (("--local-ranks-filter", "0,x", str(WORKER)), "'0,x': local ranks, comma-separated"),
+    (("-n", "2", "--local_ranks_filter", "1,2", str(WORKER)),
+     "--local-ranks-filter: local rank 2 is none of this node's 0..1 (-n 2)"),
+    (("--redirects", "3", str(WORKER)), "--redirects needs --log-dir"),
+    (("--log-dir", "logs", "--tee", "0:4", str(WORKER)), "'0:4': 0-3 (1 stdout, 2 stderr"),
 ])
 def test_usage_errors(args: tuple[str, ...], message: str, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -624,6 +643,21 @@ def test_usage_errors(args: tuple[str, ...], message: str, monkeypatch: pytest.M
         main(list(args))
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_console_shows_the_streams_torchruns_options_leave_it(tmp_path: Path) -> None:
+    """--local-ranks-filter, --redirects and --tee as torchrun's: a stream
+    both redirected and teed is teed; a rank left out shows nothing."""
+    from mesh.launch.cli import _check, build_parser
+    from mesh.launch.run import _shown
+    p = build_parser()
+    a = p.parse_args(["-n", "4", "--log-dir", str(tmp_path), "-r", "3", "-t", "0:1,2:3",
+                      "--local-ranks-filter=0,1,2", str(WORKER)])
+    _check(p, a)
+    assert [_shown(a, i) for i in range(4)] == [("stdout",), (), ("stdout", "stderr"), ()]
+    a = p.parse_args(["-n", "2", "--no-prefix", "--tag-output", str(WORKER)])
+    _check(p, a)
+    assert a.prefix and _shown(a, 1) == ("stdout", "stderr")    # (the last word: prefixed)
 
 
 def test_no_python_says_why_a_file_that_is_there_cannot_run(

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from typing import Any, Sequence
 
-from ..cliargs import nonnegative, nonnegative_float, positive_float
+from ..cliargs import checked, nonnegative, nonnegative_float, positive_float
 from ..limits import too_many_for_open_files
 from .run import launch
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
             add --curve on every node to encrypt the job's traffic (CurveZMQ).
 
             Output lines are prefixed with the global rank: "[3] ..." (--no-prefix: as
-            the ranks wrote them). When a rank
+            the ranks wrote them); --local-ranks-filter 0 shows rank 0's alone, the
+            others' kept in --log-dir and their errors in the report. When a rank
             fails, the others get --settle seconds to end on their own (ranks told of
             the failure end with errors of their own), then SIGTERM (and SIGCONT, so
             that a stopped rank acts on it), then SIGKILL after --grace seconds,
@@ -80,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag-output", dest="prefix", action="store_true", default=True,
                    help="prefix each line with its rank, meshrun's default (mpirun's "
                         "spelling, whose default is no prefix)")
+    p.add_argument("--local-ranks-filter", "--local_ranks_filter", dest="local_ranks_filter",
+                   type=checked(_local_ranks), default=None, metavar="R,R...",
+                   help="show only these local ranks' output (stdout and stderr) on the "
+                        "console, as torchrun's: the others' still goes to --log-dir, and "
+                        "the report still shows a failing rank's error, its traceback or "
+                        "the last lines of its stderr")
+    p.add_argument("-r", "--redirects", type=checked(_streams), default=0, metavar="S",
+                   help="keep these streams off the console, in --log-dir alone, as "
+                        "torchrun's: 1 stdout, 2 stderr, 3 both, for every local rank, or "
+                        "per local rank, 0:3,1:2 (needs --log-dir)")
+    p.add_argument("-t", "--tee", type=checked(_streams), default=0, metavar="S",
+                   help="torchrun's: these streams (as -r gives them) to --log-dir and the "
+                        "console, which --log-dir does for every stream; it undoes -r for "
+                        "the streams both name (needs --log-dir)")
     p.add_argument("--grace", type=nonnegative_float, default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
     p.add_argument("--settle", type=nonnegative_float, default=3.0, metavar="SECONDS",
@@ -144,12 +159,53 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"-m {a.target}: {missing}")
     if a.no_python and not shutil.which(a.target):
         p.error(_no_program(a.target))
+    _check_output(p, a)
     if a.log_dir and os.path.exists(a.log_dir) and not os.path.isdir(a.log_dir):
         p.error(f"--log-dir {a.log_dir}: not a directory")
     _check_addr(p, a.master_addr)
     too_many = too_many_for_open_files(a.nnodes * a.nproc)
     if too_many:
         p.error(too_many)
+
+
+def _local_ranks(text: str) -> frozenset[int]:
+    """--local-ranks-filter's value: "0,2" -> {0, 2}."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise ValueError("local ranks, comma-separated: 0 or 0,2")
+    return frozenset(int(p) for p in parts)
+
+
+def _streams(text: str) -> int | dict[int, int]:
+    """--redirects and --tee's value, as torchrun's (its ``Std.from_str``):
+    "3" for every local rank, or "0:3,1:2" per local rank (others 0)."""
+    what = "0-3 (1 stdout, 2 stderr, 3 both) or per local rank, 0:3,1:2"
+    if text.strip() in ("0", "1", "2", "3"):
+        return int(text)
+    pairs = [p.split(":") for p in text.split(",")]
+    if not all(len(p) == 2 and p[0].strip().isdigit() and p[1].strip() in ("0", "1", "2", "3")
+               for p in pairs):
+        raise ValueError(what)
+    return {int(r): int(v) for r, v in pairs}
+
+
+def _check_output(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """The console's options name this node's local ranks; --redirects and
+    --tee are per local rank from here on (``run._shown``)."""
+    for option, given in (("--local-ranks-filter", a.local_ranks_filter),
+                          ("--redirects", a.redirects), ("--tee", a.tee)):
+        past = sorted(r for r in (given if isinstance(given, (dict, frozenset)) else ())
+                      if r >= a.nproc)
+        if past:
+            p.error(f"{option}: local rank {past[0]} is none of this node's 0..{a.nproc - 1} "
+                    f"(-n {a.nproc})")
+        if given and option != "--local-ranks-filter" and not a.log_dir:
+            p.error(f"{option} needs --log-dir, where the ranks' output is written (torchrun "
+                    f"writes it to a temporary folder where none is given)")
+    for option in ("redirects", "tee"):
+        given = getattr(a, option)
+        setattr(a, option, dict(given) if isinstance(given, dict) else
+                dict.fromkeys(range(a.nproc), given))
 
 
 def _module_missing(name: str) -> str | None:

@@ -37,7 +37,9 @@ class WorkerSpec:
     """One process to start: its global and local rank, argv and environment;
     stdin: it reads meshrun's standard input (others read /dev/null);
     where: the file it writes where it is to when asked (``where_file``);
-    stack: the one faulthandler dumps its stack to, when asked (``stack_file``)."""
+    stack: the one faulthandler dumps its stack to, when asked (``stack_file``);
+    shown: which of its streams meshrun's console shows ("stdout", "stderr";
+    --local-ranks-filter, --redirects), the others going to --log-dir only."""
     rank: int
     local_rank: int
     argv: Sequence[str]
@@ -45,6 +47,7 @@ class WorkerSpec:
     stdin: bool = False
     where: str = ""
     stack: str = ""
+    shown: tuple[str, ...] = ("stdout", "stderr")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Worker output relayed to meshrun's stdout and stderr, line by line with a
 rank prefix (or none: ``--no-prefix``), through a writer thread that a reader
 who stops reading cannot stall, and that a slow reader holds back as it would
-hold back the ranks writing to it themselves."""
+hold back the ranks writing to it themselves; or kept off them (a rank or a
+stream the console does not show), its last lines kept for the report."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,8 @@ _HOLD_S = 0.2  # a line left unended this long (a prompt) is written as far as i
 _PIECE = 1 << 16  # written at a time: each piece the reader takes shows it still reads
 _CR = re.compile(rb"\r(?=[^\r\n])")  # a carriage return that text follows on its line
 _CR_FIRST = re.compile(rb"\r+[^\r\n]")  # a line that starts over at once
+_TAIL = 4096  # the last bytes kept of a stream the console does not show (Stream.tail)
+_TAIL_LINES = 20
 
 
 class Sink:
@@ -186,10 +189,17 @@ class Stream:
     line says its rank (the prefix came first, then the bar over it).
     Without a prefix (``b""``) the rank's bytes go as it wrote them, a line
     left open at its end included (another's output still ends it first,
-    so that lines of two ranks never mix)."""
+    so that lines of two ranks never mix). ``shown`` False: nothing goes to
+    the sink (``--local-ranks-filter``, ``--redirects``); the log gets it
+    all, and its last lines are kept for the report (``tail``): a rank that
+    fails without a traceback (a crash, a program's own message) says why
+    there and nowhere else on the console."""
 
-    def __init__(self, fd: int, prefix: bytes, sink: "Sink", log: BinaryIO | None) -> None:
+    def __init__(self, fd: int, prefix: bytes, sink: "Sink", log: BinaryIO | None,
+                 shown: bool = True) -> None:
         self.fd, self.prefix, self.sink, self.log = fd, prefix, sink, log
+        self.shown = shown
+        self._kept = b""        # (not shown: the last _TAIL bytes)
         self._buf = b""
         self._since = 0.0       # when _buf began to wait for its line's end
         self.open = False       # the sink's last bytes of ours are a line without its end
@@ -206,6 +216,9 @@ class Stream:
             data = b""
         if self.log is not None and data:
             self.log.write(data)
+        if not self.shown:
+            self._kept = (self._kept + data)[-_TAIL:]
+            return bool(data)
         self._buf += data
         lines = self._buf.split(b"\n")
         self._buf = lines.pop()
@@ -256,6 +269,15 @@ class Stream:
             pass
         self.open, self._since, self.cut = open_end, 0.0, False
         self._at_cr = open_end and data.endswith(b"\r")
+
+    def tail(self) -> str:
+        """The last lines of a stream the console did not show, each as a
+        terminal shows it (a progress bar's last state); '' for one shown."""
+        lines = self._kept.decode("utf-8", "replace").rstrip("\n").split("\n")
+        if len(self._kept) == _TAIL:
+            lines = lines[1:]       # (cut: its first line is not whole)
+        return "\n".join(ln.rstrip("\r").rsplit("\r", 1)[-1]
+                         for ln in lines[-_TAIL_LINES:]).strip("\n")
 
     def close(self) -> None:
         if self._buf or (self.open and self.prefix):    # (unprefixed: left open, as written)

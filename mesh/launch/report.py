@@ -190,7 +190,8 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
                   timeout: float | None = None, program: bool = False,
                   gone: dict[int, str] | None = None,
                   wheres: dict[int, dict[str, Any]] | None = None,
-                  hosts: dict[int, tuple[str, int]] | None = None) -> str:
+                  hosts: dict[int, tuple[str, int]] | None = None,
+                  tails: dict[int, str] | None = None) -> str:
     """The root-cause table: why the job stopped, the first failing rank's
     error, exit and traceback, then one line for every other rank (program:
     the ranks run a program of the user's, --no-python, not Python; ``gone``:
@@ -199,8 +200,12 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     of where they were, by rank: each rank's line says it; ``hosts``: where
     each rank of a job across hosts is, (host, pid) by rank, as its ranks
     said (mesh.rendezvous.read_hosts): a rank is named by its own host, not this
-    meshrun's host name, which hosts of one name share)."""
+    meshrun's host name, which hosts of one name share); ``tails``: the last
+    lines of each rank's stderr that the console did not show
+    (--local-ranks-filter, --redirects), by rank: a root cause without a
+    traceback (a crash, a program's own message) said why there alone)."""
     gone = gone or {}
+    tails = tails or {}
     wheres = wheres or {}
     hosts = hosts or {}
     root = _root_cause(outcome, records)
@@ -257,6 +262,9 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
             lines += ["    " + ln for ln in str(tb).rstrip().splitlines()]
         else:
             lines.append(f"  traceback  : {_no_traceback(root, program)}")
+            if tails.get(root.rank):
+                lines.append("  stderr     : its last lines (the console did not show them):")
+                lines += [("    " + ln).rstrip() for ln in tails[root.rank].splitlines()]
     others = [e for e in sorted(outcome.exits, key=lambda e: e.rank) if e is not root]
     if others:
         lines.append("Other ranks:" if root is not None else "Ranks:")  # (no first one)

@@ -175,6 +175,17 @@ def _launch_together(a: argparse.Namespace, secret: str, run_id: str,
             _close_bounded(srv)
 
 
+def _shown(a: argparse.Namespace, local_rank: int) -> tuple[str, ...]:
+    """The streams of a local rank that the console shows, as torchrun's
+    options say: those of the ranks of --local-ranks-filter (every rank's
+    without it), less those --redirects sends to --log-dir alone (unless
+    --tee names them too: a stream both redirected and teed is teed)."""
+    if a.local_ranks_filter and local_rank not in a.local_ranks_filter:
+        return ()
+    hidden = a.redirects.get(local_rank, 0) & ~a.tee.get(local_rank, 0)
+    return tuple(name for bit, name in ((1, "stdout"), (2, "stderr")) if not hidden & bit)
+
+
 def _try_logs(a: argparse.Namespace, restart: int) -> str | None:
     """Where a try's logs go: --log-dir, or with --max-restarts its
     attempt_<N> folder there (N: the try's TORCHELASTIC_RESTART_COUNT), as
@@ -251,7 +262,7 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
                 except FileNotFoundError:
                     pass
             specs.append(WorkerSpec(rank, local, _worker_argv(a), env, stdin=rank == 0,
-                                    where=where, stack=stack))
+                                    where=where, stack=stack, shown=_shown(a, local)))
         teller = Teller(a.master_addr, int(port or 0), secret, a.nnodes * a.nproc,
                         a.curve or curve_wanted(), restart)
 
@@ -287,7 +298,7 @@ def _attempt(a: argparse.Namespace, secret: str, run_id: str, restart: int,
                             if (how := agent.gone(n))}
                 wheres = read_wheres(err_dir, outcome.asked)
                 report = format_report(outcome, records, a.nproc, a.timeout, a.no_python, gone,
-                                       wheres, read_hosts(run_dir))
+                                       wheres, read_hosts(run_dir), job.tails())
             if log_dir:
                 drop_unused_stacks(s.stack for s in specs)
             code = exit_code(outcome, records)

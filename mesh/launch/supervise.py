@@ -49,7 +49,9 @@ class Job:
     no word (wedged in native code) is sent ``_bootstrap.DUMP_STACK``, and
     faulthandler gets up to 0.2 s more to dump its stack to
     ``WorkerSpec.stack``. ``log_dir`` gets each rank's raw output; the
-    console each line of it prefixed with the rank unless ``prefix`` is False;
+    console its streams ``WorkerSpec.shown``, each line prefixed with the
+    rank unless ``prefix`` is False, and ``tails`` the last lines of each
+    stderr it did not show (for the report);
     ``scratch`` is a directory the watchdog removes if the launcher dies
     (else removing it is the caller's business).
     ``settle``: how long the first failure lets the others end on their own
@@ -79,6 +81,7 @@ class Job:
         self._procs: list[_Proc] = []
         self._sel = selectors.DefaultSelector()
         self._paused: dict[int, Stream] = {}   # pipes left unread while their sink is full
+        self._unshown: dict[int, Stream] = {}  # the stderr the console does not show, by rank
         self._signals: list[int] = []
         self._watchdog: Watchdog | None = None
         self._told = ""             # why another node's meshrun stops this try (``stop``)
@@ -107,7 +110,9 @@ class Job:
                 log = (open(os.path.join(self.log_dir, f"rank{spec.rank}.{name}.log"), "wb")
                        if self.log_dir else None)
                 stream = Stream(fd, f"[{spec.rank}] ".encode() if self.prefix else b"", sink,
-                                log)
+                                log, shown=name in spec.shown)
+                if name == "stderr" and not stream.shown:
+                    self._unshown[spec.rank] = stream
                 self._sel.register(fd, selectors.EVENT_READ, stream)
 
     def run(self, specs: Sequence[WorkerSpec], timeout: float | None = None) -> JobOutcome:
@@ -138,6 +143,12 @@ class Job:
             os.close(wfd)
             if self._watchdog is not None:
                 self._watchdog.close()
+
+    def tails(self) -> dict[int, str]:
+        """The last lines of each rank's stderr that the console did not show
+        (``WorkerSpec.shown``), by rank: the report shows the root cause's
+        where it has no traceback (a crash's, a program's own message)."""
+        return {rank: s.tail() for rank, s in self._unshown.items() if s.tail()}
 
     def close(self, tail: str = "") -> bool:
         """Write the relayed output still queued, then ``tail`` (meshrun's
@@ -281,7 +292,7 @@ class Job:
         them again once it is not: the ranks then wait in their writes, and
         their output is not dropped while meshrun's reader still reads."""
         for key in list(self._sel.get_map().values()):
-            if key.data is not None and key.data.sink.full():
+            if key.data is not None and key.data.shown and key.data.sink.full():
                 self._sel.unregister(key.fd)
                 self._paused[key.fd] = key.data
         for fd, stream in list(self._paused.items()):
