@@ -93,6 +93,81 @@ def _raises(fn: Callable[[], Any], kind: type = Exception) -> str:
     return "no error"
 
 
+def _adasum_ref(vectors: list[Any]) -> Any:
+    """Horovod's Adasum of one tensor's per-rank values (numpy float64):
+    pairs (0, 1), (2, 3)... combined, then the pairs' results, and so on."""
+    import numpy as np
+    tiny = np.sqrt(sys.float_info.min)
+    vs = [np.asarray(v, np.float64).reshape(-1) for v in vectors]
+    while len(vs) > 1:
+        nxt = []
+        for a, b in zip(vs[::2], vs[1::2]):
+            d, aa, bb = a @ b, a @ a, b @ b
+            nxt.append((1 - d / aa / 2 if aa >= tiny else 1.0) * a
+                       + (1 - d / bb / 2 if bb >= tiny else 1.0) * b)
+        vs = nxt
+    return vs[0].reshape(np.shape(vectors[0]))
+
+
+def _adasum_cases(hvd: Any) -> dict[str, Any]:
+    """Adasum on 2 ranks: values against _adasum_ref, and Horovod's delta
+    optimizer against n optimizers stepped in one process."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    n, r = hvd.size(), hvd.rank()
+    out: dict[str, Any] = {}
+    out["orth_same"] = (hvd.allreduce(torch.tensor([2.0, 0.0] if r == 0 else [0.0, 2.0]),
+                                      op=hvd.Adasum).tolist(),
+                        hvd.allreduce(torch.tensor([3.0, 4.0]), op=hvd.Adasum).tolist())
+    mine = [torch.randn(5, 3, generator=torch.Generator().manual_seed(10 * q),
+                        dtype=torch.float64) for q in range(n)]
+    small = [torch.randn(2, generator=torch.Generator().manual_seed(10 * q + 1))
+             for q in range(n)]
+    got = hvd.allreduce(mine[r], op=hvd.Adasum, prescale_factor=2.0)
+    out["values"] = (np.allclose(got.numpy(), _adasum_ref([2 * m.numpy() for m in mine]),
+                                 rtol=1e-13, atol=0), got.tolist())
+    grouped = hvd.grouped_allreduce([mine[r], small[r]], op=hvd.Adasum)
+    u = small[r].half()
+    hvd.synchronize(hvd.allreduce_async_(u, op=hvd.Adasum))
+    out["grouped"] = (torch.equal(grouped[0], hvd.allreduce(mine[r], op=hvd.Adasum)),
+                      np.allclose(grouped[1].numpy(), _adasum_ref([s.numpy() for s in small]),
+                                  rtol=1e-6), u.dtype,
+                      np.allclose(u.float().numpy(), _adasum_ref([s.numpy() for s in small]),
+                                  rtol=2e-3, atol=2e-3))
+    # Horovod's Adasum optimizer: each rank's own SGD (momentum) step, the changes combined
+    model = _model(seed=0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.5),
+                                   named_parameters=model.named_parameters(), op=hvd.Adasum)
+    out["adasum_skip"] = _raises(lambda: opt.skip_synchronize().__enter__(), AssertionError)
+    refs = [_model(seed=0) for _ in range(n)]
+    ref_opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.5) for m in refs]
+    for step in range(STEPS):
+        opt.zero_grad()
+        x, y = _batch(step, r)
+        F.nll_loss(model(x), y).backward()
+        opt.step()
+        starts = [[p.detach().clone() for p in m.parameters()] for m in refs]
+        for q, (m, o) in enumerate(zip(refs, ref_opts)):
+            o.zero_grad()
+            F.nll_loss(m(_batch(step, q)[0]), _batch(step, q)[1]).backward()
+            o.step()
+        with torch.no_grad():
+            for i, ps in enumerate(zip(*(m.parameters() for m in refs))):
+                delta = _adasum_ref([(p - s[i]).numpy() for p, s in zip(ps, starts)])
+                for p, s in zip(ps, starts):
+                    p.copy_(s[i] + torch.from_numpy(delta))
+    out["adasum_opt"] = (_close(model, refs[0], rtol=1e-5, atol=1e-6),
+                         _close(model, _model(seed=0)))
+    # a joined rank gives zeros: the other's Adasum is its own tensor
+    out["adasum_join"] = hvd.allreduce(torch.tensor([3.0, 4.0]), op=hvd.Adasum).tolist() \
+        if r == 0 else None
+    hvd.join()
+    out["mismatch"] = _raises(lambda: hvd.allreduce(torch.zeros(3 + r), op=hvd.Adasum),
+                              hvd.HorovodInternalError)
+    return out
+
+
 def _hvd_cases(world: Any) -> dict[str, Any]:
     import torch
     import collectives.horovod as hvd
@@ -150,7 +225,11 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
                           hvd.allreduce(t, op=hvd.Sum, process_set=ps).tolist()
                           if ps.included() else None)
     hvd.barrier()
-    out["adasum"] = _raises(lambda: hvd.allreduce(t, op=hvd.Adasum), NotImplementedError)
+    out["adasum"] = (_raises(lambda: hvd.allreduce(t, op=hvd.Adasum), NotImplementedError),
+                     _raises(lambda: hvd.DistributedOptimizer(
+                         torch.optim.SGD(_model(0).parameters(), lr=0.1), op=hvd.Adasum),
+                         NotImplementedError),
+                     _raises(lambda: hvd.reducescatter(t, op=hvd.Adasum), NotImplementedError))
     # a collective join does not cover: every rank raises, naming the joined one
     if r == 0:
         out["join_allgather"] = _raises(hvd.join, RuntimeError)
@@ -171,6 +250,12 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
                               hvd.HorovodInternalError)
     hvd.shutdown()
     out["after"] = hvd.is_initialized()
+    # Adasum (power-of-two ranks) at 2 ranks: hvd over a group of the world
+    pair = world.group([0, 1])
+    if pair is not None:
+        hvd.init(comm=pair)
+        out["two"] = _adasum_cases(hvd)
+        hvd.shutdown()
     # Horovod's hvd.init(comm=MPI.COMM_...) with the mpi4py import changed too
     from collectives import MPI
     hvd.init(comm=MPI.COMM_SELF)
@@ -215,7 +300,8 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() ->
         share = [3, 2, 2][r]
         assert o["reducescatter"] == [[6.0, 6.0]] * share
         assert o["objects"] == ({"epoch": 6}, [0, 2, 4])
-        assert o["adasum"].startswith("NotImplementedError") and "Adasum" in o["adasum"]
+        assert all(e.startswith("NotImplementedError") and "Adasum" in e for e in o["adasum"])
+        assert "non-power of 2" in o["adasum"][0] and "non-power of 2" in o["adasum"][1]
         assert "RuntimeError" in o["join_allgather"] and "join" in o["join_allgather"]
         if r:
             assert "rank 0 has called hvd.join()" in o["join_allgather"], o["join_allgather"]
@@ -223,6 +309,15 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() ->
         assert "Mismatch" in o["mismatch"] and "rank 1" in o["mismatch"], o["mismatch"]
         assert o["after"] is False
         assert o["mpi_comm"] == (1, 0, [r, r + 1.0, r + 2.0]), o["mpi_comm"]
+        if r < 2:
+            two = o["two"]
+            assert two["orth_same"] == ([2.0, 2.0], [3.0, 4.0]), two["orth_same"]
+            assert two["values"][0] and two["values"][1] == res[0]["two"]["values"][1]
+            assert two["grouped"] == (True, True, torch.float16, True), two["grouped"]
+            assert two["adasum_opt"] == (True, False), two["adasum_opt"]
+            assert two["adasum_skip"].startswith("AssertionError")
+            assert two["adasum_join"] == ([3.0, 4.0] if r == 0 else None)
+            assert "Mismatch" in two["mismatch"] and "adasum" in two["mismatch"], two["mismatch"]
 
 
 @pytest.mark.timeout(120)
@@ -236,3 +331,58 @@ def test_horovod_mnist_example_runs_under_meshrun() -> None:
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 ranks: weights equal single-process full-batch training: True" in p.stdout
+
+
+class _FakeCtx:
+    """One rank of an in-process group for adasum_vhdd: messages through
+    queues (threads as ranks), no mesh."""
+
+    class _G:
+        def __init__(self, rank: int, size: int) -> None:
+            self.rank, self.size = rank, size
+
+    class _Sent:
+        def wait(self) -> None:
+            return None
+
+    def __init__(self, rank: int, size: int, boxes: dict[tuple[int, int], Any]) -> None:
+        self.g, self.boxes = self._G(rank, size), boxes
+
+    def isend(self, obj: Any, dst: int) -> Any:
+        import numpy as np
+        self.boxes[(self.g.rank, dst)].put(np.array(obj, copy=True))
+        return self._Sent()
+
+    def recv(self, src: int, out: Any) -> Any:
+        out[...] = self.boxes[(src, self.g.rank)].get(timeout=30)
+        return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_adasum_vector_halving_distance_doubling_equals_the_pairwise_tree(n: int) -> None:
+    """adasum_vhdd (Horovod's order: halves exchanged, each tensor's dot
+    and norms summed over the block) gives the pairwise tree's values on
+    every rank, the same bits on each; tensors cut anywhere by the halving,
+    an empty one, and a zero one (its coefficient stays 1)."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("torch")
+    import queue
+    import threading
+    from collectives.horovod.adasum import adasum_vhdd
+    counts = [5, 0, 1, 13, 2]
+    rng = np.random.default_rng(n)
+    data = [rng.standard_normal(sum(counts)) for _ in range(n)]
+    data[-1][5:6] = 0.0
+    boxes = {(i, j): queue.Queue() for i in range(n) for j in range(n)}
+    bufs = [d.copy() for d in data]
+    threads = [threading.Thread(target=adasum_vhdd, args=(_FakeCtx(q, n, boxes), bufs[q],
+                                                          counts)) for q in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ends = np.cumsum([0] + counts)
+    want = np.concatenate([_adasum_ref([d[s:e] for d in data])
+                           for s, e in zip(ends[:-1], ends[1:])])
+    assert all(np.array_equal(b, bufs[0]) for b in bufs)
+    np.testing.assert_allclose(bufs[0], want, rtol=1e-13, atol=1e-15)

@@ -4,9 +4,10 @@ under ``meshrun -n N`` (or torchrun, mpirun, srun, ``mesh.spawn``).
 
     basics.py     init and the ranks, process sets, the ops, Compression
     mpi_ops.py    the collectives with Horovod's arguments, handles (poll, synchronize)
+    adasum.py     op=hvd.Adasum: Horovod's pairwise combination, vector-halving distance-doubling
     control.py    join: each call announced on a control group first
     functions.py  broadcast_parameters, broadcast_optimizer_state, *_object
-    optimizer.py  DistributedOptimizer over collectives.GradReducer
+    optimizer.py  DistributedOptimizer over collectives.GradReducer; Adasum's delta optimizer
 """
 from .basics import (Adasum, Average, Compression, HorovodInternalError, Max, Min, Product,
                      ProcessSet, Sum, add_process_set, ccl_built, cross_rank, cross_size,

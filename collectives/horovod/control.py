@@ -19,7 +19,8 @@ import torch
 from mesh import Comm, MeshError
 
 from .. import api as C
-from .basics import OPS, _s, _world
+from .adasum import adasum_all_reduce
+from .basics import OPS, Adasum, _s, _world
 
 __all__ = ["join"]
 
@@ -93,8 +94,11 @@ def join(device: int = -1) -> int:
         kind = int(v[3])
         if kind == ALLREDUCE:
             shape = [int(d) for d in v[7:7 + int(v[6])]]
-            C.all_reduce(g, torch.zeros(shape, dtype=_DTYPES[v[5]], device=where),
-                         op=OPS[int(v[4])])
+            zeros = torch.zeros(shape, dtype=_DTYPES[v[5]], device=where)
+            if v[4] == Adasum:      # (zeros leave the others' Adasum as it is)
+                adasum_all_reduce(g, [zeros])
+            else:
+                C.all_reduce(g, zeros, op=OPS[int(v[4])])
         elif kind == BARRIER:
             C.barrier(g)
         elif kind == OPTIMIZER:

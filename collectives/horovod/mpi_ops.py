@@ -12,6 +12,7 @@ import torch
 
 from .. import api as C
 from . import control
+from .adasum import adasum_all_reduce
 from .basics import (OPS, Adasum, Average, Compression, ProcessSet, Sum, _comm, _s,
                      global_process_set)
 
@@ -63,12 +64,27 @@ def _op(op: int | None, average: bool | None, what: str) -> int:
         op = Sum if average is False else Average
     elif average is not None:
         raise ValueError(f"hvd.{what}: give op= or the deprecated average=, not both")
+    if op == Adasum and what == "allreduce":
+        return op
     if op == Adasum:
-        raise NotImplementedError(f"hvd.{what}: op=hvd.Adasum is not supported on meshrun: "
-                                  f"use hvd.Average (or Sum)")
+        raise NotImplementedError(f"rank {_s.world.rank if _s.world else 0}: hvd.{what}: "
+                                  f"op=hvd.Adasum is for allreduce (and "
+                                  f"DistributedOptimizer) only, as Horovod's")
     if op not in OPS:
         raise ValueError(f"hvd.{what}: op={op!r}: one of hvd.Average, Sum, Min, Max, Product")
     return op
+
+
+def adasum_checks(process_set: Any, g: Any, what: str) -> None:
+    """Horovod's refusals of op=hvd.Adasum (on every rank alike, before
+    any message)."""
+    if process_set is not global_process_set:
+        raise NotImplementedError(f"rank {g.rank}: hvd.{what}: Adasum does not support "
+                                  f"non-global process sets yet (as Horovod's)")
+    if g.size & (g.size - 1):
+        raise NotImplementedError(f"rank {g.rank}: hvd.{what}: Running Adasum with non-power "
+                                  f"of 2 ranks is not supported yet ({g.size} ranks; as "
+                                  f"Horovod's)")
 
 
 def _detached(t: Any) -> Any:
@@ -83,11 +99,16 @@ def _allreduce(tensor: Any, average: bool | None, op: int | None, pre: float, po
     once, the tiny short way included) and what finishes it."""
     op = _op(op, average, "allreduce")
     g = _comm(process_set, "allreduce")
+    if op == Adasum:
+        adasum_checks(process_set, g, "allreduce")
     t = _detached(tensor)
     control.announce(g, control.ALLREDUCE, "allreduce", t, op)
     if pre != 1.0:
         t.mul_(pre)
-    work = C.all_reduce(g, t, op=OPS[op], async_op=async_op)
+    if op == Adasum:
+        work = adasum_all_reduce(g, [t], async_op=async_op)
+    else:
+        work = C.all_reduce(g, t, op=OPS[op], async_op=async_op)
 
     def finish() -> Any:
         if post != 1.0:
