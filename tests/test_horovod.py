@@ -109,6 +109,43 @@ def _adasum_ref(vectors: list[Any]) -> Any:
     return vs[0].reshape(np.shape(vectors[0]))
 
 
+def _sync_bn(hvd: Any, steps: int = 2) -> tuple[bool, bool]:
+    """hvd.SyncBatchNorm (after a Conv2d, and a 1d one with momentum=None)
+    on uneven float64 batches (rank r: r + 2 rows), trained with
+    DistributedOptimizer: (weights and running statistics, eval outputs)
+    equal to torch's BatchNorm on the full batch in one process."""
+    import torch
+    n, r = hvd.size(), hvd.rank()
+
+    def net(bn2: Any, bn1: Any) -> Any:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), bn2(2), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3),
+                                   bn1(3, momentum=None)).double()
+    model = net(hvd.SyncBatchNorm, hvd.SyncBatchNorm)
+    ref = net(torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                   named_parameters=model.named_parameters())
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    rows = [q + 2 for q in range(n)]
+    total, mine = sum(rows), slice(sum(rows[:r]), sum(rows[:r + 1]))
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(total, 1, 6, 6, generator=g, dtype=torch.float64)
+        w = torch.randn(total, 3, generator=g, dtype=torch.float64)
+        opt.zero_grad()     # (averaged over the n ranks: the full batch's mean)
+        ((model(x[mine]) * w[mine]).sum() * n / total).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        ((ref(x) * w).sum() / total).backward()
+        ref_opt.step()
+    model.eval()
+    ref.eval()
+    x = torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    return _close(model, ref, rtol=1e-10, atol=1e-12), \
+        torch.allclose(model(x), ref(x), rtol=1e-10, atol=1e-12)
+
+
 def _adasum_cases(hvd: Any) -> dict[str, Any]:
     """Adasum on 2 ranks: values against _adasum_ref, and Horovod's delta
     optimizer against n optimizers stepped in one process."""
@@ -163,6 +200,7 @@ def _adasum_cases(hvd: Any) -> dict[str, Any]:
     out["adasum_join"] = hvd.allreduce(torch.tensor([3.0, 4.0]), op=hvd.Adasum).tolist() \
         if r == 0 else None
     hvd.join()
+    out["sync_bn"] = _sync_bn(hvd)
     out["mismatch"] = _raises(lambda: hvd.allreduce(torch.zeros(3 + r), op=hvd.Adasum),
                               hvd.HorovodInternalError)
     return out
@@ -230,6 +268,7 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
                          torch.optim.SGD(_model(0).parameters(), lr=0.1), op=hvd.Adasum),
                          NotImplementedError),
                      _raises(lambda: hvd.reducescatter(t, op=hvd.Adasum), NotImplementedError))
+    out["sync_bn"] = _sync_bn(hvd)
     # a collective join does not cover: every rank raises, naming the joined one
     if r == 0:
         out["join_allgather"] = _raises(hvd.join, RuntimeError)
@@ -250,7 +289,7 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
                               hvd.HorovodInternalError)
     hvd.shutdown()
     out["after"] = hvd.is_initialized()
-    # Adasum (power-of-two ranks) at 2 ranks: hvd over a group of the world
+    # Adasum (power-of-two ranks) and SyncBatchNorm at 2 ranks: hvd over a group of the world
     pair = world.group([0, 1])
     if pair is not None:
         hvd.init(comm=pair)
@@ -302,6 +341,7 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() ->
         assert o["objects"] == ({"epoch": 6}, [0, 2, 4])
         assert all(e.startswith("NotImplementedError") and "Adasum" in e for e in o["adasum"])
         assert "non-power of 2" in o["adasum"][0] and "non-power of 2" in o["adasum"][1]
+        assert o["sync_bn"] == (True, True)
         assert "RuntimeError" in o["join_allgather"] and "join" in o["join_allgather"]
         if r:
             assert "rank 0 has called hvd.join()" in o["join_allgather"], o["join_allgather"]
@@ -317,6 +357,7 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() ->
             assert two["adasum_opt"] == (True, False), two["adasum_opt"]
             assert two["adasum_skip"].startswith("AssertionError")
             assert two["adasum_join"] == ([3.0, 4.0] if r == 0 else None)
+            assert two["sync_bn"] == (True, True)
             assert "Mismatch" in two["mismatch"] and "adasum" in two["mismatch"], two["mismatch"]
 
 

@@ -8,6 +8,7 @@ under ``meshrun -n N`` (or torchrun, mpirun, srun, ``mesh.spawn``).
     control.py    join: each call announced on a control group first
     functions.py  broadcast_parameters, broadcast_optimizer_state, *_object
     optimizer.py  DistributedOptimizer over collectives.GradReducer; Adasum's delta optimizer
+    sync_batch_norm.py  SyncBatchNorm: batch statistics over every rank's batch
 """
 from .basics import (Adasum, Average, Compression, HorovodInternalError, Max, Min, Product,
                      ProcessSet, Sum, add_process_set, ccl_built, cross_rank, cross_size,
@@ -25,6 +26,7 @@ from .mpi_ops import (allgather, allgather_async, allreduce, allreduce_, allredu
                       grouped_allreduce_async_, poll, reducescatter, reducescatter_async,
                       synchronize)
 from .optimizer import DistributedOptimizer
+from .sync_batch_norm import SyncBatchNorm
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
            "cross_rank", "cross_size", "is_homogeneous", "Average", "Sum", "Adasum", "Min",
@@ -36,6 +38,6 @@ __all__ = ["init", "shutdown", "is_initialized", "rank", "size", "local_rank", "
            "broadcast_", "broadcast_async_", "alltoall", "alltoall_async", "reducescatter",
            "reducescatter_async", "barrier", "join", "poll", "synchronize",
            "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object",
-           "allgather_object", "DistributedOptimizer", "mpi_threads_supported", "mpi_enabled",
-           "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "ddl_built", "ccl_built",
-           "cuda_built", "rocm_built"]
+           "allgather_object", "DistributedOptimizer", "SyncBatchNorm", "mpi_threads_supported",
+           "mpi_enabled", "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "ddl_built",
+           "ccl_built", "cuda_built", "rocm_built"]
