@@ -8,7 +8,8 @@
     comm.Allreduce(MPI.IN_PLACE, [a, MPI.DOUBLE], op=MPI.MAX)
 
 A thin layer over meshrun's public calls (collectives.mpi_compat: types.py
-the datatypes, ops and constants; buffers.py the buffer specs; p2p.py,
+the ops and constants, datatypes.py the datatypes, the derived ones too;
+buffers.py the buffer specs; p2p.py,
 requests.py and message.py point-to-point; coll.py the buffer
 collectives, objects.py the lowercase ones; comm.py the communicators;
 win.py the one-sided windows over comm.window; tuples.py keeps the lowercase
@@ -34,11 +35,12 @@ from .mpi_compat.requests import REQUEST_NULL, Grequest, Prequest, Request, Stat
 from .mpi_compat.win import (LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE,
                              MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED, WIN_BASE, WIN_DISP_UNIT,
                              WIN_SIZE, Win)
+from .mpi_compat.datatypes import ORDER_C, ORDER_F, ORDER_FORTRAN
 from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DATATYPES,
-                               DIST_GRAPH, ERR_OTHER, ERR_TRUNCATE, GRAPH, IDENT, IN_PLACE,
-                               OPS, PROC_NULL, ROOT, SIMILAR, SUCCESS, TAG_UB, THREAD_FUNNELED,
-                               THREAD_MULTIPLE, THREAD_SERIALIZED, THREAD_SINGLE, UNDEFINED,
-                               UNEQUAL, Datatype, Exception, Op)
+                               DIST_GRAPH, ERR_OTHER, ERR_TRUNCATE, ERR_TYPE, GRAPH, IDENT,
+                               IN_PLACE, OPS, PROC_NULL, ROOT, SIMILAR, SUCCESS, TAG_UB,
+                               THREAD_FUNNELED, THREAD_MULTIPLE, THREAD_SERIALIZED,
+                               THREAD_SINGLE, UNDEFINED, UNEQUAL, Datatype, Exception, Op)
 
 globals().update(DATATYPES)
 globals().update(OPS)
@@ -56,7 +58,8 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "MESSAGE_NULL", "MESSAGE_NO_PROC", "Datatype", "Op", "Exception", "ANY_SOURCE",
            "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "BOTTOM", "IDENT",
            "CONGRUENT", "SIMILAR", "UNEQUAL", "CART", "GRAPH", "DIST_GRAPH", "SUCCESS",
-           "ERR_TRUNCATE", "ERR_OTHER", "TAG_UB", "THREAD_SINGLE", "THREAD_FUNNELED",
+           "ERR_TRUNCATE", "ERR_OTHER", "ERR_TYPE", "ORDER_C", "ORDER_FORTRAN", "ORDER_F",
+           "DATATYPE_NULL", "TAG_UB", "THREAD_SINGLE", "THREAD_FUNNELED",
            "THREAD_SERIALIZED", "THREAD_MULTIPLE", "Init", "Init_thread", "Finalize",
            "Is_initialized", "Is_finalized", "Query_thread", "Is_thread_main", "Wtime",
            "Wtick", "Get_processor_name", "Get_version", "Get_library_version",

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "tests" / "scripts" / "mpi4py_tutorial.py"
+DATATYPES = ROOT / "tests" / "scripts" / "mpi4py_datatypes.py"
 
 
 def test_object_reductions_fold_in_mpi4pys_order() -> None:
@@ -72,9 +73,32 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
     with pytest.raises(TypeError, match="not a buffer"):
         spec({"x": 1}, "Send")
     assert MPI.DOUBLE_INT.Get_size() == 16 and MPI.INT.size == 4 and MPI.LONG.size == 8
-    with pytest.raises(NotImplementedError, match=r"derived datatypes \(Datatype.Create_st"):
+    with pytest.raises(NotImplementedError, match=r"Datatype.Create_struct is not provided"):
         MPI.Datatype.Create_struct      # (mpi-ref-v1's ex-3.02: a class's call in mpi4py)
     assert MPI.Compute_dims(12, 2) == [4, 3] and MPI.Compute_dims(12, [0, 2, 0]) == [3, 2, 2]
+    # a derived datatype's elements packed: a strided view's copy where regular (unpacked
+    # into their places by done()), indexed where not, bytes where off the elements' grid
+    m = np.arange(12.0).reshape(3, 4)
+    col = MPI.DOUBLE.Create_vector(3, 1, 4).Commit()
+    b = spec([m, (1, 0), col], "t", packs=True)
+    assert b.view.tolist() == [0, 4, 8] and b.typed
+    b.view[:] = [-1, -2, -3]
+    b.done()
+    assert m[:, 0].tolist() == [-1, -2, -3] and m[:, 1:].tolist() == [[1, 2, 3], [5, 6, 7],
+                                                                      [9, 10, 11]]
+    idx = MPI.INT.Create_indexed([2, 1], [3, 0]).Commit()
+    assert spec([np.arange(6, dtype="i"), 1, idx], "t", packs=True).view.tolist() == [3, 4, 0]
+    odd = MPI.INT.Create_hindexed([1, 2], [6, 0]).Commit()
+    raw = np.arange(12, dtype=np.uint8)
+    assert spec([raw, 1, odd], "t", packs=True).view.view(np.uint8).tolist() == \
+        [6, 7, 8, 9, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert (col.Get_extent(), col.size, odd.Get_true_extent()) == ((0, 72), 24, (0, 10))
+    with pytest.raises(ValueError, match="outside a buffer of 96 bytes"):
+        spec([m, 2, col], "Send", packs=True)
+    with pytest.raises(ValueError, match="can not infer the count"):
+        spec([m, col], "Send", packs=True)
+    with pytest.raises(MPI.Exception, match="not committed"):
+        spec([m, 1, MPI.DOUBLE.Create_contiguous(2)], "Send", packs=True)
     # Open MPI's values, as mpi4py has them (meshrun's ANY_TAG is another: mapped)
     assert (MPI.ANY_SOURCE, MPI.ANY_TAG, MPI.PROC_NULL, MPI.UNDEFINED) == (-1, -1, -2, -32766)
 
@@ -93,8 +117,12 @@ def test_what_is_not_provided_names_itself() -> None:
         MPI.COMM_NULL.Ialltoallv
     with pytest.raises(NotImplementedError, match="mesh.spawn"):
         MPI.COMM_NULL.Spawn
-    with pytest.raises(NotImplementedError, match="derived datatypes"):
-        MPI.DOUBLE.Create_vector
+    with pytest.raises(NotImplementedError, match="those of one element type are"):
+        MPI.DOUBLE.Create_darray
+    vec = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()
+    with pytest.raises(NotImplementedError, match="derived datatype: those are taken by the "
+                                                  "point-to-point calls.*not by Scan"):
+        MPI.COMM_NULL.Scan([np.zeros(3), 1, vec], np.zeros(2))
     with pytest.raises(AttributeError, match="not provided"):
         MPI.Attach_buffer
     assert MPI.COMM_NULL == MPI.COMM_NULL and not MPI.COMM_NULL
@@ -336,6 +364,41 @@ def _edges(world: Any) -> str:
     with pytest.raises(mesh.MeshError, match="it is active"):
         ar.Start()
     ar.Wait()
+    # derived datatypes (tests/scripts/mpi4py_datatypes.py compares them with mpi4py's): a
+    # column into another, the rest untouched; a shorter message into the first places
+    m = np.arange(12.0).reshape(3, 4) + 100 * r
+    col = MPI.DOUBLE.Create_vector(3, 1, 4).Commit()
+    two = MPI.DOUBLE.Create_subarray([3, 4], [3, 1], [0, 2]).Commit()
+    got = np.full((3, 4), -1.0)
+    req = comm.Irecv([got, 1, two], source=left, tag=30)
+    comm.Send([m, 1, col], dest=right, tag=30)
+    req.Wait()
+    assert got[:, 2].tolist() == [100 * left + 4 * i for i in range(3)], got
+    assert (np.delete(got, 2, axis=1) == -1).all()
+    comm.Send(np.arange(2.0), dest=right, tag=31)
+    part = np.full(12, -1.0)
+    comm.Recv([part, 1, col], source=left, tag=31, status=st)
+    assert part[:5].tolist() == [0, -1, -1, -1, 1] and (part[5:] == -1).all()
+    assert st.Get_elements(col) == 2 and st.Get_count(col) == MPI.UNDEFINED
+    # type signatures must match (the receiver names both ranks); uncommitted or freed: refused
+    comm.Send(np.arange(3, dtype="i"), dest=right, tag=32)
+    with pytest.raises(MPI.Exception, match=f"^rank {r}: collectives.MPI Recv from rank {left}, "
+                       f"tag 32, group world: the type signatures differ .*3 x int32.*float64"):
+        comm.Recv([got, 1, col], source=left, tag=32)
+    with pytest.raises(MPI.Exception, match="Send: .* is not committed") as e:
+        comm.Send([m, 1, MPI.DOUBLE.Create_vector(3, 1, 4)], dest=right)
+    assert e.value.Get_error_class() == MPI.ERR_TYPE
+    col.Free()
+    with pytest.raises(MPI.Exception, match="is freed"):
+        comm.Send([m, 1, col], dest=right)
+    # Scatter and Gather of a matrix's columns (a vector resized to one element's extent)
+    cols = MPI.INT.Create_vector(2, 1, n).Create_resized(0, 4).Commit()
+    mat = np.arange(2 * n, dtype="i").reshape(2, n)
+    mine = np.empty(2, "i")
+    comm.Scatter([mat, 1, cols] if r == 0 else None, mine, root=0)
+    assert mine.tolist() == [r, n + r], mine
+    comm.Gather(mine * 10, [mat, 1, cols] if r == 0 else None, root=0)
+    assert r or mat.tolist() == [[10 * j for j in range(n)], [10 * (n + j) for j in range(n)]]
     MPI.Finalize()      # (mesh.spawn's world is left open: spawn closes it)
     assert MPI.Is_finalized() and mesh.world.current() is world
     return "ok"
@@ -352,17 +415,24 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     with ANY_SOURCE, Iallreduce, Split, the object calls, MAXLOC and a user
     op, one-sided windows (a fence epoch of puts, accumulates from every
     rank, a counter's tickets by Fetch_and_op under Lock, a Compare_and_swap
-    spin lock), with ``from mpi4py import MPI`` changed to ``from collectives import
-    MPI``, under ``meshrun -n 3 --no-prefix``; the same bytes as real mpi4py's under
-    ``mpirun -n 3`` where both are installed. (3-5 s)"""
-    text = TUTORIAL.read_text()
-    assert text.count("from mpi4py import MPI\n") == 1
+    spin lock), then derived datatypes (tests/scripts/mpi4py_datatypes.py,
+    run in the same job: its layouts, halo columns, subarrays, Scatter and
+    Gather of column blocks...), with ``from mpi4py import MPI`` changed to
+    ``from collectives import MPI``, under ``meshrun -n 3 --no-prefix``; the
+    same bytes as real mpi4py's under ``mpirun -n 3`` where both are
+    installed. (3-5 s)"""
+    texts = [TUTORIAL.read_text(), DATATYPES.read_text()]
+    assert all(t.count("from mpi4py import MPI\n") == 1 for t in texts)
+    both = tmp_path / "both.py"         # (the two programs, one after the other)
+    both.write_text("\n".join(texts))
     ported = tmp_path / "tutorial.py"
-    ported.write_text(text.replace("from mpi4py import MPI\n", "from collectives import MPI\n"))
+    ported.write_text(both.read_text().replace("from mpi4py import MPI\n",
+                                               "from collectives import MPI\n"))
     code, mine = run_in_session([sys.executable, "-m", "mesh.launch", "-n", "3", "--no-prefix",
                                  str(ported)], launch_env(ROOT), 90, cwd=ROOT)
     assert code == 0, mine
-    assert mine.endswith("ALL OK 3\n"), mine
+    assert mine.endswith("ALL OK 3\n") and mine.count("ALL OK 3\n") == 2, mine
+    assert re.search(r"^coll .*\[\[0\.0, 1\.0\], \[6\.0, 7\.0\]", mine, re.M), mine
     assert re.search(r"^pi 1000 3\.14159\d+ 3\.14159\d+ True$", mine, re.M), mine
     if shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None:
         pytest.skip("Open MPI's mpirun or mpi4py is not installed: compared with nothing")
@@ -371,7 +441,7 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     # it refuses MPI_THREAD_MULTIPLE, mpi4py's default level)
     code, real = run_in_session(["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
                                  "self,tcp", "--mca", "osc", "pt2pt", "-n", "3", sys.executable,
-                                 str(TUTORIAL)],
+                                 str(both)],
                                 {**launch_env(ROOT), "MPI4PY_RC_THREAD_LEVEL": "serialized"},
                                 90, cwd=ROOT)
     assert code == 0, real

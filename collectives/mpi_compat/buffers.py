@@ -4,7 +4,10 @@ memory: ``buf``, ``[buf, MPI.DOUBLE]``, ``[buf, count, MPI.DOUBLE]``,
 displs, MPI.DOUBLE]`` (``[buf, counts, MPI.DOUBLE]``, ``[buf, (counts,
 displs), MPI.DOUBLE]``); ``MPI.IN_PLACE``. A buffer is any C-contiguous
 numpy array or object with the buffer protocol, seen as a flat array of
-the datatype's elements (its bytes reinterpreted, as MPI reads them)."""
+the datatype's elements (its bytes reinterpreted, as MPI reads them). A
+derived datatype's elements are packed into a contiguous array, the view
+that the call sends or receives into; a receiving call then unpacks it
+(``Buf.done``) into their places, the buffer's other bytes untouched."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,21 +15,46 @@ from typing import Any
 
 import numpy as np
 
-from .types import IN_PLACE, Datatype, datatype_of
+from .datatypes import Selection
+from .types import ERR_TYPE, IN_PLACE, Datatype, Exception as MPIException, datatype_of
 
-__all__ = ["Buf", "spec", "in_place", "vspec", "copy_into"]
+__all__ = ["Buf", "spec", "in_place", "vspec", "copy_into", "check_signature"]
 
 
 @dataclass
 class Buf:
     """A buffer spec read: ``flat``, the whole buffer as 1-D elements of its
     datatype; ``view``, its ``count`` elements from ``displ`` (what a send
-    sends and a receive fills); ``counts`` and ``displs`` for the v-calls."""
+    sends and a receive fills); ``counts`` and ``displs`` for the v-calls;
+    ``sel``, a derived datatype's elements (``view`` their packed copy,
+    ``flat`` the buffer's bytes)."""
 
     flat: np.ndarray
     view: np.ndarray
     counts: list[int] | None = None
     displs: list[int] | None = None
+    sel: Selection | None = None
+
+    @property
+    def typed(self) -> bool:
+        """Whether a message into it must hold its datatype's elements (a
+        derived one's; a predefined one reads any message's bytes)."""
+        return self.sel is not None
+
+    def done(self) -> None:
+        """A receive's elements into their places (a derived datatype's)."""
+        if self.sel is not None:
+            self.sel.put(self.view)
+
+    def done_with(self, value: Any) -> Any:
+        """``done``, as a receive request's finish (its value passed on)."""
+        self.done()
+        return value
+
+    def refresh(self) -> None:
+        """The buffer's elements packed again (a persistent send's start)."""
+        if self.sel is not None:
+            self.view[...] = self.sel.get()
 
 
 def in_place(buf: Any) -> bool:
@@ -80,27 +108,61 @@ def _parts(buf: Any, what: str) -> tuple[Any, list[Any], Any]:
     return buf, [], None
 
 
-def spec(buf: Any, what: str, *, per: int = 1) -> Buf:
+def _count(mid: list[Any], what: str, per: int) -> tuple[int, int] | None:
+    """A spec's (count, displacement), counts times ``per``; None: not given."""
+    if not mid:
+        return None
+    if len(mid) > 1:
+        raise TypeError(f"collectives.MPI {what}: [buf, count, datatype] takes one count")
+    c = mid[0]
+    if isinstance(c, (tuple, list)) and len(c) == 2:
+        return int(c[0]) * per, int(c[1])
+    return int(c) * per, 0
+
+
+def spec(buf: Any, what: str, *, per: int = 1, packs: bool = False) -> Buf:
     """A non-v spec. ``per``: the blocks the buffer holds when no count is
     given (a collective's receive buffer: one block a rank); the view is
-    then one block's count times ``per``."""
+    then one block's count times ``per``. ``packs``: the call takes a
+    derived datatype (packed, and unpacked by ``Buf.done`` where it
+    receives)."""
     data, mid, dt = _parts(buf, what)
+    if isinstance(dt, Datatype) and dt.typemap is not None:
+        return _packed(data, mid, dt, what, per, packs)
     flat = _flat(data, datatype_of(dt, what), what)
-    displ = 0
-    if not mid:
-        count = len(flat) // per * per
-    else:
-        c = mid[0]
-        if isinstance(c, (tuple, list)) and len(c) == 2:
-            count, displ = int(c[0]) * per, int(c[1])
-        else:
-            count = int(c) * per
-        if len(mid) > 1:
-            raise TypeError(f"collectives.MPI {what}: [buf, count, datatype] takes one count")
+    count, displ = _count(mid, what, per) or (len(flat) // per * per, 0)
     if displ < 0 or count < 0 or displ + count > len(flat):
         raise ValueError(f"collectives.MPI {what}: {count} elements from {displ} overrun a "
                          f"buffer of {len(flat)}")
     return Buf(flat, flat[displ:displ + count])
+
+
+def _packed(data: Any, mid: list[Any], dt: Datatype, what: str, per: int, packs: bool) -> Buf:
+    """A spec of a derived datatype: its items' elements packed (mpi4py's
+    displacement counts whole extents; with no count, the buffer holds whole
+    extents, as mpi4py infers it)."""
+    if not packs:
+        datatype_of(dt, what)       # (raises, naming the calls that take one)
+    if not dt.committed or dt.freed:
+        state, fix = ("freed", "make another") if dt.freed else ("not committed",
+                                                                  "call its Commit() first")
+        raise MPIException(ERR_TYPE, f"collectives.MPI {what}: {dt!r} is {state} "
+                                     f"(MPI_ERR_TYPE: invalid datatype): {fix}")
+    tm = dt.typemap
+    assert tm is not None
+    raw = _flat(data, None, what).view(np.uint8)
+    given = _count(mid, what, per)
+    if given is None:
+        if tm.extent <= 0 or len(raw) % tm.extent:
+            raise ValueError(f"collectives.MPI {what}: can not infer the count: a buffer of "
+                             f"{len(raw)} bytes is no whole number of {dt!r}'s extent, "
+                             f"{tm.extent}: give it, [buf, count, datatype]")
+        given = len(raw) // tm.extent // per * per, 0
+    count, displ = given
+    if count < 0:
+        raise ValueError(f"collectives.MPI {what}: a negative count, {count}")
+    sel = Selection(tm, dt.dtype, raw, count, displ * tm.extent, what)
+    return Buf(raw, sel.get(), sel=sel)
 
 
 def vspec(buf: Any, what: str, size: int) -> Buf:
@@ -109,7 +171,7 @@ def vspec(buf: Any, what: str, size: int) -> Buf:
     ranks an element more); displacements a sequence, one int (a stride) or
     None (packed); a pair ``(counts, displs)`` in place of the counts."""
     data, mid, dt = _parts(buf, what)
-    flat = _flat(data, datatype_of(dt, what), what)
+    flat = _flat(data, datatype_of(dt, what), what)     # (a derived one: refused, naming it)
     c: Any = mid[0] if mid else None
     d: Any = mid[1] if len(mid) > 1 else None
     if len(mid) == 1 and isinstance(c, tuple) and len(c) == 2:
@@ -129,6 +191,16 @@ def vspec(buf: Any, what: str, size: int) -> Buf:
     else:
         displs = _ints(d, what)
     return Buf(flat, flat, counts, displs)
+
+
+def check_signature(typed: bool, view: np.ndarray, got: Any, where: str) -> None:
+    """MPI's rule that a message's type signature match the receive's: where
+    ``typed`` (a derived datatype's ``view``) the message's elements must be
+    its elements' dtype (``where``: the call, naming the ranks)."""
+    if typed and isinstance(got, np.ndarray) and got.dtype != view.dtype:
+        raise MPIException(ERR_TYPE, f"{where}: the type signatures differ (MPI_ERR_TYPE): "
+                                     f"the message holds {got.size} x {got.dtype}, the "
+                                     f"receive's datatype takes {view.dtype}")
 
 
 def copy_into(dst: np.ndarray, src: Any, what: str) -> None:

@@ -3,7 +3,9 @@ Allgather, Alltoall, their v-forms, Reduce_scatter, Scan, Exscan, and
 the nonblocking Iallreduce, Ibcast, Ibarrier, Ireduce, Igather, Iscatter,
 Iallgather, Ialltoall: collectives' async_op, the result copied into the
 receive buffer at the wait) over collectives' calls: the buffer specs
-read as views of the caller's memory (buffers.py), each call one of
+read as views of the caller's memory (buffers.py; a derived datatype's
+elements packed, and unpacked into the receive buffer after, by the calls
+that PACKED_BY in types.py names), each call one of
 collectives' (the v-calls' counts, which MPI gives the root alone, one small
 all_gather more), results written into the receive buffer."""
 from __future__ import annotations
@@ -16,7 +18,7 @@ import mesh
 
 from .. import api as C
 from .. import persistent as P
-from .buffers import Buf, copy_into, in_place, spec, vspec
+from .buffers import Buf, check_signature, copy_into, in_place, spec, vspec
 from .requests import Prequest, Request
 from .types import OPS, Op
 
@@ -62,22 +64,26 @@ def _loc(g: mesh.Comm, send: np.ndarray, recv: np.ndarray | None, op: Op, what: 
 
 
 def _gathering(g: mesh.Comm, sendbuf: Any, recvbuf: Any, what: str,
-               root: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+               root: int | None = None) -> tuple[np.ndarray, Buf | None]:
     """A Gather's (``root``) or an Allgather's (None) block to send and
     receive buffer (None off the root): with IN_PLACE, a copy of the rank's
     own block of the receive buffer, where MPI reads it."""
     own = g.rank if root is None else root
-    recv = spec(recvbuf, what, per=g.size).view if g.rank == own else None
+    recv = spec(recvbuf, what, per=g.size, packs=True) if g.rank == own else None
     if in_place(sendbuf) and recv is not None:
-        k = len(recv) // g.size
-        return recv[own * k:(own + 1) * k].copy(), recv
-    return spec(sendbuf, what).view, recv
+        k = len(recv.view) // g.size
+        return recv.view[own * k:(own + 1) * k].copy(), recv
+    return spec(sendbuf, what, packs=True).view, recv
 
 
-def _into(recv: np.ndarray | None, got: Any, what: str) -> None:
-    """A nonblocking collective's result into its receive buffer, at its wait."""
+def _into(g: mesh.Comm, recv: Buf | None, got: Any, what: str) -> None:
+    """A collective's result into its receive buffer (a nonblocking one's at
+    its wait), a derived datatype's elements unpacked into their places."""
     if recv is not None and got is not None:
-        copy_into(recv, got, what)
+        check_signature(recv.typed, recv.view, got,
+                        f"rank {g.rank}: collectives.MPI {what}, group {g.name}")
+        copy_into(recv.view, got, what)
+        recv.done()
 
 
 class Collectives:
@@ -95,7 +101,10 @@ class Collectives:
     barrier = Barrier
 
     def Bcast(self, buf: Any, root: int = 0) -> None:
-        C.broadcast(self._g, spec(buf, "Bcast").view, root)
+        b = spec(buf, "Bcast", packs=True)
+        C.broadcast(self._g, b.view, root)
+        if self._g.rank != root:
+            b.done()
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM, root: int = 0) -> None:
         g, mine = self._g, self._g.rank == root
@@ -238,7 +247,9 @@ class Collectives:
         return Request(C.all_reduce(self._g, recv, coll_op(op, "Iallreduce"), async_op=True))
 
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
-        return Request(C.broadcast(self._g, spec(buf, "Ibcast").view, root, async_op=True))
+        b = spec(buf, "Ibcast", packs=True)
+        work = C.broadcast(self._g, b.view, root, async_op=True)
+        return Request(work, finish=b.done_with if b.typed and self._g.rank != root else None)
 
     def Ibarrier(self) -> Request:
         return Request(C.barrier(self._g, async_op=True))
@@ -258,62 +269,62 @@ class Collectives:
         g = self._g
         send, recv = _gathering(g, sendbuf, recvbuf, "Igather", root)
         return Request(C.gather(g, send, root, async_op=True),
-                       finish=lambda rows: _into(recv, rows, "Igather"))
+                       finish=lambda rows: _into(g, recv, rows, "Igather"))
 
     def Iscatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
         g = self._g
-        blocks = spec(sendbuf, "Iscatter", per=g.size).view.reshape(g.size, -1) \
+        blocks = spec(sendbuf, "Iscatter", per=g.size, packs=True).view.reshape(g.size, -1) \
             if g.rank == root else None
-        recv = None if in_place(recvbuf) else spec(recvbuf, "Iscatter").view
+        recv = None if in_place(recvbuf) else spec(recvbuf, "Iscatter", packs=True)
         work = C.scatter(g, blocks, root, async_op=True,
-                         dtype=None if recv is None else recv.dtype,
-                         shape=None if recv is None else recv.shape)
-        return Request(work, finish=lambda row: _into(recv, row, "Iscatter"))
+                         dtype=None if recv is None else recv.view.dtype,
+                         shape=None if recv is None else recv.view.shape)
+        return Request(work, finish=lambda row: _into(g, recv, row, "Iscatter"))
 
     def Iallgather(self, sendbuf: Any, recvbuf: Any) -> Request:
         g = self._g
         send, recv = _gathering(g, sendbuf, recvbuf, "Iallgather")
         return Request(C.all_gather(g, send, async_op=True),
-                       finish=lambda rows: _into(recv, rows, "Iallgather"))
+                       finish=lambda rows: _into(g, recv, rows, "Iallgather"))
 
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
         g = self._g
-        recv = spec(recvbuf, "Ialltoall", per=g.size).view
-        send = recv.copy() if in_place(sendbuf) else spec(sendbuf, "Ialltoall", per=g.size).view
+        recv = spec(recvbuf, "Ialltoall", per=g.size, packs=True)
+        send = recv.view.copy() if in_place(sendbuf) else \
+            spec(sendbuf, "Ialltoall", per=g.size, packs=True).view
         return Request(C.all_to_all(g, send.reshape(g.size, -1), async_op=True),
-                       finish=lambda got: _into(recv, got, "Ialltoall"))
+                       finish=lambda got: _into(g, recv, got, "Ialltoall"))
 
     def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         g = self._g
         send, recv = _gathering(g, sendbuf, recvbuf, "Gather", root)
-        rows = C.gather(g, send, root)
-        if recv is not None:
-            copy_into(recv, rows, "Gather")
+        _into(g, recv, C.gather(g, send, root), "Gather")
 
     def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         g = self._g
         mine = g.rank == root
         blocks = None
         if mine:
-            send = spec(sendbuf, "Scatter", per=g.size).view
+            send = spec(sendbuf, "Scatter", per=g.size, packs=True).view
             blocks = send.reshape(g.size, -1)
         if in_place(recvbuf) and blocks is not None:
             C.scatter(g, blocks, root)
             return
-        recv = spec(recvbuf, "Scatter").view
-        row = C.scatter(g, blocks, root, dtype=recv.dtype, shape=recv.shape)
-        copy_into(recv, row, "Scatter")
+        recv = spec(recvbuf, "Scatter", packs=True)
+        row = C.scatter(g, blocks, root, dtype=recv.view.dtype, shape=recv.view.shape)
+        _into(g, recv, row, "Scatter")
 
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
         g = self._g
         send, recv = _gathering(g, sendbuf, recvbuf, "Allgather")
-        _into(recv, C.all_gather(g, send), "Allgather")
+        _into(g, recv, C.all_gather(g, send), "Allgather")
 
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
         g = self._g
-        recv = spec(recvbuf, "Alltoall", per=g.size).view
-        send = recv.copy() if in_place(sendbuf) else spec(sendbuf, "Alltoall", per=g.size).view
-        copy_into(recv, C.all_to_all(g, send.reshape(g.size, -1)), "Alltoall")
+        recv = spec(recvbuf, "Alltoall", per=g.size, packs=True)
+        send = recv.view.copy() if in_place(sendbuf) else \
+            spec(sendbuf, "Alltoall", per=g.size, packs=True).view
+        _into(g, recv, C.all_to_all(g, send.reshape(g.size, -1)), "Alltoall")
 
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         g = self._g

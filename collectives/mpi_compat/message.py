@@ -28,14 +28,15 @@ class Message:
 
     def Recv(self, buf: Any, status: Status | None = None) -> None:
         from .buffers import spec
-        view = spec(buf, "Message.Recv").view
+        b = spec(buf, "Message.Recv", packs=True)
         st = mesh.Status()
         msg = self._need()
         try:
-            msg.recv(out=view, status=st)
+            msg.recv(out=b.view, status=st)
         except OutMismatchError:
             assert self._g is not None      # (a Message with a message has its group)
-            fit(view, msg.recv(status=st), st, "Message.Recv", self._g)
+            fit(b.view, msg.recv(status=st), st, "Message.Recv", self._g, b.typed)
+        b.done()
         fill(status, st)
         self._msg = None
 

@@ -1,20 +1,33 @@
 """mpi4py's point-to-point calls on a communicator, over meshrun's: the
-uppercase ones take buffer specs (collectives.mpi_compat.buffers), the
+uppercase ones take buffer specs (collectives.mpi_compat.buffers; a derived
+datatype's elements packed to send, unpacked at a receive's end), the
 lowercase ones objects (msgpack, never pickle) and arrays; receives take
 ANY_SOURCE and ANY_TAG unless told, as mpi4py's do."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import mesh
 
-from .buffers import spec
+from .buffers import Buf, spec
 from .message import Message
 from .requests import Into, Prequest, Request, Status, fill, receive_into
 from .tuples import unwrap, wrap
 from .types import ANY_SOURCE, ANY_TAG, mesh_tag
 
 __all__ = ["PointToPoint"]
+
+
+def _packing(b: Buf) -> Callable[[], None] | None:
+    """A persistent send's step at each start: a derived datatype's
+    elements packed again (a predefined one's view is the buffer itself)."""
+    return b.refresh if b.typed else None
+
+
+def _unpacking(b: Buf) -> Callable[[Any], Any] | None:
+    """A receive request's step at its wait: a derived datatype's elements
+    unpacked into their places."""
+    return b.done_with if b.typed else None
 
 
 class PointToPoint:
@@ -30,87 +43,99 @@ class PointToPoint:
 
     # -- blocking, buffers --------------------------------------------------------------
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:
-        self._g.send(spec(buf, "Send").view, dest, tag)
+        self._g.send(spec(buf, "Send", packs=True).view, dest, tag)
 
     def Ssend(self, buf: Any, dest: int, tag: int = 0) -> None:
-        self._g.ssend(spec(buf, "Ssend").view, dest, tag)
+        self._g.ssend(spec(buf, "Ssend", packs=True).view, dest, tag)
 
     def Bsend(self, buf: Any, dest: int, tag: int = 0) -> None:
-        self._g.bsend(spec(buf, "Bsend").view, dest, tag)
+        self._g.bsend(spec(buf, "Bsend", packs=True).view, dest, tag)
 
     def Rsend(self, buf: Any, dest: int, tag: int = 0) -> None:
-        self._g.send(spec(buf, "Rsend").view, dest, tag)
+        self._g.send(spec(buf, "Rsend", packs=True).view, dest, tag)
 
     def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG,
              status: Status | None = None) -> None:
         """Into ``buf``; a shorter message fills its start (Status.Get_count
         says how much), a longer one raises MPI.Exception (ERR_TRUNCATE)."""
+        b = spec(buf, "Recv", packs=True)
         st = mesh.Status()
         self._posting()
-        receive_into(self._g, spec(buf, "Recv").view, source, mesh_tag(tag), st, "Recv")
+        receive_into(self._g, b.view, source, mesh_tag(tag), st, "Recv", typed=b.typed)
+        b.done()
         fill(status, st)
 
     def Sendrecv(self, sendbuf: Any, dest: int, sendtag: int = 0, recvbuf: Any = None,
                  source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
                  status: Status | None = None) -> None:
-        view = spec(recvbuf, "Sendrecv").view
+        b = spec(recvbuf, "Sendrecv", packs=True)
         st = mesh.Status()
         self._posting()
         try:
-            self._g.sendrecv(spec(sendbuf, "Sendrecv").view, dest, source, sendtag,
-                             mesh_tag(recvtag), out=view, status=st)
+            self._g.sendrecv(spec(sendbuf, "Sendrecv", packs=True).view, dest, source, sendtag,
+                             mesh_tag(recvtag), out=b.view, status=st)
         except mesh.OutMismatchError:     # (sent: the receive's message kept, as Recv's)
-            receive_into(self._g, view, source, mesh_tag(recvtag), st, "Sendrecv")
+            receive_into(self._g, b.view, source, mesh_tag(recvtag), st, "Sendrecv",
+                         typed=b.typed)
+        b.done()
         fill(status, st)
 
     def Sendrecv_replace(self, buf: Any, dest: int, sendtag: int = 0,
                          source: int = ANY_SOURCE, recvtag: int = ANY_TAG,
                          status: Status | None = None) -> None:
-        view = spec(buf, "Sendrecv_replace").view
+        b = spec(buf, "Sendrecv_replace", packs=True)
         st = mesh.Status()
         self._posting()
-        self._g.sendrecv(view, dest, source, sendtag, mesh_tag(recvtag), out=view, status=st)
+        self._g.sendrecv(b.view, dest, source, sendtag, mesh_tag(recvtag), out=b.view,
+                         status=st)
+        b.done()
         fill(status, st)
 
     # -- nonblocking, buffers -----------------------------------------------------------
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
-        return Request(self._g.isend(spec(buf, "Isend").view, dest, tag))
+        return Request(self._g.isend(spec(buf, "Isend", packs=True).view, dest, tag))
 
     def Issend(self, buf: Any, dest: int, tag: int = 0) -> Request:
-        return Request(self._g.issend(spec(buf, "Issend").view, dest, tag))
+        return Request(self._g.issend(spec(buf, "Issend", packs=True).view, dest, tag))
 
     def Ibsend(self, buf: Any, dest: int, tag: int = 0) -> Request:
-        return Request(self._g.ibsend(spec(buf, "Ibsend").view, dest, tag))
+        return Request(self._g.ibsend(spec(buf, "Ibsend", packs=True).view, dest, tag))
 
     def Irsend(self, buf: Any, dest: int, tag: int = 0) -> Request:
-        return Request(self._g.isend(spec(buf, "Irsend").view, dest, tag))
+        return Request(self._g.isend(spec(buf, "Irsend", packs=True).view, dest, tag))
 
     def Irecv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
-        view = spec(buf, "Irecv").view
+        b = spec(buf, "Irecv", packs=True)
         mine = self._posting()
         tag = mesh_tag(tag)
-        into = Into(view, self._g, source, tag, lambda: self._posted == mine)
-        return Request(self._g.irecv(source, tag, out=view), into=into)
+        into = Into(b.view, self._g, source, tag, lambda: self._posted == mine, b.typed)
+        return Request(self._g.irecv(source, tag, out=b.view), into=into,
+                       finish=_unpacking(b))
 
     # -- persistent ---------------------------------------------------------------------
     def Send_init(self, buf: Any, dest: int, tag: int = 0) -> Prequest:
-        return Prequest(self._g.send_init(spec(buf, "Send_init").view, dest, tag))
+        b = spec(buf, "Send_init", packs=True)
+        return Prequest(self._g.send_init(b.view, dest, tag), before=_packing(b))
 
     def Ssend_init(self, buf: Any, dest: int, tag: int = 0) -> Prequest:
-        return Prequest(self._g.ssend_init(spec(buf, "Ssend_init").view, dest, tag))
+        b = spec(buf, "Ssend_init", packs=True)
+        return Prequest(self._g.ssend_init(b.view, dest, tag), before=_packing(b))
 
     def Bsend_init(self, buf: Any, dest: int, tag: int = 0) -> Prequest:
-        return Prequest(self._g.bsend_init(spec(buf, "Bsend_init").view, dest, tag))
+        b = spec(buf, "Bsend_init", packs=True)
+        return Prequest(self._g.bsend_init(b.view, dest, tag), before=_packing(b))
 
     def Rsend_init(self, buf: Any, dest: int, tag: int = 0) -> Prequest:
-        return Prequest(self._g.rsend_init(spec(buf, "Rsend_init").view, dest, tag))
+        b = spec(buf, "Rsend_init", packs=True)
+        return Prequest(self._g.rsend_init(b.view, dest, tag), before=_packing(b))
 
     def Recv_init(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Prequest:
         """(each start's message must fill the buffer: meshrun's OutMismatchError
         otherwise)"""
+        b = spec(buf, "Recv_init", packs=True)
         self._posting()
-        return Prequest(self._g.recv_init(source, mesh_tag(tag),
-                                          out=spec(buf, "Recv_init").view))
+        return Prequest(self._g.recv_init(source, mesh_tag(tag), out=b.view),
+                        finish=_unpacking(b))
 
     # -- probes -------------------------------------------------------------------------
     def Probe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,

@@ -15,7 +15,7 @@ import numpy as np
 import mesh
 from mesh.errors import MeshError, MeshTimeoutError, OutMismatchError
 
-from .buffers import copy_into
+from .buffers import check_signature, copy_into
 from .types import ANY_SOURCE, ANY_TAG, ERR_TRUNCATE, UNDEFINED, Datatype, Exception, mpi_tag
 
 __all__ = ["Status", "Request", "Prequest", "Grequest", "REQUEST_NULL", "receive_into", "fill",
@@ -57,7 +57,12 @@ class Status:
                                           else np.dtype(datatype).itemsize)
         return self.nbytes // size if self.nbytes % size == 0 else UNDEFINED
 
-    Get_elements = Get_count
+    def Get_elements(self, datatype: Any) -> int:
+        """Basic elements the message held: a derived datatype's element
+        dtype's (a partial item's too), else as Get_count."""
+        if isinstance(datatype, Datatype) and datatype.typemap is not None:
+            return self.Get_count(datatype.dtype)
+        return self.Get_count(datatype)
     count = property(lambda self: self.Get_count())
 
     def Is_cancelled(self) -> bool:
@@ -76,33 +81,34 @@ def fill(status: Status | None, st: mesh.Status | None) -> None:
         status.cancelled = False
 
 
-def fit(view: np.ndarray, data: Any, st: mesh.Status, what: str, g: mesh.Comm) -> None:
+def fit(view: np.ndarray, data: Any, st: mesh.Status, what: str, g: mesh.Comm,
+        typed: bool = False) -> None:
     """A message that did not fit ``view`` exactly, into its start (MPI's
     receive of a shorter message), or MPI's ERR_TRUNCATE (naming the rank
-    of ``g``, the receiver's group, as meshrun's errors do)."""
+    of ``g``, the receiver's group, as meshrun's errors do); ``typed``: a
+    derived datatype's view, whose elements the message's must be."""
+    where = f"rank {g.rank}: collectives.MPI {what} from rank {st.source}, tag {st.tag}, " \
+            f"group {g.name}"
     if not isinstance(data, np.ndarray):
-        raise TypeError(f"rank {g.rank}: collectives.MPI {what} from rank {st.source}, tag "
-                        f"{st.tag}, group {g.name}: the "
-                        f"message is an object (sent by lowercase send), not an array: "
-                        f"receive it with the lowercase recv")
+        raise TypeError(f"{where}: the message is an object (sent by lowercase send), not an "
+                        f"array: receive it with the lowercase recv")
+    check_signature(typed, view, data, where)
     if data.nbytes > view.nbytes:
-        raise Exception(ERR_TRUNCATE, f"rank {g.rank}: collectives.MPI {what} from rank "
-                                      f"{st.source}, tag {st.tag}, group {g.name}: message "
-                                      f"truncated (MPI_ERR_TRUNCATE): "
+        raise Exception(ERR_TRUNCATE, f"{where}: message truncated (MPI_ERR_TRUNCATE): "
                                       f"{data.nbytes} bytes for a buffer of {view.nbytes}")
     copy_into(view, data, what)
 
 
 def receive_into(comm: mesh.Comm, view: np.ndarray, src: int, tag: int, st: mesh.Status,
-                 what: str, timeout: float | None = None) -> None:
+                 what: str, timeout: float | None = None, typed: bool = False) -> None:
     """Recv into ``view``: straight in where the message fits it exactly,
     else (meshrun refuses it, keeping the message) taken by mprobe and
-    copied into its start."""
+    copied into its start (``typed``: as ``fit``'s)."""
     try:
         comm.recv(src, tag, out=view, status=st, timeout=timeout)
     except OutMismatchError:
         msg = comm.mprobe(src, tag, timeout=timeout)
-        fit(view, msg.recv(status=st), st, what, comm)
+        fit(view, msg.recv(status=st), st, what, comm, typed)
 
 
 class Request:
@@ -169,7 +175,7 @@ class Request:
                         f"Status.Get_count), or Mprobe then Message.Irecv") from None
                 msg = into.comm.mprobe(into.src, into.tag, timeout=timeout)
                 value = into.view
-                fit(into.view, msg.recv(status=st), st, "Irecv", into.comm)
+                fit(into.view, msg.recv(status=st), st, "Irecv", into.comm, into.typed)
             fill(status, st)
         else:
             value = r.wait(timeout)
@@ -356,16 +362,19 @@ class Into:
     src: int
     tag: int
     last: Callable[[], bool]
+    typed: bool = False
 
 
 class Prequest(Request):
     """mpi4py's Prequest (Send_init, Recv_init, Allreduce_init...): Start,
     Startall, then the completion calls; it stays usable after its wait.
     ``before``: what each start does first (a persistent collective's send
-    buffer copied into the receive buffer it runs in place on)."""
+    buffer copied into the receive buffer it runs in place on, a derived
+    datatype's elements packed); ``finish``, as Request's, at each wait."""
 
-    def __init__(self, req: Any = None, *, before: Callable[[], None] | None = None) -> None:
-        super().__init__(req)
+    def __init__(self, req: Any = None, *, before: Callable[[], None] | None = None,
+                 finish: Callable[[Any], Any] | None = None) -> None:
+        super().__init__(req, finish=finish)
         self._before = before
 
     def _starting(self) -> None:

@@ -1,5 +1,6 @@
 """mpi4py's constants, datatypes and reduction ops, as collectives.MPI has
-them: a Datatype names a numpy dtype, an Op names a collective's op
+them: a Datatype names a numpy dtype (datatypes.py; the derived ones
+too), an Op names a collective's op
 (``"sum"``...), a collectives.Op for ``Op.Create``, and the Python function
 mpi4py's lowercase calls fold objects with."""
 from __future__ import annotations
@@ -12,12 +13,13 @@ import numpy as np
 import mesh
 
 from ..userop import Op as _UserOp
+from .datatypes import Datatype
 
 __all__ = ["ANY_SOURCE", "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "BOTTOM",
            "THREAD_SINGLE", "THREAD_FUNNELED", "THREAD_SERIALIZED", "THREAD_MULTIPLE",
            "IDENT", "CONGRUENT", "SIMILAR", "UNEQUAL", "CART", "GRAPH", "DIST_GRAPH",
-           "SUCCESS", "ERR_TRUNCATE", "ERR_OTHER", "TAG_UB", "mesh_tag", "mpi_tag", "Datatype",
-           "Op", "Exception", "DATATYPES", "OPS", "datatype_of"]
+           "SUCCESS", "ERR_TRUNCATE", "ERR_OTHER", "ERR_TYPE", "TAG_UB", "mesh_tag", "mpi_tag",
+           "Datatype", "Op", "Exception", "DATATYPES", "OPS", "datatype_of", "PACKED_BY"]
 
 ANY_SOURCE: int = mesh.ANY_SOURCE
 ANY_TAG = -1                # (Open MPI's, as mpi4py has it; meshrun's is mesh.ANY_TAG)
@@ -27,7 +29,7 @@ ROOT = -4
 THREAD_SINGLE, THREAD_FUNNELED, THREAD_SERIALIZED, THREAD_MULTIPLE = 0, 1, 2, 3
 IDENT, CONGRUENT, SIMILAR, UNEQUAL = 0, 1, 2, 3
 CART, GRAPH, DIST_GRAPH = 1, 2, 3
-SUCCESS, ERR_TRUNCATE, ERR_OTHER = 0, 15, 16
+SUCCESS, ERR_TYPE, ERR_TRUNCATE, ERR_OTHER = 0, 3, 15, 16
 TAG_UB = 0                  # (a keyval: comm.Get_attr(MPI.TAG_UB), the largest tag)
 
 
@@ -76,65 +78,6 @@ class Exception(RuntimeError):      # noqa: A001 (mpi4py's name: MPI.Exception)
         return str(self)
 
 
-def _derived(owner: str, name: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"collectives.MPI: derived datatypes ({owner}.{name}) are not provided: "
-        f"send numpy arrays (a strided view, a structured array's field or a "
-        f"contiguous block) with their own dtype instead")
-
-
-class _DatatypeMeta(type):
-    """``MPI.Datatype.Create_struct(...)`` (a class's call in mpi4py) names
-    itself as the instances' ``Create_*`` do."""
-
-    def __getattr__(cls, name: str) -> Any:
-        if name.startswith("Create_"):
-            raise _derived("Datatype", name)
-        raise AttributeError(f"collectives.MPI.Datatype has no {name}")
-
-
-class Datatype(metaclass=_DatatypeMeta):
-    """An MPI datatype as the numpy dtype of its elements (MPI.DOUBLE:
-    float64); the pair types (MPI.DOUBLE_INT...) as a structured dtype of a
-    value ``v`` and an index ``i``, for MAXLOC and MINLOC."""
-
-    def __init__(self, name: str, dtype: Any) -> None:
-        self.name = name
-        self.dtype = np.dtype(dtype)
-
-    def __repr__(self) -> str:
-        return f"MPI.{self.name}"
-
-    def Get_size(self) -> int:
-        return self.dtype.itemsize
-
-    size = property(Get_size)
-
-    def Get_extent(self) -> tuple[int, int]:
-        return 0, self.dtype.itemsize
-
-    extent = property(lambda self: self.dtype.itemsize)
-    lb = property(lambda self: 0)
-    ub = extent
-
-    def Get_name(self) -> str:
-        return f"MPI_{self.name}"
-
-    def Commit(self) -> "Datatype":
-        return self
-
-    def Free(self) -> None:
-        pass
-
-    def Dup(self) -> "Datatype":
-        return Datatype(self.name, self.dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("Create_"):
-            raise _derived(self.name, name)
-        raise AttributeError(f"collectives.MPI.Datatype has no {name}")
-
-
 def _pair(value: Any, index: Any) -> np.dtype:
     """A C struct {value; int}, padded as C pads it (MPI.DOUBLE_INT: 16 bytes)."""
     return np.dtype([("v", value), ("i", index)], align=True)
@@ -165,12 +108,22 @@ _NAMES = {
 DATATYPES: dict[str, Datatype] = {k: Datatype(k, v) for k, v in _NAMES.items()}
 
 
+PACKED_BY = ("the point-to-point calls (Send, Recv, their I, S, B and R forms, Sendrecv, "
+             "Sendrecv_replace, the persistent Send_init and Recv_init, Message.Recv), "
+             "Bcast, Ibcast, Gather, Igather, Scatter, Iscatter, "
+             "Allgather, Iallgather, Alltoall and Ialltoall")
+
+
 def datatype_of(x: Any, what: str) -> np.dtype | None:
     """The numpy dtype a buffer spec's datatype names: an MPI.Datatype, a
     typecode ("d", "i"), a numpy dtype; None: the buffer's own."""
     if x is None:
         return None
     if isinstance(x, Datatype):
+        if x.typemap is not None:
+            raise NotImplementedError(f"collectives.MPI {what}: {x!r} is a derived datatype: "
+                                      f"those are taken by {PACKED_BY}, not by {what}: pack "
+                                      f"the elements into a contiguous array (numpy: a[idx])")
         return x.dtype
     try:
         return np.dtype(x)

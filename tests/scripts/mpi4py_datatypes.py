@@ -1,0 +1,153 @@
+"""mpi4py's derived datatypes as scientific codes use them, written for
+mpi4py: run with ``mpirun -n 3 python mpi4py_datatypes.py``, and with its
+first import changed to ``from collectives import MPI`` under ``meshrun -n
+3`` (tests/test_collectives_mpi.py compares the two outputs byte for byte).
+Any size from 2 on. Rank 0 prints; every rank checks."""
+from mpi4py import MPI
+import numpy as np
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+right, left = (rank + 1) % size, (rank - 1) % size
+
+
+def say(*args):
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def table(label, rows):
+    every = comm.gather(rows, root=0)
+    say(label, every)
+
+
+def layouts():
+    """Sizes, extents and true extents (Open MPI's padding, markers)."""
+    D, I = MPI.DOUBLE, MPI.INT
+    v = D.Create_vector(3, 2, 4)
+    types = [v, v.Create_resized(8, 16), D.Create_subarray([4, 5], [2, 3], [1, 1]),
+             D.Create_subarray([4, 5], [2, 3], [1, 1], order=MPI.ORDER_FORTRAN),
+             D.Create_indexed([2, 1], [5, 0]), D.Create_indexed_block(2, [3, 0]),
+             D.Create_hvector(2, 1, 12), D.Create_hindexed([1, 1], [16, 3]),
+             D.Create_contiguous(3), v.Create_vector(2, 1, 2), I.Create_vector(3, 1, -2),
+             I.Create_hvector(3, 2, 5), D.Create_hvector(2, 1, 12).Create_contiguous(3),
+             I.Create_resized(0, 12).Create_contiguous(2),
+             D.Create_resized(-4, 8).Create_vector(2, 2, 3),
+             D.Create_hindexed([2, 1], [4, 40]).Create_contiguous(2),
+             I.Create_subarray([3, 4, 5], [2, 2, 3], [1, 0, 2]),
+             I.Create_subarray([3, 4, 5], [2, 2, 3], [1, 0, 2], order=MPI.ORDER_F),
+             D.Create_vector(0, 1, 2), MPI.BYTE.Create_hvector(2, 3, 7),
+             I.Create_hindexed_block(2, [0, 10]), v.Dup()]
+    say("layouts", [[t.Get_size(), t.Get_extent(), t.Get_true_extent(), t.lb, t.ub, t.extent,
+                     t.size] for t in types], MPI.DOUBLE.is_predefined, v.is_predefined)
+    for t in types:
+        t.Free()
+
+
+def point_to_point():
+    a = np.arange(20.0).reshape(4, 5) + 100 * rank
+    col = MPI.DOUBLE.Create_vector(4, 1, 5).Commit()      # a column of a 4 x 5 C array
+    one, three = (MPI.DOUBLE.Create_subarray([4, 5], [4, 1], [0, j]).Commit() for j in (1, 3))
+    # a column sent into another column, the rest untouched
+    b = np.full((4, 5), -1.0)
+    comm.Sendrecv([a, 1, one], dest=right, recvbuf=[b, 1, three], source=left)
+    # a column received as 4 contiguous doubles, and 4 doubles into a column
+    c = np.full(6, -1.0)
+    st = MPI.Status()
+    comm.Sendrecv([a, 1, col], dest=right, sendtag=2, recvbuf=[c, 4, MPI.DOUBLE], source=left,
+                  recvtag=2, status=st)
+    d = np.full(40, -1.0)           # (the second item of col: its displacement in extents)
+    comm.Sendrecv([a, 4, MPI.DOUBLE], dest=right, sendtag=3, recvbuf=[d, (1, 1), col],
+                  source=left, recvtag=3)
+    # a shorter message fills the first places (Get_count UNDEFINED, Get_elements the doubles)
+    e = np.full((4, 5), -1.0)
+    comm.Sendrecv([a, 3, MPI.DOUBLE], dest=right, sendtag=4, recvbuf=[e, 1, col], source=left,
+                  recvtag=4, status=st)
+    short = [st.Get_count(col), st.Get_elements(col), st.Get_count(MPI.DOUBLE)]
+    # Isend/Irecv of an indexed type and a subarray, Sendrecv_replace of an hvector
+    idx = MPI.INT.Create_indexed([2, 1, 3], [7, 0, 3]).Commit()
+    sub = MPI.INT.Create_subarray([4, 6], [2, 3], [1, 2]).Commit()
+    x = np.arange(24, dtype="i") + 1000 * rank
+    y, z = np.full(24, -1, "i"), np.full((4, 6), -1, "i")
+    reqs = [comm.Irecv([y, 1, idx], source=left, tag=5),
+            comm.Irecv([z, 1, sub], source=left, tag=6),
+            comm.Isend([x, 1, idx], dest=right, tag=5), comm.Isend([x, 1, sub], dest=right, tag=6)]
+    MPI.Request.Waitall(reqs)
+    hv = MPI.INT.Create_hvector(3, 1, 12).Commit()
+    w = np.arange(9, dtype="i") + 10 * rank
+    comm.Sendrecv_replace([w, 1, hv], dest=right, sendtag=7, source=left, recvtag=7)
+    # a matched probe's Recv, persistent requests re-packed at each start
+    comm.Send([a, 2, MPI.DOUBLE.Create_vector(2, 1, 3).Commit()], dest=right, tag=8)
+    m = comm.Mprobe(source=left, tag=8)
+    f = np.full(8, -1.0)
+    m.Recv([f, 1, MPI.DOUBLE.Create_indexed_block(1, [7, 5, 3, 1]).Commit()])
+    s, r = np.arange(10.0) + rank, np.full(10, -1.0)
+    every2 = MPI.DOUBLE.Create_vector(5, 1, 2).Commit()
+    reqs = [comm.Send_init([s, 1, every2], dest=right, tag=9),
+            comm.Recv_init([r[1:], 1, every2], source=left, tag=9)]
+    rounds = []
+    for it in range(2):
+        s *= 2
+        MPI.Prequest.Startall(reqs)
+        MPI.Request.Waitall(reqs)
+        rounds.append(r.tolist())
+    table("p2p", [b.tolist(), c.tolist(), d.tolist(), e.tolist(), short, y.tolist(),
+                  z.tolist(), w.tolist(), f.tolist(), rounds])
+    for t in (col, one, three, idx, sub, hv, every2):
+        t.Free()
+
+
+def collectives():
+    n = 4
+    # Bcast of a block of a 2-D array
+    blk = MPI.DOUBLE.Create_subarray([n, n], [2, 2], [1, 1]).Commit()
+    g = np.arange(n * n, dtype="d").reshape(n, n) if rank == 0 else np.full((n, n), -1.0)
+    comm.Bcast([g, 1, blk], root=0)
+    # Scatter of column blocks of an n x 2*size matrix (a vector resized to one column)
+    cols = MPI.DOUBLE.Create_vector(n, 2, 2 * size).Create_resized(0, 2 * 8).Commit()
+    A = np.arange(n * 2 * size, dtype="d").reshape(n, 2 * size) if rank == 0 else None
+    mine = np.empty((n, 2))
+    comm.Scatter([A, 1, cols] if rank == 0 else None, [mine, MPI.DOUBLE], root=0)
+    # ... and Gather them back, each block doubled, into the other places left as they were
+    back = np.full((n, 2 * size), -1.0) if rank == 0 else None
+    comm.Gather(mine * 2, [back, 1, cols] if rank == 0 else None, root=0)
+    # Allgather of a column, Alltoall of column blocks (a transpose of the block layout)
+    col = MPI.INT.Create_vector(3, 1, size).Create_resized(0, 4).Commit()
+    ag = np.full((3, size), -1, "i")
+    comm.Allgather(np.array([rank, 10 + rank, 20 + rank], "i"), [ag, 1, col])
+    rows = (np.arange(3 * size, dtype="i") + 100 * rank).reshape(3, size)
+    at = np.full((3, size), -1, "i")
+    comm.Alltoall([rows, 1, col], [at, 1, col])
+    # the nonblocking forms, IN_PLACE
+    ib = np.full((n, n), -1.0) if rank else np.arange(n * n, dtype="d").reshape(n, n)
+    gi = np.full((3, size), -1, "i")
+    gi[:, rank] = [rank, rank * 2, rank * 3]
+    reqs = [comm.Ibcast([ib, 1, blk], root=0), comm.Iallgather(MPI.IN_PLACE, [gi, 1, col])]
+    MPI.Request.Waitall(reqs)
+    table("coll", [g.tolist(), mine.tolist(), ag.tolist(), at.tolist(), ib.tolist(), gi.tolist()])
+    say("gather", back.tolist() if rank == 0 else None)
+    for t in (blk, cols, col):
+        t.Free()
+
+
+def errors():
+    """What MPI refuses: an uncommitted datatype (MPI_ERR_TYPE), a count not
+    inferable from the buffer."""
+    out = []
+    v = MPI.DOUBLE.Create_vector(2, 1, 2)
+    try:
+        comm.Send([np.zeros(4), 1, v], dest=right, tag=20)
+    except MPI.Exception as e:
+        out.append(["uncommitted", e.Get_error_class() == MPI.ERR_TYPE])
+    v.Commit()
+    try:
+        comm.Send([np.zeros(4), v], dest=right, tag=20)
+    except ValueError:
+        out.append(["no count", "ValueError"])
+    v.Free()
+    say("errors", out)
+
+
+for prog in (layouts, point_to_point, collectives, errors):
+    prog()
+say("ALL OK", size)
