@@ -399,6 +399,16 @@ def _edges(world: Any) -> str:
     assert mine.tolist() == [r, n + r], mine
     comm.Gather(mine * 10, [mat, 1, cols] if r == 0 else None, root=0)
     assert r or mat.tolist() == [[10 * j for j in range(n)], [10 * (n + j) for j in range(n)]]
+    # a v-call's datatype blocks must take what each rank sends (the root names the rank)
+    pair, out = MPI.INT.Create_contiguous(2).Commit(), np.full(2 * n, -1, "i")
+    args = (np.full(1 if r == 1 else 2, r, "i"), [out, [1] * n, list(range(n)), pair])
+    if r == 0:
+        with pytest.raises(MPI.Exception, match=r"^rank 0: collectives.MPI Gatherv, group world: "
+                           r"the type signatures differ .*: rank 1 has 1 x int32, the root's "
+                           r"datatype block for it 2"):
+            comm.Gatherv(*args, root=0)
+    else:
+        comm.Gatherv(args[0], None, root=0)
     MPI.Finalize()      # (mesh.spawn's world is left open: spawn closes it)
     assert MPI.Is_finalized() and mesh.world.current() is world
     return "ok"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .datatypes import Selection
+from .datatypes import Blocks, Selection, Typemap
 from .types import ERR_TYPE, IN_PLACE, Datatype, Exception as MPIException, datatype_of
 
 __all__ = ["Buf", "spec", "in_place", "vspec", "copy_into", "check_signature"]
@@ -27,13 +27,14 @@ class Buf:
     datatype; ``view``, its ``count`` elements from ``displ`` (what a send
     sends and a receive fills); ``counts`` and ``displs`` for the v-calls;
     ``sel``, a derived datatype's elements (``view`` their packed copy,
-    ``flat`` the buffer's bytes)."""
+    ``flat`` the buffer's bytes; a v-call's ``counts`` and ``displs`` then
+    in the packed elements)."""
 
     flat: np.ndarray
     view: np.ndarray
     counts: list[int] | None = None
     displs: list[int] | None = None
-    sel: Selection | None = None
+    sel: Selection | Blocks | None = None
 
     @property
     def typed(self) -> bool:
@@ -141,16 +142,7 @@ def _packed(data: Any, mid: list[Any], dt: Datatype, what: str, per: int, packs:
     """A spec of a derived datatype: its items' elements packed (mpi4py's
     displacement counts whole extents; with no count, the buffer holds whole
     extents, as mpi4py infers it)."""
-    if not packs:
-        datatype_of(dt, what)       # (raises, naming the calls that take one)
-    if not dt.committed or dt.freed:
-        state, fix = ("freed", "make another") if dt.freed else ("not committed",
-                                                                  "call its Commit() first")
-        raise MPIException(ERR_TYPE, f"collectives.MPI {what}: {dt!r} is {state} "
-                                     f"(MPI_ERR_TYPE: invalid datatype): {fix}")
-    tm = dt.typemap
-    assert tm is not None
-    raw = _flat(data, None, what).view(np.uint8)
+    tm, raw = _usable(data, dt, what, packs)
     given = _count(mid, what, per)
     if given is None:
         if tm.extent <= 0 or len(raw) % tm.extent:
@@ -165,19 +157,41 @@ def _packed(data: Any, mid: list[Any], dt: Datatype, what: str, per: int, packs:
     return Buf(raw, sel.get(), sel=sel)
 
 
-def vspec(buf: Any, what: str, size: int) -> Buf:
+def _usable(data: Any, dt: Datatype, what: str, packs: bool) -> tuple[Typemap, np.ndarray]:
+    """A derived datatype's typemap and the buffer's bytes, where the call
+    takes one and it is committed (as MPI, MPI_ERR_TYPE)."""
+    if not packs:
+        datatype_of(dt, what)       # (raises, naming the calls that take one)
+    if not dt.committed or dt.freed:
+        state, fix = ("freed", "make another") if dt.freed else ("not committed",
+                                                                  "call its Commit() first")
+        raise MPIException(ERR_TYPE, f"collectives.MPI {what}: {dt!r} is {state} "
+                                     f"(MPI_ERR_TYPE: invalid datatype): {fix}")
+    assert dt.typemap is not None
+    return dt.typemap, _flat(data, None, what).view(np.uint8)
+
+
+def vspec(buf: Any, what: str, size: int, packs: bool = False) -> Buf:
     """A v-call's spec, read as mpi4py reads it: counts a sequence, one int
     (every rank's) or None (the buffer split as evenly as it goes, the first
     ranks an element more); displacements a sequence, one int (a stride) or
-    None (packed); a pair ``(counts, displs)`` in place of the counts."""
+    None (packed); a pair ``(counts, displs)`` in place of the counts.
+    ``packs``: as spec's (a derived datatype's counts in items, its
+    displacements in extents)."""
     data, mid, dt = _parts(buf, what)
-    flat = _flat(data, datatype_of(dt, what), what)     # (a derived one: refused, naming it)
+    tm = None
+    if isinstance(dt, Datatype) and dt.typemap is not None:
+        tm, flat = _usable(data, dt, what, packs)
+        items = len(flat) // tm.extent if tm.extent > 0 else 0
+    else:
+        flat = _flat(data, datatype_of(dt, what), what)
+        items = len(flat)
     c: Any = mid[0] if mid else None
     d: Any = mid[1] if len(mid) > 1 else None
     if len(mid) == 1 and isinstance(c, tuple) and len(c) == 2:
         c, d = c
     if c is None:
-        counts = [len(flat) // size + (len(flat) % size > r) for r in range(size)]
+        counts = [items // size + (items % size > r) for r in range(size)]
     elif isinstance(c, (int, np.integer)):
         counts = [int(c)] * size
     else:
@@ -190,7 +204,12 @@ def vspec(buf: Any, what: str, size: int) -> Buf:
         displs = [int(d) * r for r in range(size)]
     else:
         displs = _ints(d, what)
-    return Buf(flat, flat, counts, displs)
+    if tm is None:
+        return Buf(flat, flat, counts, displs)
+    assert isinstance(dt, Datatype)
+    blocks = Blocks([Selection(tm, dt.dtype, flat, k, at * tm.extent, what)
+                     for k, at in zip(counts, displs)], dt.dtype)
+    return Buf(flat, blocks.get(), [s.n for s in blocks.sels], blocks.starts[:-1], sel=blocks)
 
 
 def check_signature(typed: bool, view: np.ndarray, got: Any, where: str) -> None:

@@ -20,7 +20,8 @@ from .. import api as C
 from .. import persistent as P
 from .buffers import Buf, check_signature, copy_into, in_place, spec, vspec
 from .requests import Prequest, Request
-from .types import OPS, Op
+from .types import ERR_TYPE, OPS, Op
+from .types import Exception as MPIException
 
 __all__ = ["Collectives", "coll_op"]
 
@@ -84,6 +85,19 @@ def _into(g: mesh.Comm, recv: Buf | None, got: Any, what: str) -> None:
                         f"rank {g.rank}: collectives.MPI {what}, group {g.name}")
         copy_into(recv.view, got, what)
         recv.done()
+
+
+def _matched(g: mesh.Comm, b: Buf, counts: list[int], what: str) -> None:
+    """A root's v-call over a derived datatype, after the call (every rank
+    through it): each rank's elements must be its block's, MPI's matching
+    type signatures."""
+    if b.typed and counts != b.counts:
+        assert b.counts is not None
+        r = next(r for r, (k, mine) in enumerate(zip(counts, b.counts)) if k != mine)
+        raise MPIException(ERR_TYPE, f"rank {g.rank}: collectives.MPI {what}, group {g.name}: "
+                                     f"the type signatures differ (MPI_ERR_TYPE): rank {r} "
+                                     f"has {counts[r]} x {b.view.dtype}, the root's datatype "
+                                     f"block for it {b.counts[r]}")
 
 
 class Collectives:
@@ -328,53 +342,58 @@ class Collectives:
 
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         g = self._g
-        recv: Buf | None = vspec(recvbuf, "Gatherv", g.size) if g.rank == root else None
+        recv = vspec(recvbuf, "Gatherv", g.size, packs=True) if g.rank == root else None
         if in_place(sendbuf) and recv is not None:
             assert recv.counts is not None and recv.displs is not None
             d, k = recv.displs[root], recv.counts[root]
-            send = recv.flat[d:d + k].copy()
+            send = recv.view[d:d + k].copy()
         else:
-            send = spec(sendbuf, "Gatherv").view
+            send = spec(sendbuf, "Gatherv", packs=True).view
         counts = self._counts(len(send))
         if recv is None:
             C.gather_v(g, send, counts, root)
             return
-        C.gather_v(g, send, counts, root, displs=recv.displs, out=recv.flat)
+        C.gather_v(g, send, counts, root, displs=recv.displs, out=recv.view)
+        _matched(g, recv, counts, "Gatherv")
+        recv.done()
 
     def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
         g = self._g
-        send = vspec(sendbuf, "Scatterv", g.size) if g.rank == root else None
-        recv = None if in_place(recvbuf) else spec(recvbuf, "Scatterv").view
+        send = vspec(sendbuf, "Scatterv", g.size, packs=True) if g.rank == root else None
+        recv = None if in_place(recvbuf) else spec(recvbuf, "Scatterv", packs=True)
         if send is not None and recv is None:
             assert send.counts is not None
             mine = send.counts[root]
         else:
-            mine = 0 if recv is None else len(recv)
+            mine = 0 if recv is None else len(recv.view)
         counts = self._counts(mine)
-        got = C.scatter_v(g, None if send is None else send.flat, counts, root,
-                          dtype=None if recv is None else recv.dtype,
+        got = C.scatter_v(g, None if send is None else send.view, counts, root,
+                          dtype=None if recv is None else recv.view.dtype,
                           displs=None if send is None else send.displs)
-        if recv is not None:
-            copy_into(recv, got, "Scatterv")
+        _into(g, recv, got, "Scatterv")
+        if send is not None:
+            _matched(g, send, counts, "Scatterv")
 
     def Allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
         g = self._g
-        recv = vspec(recvbuf, "Allgatherv", g.size)
+        recv = vspec(recvbuf, "Allgatherv", g.size, packs=True)
         assert recv.counts is not None and recv.displs is not None
         if in_place(sendbuf):
             d, k = recv.displs[g.rank], recv.counts[g.rank]
-            send = recv.flat[d:d + k].copy()
+            send = recv.view[d:d + k].copy()
         else:
-            send = spec(sendbuf, "Allgatherv").view
-        C.all_gather_v(g, send, recv.counts, displs=recv.displs, out=recv.flat)
+            send = spec(sendbuf, "Allgatherv", packs=True).view
+        C.all_gather_v(g, send, recv.counts, displs=recv.displs, out=recv.view)
+        recv.done()
 
     def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
         g = self._g
-        recv = vspec(recvbuf, "Alltoallv", g.size)
-        send = recv if in_place(sendbuf) else vspec(sendbuf, "Alltoallv", g.size)
-        flat = send.flat.copy() if send is recv else send.flat
+        recv = vspec(recvbuf, "Alltoallv", g.size, packs=True)
+        send = recv if in_place(sendbuf) else vspec(sendbuf, "Alltoallv", g.size, packs=True)
+        flat = send.view.copy() if send is recv else send.view
         C.all_to_all_v(g, flat, send.counts, recv.counts, send_displs=send.displs,
-                       recv_displs=recv.displs, out=recv.flat)
+                       recv_displs=recv.displs, out=recv.view)
+        recv.done()
 
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
         g = self._g

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Datatype", "Typemap", "Selection", "ORDER_C", "ORDER_FORTRAN", "ORDER_F"]
+__all__ = ["Datatype", "Typemap", "Selection", "Blocks", "ORDER_C", "ORDER_FORTRAN",
+           "ORDER_F"]
 
 ORDER_C, ORDER_FORTRAN = 0, 1       # (Open MPI's, as mpi4py has them)
 ORDER_F = ORDER_FORTRAN
@@ -126,7 +127,7 @@ class Selection:
                                  f"byte {first} reach bytes {lo} to {hi}, outside a buffer of "
                                  f"{len(raw)} bytes")
         self.dtype, self._view, self._idx = dtype, None, None
-        self._raw = raw
+        self.n = count * tm.n       # (elements)
         if tm.offsets is None:
             self._view = np.ndarray((count,) + tm.shape, dtype, buffer=raw,  # type: ignore
                                     offset=first + tm.start if count and tm.n else 0,
@@ -153,6 +154,21 @@ class Selection:
                 self._view[...] = a.reshape(self._view.shape)
             return
         self._elems[self._idx] = a if self._elems.dtype == a.dtype else a.view(np.uint8)
+
+
+class Blocks:
+    """A v-call's blocks, a Selection each, packed one after another."""
+
+    def __init__(self, sels: list[Selection], dtype: np.dtype) -> None:
+        self.sels, self.dtype = sels, dtype
+        self.starts = np.cumsum([0] + [s.n for s in sels]).tolist()
+
+    def get(self) -> np.ndarray:
+        return np.concatenate([s.get() for s in self.sels] + [np.empty(0, self.dtype)])
+
+    def put(self, a: np.ndarray) -> None:
+        for s, i in zip(self.sels, self.starts):
+            s.put(a[i:i + s.n])
 
 
 def _ints(x: Any, what: str) -> list[int]:

@@ -55,6 +55,8 @@ class Status:
         MPI.UNDEFINED where they are no whole number."""
         size = 1 if datatype is None else (datatype.size if isinstance(datatype, Datatype)
                                           else np.dtype(datatype).itemsize)
+        if size == 0:
+            return 0
         return self.nbytes // size if self.nbytes % size == 0 else UNDEFINED
 
     def Get_elements(self, datatype: Any) -> int:

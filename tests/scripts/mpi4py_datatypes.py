@@ -130,6 +130,35 @@ def collectives():
         t.Free()
 
 
+def blocks():
+    """A 2-D array cut into 2 x 2 blocks over a process grid: Scatterv of a
+    subarray resized to one element, the displacements each block's first
+    element; Gatherv and Allgatherv back; Alltoallv of columns."""
+    py, px = MPI.Compute_dims(size, 2)
+    R, C = 2 * py, 2 * px
+    blk = MPI.DOUBLE.Create_subarray([R, C], [2, 2], [0, 0]).Create_resized(0, 8).Commit()
+    counts = [1] * size
+    displs = [(r // px) * 2 * C + (r % px) * 2 for r in range(size)]
+    A = np.arange(R * C, dtype="d").reshape(R, C) if rank == 0 else None
+    mine = np.empty((2, 2))
+    comm.Scatterv([A, counts, displs, blk] if rank == 0 else None, [mine, MPI.DOUBLE], root=0)
+    B = np.full((R, C + 1), -1.0) if rank == 0 else None     # (a wider array: its own type)
+    wide = MPI.DOUBLE.Create_subarray([R, C + 1], [2, 2], [0, 0]).Create_resized(0, 8).Commit()
+    wdispls = [(r // px) * 2 * (C + 1) + (r % px) * 2 for r in range(size)]
+    comm.Gatherv(mine * 10, [B, counts, wdispls, wide] if rank == 0 else None, root=0)
+    every = np.full((R, C), -1.0)
+    comm.Allgatherv(mine + 0.5, [every, counts, displs, blk])
+    col = MPI.INT.Create_vector(2, 1, size).Create_resized(0, 4).Commit()
+    rows = (np.arange(2 * size, dtype="i") + 100 * rank).reshape(2, size)
+    cols = np.full((2, size), -1, "i")
+    comm.Alltoallv([rows, [1] * size, list(range(size)), col],
+                   [cols, [1] * size, list(range(size))[::-1], col])
+    table("blocks", [mine.tolist(), every.tolist(), cols.tolist()])
+    say("gatherv", B.tolist() if rank == 0 else None)
+    for t in (blk, wide, col):
+        t.Free()
+
+
 def errors():
     """What MPI refuses: an uncommitted datatype (MPI_ERR_TYPE), a count not
     inferable from the buffer."""
@@ -148,6 +177,6 @@ def errors():
     say("errors", out)
 
 
-for prog in (layouts, point_to_point, collectives, errors):
+for prog in (layouts, point_to_point, collectives, blocks, errors):
     prog()
 say("ALL OK", size)
