@@ -363,6 +363,19 @@ class Comm:
         from .window import Window
         return Window(self, buf, timeout)
 
+    def shared_window(self, count: int, dtype: Any = np.float64,
+                      timeout: float | None = None) -> "Window":
+        """MPI's Win_allocate_shared, collective over ranks of one host
+        (else MeshError on every rank): ``count`` zeroed elements of
+        ``dtype`` on this rank (counts may differ, not dtypes) in memory
+        every rank maps (mesh.shared); ``win.array`` is this rank's part,
+        ``win.shared(r)`` rank ``r``'s, a numpy view to load and store, and
+        the window's one-sided calls work on it as on ``window``'s."""
+        from .shared import allocate
+        from .window import Window
+        seg = allocate(self, count, dtype, timeout)
+        return Window(self, seg.views[self.rank], timeout, shared=seg)
+
     # -- internal: the collectives' side (mesh.channel) -----------------------------
 
     def collective_channel(self) -> CollectiveChannel:

@@ -11,9 +11,9 @@ mesh.inbox.RMA_TAGS, each saying in its tag what it is:
 progress thread, or a caller waiting on the mesh): a put is claimed into
 its place in the exposed array before its bytes are read (``claim``); an
 accumulate is combined under the window's lock once whole; a get, a lock,
-an unlock, a flush, a fetch-and-op and a compare-and-swap are answered on
-their reply tags. It keeps the lock table: the holders, and the lock
-requests that wait, granted in order.
+an unlock, a flush, a get-accumulate (a fetch-and-op: of one element) and
+a compare-and-swap are answered on their reply tags. It keeps the lock
+table: the holders, and the lock requests that wait, granted in order.
 """
 from __future__ import annotations
 
@@ -139,14 +139,18 @@ class Target:
         return ufunc
 
     def _fetch(self, src: int, reply: int, offset: int, code: int, raw: Any) -> None:
-        """Fetch_and_op (``code``: 0 no op, else as accumulate's) or, with
+        """Get_accumulate and Fetch_and_op (``code``: 0 no op, else as
+        accumulate's; ``raw``: the operand, any number of elements) or, with
         code -1, Compare_and_swap (``raw``: the compare value, then the new):
-        the element's value before, answered; the change atomic, as an
+        the elements' values before, answered; the change atomic, as an
         accumulate's."""
         x = np.frombuffer(raw, self.dtype) if isinstance(raw, bytes) else np.empty(0)
-        if x.size != (2 if code < 0 else 1) or offset >= self._flat.size or code > len(OPS):
-            raise MeshError(f"a malformed fetch (code {code}, offset {offset})")
-        view = self._flat[offset:offset + 1]
+        n = 1 if code < 0 else x.size
+        if (x.size != 2 if code < 0 else x.size < 1) or offset + n > self._flat.size \
+                or code > len(OPS):
+            raise MeshError(f"a malformed fetch (code {code}, offset {offset}, {x.size} "
+                            f"elements)")
+        view = self._flat[offset:offset + n]
         ufunc = self._ufunc(code) if code > 1 else None
         with self._mu:
             old = view.copy()
@@ -154,7 +158,7 @@ class Target:
                 if old[0] == x[0]:
                     view[0] = x[1]
             elif code == 1:
-                view[0] = x[0]
+                view[...] = x
             elif ufunc is not None:
                 self._combine(ufunc, view, x, view)
         self._reply(src, reply, old)

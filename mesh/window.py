@@ -12,16 +12,24 @@ receive, to the window's target side (mesh.rma). Here: the origin's side.
     put(x, r, off)         array, tag REQ|0|off     window[off:off+n] = x (in place)
     accumulate(x, r, off)  array, tag REQ|1+op|off  window[off:off+n] op= x (its lock)
     get(r, off, n)         [GET, reply, off, n]     window[off:off+n] back, tag reply
+    get_accumulate(x, r, off) [FETCH, reply, off, 1+op, x]  window[off:off+n] back, then op= x
     lock(r, exclusive)     [LOCK, reply, excl]      granted (reply) now or once free
     flush(r), unlock(r)    [FLUSH|UNLOCK, reply]    reply (an unlock releases first)
     fence(), free()        a flush of each rank written to, then a barrier
+    post(g) / start(g)     tag POSTED to each origin of g / waits for each target's
+    complete() / wait()    its operations done here, tag DONE to each target / waits for
+                           each origin's (PSCW: MPI's general active target)
 
 A rank's messages to another are handed over in the order it sent them, on
 every path (rings, socket, direct reads, streams, pieces), so a flush's or
 an unlock's reply says that every operation sent before it is applied; a
 fence's barrier comes after every rank's flushes, so no operation of the
-next epoch meets one of the last. The window's traffic (and the barrier)
-goes on a communicator of its own (``dup``).
+next epoch meets one of the last; a target's ``wait`` takes an origin's
+DONE after everything it sent before it, so its epoch's operations are
+applied. The window's traffic (and the barrier) goes on a communicator of
+its own (``dup``). A window from ``Comm.shared_window`` exposes memory
+that every rank of one host maps (mesh.shared): the same operations, and
+plain loads and stores through ``shared(rank)``'s views besides.
 """
 from __future__ import annotations
 
@@ -32,28 +40,33 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import tensors
-from .errors import MeshError, MismatchError
+from .errors import MeshError, MeshTimeoutError, MismatchError
 from .inbox import RMA_TAGS
 from .match import Pending
 from .peer import Outgoing
 from .request import Request
+from .rings import fence as _memory_fence
 from .rma import (CONTROL, DROPPED, FETCH, FLUSH, GET, LOCK, MAX_OFFSET, OPS, SHIFT, SWAP,
                   UNLOCK, Target, exposed, same)
 from .status import PROC_NULL
 
 if TYPE_CHECKING:
     from .comm import Comm
+    from .shared import Segment
 
 __all__ = ["Window", "OPS"]
 
 _PRUNE = 512                    # operations kept per target before the done ones are dropped
-_EPOCH = ("put", "get", "accumulate", "fetch_and_op", "compare_and_swap")   # need one
+_EPOCH = ("put", "get", "accumulate", "get_accumulate", "fetch_and_op",
+          "compare_and_swap")                          # need one
+_POSTED, _DONE = RMA_TAGS - 1, RMA_TAGS - 2            # PSCW's notices (plain messages)
 
 
 class Window:
     """An RMA window over ``comm`` (made by ``Comm.window``, collectively)."""
 
-    def __init__(self, comm: "Comm", buf: Any, timeout: float | None = None) -> None:
+    def __init__(self, comm: "Comm", buf: Any, timeout: float | None = None,
+                 shared: "Segment | None" = None) -> None:
         t = comm._t
         where = f"rank {t.rank}: window on group {comm.name}"
         bad: Exception | None = None
@@ -76,6 +89,10 @@ class Window:
         self._open: dict[int, list[Any]] = {}  # per target: sends and gets not waited for
         self._dirty: set[int] = set()          # targets put or accumulated into, unflushed
         self._said: dict[tuple[str, int], str] = {}     # (op, rank) -> its description
+        self._started: list[int] = []          # PSCW: targets of this rank's access epoch,
+        self._early: set[int] = set()          # (their posts a failed start took)
+        self._posted: list[tuple[int, Pending]] = []    # origins of its exposure epoch
+        self._shared = shared                  # (a shared window's memory: mesh.shared)
         self._target_side: Target | None = None     # (mesh.rma: what the inbox hands on)
         try:
             import collectives      # (mesh does not import it at import time: Comm.split)
@@ -112,6 +129,16 @@ class Window:
         ``unlock``), and ``x`` in use until then, as MPI's origin buffer."""
         self._update(x, rank, offset, 0, "put")
 
+    def rput(self, x: Any, rank: int, offset: int = 0) -> Request:
+        """MPI's Rput: ``put`` as a request, done once ``x`` may be reused
+        (sent or copied: MPI's local completion); applied at the target by
+        the epoch's end, as a put."""
+        return self._request(self._update(x, rank, offset, 0, "put"))
+
+    def raccumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum") -> Request:
+        """MPI's Raccumulate: ``accumulate`` as a request (as ``rput``'s)."""
+        return self._request(self._update(x, rank, offset, self._code(op), "accumulate"))
+
     def accumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum") -> None:
         """MPI's Accumulate: rank ``rank``'s window elements from ``offset``
         on become ``window (op) x``, each atomically against other
@@ -125,6 +152,9 @@ class Window:
         contiguous array or tensor of the window's dtype) or a new 1-D array."""
         return self.rget(rank, offset, count, out).wait(timeout)
 
+    def _request(self, item: Outgoing | None) -> Request:
+        return _done(self._c, None) if item is None else Request(self._c, item)
+
     def rget(self, rank: int, offset: int = 0, count: int | None = None,
              out: Any = None) -> Request:
         """MPI's Rget: ``get`` as a request (its ``wait`` returns the data);
@@ -137,13 +167,7 @@ class Window:
         if count is None:
             count = size - offset if isinstance(offset, (int, np.integer)) else -1
         self._range(rank, offset, count, "get")
-        if out is not None:
-            view = tensors.out_view(out, self._what("get from", rank)) \
-                if tensors.is_tensor(out) else out
-            if not isinstance(view, np.ndarray) or not same(view.dtype, self.dtype) \
-                    or view.size != count:
-                raise TypeError(f"rank {self._t.rank}: window {self.name}: get from rank {rank}: "
-                                f"out= is not an array of {count} {tensors.dtype_name(self.dtype)}")
+        self._out(out, count, rank, "get from")
         reply = next(self._ids)
         item = self._t.irecv(self._gid, w, reply, out, None, self._what("get from", rank))
         try:
@@ -152,6 +176,45 @@ class Window:
         except BaseException:
             self._t.cancel(item)
             raise
+        self._keep(rank, item)
+        return Request(self._c, item)
+
+    def _out(self, out: Any, count: int, rank: int, op: str) -> None:
+        """Refuse an ``out=`` that is not ``count`` elements of the window's dtype."""
+        if out is not None:
+            view = tensors.out_view(out, self._what(op, rank)) \
+                if tensors.is_tensor(out) else out
+            if not isinstance(view, np.ndarray) or not same(view.dtype, self.dtype) \
+                    or view.size != count:
+                raise TypeError(f"rank {self._t.rank}: window {self.name}: {op} rank {rank}: "
+                                f"out= is not an array of {count} {tensors.dtype_name(self.dtype)}")
+
+    def get_accumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum",
+                       out: Any = None, timeout: float | None = None) -> Any:
+        """MPI's Get_accumulate, waited for: rank ``rank``'s window elements
+        from ``offset`` on (as many as ``x`` has) become ``window (op) x``,
+        atomically as an accumulate, and their values before come back (into
+        ``out=``, or a new 1-D array); ``op`` one of OPS or "no_op" (an
+        atomic read: ``x``'s values unused, its size the count)."""
+        return self.rget_accumulate(x, rank, offset, op, out).wait(timeout)
+
+    def rget_accumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum",
+                        out: Any = None) -> Request:
+        """MPI's Rget_accumulate: ``get_accumulate`` as a request (its
+        ``wait`` returns the values before); the epoch's end completes it too."""
+        self._check("get_accumulate")
+        code = 0 if op == "no_op" else self._code(op)
+        if rank == PROC_NULL:
+            return _done(self._c, out)
+        self._target(rank, "get_accumulate")
+        a = self._operand(x, rank, "get_accumulate")
+        self._range(rank, offset, a.size, "get_accumulate")
+        if a.size == 0:
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: get_accumulate: no "
+                             f"elements")
+        self._out(out, a.size, rank, "get_accumulate on")
+        item = self._ask(rank, [FETCH, int(offset), code, a.tobytes()], "get_accumulate on",
+                         out)
         self._keep(rank, item)
         return Request(self._c, item)
 
@@ -217,15 +280,16 @@ class Window:
                             f"{tensors.dtype_name(self.dtype)} (the same dtype only)")
         return np.ascontiguousarray(a).reshape(-1)
 
-    def _update(self, x: Any, rank: int, offset: int, code: int, op: str) -> None:
+    def _update(self, x: Any, rank: int, offset: int, code: int, op: str) -> Outgoing | None:
+        """Send a put or an accumulate: what it is in flight as (None: done)."""
         self._check(op)
         if rank == PROC_NULL:
-            return
+            return None
         w = self._target(rank, op)
         a = self._operand(x, rank, op)
         self._range(rank, offset, a.size, op)
-        self._send(rank, w, RMA_TAGS | code << SHIFT | int(offset), a, f"{op} to")
         self._dirty.add(rank)
+        return self._send(rank, w, RMA_TAGS | code << SHIFT | int(offset), a, f"{op} to")
 
     # -- origin side: synchronization ---------------------------------------------
 
@@ -237,6 +301,7 @@ class Window:
         if self._locked:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: fence while this rank "
                             f"holds locks on rank(s) {sorted(self._locked)}: unlock them first")
+        self._pscw_closed("fence")
         self._closing("fence", timeout)
         self._fenced = True
 
@@ -281,6 +346,132 @@ class Window:
         self._check("flush_all")
         self._sync(sorted(self._locked), FLUSH, "flush_all", timeout)
 
+    # -- origin and target side: PSCW (general active target synchronization) -------
+
+    def post(self, ranks: Any, timeout: float | None = None) -> None:
+        """MPI's Post: open this rank's window to the origins ``ranks`` (this
+        window's ranks) until ``wait``; returns at once, as MPI's."""
+        self._check("post")
+        if self._posted:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: post while the last "
+                            f"post's epoch is open: call win.wait() first")
+        group = self._group(ranks, "post")
+        items = [(r, self._done_from(r)) for r in group]
+        try:
+            for r in group:
+                self._notice(r, _POSTED, "post to")
+        except BaseException:
+            for _, item in items:
+                self._t.cancel(item)
+            raise
+        self._posted = items
+
+    def start(self, ranks: Any, timeout: float | None = None) -> None:
+        """MPI's Start: an access epoch on the targets ``ranks``, once each
+        posted (it waits for their ``post``); ``complete`` ends it."""
+        self._check("start")
+        if self._started:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: start while the last "
+                            f"start's epoch is open: call win.complete() first")
+        group = self._group(ranks, "start")
+        deadline = time.monotonic() + (self._t.timeout if timeout is None else timeout)
+        items = [(r, self._t.irecv(self._gid, self._c.ranks[r], _POSTED, None, None,
+                                   self._what("start: the post of", r)))
+                 for r in group if r not in self._early]
+        try:
+            for _, item in items:
+                self._t.wait(item, max(0.0, deadline - time.monotonic()))
+        except BaseException:       # (the posts taken count for the next start: a retry)
+            for r, item in items:
+                if item.error is None and (item.event.is_set() or not self._t.cancel(item)):
+                    self._early.add(r)
+            raise
+        self._early.difference_update(group)
+        self._started = group
+
+    def complete(self, timeout: float | None = None) -> None:
+        """MPI's Complete: this rank's operations on the started targets are
+        complete here (its buffers free, its gets in), and each target is
+        told, its ``wait`` returning once every origin has told it."""
+        self._check("complete")
+        if not self._started:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: complete without "
+                            f"start")
+        group, self._started = self._started, []
+        deadline = time.monotonic() + (self._t.timeout if timeout is None else timeout)
+        self._dirty.difference_update(group)
+        self._complete(group, deadline)
+        for r in group:
+            self._notice(r, _DONE, "complete to")
+
+    def wait(self, timeout: float | None = None) -> None:
+        """MPI's Wait: once every origin of ``post`` has called ``complete``:
+        their operations are applied here, and the exposure epoch ends."""
+        self._check("wait")
+        if not self._posted:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: wait without post")
+        deadline = time.monotonic() + (self._t.timeout if timeout is None else timeout)
+        while self._posted:
+            r, item = self._posted[0]
+            try:
+                self._t.wait(item, max(0.0, deadline - time.monotonic()))
+            except MeshTimeoutError:    # (withdrawn: posted again, the epoch still open)
+                self._posted[0] = (r, self._done_from(r))
+                raise
+            self._posted.pop(0)
+
+    def test(self) -> bool:
+        """MPI's Test: ``wait`` if every origin has completed (True), else
+        False at once, the epoch still open."""
+        self._check("test")
+        if not self._posted:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: test without post")
+        if not all(item.event.is_set() for _, item in self._posted):
+            return False
+        self.wait(0)
+        return True
+
+    def _done_from(self, rank: int) -> Pending:
+        """The receive of origin ``rank``'s DONE (its ``complete``)."""
+        return self._t.irecv(self._gid, self._c.ranks[rank], _DONE, None, None,
+                             self._what("wait for", rank))
+
+    def _group(self, ranks: Any, op: str) -> list[int]:
+        """PSCW's group: distinct ranks of this window."""
+        group = [int(r) for r in ranks]
+        for r in group:
+            self._target(r, op)
+        if len(set(group)) != len(group):
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: {op}: ranks {group} "
+                             f"repeat one")
+        return group
+
+    def _notice(self, rank: int, tag: int, op: str) -> None:
+        out = self._t.isend(self._c.ranks[rank], self._gid, tag, 0, None, self._what(op, rank))
+        if out.error is not None:
+            raise out.error
+
+    # -- shared memory ---------------------------------------------------------------
+
+    def shared(self, rank: int) -> np.ndarray:
+        """MPI's Shared_query, of a window from ``Comm.shared_window``: rank
+        ``rank``'s memory, a numpy view this rank loads from and stores into
+        (seen by the others after a ``sync`` and a synchronization: a fence,
+        a barrier)."""
+        self._check("shared")
+        if self._shared is None:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: shared({rank}) of a "
+                            f"window over private memory (Comm.shared_window makes one that "
+                            f"every rank of a host maps)")
+        self._target(rank, "shared")
+        return self._shared.views[rank]
+
+    def sync(self) -> None:
+        """MPI's Win_sync: a full memory fence, between this rank's loads and
+        stores through ``shared`` views and the others'."""
+        self._check("sync")
+        _memory_fence()
+
     def free(self, timeout: float | None = None) -> None:
         """MPI's Win_free, collective: once every rank's operations on this
         rank's window are applied, it is exposed no more; any call on it
@@ -290,6 +481,7 @@ class Window:
         if self._locked:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: free while this rank "
                             f"holds locks on rank(s) {sorted(self._locked)}: unlock them first")
+        self._pscw_closed("free")
         try:
             self._closing("free", timeout)
         finally:
@@ -303,6 +495,12 @@ class Window:
             self.free()
         else:       # (leaving on an error: freed here only, no wait for the others)
             self._release()
+
+    def _pscw_closed(self, op: str) -> None:
+        if self._started or self._posted:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} while this rank's "
+                            + ("start" if self._started else "post")
+                            + "'s epoch is open (complete or wait first)")
 
     def _lock_many(self, ranks: Any, exclusive: bool, timeout: float | None) -> None:
         ranks = list(ranks)
@@ -372,12 +570,12 @@ class Window:
                     self._open.setdefault(r, []).extend(items[i + 1:])
                     raise
 
-    def _ask(self, rank: int, args: list[Any], op: str) -> Pending:
+    def _ask(self, rank: int, args: list[Any], op: str, out: Any = None) -> Pending:
         """Send the control request ``args`` (its reply tag put second) to
-        ``rank``; the posted receive of its reply."""
+        ``rank``; the posted receive of its reply (into ``out=``)."""
         w = self._c.ranks[rank]
         reply = next(self._ids)
-        item = self._t.irecv(self._gid, w, reply, None, None, self._what(op, rank))
+        item = self._t.irecv(self._gid, w, reply, out, None, self._what(op, rank))
         try:
             self._send(rank, w, RMA_TAGS | CONTROL << SHIFT, [args[0], reply, *args[1:]], op,
                        False)
@@ -392,16 +590,18 @@ class Window:
         self._t.isend(w, self._gid, RMA_TAGS | CONTROL << SHIFT, args, None,
                       self._what("unlock of", rank))
 
-    def _send(self, rank: int, w: int, tag: int, obj: Any, op: str, keep: bool = True) -> None:
+    def _send(self, rank: int, w: int, tag: int, obj: Any, op: str,
+              keep: bool = True) -> Outgoing | None:
         t = self._t
         if type(obj) is np.ndarray and w != t.rank and \
                 t.send_ring(w, self._gid, tag, obj) is not None:
-            return      # (a small array by a same-host ring: copied, done)
+            return None     # (a small array by a same-host ring: copied, done)
         out = t.isend(w, self._gid, tag, obj, None, self._what(op, rank))
         if out.error is not None:
             raise out.error
         if keep:
             self._keep(rank, out)
+        return out
 
     def _keep(self, rank: int, item: Outgoing | Pending) -> None:
         items = self._open.setdefault(rank, [])
@@ -420,10 +620,11 @@ class Window:
             raise ValueError(f"rank {self._t.rank}: window {self.name}: {op} rank {rank!r}: its "
                              f"group has ranks 0..{self.size - 1}")
         w = self._c.ranks[int(rank)]
-        if op in _EPOCH and not (self._fenced or rank in self._locked):
+        if op in _EPOCH and not (self._fenced or rank in self._locked or
+                                 rank in self._started):
             raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} on rank {rank} "
-                            f"outside an epoch: call win.fence() (every rank) or "
-                            f"win.lock({rank}) first")
+                            f"outside an epoch: call win.fence() (every rank), "
+                            f"win.lock({rank}) or win.start([{rank}]) first")
         return w
 
     def _range(self, rank: int, offset: Any, count: int, op: str) -> None:
@@ -451,6 +652,9 @@ class Window:
         if side is not None and self._t.inbox.handlers.get(self._gid) is side:
             self._t.inbox.handlers[self._gid] = DROPPED
         self._open.clear()
+        for _, item in self._posted:
+            self._t.cancel(item)
+        self._posted, self._started = [], []
 
 def _done(comm: "Comm", value: Any) -> Request:
     """A request done at once with ``value`` (a get from PROC_NULL)."""

@@ -274,10 +274,131 @@ def _errors(world: mesh.Mesh) -> None:
     _raises(ValueError, "writable C-contiguous", world.window, np.zeros((4, 4))[:, 0])
 
 
+def _requests_and_pscw(world: mesh.Mesh) -> None:
+    """rput, raccumulate, get_accumulate and its request under fence and
+    lock_all (its old values each once: atomic); PSCW in a ring, and one
+    target testing while two origins work; their errors."""
+    n, r = world.size, world.rank
+    right, left = (r + 1) % n, (r - 1) % n
+    a = np.zeros(16, np.int64)
+    with world.window(a) as win:
+        _raises(mesh.MeshError, r"call win.fence\(\) \(every rank\), win.lock\(1\) or "
+                r"win.start\(\[1\]\) first", win.rput, [1], 1)
+        win.post([left])                # PSCW: the left neighbour writes here, no fence
+        win.start([right])
+        _raises(mesh.MeshError, "start while the last start's epoch is open", win.start, [0])
+        _raises(mesh.MeshError, "fence while this rank's start's epoch is open", win.fence)
+        win.put([100 + r], right, offset=0)
+        req = win.rput(np.full(2, r), right, offset=1)
+        old = win.get_accumulate(np.array([5]), right, offset=3)
+        win.complete()
+        assert req.done() and old.tolist() == [0]
+        _raises(mesh.MeshError, "complete without start", win.complete)
+        win.wait()
+        assert a[:4].tolist() == [100 + left, left, left, 5], a
+        _raises(mesh.MeshError, "wait without post", win.wait)
+        if r == 0:      # a target tests while its origins work
+            win.post(range(1, n))
+            tests = 0
+            while not win.test():
+                tests += 1
+            assert a[4] == sum(range(1, n)) and a[5] == n - 1, a
+        else:
+            if r > 1:
+                world.recv(r - 1)
+            win.start([0])
+            win.accumulate([r], 0, offset=4)
+            win.raccumulate([1], 0, offset=5, op="sum").wait()
+            win.complete()
+            if r + 1 < n:
+                world.send("after", r + 1)
+        import collectives      # (between barriers: no post, then no start, anywhere)
+        collectives.barrier(world)
+        with pytest.raises(mesh.MeshTimeoutError, match="start: the post of rank"):
+            win.start([right], timeout=0.2)     # (no post: a timeout naming it)
+        collectives.barrier(world)
+        win.post([left])
+        with pytest.raises(mesh.MeshTimeoutError, match=f"wait for rank {left} timed out"):
+            win.wait(timeout=0.2)               # (no start: a timeout, the epoch still open)
+        collectives.barrier(world)
+        win.start([right])                      # (both tried again: as if never timed out)
+        win.put([-r], right, offset=15)
+        win.complete()
+        win.wait()
+        assert a[15] == -left, a
+        win.fence()     # fence epochs: requests
+        reqs = [win.rput(np.full(2, r + 1), right, offset=6),
+                win.raccumulate(np.arange(3) + r, 0, offset=8, op="sum"),
+                win.rget_accumulate(np.array([1, 1]), left, offset=11, op="no_op")]
+        win.fence()
+        assert a[6:8].tolist() == [left + 1] * 2 and reqs[2].wait().tolist() == [0, 0]
+        assert r or a[8:11].tolist() == [n * j + sum(range(n)) for j in range(3)], a
+        win.lock_all()      # each old value of a get_accumulate once: atomic
+        olds = [win.get_accumulate(np.array([1, 2]), 0, offset=12) for _ in range(5)]
+        last = win.rget_accumulate(np.zeros(2, np.int64), 0, offset=12, op="no_op",
+                                   out=np.empty(2, np.int64))
+        win.unlock_all()
+        assert last.wait()[1] == 2 * last.wait()[0] >= 2 * len(olds)
+        seen = collectives.all_gather_object(world, [int(o[0]) for o in olds])
+        assert sorted(sum(seen, [])) == list(range(5 * n)), seen
+        _raises(TypeError, "out= is not an array of 2 int64", win.rget_accumulate,
+                np.ones(2, np.int64), 0, out=np.empty(3, np.int64))
+        _raises(mesh.MeshError, "shared\\(0\\) of a window over private memory",
+                win.shared, 0)
+        win.fence()
+
+
+def _pscw_large(world: mesh.Mesh) -> None:
+    """A large put in a PSCW epoch (the direct path on one host, a stream
+    across): the target's wait returns once it is in, with no fence."""
+    n, r = world.size, world.rank
+    big = np.zeros(_BIG)
+    with world.window(big) as win:
+        win.post([(r - 1) % n])
+        win.start([(r + 1) % n])
+        win.put(np.arange(_BIG, dtype=np.float64) + r, (r + 1) % n)
+        win.complete()
+        win.wait()
+        assert big[0] == (r - 1) % n and big[-1] == _BIG - 1 + (r - 1) % n, big
+
+
+def _shared(world: mesh.Mesh) -> None:
+    """A shared window: each rank's part, of its own size, stored into
+    directly and seen by the others; a put through it seen in their views."""
+    import collectives
+    n, r = world.size, world.rank
+    with world.shared_window(r + 2, np.int32) as win:
+        assert win.sizes == [q + 2 for q in range(n)] and win.array.dtype == np.int32
+        assert not win.array.any()
+        win.array[:] = 10 * r + np.arange(r + 2)
+        win.sync()
+        collectives.barrier(world)
+        for q in range(n):
+            assert win.shared(q).tolist() == [10 * q + i for i in range(q + 2)], q
+        win.fence()
+        win.put([-r], right := (r + 1) % n, offset=1)
+        win.fence()
+        assert win.shared(right)[1] == -r and win.array[1] == -((r - 1) % n)
+        assert np.shares_memory(win.shared(r), win.array)
+        maps = Path("/proc/self/maps").read_text()      # (a memfd: nothing in /dev/shm)
+        assert "/memfd:meshrun-window-" in maps and "/dev/shm/" not in maps, maps
+    if n == 1:
+        return
+    _raises(mesh.MismatchError, "dtypes differ", world.shared_window, 1,
+            np.float32 if r == 1 else np.float64)
+    if r == 1:
+        _raises(ValueError, "count -1", world.shared_window, -1)
+    else:
+        _raises(ValueError, r"rank\(s\) \[1\] asked for no valid memory", world.shared_window, 1)
+
+
 def _windows(world: mesh.Mesh) -> str:
     _fence_epochs(world)
     _passive(world)
     _errors(world)
+    _requests_and_pscw(world)
+    _pscw_large(world)
+    _shared(world)
     sub = world.group([2, 0]) if world.rank != 1 else None
     if sub is not None:     # a sub-group's window: local ranks
         b = np.zeros(2)
@@ -422,6 +543,11 @@ def test_an_mpi4py_window_program_and_its_port_agree(tmp_path: Path) -> None:
 def _over_tcp(world: mesh.Mesh) -> str:
     _fence_epochs(world)
     _passive(world)
+    _pscw_large(world)
+    said = _raises(mesh.MeshError, "not all on one host", world.shared_window, 4)
+    assert said.startswith(f"rank {world.rank}: shared window on group world: its ranks are "
+                           f"not all on one host (rank 2 not on rank 0's)"), said
+    _shared(world.split_host())     # (ranks 0 and 1 on one host; rank 2 alone on its own)
     return "ok"
 
 
@@ -430,5 +556,9 @@ def test_windows_over_tcp_where_large_arrays_take_streams() -> None:
     """The same epochs with every peer reached over tcp:// (MESH_FORCE_TCP):
     a large put or get takes its sender's stream once open (mesh.streams), what
     follows it from that rank is held until it is in, so a flush's answer
-    and a fence's barrier still come after it."""
-    assert mesh.spawn(_over_tcp, 3, timeout=120, env={"MESH_FORCE_TCP": "1"}) == ["ok"] * 3
+    and a fence's barrier (a complete's word to its target) still come
+    after it. Rank 2 on another (faked)
+    host: a shared window of all three is refused on each, one of each
+    host's ranks works."""
+    env = {"MESH_FORCE_TCP": "1", "MESH_HOST_ID": "h0,h0,h1"}
+    assert mesh.spawn(_over_tcp, 3, timeout=120, env=env) == ["ok"] * 3
