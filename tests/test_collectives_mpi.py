@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -107,10 +108,16 @@ def test_what_is_not_provided_names_itself() -> None:
     """What is not wired in says what it is and what to use: the
     persistent collectives of uneven blocks (Allgatherv_init...), the parts
     of MPI's RMA that meshrun's windows lack."""
-    with pytest.raises(NotImplementedError, match="PSCW is not provided"):
-        MPI.Win.Post
     with pytest.raises(NotImplementedError, match="no dynamic windows"):
         MPI.Win.Create_dynamic
+    win = object.__new__(MPI.Win)       # PSCW's groups: an MPI.Group's ranks translated
+    win.rank, win._comm = 0, SimpleNamespace(Get_group=lambda: "the window's group")
+    group = SimpleNamespace(Get_size=lambda: 2, Translate_ranks=lambda ranks, to: [
+        {0: 2, 1: 0}[i] if to == "the window's group" else None for i in ranks])
+    assert win._group(group, "Post") == [2, 0] and win._group((1, 2), "Start") == [1, 2]
+    group.Translate_ranks = lambda ranks, to: [1, MPI.UNDEFINED]
+    with pytest.raises(ValueError, match=r"Win.Post: group member\(s\) \[1\] are not in"):
+        win._group(group, "Post")
     with pytest.raises(NotImplementedError, match="only those of even blocks"):
         MPI.COMM_NULL.Allgatherv_init
     with pytest.raises(NotImplementedError, match="Iallgather and Ialltoall are provided"):
@@ -310,21 +317,26 @@ def _edges(world: Any) -> str:
         win.Accumulate(np.ones(1), right, op=MPI.MAXLOC)
     with pytest.raises(ValueError, match="LOCK_EXCLUSIVE or MPI.LOCK_SHARED"):
         win.Lock(right, 3)
-    with pytest.raises(NotImplementedError, match="Rput: not provided"):
-        win.Rput
+    put = win.Rput(np.array([r + 0.25]), right, target=(24, 1, MPI.DOUBLE))
+    put.Wait()
+    assert win.Raccumulate(np.ones(1), MPI.PROC_NULL).Test()
     win.Fence()
     assert mem[:2].tolist() == [0, left + 0.5] and mem[2:3].view("i").tolist() == [7, left], \
         (mem.tolist(), mem.view("i").tolist())
+    assert mem[3] == left + 0.25
     comm.Barrier()          # (every rank has looked before the next epoch writes)
     two, back = np.empty(2, "i"), np.empty(1)
     win.Get(two, right, target=(16, 2, MPI.INT))
     assert win.Rget(back, right, target=(8, 1, MPI.DOUBLE)).Wait() and back.tolist() == [r + 0.5]
     old = np.empty(1)
     win.Get_accumulate(np.array([1.0]), old, right, target=0, op=MPI.SUM)
-    with pytest.raises(NotImplementedError, match="Get then Accumulate"):
-        win.Get_accumulate(np.ones(2), np.empty(2), right)
+    old2 = np.empty(2)
+    win.Get_accumulate(np.ones(2), old2, right, target=(0, 2), op=MPI.SUM)
+    with pytest.raises(ValueError, match="1 origin elements, 2 result elements"):
+        win.Get_accumulate(np.ones(1), np.empty(2), right)
     win.Fence()
-    assert two.tolist() == [7, r] and old.tolist() == [0.0] and mem[0] == 1.0
+    assert two.tolist() == [7, r] and old.tolist() == [0.0] and mem[0] == 2.0
+    assert old2.tolist() == [1.0, r + 0.5] and mem[1] == left + 1.5
     win.Free()
     with pytest.raises(mesh.MeshError, match="freed window"):
         win.Put(np.ones(1), right)

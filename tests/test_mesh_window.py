@@ -507,12 +507,17 @@ _MESH = dict(
     gather="C.gather_object(world, [a.tolist(), got.tolist()], root=0)", free="win.free()")
 
 
-def _port(world: mesh.Mesh) -> str:
-    env: dict = {"world": world, "__name__": "port"}
+_RMA = Path(ROOT, "tests", "scripts", "mpi4py_window.py")
+
+
+def _port(world: mesh.Mesh) -> list[str]:
+    """The program by README's rows, then mpi4py_window.py by collectives.MPI."""
     printed: list[str] = []
-    env["print"] = printed.append
-    exec(_PROGRAM.format(**_MESH), env)
-    return printed[0] if printed else ""
+    exec(_PROGRAM.format(**_MESH), {"world": world, "__name__": "port",
+                                    "print": printed.append})
+    text = _RMA.read_text().replace("from mpi4py import MPI\n", "from collectives import MPI\n")
+    exec(text, {"__name__": "port", "print": printed.append})
+    return printed
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None,
@@ -521,22 +526,27 @@ def _port(world: mesh.Mesh) -> str:
 def test_an_mpi4py_window_program_and_its_port_agree(tmp_path: Path) -> None:
     """mpi4py's Win.Create, Put, Get, Accumulate (SUM, MAX), Fence, Lock,
     Flush, Fetch_and_op, Unlock and Free under mpirun -n 3, and the same program with
-    README's "Coming from mpi4py" rows: the same arrays on every rank."""
+    README's "Coming from mpi4py" rows: the same arrays on every rank; then
+    tests/scripts/mpi4py_window.py (PSCW, Rput, Raccumulate, Rget_accumulate,
+    Get_accumulate, Allocate_shared and Shared_query) there and by collectives.MPI."""
     check = subprocess.run([sys.executable, "-c", "import mpi4py.MPI"], capture_output=True,
                            timeout=60)
     if check.returncode:
         pytest.skip("mpi4py (with an MPI library) is not installed")
     script = tmp_path / "win.py"
-    script.write_text(_PROGRAM.format(**_MPI))
+    script.write_text(_PROGRAM.format(**_MPI) + _RMA.read_text())
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     rc, out = run_in_session(["mpirun", "--oversubscribe", "--bind-to", "none", "-n", "3",
                               sys.executable, str(script)], env, 90, cwd=ROOT)
     assert rc == 0, out
-    theirs = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    theirs = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
     ours = mesh.spawn(_port, 3, timeout=60)[0]
-    assert theirs == [ours], (out, ours)
-    result = json.loads(ours[len("RESULT "):])
+    assert theirs == ours, (out, ours)
+    result = json.loads(ours[0][len("RESULT "):])
     assert result[0][0][:3] == [2, 30, 3] and result[0][0][6:] == [3, 6], result
+    rma = json.loads(ours[1][len("RESULT2 "):])
+    assert rma[1][0] == [100, 0, 0, 5, 6, 0, 0, 0] and rma[0][3] == [3, 6], rma
+    assert rma[2][4] == [[8, [10.0 * q + i for i in range(q + 1)]] for q in range(3)] + [[-3.0]]
 
 
 

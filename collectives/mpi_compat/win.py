@@ -1,9 +1,12 @@
 """mpi4py's one-sided windows (MPI.Win) over meshrun's (``comm.window``,
 mesh.window): ``Win.Create(memory, disp_unit, comm=)``, ``Win.Allocate``,
-``Put``, ``Get``, ``Rget``, ``Accumulate``, ``Fetch_and_op``,
-``Compare_and_swap``, ``Get_accumulate`` of one element, ``Fence``,
-``Lock``/``Unlock`` (``LOCK_EXCLUSIVE``, ``LOCK_SHARED``), ``Lock_all``,
-``Unlock_all``, ``Flush``, ``Flush_all``, ``Free``.
+``Win.Allocate_shared`` and ``Shared_query`` (Comm.shared_window), ``Put``,
+``Get``, ``Accumulate``, ``Get_accumulate``, their requests ``Rput``,
+``Rget``, ``Raccumulate``, ``Rget_accumulate``, ``Fetch_and_op``,
+``Compare_and_swap``, ``Fence``, ``Lock``/``Unlock`` (``LOCK_EXCLUSIVE``,
+``LOCK_SHARED``), ``Lock_all``, ``Unlock_all``, ``Flush``, ``Flush_all``,
+PSCW (``Post``, ``Start``, ``Complete``, ``Wait``, ``Test``), ``Sync``,
+``Free``.
 
 A meshrun window exposes an array of one dtype and takes element offsets;
 MPI's exposes bytes and takes displacements in units of each target's
@@ -26,7 +29,7 @@ from mesh.window import OPS as WINDOW_OPS
 
 from .buffers import _flat, spec
 from .requests import Request
-from .types import BOTTOM, PROC_NULL, Op, datatype_of
+from .types import BOTTOM, PROC_NULL, UNDEFINED, Op, datatype_of
 
 __all__ = ["Win", "LOCK_EXCLUSIVE", "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOSTORE",
            "MODE_NOPUT", "MODE_NOPRECEDE", "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE",
@@ -40,19 +43,9 @@ WIN_BASE, WIN_SIZE, WIN_DISP_UNIT = 7, 8, 9
 _BY_UNIT = {1: np.uint8, 4: np.intc, 8: np.float64}     # Allocate's elements, by disp_unit
 
 _ABSENT = {
-    "Rput": "Put (complete at the epoch's end: Fence, Flush, Unlock)",
-    "Raccumulate": "Accumulate (complete at the epoch's end)",
-    "Rget_accumulate": "Fetch_and_op (one element)",
-    "Post": "Fence (PSCW is not provided)", "Start": "Fence (PSCW is not provided)",
-    "Complete": "Fence (PSCW is not provided)", "Wait": "Fence (PSCW is not provided)",
-    "Test": "Fence (PSCW is not provided)",
     "Create_dynamic": "Win.Create over memory of its full size (no dynamic windows)",
     "Attach": "Win.Create over memory of its full size (no dynamic windows)",
     "Detach": "Win.Create over memory of its full size (no dynamic windows)",
-    "Allocate_shared": "Win.Allocate (no shared-memory windows: Shared_query has no "
-                       "counterpart)",
-    "Shared_query": "Get, Put (no shared-memory windows)",
-    "Get_group": "comm.Get_size() of the communicator the window was made on",
 }
 
 
@@ -80,7 +73,7 @@ class Win(metaclass=_WinType):
     memory every rank of the communicator exposes."""
 
     def __init__(self, comm: Any, memory: np.ndarray, disp_unit: int, dtype: Any,
-                 what: str) -> None:
+                 what: str, shared: bool = False) -> None:
         import collectives
         g: mesh.Comm = comm.mesh
         self.rank = g.rank
@@ -99,8 +92,9 @@ class Win(metaclass=_WinType):
         if memory.size == 0 and names:
             memory = np.empty(0, names[0])
         self._units = [int(u) for _, u in table]
-        self._memory = memory
-        self.window = g.window(memory)
+        self._comm = comm
+        self.window = g.shared_window(memory.size, memory.dtype) if shared else g.window(memory)
+        self._memory = self.window.array
         self._dtype = self.window.dtype
 
     # -- making one -----------------------------------------------------------------------
@@ -126,14 +120,46 @@ class Win(metaclass=_WinType):
         (a collectives.MPI addition; default by ``disp_unit``: 4 MPI.INT, 8
         MPI.DOUBLE, else MPI.BYTE); ``win.tomemory()`` is them, a numpy array."""
         comm = _world_self() if comm is None else comm
-        dt = datatype_of(datatype, "Win.Allocate")
-        kind = np.dtype(dt if dt is not None else _BY_UNIT.get(int(disp_unit), np.uint8))
-        if int(size) < 0 or int(size) % kind.itemsize:
-            raise ValueError(f"rank {comm.rank}: collectives.MPI Win.Allocate: {size} bytes is "
-                             f"no whole number of {kind} elements (pass datatype=)")
+        kind = cls._kind(size, disp_unit, comm, datatype, "Win.Allocate")
         memory = np.zeros(int(size) // kind.itemsize, kind)
         return cls(comm, memory, disp_unit, None if datatype is None and not size else kind,
                    "Win.Allocate")
+
+    @classmethod
+    def Allocate_shared(cls, size: int, disp_unit: int = 1, info: Any = None,
+                        comm: Any = None, datatype: Any = None) -> "Win":
+        """MPI_Win_allocate_shared, collective over ranks of one host (else
+        mesh.MeshError on every rank): as ``Allocate``, in memory every rank
+        maps (``Shared_query``'s buffers: numpy arrays to load and store)."""
+        comm = _world_self() if comm is None else comm
+        kind = cls._kind(size, disp_unit, comm, datatype, "Win.Allocate_shared")
+        memory = np.empty(int(size) // kind.itemsize, kind)    # (its size and dtype only)
+        return cls(comm, memory, disp_unit, None if datatype is None and not size else kind,
+                   "Win.Allocate_shared", shared=True)
+
+    @staticmethod
+    def _kind(size: int, disp_unit: int, comm: Any, datatype: Any, what: str) -> np.dtype:
+        dt = datatype_of(datatype, what)
+        kind = np.dtype(dt if dt is not None else _BY_UNIT.get(int(disp_unit), np.uint8))
+        if int(size) < 0 or int(size) % kind.itemsize:
+            raise ValueError(f"rank {comm.rank}: collectives.MPI {what}: {size} bytes is "
+                             f"no whole number of {kind} elements (pass datatype=)")
+        return kind
+
+    def Shared_query(self, rank: int) -> tuple[np.ndarray, int]:
+        """(rank ``rank``'s memory, its disp_unit); mpi4py's buffer is a
+        numpy array here (``np.frombuffer`` and ``np.ndarray(buffer=)`` take
+        it). MPI.PROC_NULL: the first rank's with memory, as MPI's."""
+        if rank == PROC_NULL:
+            rank = next((r for r, n in enumerate(self.window.sizes) if n), 0)
+        return self.window.shared(rank), self._units[rank]
+
+    def Get_group(self) -> Any:
+        """The group of the communicator the window was made on."""
+        get = getattr(self._comm, "Get_group", None)
+        if get is None:
+            raise _absent("Get_group")
+        return get()
 
     def tomemory(self) -> np.ndarray:
         """The memory this rank exposes, a flat numpy array (``np.frombuffer``
@@ -210,6 +236,13 @@ class Win(metaclass=_WinType):
         a, off, _ = self._origin(origin, "Put", target_rank, target)
         self.window.put(a, target_rank, off)
 
+    def Rput(self, origin: Any, target_rank: int, target: Any = None) -> Request:
+        """Done once ``origin`` may be reused (MPI's local completion)."""
+        if target_rank == PROC_NULL:
+            return Request(self.window.rput([], PROC_NULL))
+        a, off, _ = self._origin(origin, "Rput", target_rank, target)
+        return Request(self.window.rput(a, target_rank, off))
+
     def Get(self, origin: Any, target_rank: int, target: Any = None) -> None:
         """Into ``origin`` by the epoch's end (Fence, Flush, Unlock), as MPI's."""
         self._rget(origin, target_rank, target, "Get")
@@ -231,18 +264,42 @@ class Win(metaclass=_WinType):
         a, off, _ = self._origin(origin, "Accumulate", target_rank, target, atomic=True)
         self.window.accumulate(a, target_rank, off, name)
 
+    def Raccumulate(self, origin: Any, target_rank: int, target: Any = None,
+                    op: Op | None = None) -> Request:
+        """Done once ``origin`` may be reused (MPI's local completion)."""
+        name = self._op(op, "Raccumulate", target_rank, fetch=False)
+        if target_rank == PROC_NULL:
+            return Request(self.window.rput([], PROC_NULL))
+        a, off, _ = self._origin(origin, "Raccumulate", target_rank, target, atomic=True)
+        return Request(self.window.raccumulate(a, target_rank, off, name))
+
     def Get_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any = None,
                        op: Op | None = None) -> None:
-        """Of one element only (meshrun's fetch_and_op)."""
-        res = self._as_window(spec(result, "Win.Get_accumulate").view, "Get_accumulate",
-                              target_rank, True)
-        if len(res) != 1:
-            raise NotImplementedError(
-                f"{self._where('Get_accumulate', target_rank)}: of {len(res)} elements: "
-                f"meshrun's windows fetch one element atomically (Fetch_and_op); Get then "
-                f"Accumulate under an exclusive Lock for more")
-        disp = target[0] if isinstance(target, (tuple, list)) else target
-        self.Fetch_and_op(origin, res, target_rank, 0 if disp is None else disp, op)
+        """Into ``result`` by the epoch's end, as MPI's."""
+        self._rget_accumulate(origin, result, target_rank, target, op, "Get_accumulate")
+
+    def Rget_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any = None,
+                        op: Op | None = None) -> Request:
+        return Request(self._rget_accumulate(origin, result, target_rank, target, op,
+                                             "Rget_accumulate"))
+
+    def _rget_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any,
+                         op: Op | None, what: str) -> Any:
+        """meshrun's rget_accumulate: ``result``'s count from the target
+        (MPI's: the origin's, which NO_OP's may leave out: None)."""
+        name = self._op(op, what, target_rank, fetch=True)
+        res = self._as_window(spec(result, f"Win.{what}").view, what, target_rank, True)
+        if target_rank == PROC_NULL:
+            return self.window.rget(PROC_NULL)
+        off, n = self._target(what, target_rank, target, len(res), self._dtype)
+        if origin is None and name == "no_op":
+            a = np.zeros(n, self._dtype)
+        else:
+            a = self._as_window(spec(origin, f"Win.{what}").view, what, target_rank, True)
+            if len(a) != n:
+                raise ValueError(f"{self._where(what, target_rank)}: {len(a)} origin elements, "
+                                 f"{n} result elements (one count)")
+        return self.window.rget_accumulate(a, target_rank, off, name, out=res)
 
     def Fetch_and_op(self, origin: Any, result: Any, target_rank: int, target_disp: int = 0,
                      op: Op | None = None) -> None:
@@ -287,6 +344,39 @@ class Win(metaclass=_WinType):
     def Fence(self, assertion: int = 0) -> None:
         self.window.fence()
 
+    def Post(self, group: Any, assertion: int = 0) -> None:
+        self.window.post(self._group(group, "Post"))
+
+    def Start(self, group: Any, assertion: int = 0) -> None:
+        self.window.start(self._group(group, "Start"))
+
+    def Complete(self) -> None:
+        self.window.complete()
+
+    def Wait(self) -> None:
+        self.window.wait()
+
+    def Test(self) -> bool:
+        return self.window.test()
+
+    def _group(self, group: Any, what: str) -> list[int]:
+        """PSCW's group as the window's ranks: an MPI.Group (its ranks
+        translated by ``Translate_ranks`` into the window's communicator's
+        group), or a list of the window's ranks (a collectives.MPI addition)."""
+        if not hasattr(group, "Translate_ranks"):
+            try:
+                return [int(r) for r in group]
+            except TypeError:
+                raise TypeError(f"rank {self.rank}: collectives.MPI Win.{what}: group "
+                                f"{group!r}: an MPI.Group or a list of ranks") from None
+        size = group.Get_size() if hasattr(group, "Get_size") else group.size
+        ranks = list(group.Translate_ranks(list(range(size)), self.Get_group()))
+        if UNDEFINED in ranks:
+            raise ValueError(f"rank {self.rank}: collectives.MPI Win.{what}: group member(s) "
+                             f"{[i for i, r in enumerate(ranks) if r == UNDEFINED]} are not in "
+                             f"the window's group")
+        return [int(r) for r in ranks]
+
     def Lock(self, rank: int, lock_type: int = LOCK_EXCLUSIVE, assertion: int = 0) -> None:
         if lock_type not in (LOCK_EXCLUSIVE, LOCK_SHARED):
             raise ValueError(f"{self._where('Lock', rank)}: lock_type {lock_type!r}: "
@@ -312,7 +402,8 @@ class Win(metaclass=_WinType):
     Flush_local_all = Flush_all
 
     def Sync(self) -> None:
-        """(one copy of the memory: nothing to synchronize)"""
+        """A memory fence (one copy of the memory: nothing else to synchronize)."""
+        self.window.sync()
 
     def Free(self) -> None:
         self.window.free()
