@@ -11,7 +11,8 @@ A thin layer over meshrun's public calls (collectives.mpi_compat: types.py
 the ops and constants, datatypes.py the datatypes, the derived ones too;
 buffers.py the buffer specs; p2p.py,
 requests.py and message.py point-to-point; coll.py the buffer
-collectives, objects.py the lowercase ones; comm.py the communicators;
+collectives, objects.py the lowercase ones; comm.py the communicators,
+group.py their groups;
 win.py the one-sided windows over comm.window; tuples.py keeps the lowercase
 calls' tuples): objects go by msgpack, never pickle, and meshrun's errors
 (MismatchError, MeshTimeoutError, LostPeerError) come through unchanged. It
@@ -29,6 +30,7 @@ import mesh
 
 from .mpi_compat.file import FILE_ERRORS, MODES, SEEK_CUR, SEEK_END, SEEK_SET, File
 from .mpi_compat.comm import COMM_NULL, COMM_TYPE_SHARED, Cartcomm, Comm, Intracomm
+from .mpi_compat.group import GROUP_EMPTY, GROUP_NULL, Group
 from .mpi_compat.objects import fold, scan_fold
 from .mpi_compat.message import MESSAGE_NO_PROC, MESSAGE_NULL, Message
 from .mpi_compat.requests import REQUEST_NULL, Grequest, Prequest, Request, Status
@@ -54,7 +56,8 @@ KEYVAL_INVALID = -1
 MAX_PROCESSOR_NAME = 256
 
 __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "Intracomm",
-           "Cartcomm", "Status", "Request", "Prequest", "Grequest", "Message", "REQUEST_NULL",
+           "Cartcomm", "Group", "GROUP_EMPTY", "GROUP_NULL", "Status", "Request", "Prequest",
+           "Grequest", "Message", "REQUEST_NULL",
            "MESSAGE_NULL", "MESSAGE_NO_PROC", "Datatype", "Op", "Exception", "ANY_SOURCE",
            "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "BOTTOM", "IDENT",
            "CONGRUENT", "SIMILAR", "UNEQUAL", "CART", "GRAPH", "DIST_GRAPH", "SUCCESS",
@@ -98,7 +101,7 @@ def __getattr__(name: str) -> Any:
             w = _world().mesh
             _state["self"] = Intracomm(w.group([w.rank]))
         return _state["self"]
-    if name in ("Group", "Info", "Errhandler"):
+    if name in ("Info", "Errhandler"):
         return _Absent(name)
     if name.startswith("_"):
         raise AttributeError(name)
@@ -107,11 +110,8 @@ def __getattr__(name: str) -> Any:
 
 
 class _Absent:
-    """MPI.Group and the others meshrun does not provide: every use
-    raises, naming it."""
-
-    _WHY = {"Group": "process groups (MPI.Group) are not provided: comm.Split, or "
-                     "comm.mesh.group(ranks)"}
+    """MPI.Info and MPI.Errhandler, which meshrun does not provide: every
+    use raises, naming it."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -119,8 +119,7 @@ class _Absent:
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("__"):
             raise AttributeError(attr)
-        why = self._WHY.get(self._name, "not provided")
-        raise NotImplementedError(f"collectives.MPI: {self._name}.{attr}: {why}")
+        raise NotImplementedError(f"collectives.MPI: {self._name}.{attr}: not provided")
 
     def __call__(self, *args: Any, **kw: Any) -> Any:
         return self.__getattr__("()")

@@ -421,6 +421,40 @@ def _edges(world: Any) -> str:
             comm.Gatherv(*args, root=0)
     else:
         comm.Gatherv(args[0], None, root=0)
+    # groups: every call local; Create collective over comm (a Split), Create_group over the
+    # group alone (ranks outside get COMM_NULL), MPI's orders and MPI.UNDEFINED outside
+    everyone = comm.Get_group()
+    back, ends = everyone.Range_incl([(n - 1, 0, -1)]), everyone.Incl([n - 1, 0])
+    assert (back.size, back.rank, back.Translate_ranks()) == (n, n - 1 - r, [2, 1, 0])
+    assert ends.Translate_ranks(None, back) == [0, 2] and ends.rank == {2: 0, 0: 1}.get(r, -32766)
+    assert everyone.Translate_ranks([0, 1, 2], ends) == [1, MPI.UNDEFINED, 0]
+    assert MPI.Group.Union(ends, everyone.Excl([0])).Translate_ranks() == [2, 0, 1]
+    assert MPI.Group.Intersect(ends, everyone.Excl([0])).Translate_ranks() == [2]
+    assert MPI.Group.Difference(everyone, ends).Translate_ranks() == [1]
+    assert everyone.Range_excl([(0, 2, 2)]).Translate_ranks() == [1]
+    assert [back.Compare(everyone), ends.Compare(ends.Dup()), ends.Compare(everyone)] == \
+        [MPI.SIMILAR, MPI.IDENT, MPI.UNEQUAL]
+    assert everyone.Excl([0, 1, 2]) == MPI.GROUP_EMPTY and MPI.GROUP_EMPTY.rank == MPI.UNDEFINED
+    assert MPI.Group(ends) == ends != ends.Dup()        # (another handle of it; a new one)
+    with pytest.raises(ValueError, match=r"Incl\(\[0, 0\]\): rank 0 is given twice"):
+        everyone.Incl([0, 0])
+    made = comm.Create(ends)
+    assert (made == MPI.COMM_NULL) == (r == 1)
+    assert r == 1 or (made.rank, made.allreduce(r)) == (ends.rank, 2)
+    assert r == 1 or made.Get_group().Translate_ranks(None, everyone) == [2, 0]
+    halves = comm.Create(everyone.Incl([r]))       # (disjoint groups: one communicator each)
+    assert halves.size == 1 and halves.allreduce(r) == r
+    duo = comm.Create_group(ends, tag=5) if r != 1 else MPI.COMM_NULL
+    assert r == 1 or duo.allreduce(r + 1) == 4
+    assert comm.Create_group(MPI.GROUP_EMPTY) == MPI.COMM_NULL
+    assert [comm.Compare(comm.Dup()), comm.Compare(comm.Split(0, -r)),
+            comm.Compare(MPI.COMM_SELF)] == [MPI.CONGRUENT, MPI.SIMILAR, MPI.UNEQUAL]
+    with pytest.raises(ValueError, match=r"rank\(s\) \[[0-9, ]+\] are not in the communicator"):
+        MPI.COMM_SELF.Create_group(ends) if r == 2 else MPI.COMM_SELF.Create(ends)
+    with pytest.raises(TypeError, match="Create_group: expecting an MPI.Group"):
+        comm.Create_group([0, 1])
+    ends.Free()
+    assert ends == MPI.GROUP_NULL and not ends
     MPI.Finalize()      # (mesh.spawn's world is left open: spawn closes it)
     assert MPI.Is_finalized() and mesh.world.current() is world
     return "ok"

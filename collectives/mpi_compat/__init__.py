@@ -2,5 +2,5 @@
 constants, datatypes and ops; buffers.py the buffer specs; requests.py
 Status and Request; message.py Message; p2p.py point-to-point; coll.py the
 buffer collectives; objects.py the lowercase ones; comm.py the
-communicators; win.py the one-sided windows. Import collectives.MPI, not
+communicators, group.py their groups; win.py the one-sided windows. Import collectives.MPI, not
 these."""

@@ -1,6 +1,8 @@
 """mpi4py's communicators over meshrun's: Comm (and Intracomm, the same)
 wraps a MeshComm, Cartcomm a mesh.Grid over one; Split, Dup, Create_cart,
-Sub and the rest map onto Comm.split, Comm.dup, mesh.grid and Comm.group.
+Sub and the rest map onto Comm.split, Comm.dup, mesh.grid and Comm.group,
+Get_group's Group (group.py) onto the communicator's world ranks, Create
+onto Comm.split and Create_group onto Comm.group.
 What meshrun does not provide raises NotImplementedError naming the call
 and what to use instead."""
 from __future__ import annotations
@@ -14,9 +16,10 @@ import mesh
 from mesh import Comm as MeshComm
 
 from .coll import Collectives
+from .group import Group, comm_ranks
 from .objects import ObjectCollectives
 from .p2p import PointToPoint
-from .types import CART, IDENT, TAG_UB, UNDEFINED, UNEQUAL
+from .types import CART, CONGRUENT, IDENT, SIMILAR, TAG_UB, UNDEFINED, UNEQUAL
 
 __all__ = ["Comm", "Intracomm", "Cartcomm", "COMM_NULL", "COMM_TYPE_SHARED", "not_provided"]
 
@@ -128,7 +131,47 @@ class Comm(PointToPoint, Collectives, ObjectCollectives):
     topology = property(Get_topology)
 
     def Compare(self, other: "Comm") -> int:
-        return IDENT if self._g is other._g else UNEQUAL
+        """MPI.IDENT: the same communicator; MPI.CONGRUENT: the same
+        processes in the same order (a Dup); MPI.SIMILAR: in another order;
+        else MPI.UNEQUAL."""
+        if self._g is other._g:
+            return IDENT
+        a, b = self._g.ranks, other._g.ranks
+        return CONGRUENT if a == b else SIMILAR if sorted(a) == sorted(b) else UNEQUAL
+
+    def Get_group(self) -> Group:
+        """The communicator's processes (their world ranks), in its order."""
+        if self._g is None:
+            raise ValueError("collectives.MPI Get_group: MPI.COMM_NULL has no group")
+        return Group(members=self._g.ranks, me=self._g.ranks[self._g.rank])
+
+    group = property(Get_group)
+
+    def Create(self, group: Group) -> "Comm":
+        """MPI_Comm_create, collective over this communicator (every rank
+        calls it, as its other collectives): a communicator of ``group``'s
+        processes in its order, COMM_NULL on the others. It is ``Split``,
+        the color the group's first process, the key the rank in it (so
+        that ranks passing disjoint groups each get their own, as MPI
+        allows)."""
+        mine = comm_ranks(group, self._g.ranks, "Create", self._g.ranks[self._g.rank])
+        at = group.Get_rank()
+        sub = self._g.split(None if at == UNDEFINED else mine[0], at)
+        return COMM_NULL if sub is None else Intracomm(sub)
+
+    def Create_group(self, group: Group, tag: int = 0) -> "Comm":
+        """MPI_Comm_create_group, collective over ``group``'s processes alone
+        (no message: meshrun's ``Comm.group``, whose members make groups of
+        the same ranks in the same order): a communicator of them in the
+        group's order; COMM_NULL on a process not in it. ``tag`` is taken
+        and not used: Create_group calls of one group from several threads
+        must come in the same order on every member."""
+        mine = comm_ranks(group, self._g.ranks, "Create_group", self._g.ranks[self._g.rank])
+        if group.Get_rank() == UNDEFINED:
+            return COMM_NULL
+        sub = self._g.group(mine)
+        assert sub is not None
+        return Intracomm(sub)
 
     def Dup(self) -> "Comm":
         return self._like(self._g.dup())

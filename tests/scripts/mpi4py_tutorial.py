@@ -373,7 +373,41 @@ def one_sided():
         [t == sorted(t) for t in everyone], drawn, total, MPI.LOCK_EXCLUSIVE, MPI.LOCK_SHARED)
 
 
+def groups():
+    # groups of the world's processes, communicators made of them
+    world = comm.Get_group()
+    last = size - 1
+    rev = world.Range_incl([(last, 0, -1)])
+    odd, even = world.Range_incl([(1, last, 2)]), world.Excl(list(range(1, size, 2)))
+    top = world.Incl([last, 0])
+    both = MPI.Group.Union(top, odd)
+    table = [rev.Translate_ranks(), rev.Get_rank(), odd.Get_size(), odd.Get_rank(),
+             even.Translate_ranks(None, world), top.Translate_ranks(list(range(2)), rev),
+             both.Translate_ranks(), MPI.Group.Intersection(top, odd).Translate_ranks(),
+             MPI.Group.Difference(world, top).Translate_ranks(),
+             world.Range_excl([(0, last, 2)]).size,
+             [rev.Compare(world), world.Compare(comm.group), top.Compare(world)],
+             world.Incl([]).Compare(MPI.GROUP_EMPTY), MPI.GROUP_EMPTY.Get_size(),
+             MPI.GROUP_EMPTY.Get_rank(), top.Get_rank()]
+    made = comm.Create(top)
+    sub = [made == MPI.COMM_NULL]
+    if made != MPI.COMM_NULL:
+        sub += [made.Get_rank(), made.Get_size(), made.allreduce(rank, op=MPI.SUM),
+                made.Get_group().Translate_ranks(None, world)]
+    mine = comm.Create_group(even if rank % 2 == 0 else odd, tag=7)
+    total = mine.allreduce(rank, op=MPI.SUM)
+    nul = comm.Create_group(MPI.GROUP_EMPTY) == MPI.COMM_NULL
+    dup, split = comm.Dup(), comm.Split(0, key=-rank)
+    cmp = [comm.Compare(comm), comm.Compare(dup), comm.Compare(split),
+           comm.Compare(MPI.COMM_SELF) if size > 1 else None]
+    top.Free()
+    tab = comm.gather([sub, mine.Get_rank(), mine.Get_size(), total, nul, cmp], root=0)
+    say("groups", table, tab, top == MPI.GROUP_NULL, MPI.UNDEFINED)
+    mine.Free()
+    dup.Free()
+
+
 for prog in (pi_by_reduce, matvec, sample_sort, halo, task_farm, nonblocking, split,
-             objects, buffers, collectives, one_sided):
+             objects, buffers, collectives, one_sided, groups):
     prog()
 say("ALL OK", size)
