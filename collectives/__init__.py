@@ -41,9 +41,10 @@ from .api import (all_gather, all_gather_object, all_gather_v, all_reduce, all_r
 from .file import File, FileError
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
-from .persistent import (all_gather_init, all_reduce_init, all_to_all_init, barrier_init,
-                         broadcast_init, exscan_init, gather_init, reduce_init,
-                         reduce_scatter_init, scan_init, scatter_init)
+from .persistent import (all_gather_init, all_gather_v_init, all_reduce_init, all_to_all_init,
+                         all_to_all_v_init, barrier_init, broadcast_init, exscan_init,
+                         gather_init, gather_v_init, reduce_init, reduce_scatter_init,
+                         reduce_scatter_v_init, scan_init, scatter_init, scatter_v_init)
 from .userop import Op
 from .plan import Tuning
 from .runner import Work, abandon
@@ -56,4 +57,5 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
            "DEFAULT_BUCKET_BYTES", "Work", "Tuning", "OPS", "Op", "abandon", "all_reduce_init",
            "broadcast_init", "reduce_init", "all_gather_init", "reduce_scatter_init",
            "all_to_all_init", "gather_init", "scatter_init", "scan_init", "exscan_init",
-           "barrier_init", "File", "FileError"]
+           "barrier_init", "all_gather_v_init", "all_to_all_v_init", "gather_v_init",
+           "scatter_v_init", "reduce_scatter_v_init", "File", "FileError"]

@@ -1,7 +1,8 @@
 """Persistent collectives (MPI-4's MPI_Allreduce_init, MPI_Bcast_init and
-the others; mpi4py's ``comm.Allreduce_init(sendbuf, recvbuf, op)``,
-``Bcast_init``, ..., then ``Prequest.Start`` and ``Wait``): a collective
-that repeats each iteration, set up once and started as often as wanted::
+the others, the uneven ones MPI_Allgatherv_init... too; mpi4py's
+``comm.Allreduce_init(sendbuf, recvbuf, op)``, ``Bcast_init``, ..., then
+``Prequest.Start`` and ``Wait``): a collective that repeats each
+iteration, set up once and started as often as wanted::
 
     p = C.all_reduce_init(g, grads, op="sum")      # checked and planned once
     for step in range(steps):
@@ -55,6 +56,7 @@ from mesh.persistent import Prequest, _empty
 from mesh.request import _answered
 
 from . import api, debug
+from .displs import _ints
 from .host import paths as host
 from .host.paths_reduce import all_reduce_plan
 from .host.paths_route import _skipped
@@ -66,7 +68,8 @@ from .userop import Op
 
 __all__ = ["all_reduce_init", "broadcast_init", "reduce_init", "all_gather_init",
            "reduce_scatter_init", "all_to_all_init", "gather_init", "scatter_init",
-           "scan_init", "exscan_init", "barrier_init"]
+           "scan_init", "exscan_init", "barrier_init", "all_gather_v_init", "all_to_all_v_init",
+           "gather_v_init", "scatter_v_init", "reduce_scatter_v_init"]
 
 
 class _Started(Request):
@@ -417,6 +420,84 @@ def exscan_init(g: Comm, a: Any, op: str | Op = "sum", out: Any = None,
     check_comm(g, "exscan_init")
     bad = _out_of(g, "exscan", out, _shape(a))
     return _init(g, "exscan", lambda: api.exscan(g, a, op, True, timeout), out, bad, timeout)
+
+
+def _no_counts(g: Comm, name: str, *counts: Any) -> str | None:
+    """What is wrong where an uneven init's counts are None (MPI's are given
+    at init; None would exchange them at each start, blocking it)."""
+    if any(c is None for c in counts):
+        return f"rank {g.ranks[g.rank]}: {name}_init on group {g.name}: the counts are " \
+               f"required (MPI's are given at init)"
+    return None
+
+
+def all_gather_v_init(g: Comm, a: Any, counts: Any, out: Any = None, displs: Any = None,
+                      timeout: float | None = None) -> Prequest:
+    """MPI's Allgatherv_init: each start gathers every rank's ``a``
+    (``counts[r]`` rows from rank r) as C.all_gather_v(g, a, counts,
+    displs=, out=) would, into ``out``, which the wait returns (a new array
+    each start without it). Counts of None (as any bad argument) fail each
+    start on every member."""
+    check_comm(g, "all_gather_v_init")
+    return _init(g, "all_gather_v",
+                 lambda: api.all_gather_v(g, a, counts, True, timeout, displs, out), out,
+                 _no_counts(g, "all_gather_v", counts), timeout)
+
+
+def all_to_all_v_init(g: Comm, a: Any, send_counts: Any, recv_counts: Any, out: Any = None,
+                      send_displs: Any = None, recv_displs: Any = None,
+                      timeout: float | None = None) -> Prequest:
+    """MPI's Alltoallv_init: each start exchanges ``a``'s blocks as
+    C.all_to_all_v(g, a, send_counts, recv_counts, ...) would (the blocks
+    cut out of ``a`` at the start where ``send_displs`` place them apart),
+    into ``out``, which the wait returns (a new array each start without it)."""
+    check_comm(g, "all_to_all_v_init")
+    return _init(g, "all_to_all_v",
+                 lambda: api.all_to_all_v(g, a, send_counts, recv_counts, True, timeout,
+                                          send_displs, recv_displs, out), out,
+                 _no_counts(g, "all_to_all_v", send_counts, recv_counts), timeout)
+
+
+def gather_v_init(g: Comm, a: Any, counts: Any, root: int = 0, out: Any = None,
+                  displs: Any = None, timeout: float | None = None) -> Prequest:
+    """MPI's Gatherv_init: each start gathers every rank's ``a`` on the
+    root (C.gather_v; ``displs`` and ``out=`` the root's), which its wait
+    returns (``out``, else a new array each start; None off the root)."""
+    check_comm(g, "gather_v_init")
+    out = out if g.rank == root else None
+    return _init(g, "gather_v",
+                 lambda: api.gather_v(g, a, counts, root, True, timeout, displs, out), out,
+                 _no_counts(g, "gather_v", counts), timeout)
+
+
+def scatter_v_init(g: Comm, a: Any, counts: Any, root: int = 0, out: Any = None,
+                   displs: Any = None, timeout: float | None = None,
+                   dtype: Any = None) -> Prequest:
+    """MPI's Scatterv_init: each start gives rank r its ``counts[r]`` rows
+    of the root's ``a`` (C.scatter_v; ``displs`` the root's, ``dtype=`` as
+    there), into ``out``, which the wait returns (a new array each start
+    without it)."""
+    check_comm(g, "scatter_v_init")
+    sizes, shape = _ints(counts, g.size), _shape(a) if g.rank == root else None
+    bad = _no_counts(g, "scatter_v", counts) or _out_of(
+        g, "scatter_v", out, (sizes[g.rank],) + shape[1:] if sizes and shape else None)
+    return _init(g, "scatter_v",
+                 lambda: api.scatter_v(g, a, counts, root, True, timeout, dtype, displs), out,
+                 bad, timeout)
+
+
+def reduce_scatter_v_init(g: Comm, a: Any, counts: Any, op: str | Op = "sum", out: Any = None,
+                          timeout: float | None = None) -> Prequest:
+    """MPI's Reduce_scatter_init: each start reduces ``a`` and gives rank r
+    its ``counts[r]`` rows (C.reduce_scatter_v), into ``out``, which the
+    wait returns (a new array each start without it)."""
+    check_comm(g, "reduce_scatter_v_init")
+    sizes, shape = _ints(counts, g.size), _shape(a)
+    bad = _no_counts(g, "reduce_scatter_v", counts) or _out_of(
+        g, "reduce_scatter_v", out, (sizes[g.rank],) + shape[1:] if sizes and shape else None)
+    return _init(g, "reduce_scatter_v",
+                 lambda: api.reduce_scatter_v(g, a, counts, op, True, timeout), out, bad,
+                 timeout)
 
 
 def barrier_init(g: Comm, timeout: float | None = None) -> Prequest:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from proctools import launch_env, run_in_session
 
+import collectives as C
 import mesh
 from collectives import MPI
 from collectives.mpi_compat.buffers import spec, vspec
@@ -106,7 +107,7 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
 
 def test_what_is_not_provided_names_itself() -> None:
     """What is not wired in says what it is and what to use: the
-    persistent collectives of uneven blocks (Allgatherv_init...), the parts
+    persistent collectives of derived datatypes (Alltoallw_init), the parts
     of MPI's RMA that meshrun's windows lack."""
     with pytest.raises(NotImplementedError, match="no dynamic windows"):
         MPI.Win.Create_dynamic
@@ -118,8 +119,8 @@ def test_what_is_not_provided_names_itself() -> None:
     group.Translate_ranks = lambda ranks, to: [1, MPI.UNDEFINED]
     with pytest.raises(ValueError, match=r"Win.Post: group member\(s\) \[1\] are not in"):
         win._group(group, "Post")
-    with pytest.raises(NotImplementedError, match="only those of even blocks"):
-        MPI.COMM_NULL.Allgatherv_init
+    with pytest.raises(NotImplementedError, match="no w-forms"):
+        MPI.COMM_NULL.Alltoallw_init
     with pytest.raises(NotImplementedError, match="Iallgather and Ialltoall are provided"):
         MPI.COMM_NULL.Ialltoallv
     with pytest.raises(NotImplementedError, match="mesh.spawn"):
@@ -376,6 +377,47 @@ def _edges(world: Any) -> str:
     with pytest.raises(mesh.MeshError, match="it is active"):
         ar.Start()
     ar.Wait()
+    # ... and of uneven blocks, placed at displacements (the gaps kept), IN_PLACE as MPI's
+    counts = [j + 1 for j in range(n)]
+    displs = [sum(counts[:j]) + j for j in range(n)]
+    tot = displs[-1] + n + 1
+    mine, agv, agi = np.zeros(r + 1), np.full(tot, -1.0), np.full(tot, -1.0)
+    gs, gv = np.zeros(r + 1, "i"), np.full(tot, -1, "i")
+    a2s, a2r = np.zeros(sum(counts), "i"), np.full(n * (r + 1), -1, "i")
+    src, sv, rsi = np.zeros(tot), np.zeros(r + 1), np.zeros(sum(counts) + 1, "i")
+    uneven = [comm.Allgatherv_init(mine, [agv, counts, displs, MPI.DOUBLE]),
+              comm.Allgatherv_init(MPI.IN_PLACE, [agi, counts, displs, MPI.DOUBLE]),
+              comm.Gatherv_init(gs, [gv, counts, displs, MPI.INT] if r == 1 else None, root=1),
+              comm.Alltoallv_init([a2s, counts, MPI.INT], [a2r, [r + 1] * n, MPI.INT]),
+              comm.Scatterv_init([src, counts, displs, MPI.DOUBLE], sv, root=0),
+              comm.Reduce_scatter_init(MPI.IN_PLACE, rsi, counts, op=MPI.MAX)]
+    blocks = [k for j in range(n) for k in range(displs[j], displs[j] + counts[j])]
+    for it in range(2):
+        mine[:], gs[:], agi[displs[r]:displs[r] + r + 1] = r + it, 2 * r + it, 10 * r + it
+        a2s[:], src[:] = np.arange(sum(counts)) + 100 * r + it, np.arange(tot) + it
+        rsi[:] = np.arange(sum(counts) + 1) * (r + 1) + it
+        MPI.Prequest.Startall(uneven)
+        assert MPI.Request.Waitall(uneven)
+        whose = [j for j in range(n) for _ in range(counts[j])]
+        assert agv[blocks].tolist() == [j + it for j in whose] and agv[tot - 1] == -1
+        assert agi[blocks].tolist() == [10 * j + it for j in whose], agi
+        assert r != 1 or gv[blocks].tolist() == [2 * j + it for j in whose]
+        assert r == 1 or gv.tolist() == [-1] * tot         # (off the root: not written)
+        off = sum(counts[:r])
+        assert a2r.tolist() == [100 * j + off + i + it for j in range(n) for i in range(r + 1)]
+        assert sv.tolist() == [displs[r] + i + it for i in range(r + 1)]
+        assert rsi[:r + 1].tolist() == [(off + i) * n + it for i in range(r + 1)], rsi
+    # (collectives' own: the counts required, an out= of another size refused, at each start)
+    q = C.all_gather_v_init(world, mine, None)
+    with pytest.raises((ValueError, mesh.MeshError), match="all_gather_v_init on group world: "
+                       "the counts are required"):
+        q.start()
+        q.wait()
+    q = C.reduce_scatter_v_init(world, np.ones(sum(counts)), counts, out=np.empty(r + 2))
+    with pytest.raises((ValueError, mesh.MeshError), match=r"reduce_scatter_v_init on group "
+                       r"world: out= has \d elements"):
+        q.start()
+        q.wait()
     # derived datatypes (tests/scripts/mpi4py_datatypes.py compares them with mpi4py's): a
     # column into another, the rest untouched; a shorter message into the first places
     m = np.arange(12.0).reshape(3, 4) + 100 * r

@@ -15,18 +15,17 @@ from typing import Any, Sequence
 import mesh
 from mesh import Comm as MeshComm
 
-from .coll import Collectives
 from .group import Group, comm_ranks
 from .objects import ObjectCollectives
 from .p2p import PointToPoint
 from .types import CART, CONGRUENT, IDENT, SIMILAR, TAG_UB, UNDEFINED, UNEQUAL
+from .vinit import UnevenInits
 
 __all__ = ["Comm", "Intracomm", "Cartcomm", "COMM_NULL", "COMM_TYPE_SHARED", "not_provided"]
 
 COMM_TYPE_SHARED = 0       # (Open MPI's)
 
-_PERSISTENT = ("Reduce_scatter_init", "Allgatherv_init", "Alltoallv_init", "Gatherv_init",
-               "Scatterv_init", "Alltoallw_init")
+_PERSISTENT = ("Alltoallw_init",)
 
 _NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoallw",
                 "Ireduce_scatter", "Ireduce_scatter_block", "Iscan", "Iexscan",
@@ -36,11 +35,8 @@ _NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoall
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
     if name in _PERSISTENT:
-        why = ("of the persistent collectives only those of even blocks (Allreduce_init, "
-               "Bcast_init, Reduce_init, Allgather_init, Alltoall_init, Gather_init, "
-               "Scatter_init, Scan_init, Exscan_init, Reduce_scatter_block_init, "
-               f"Barrier_init) are provided: call the blocking {name[:-5]} each iteration, "
-               "or start it with meshrun's async_op=True (README)")
+        why = ("no w-forms (a datatype a rank): Alltoallv_init with one datatype "
+               "(README)")
     elif name in _NONBLOCKING:
         why = (f"of the nonblocking collectives Iallreduce, Ibcast, Ibarrier, Ireduce, "
                f"Igather, Iscatter, Iallgather and Ialltoall are provided: call {name[1:]} "
@@ -57,7 +53,7 @@ def not_provided(name: str) -> NotImplementedError:
     return NotImplementedError(f"collectives.MPI: {name}: {why}")
 
 
-class Comm(PointToPoint, Collectives, ObjectCollectives):
+class Comm(PointToPoint, UnevenInits, ObjectCollectives):
     """mpi4py's Comm over a meshrun communicator (``comm.mesh``: it, for
     meshrun's own calls); COMM_NULL's is None."""
 
