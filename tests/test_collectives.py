@@ -468,7 +468,7 @@ def test_every_collective_matches_numpy(cell: Cell) -> None:
     """One spawn per cell of tests/conftest.py's matrix."""
     want = [None if cell.ranks is not None and i not in cell.ranks else
             len(cell.ranks or range(cell.size)) for i in range(cell.size)]
-    assert mesh.spawn(battery, cell.size, 1234, cell, timeout=150, env=cell.env) == want
+    assert mesh.spawn(battery, cell.size, 1234, cell, timeout=100, env=cell.env) == want
 
 
 @pytest.mark.parametrize("n", [1, 2, pytest.param(5, marks=pytest.mark.slow),

@@ -587,21 +587,25 @@ def test_a_spawn_leaves_no_process_socket_or_descriptor_behind(tmp_path: Path) -
     try:
         import tempfile
         tempfile.tempdir = None
-        t0 = time.monotonic()
-        with pytest.raises(mesh.WorkerError) as err:
-            mesh.spawn(_starts_processes, 2, str(tmp_path), timeout=2, settle=30)
-        took = time.monotonic() - t0
+        for limit in (2, 10):
+            t0 = time.monotonic()
+            with pytest.raises(mesh.WorkerError) as err:
+                mesh.spawn(_starts_processes, 2, str(tmp_path), timeout=limit, settle=30)
+            took = time.monotonic() - t0
+            if "(rank 0: " not in str(err.value):
+                break       # (rank 0 had not returned in 2 s, still starting: a loaded machine)
     finally:
         if old is None:
             del os.environ["TMPDIR"]
         else:
             os.environ["TMPDIR"] = old
         tempfile.tempdir = None
-    assert str(err.value).startswith("mesh.spawn timed out after 2s (rank 1: "), str(err.value)
+    assert str(err.value).startswith(f"mesh.spawn timed out after {limit}s (rank 1: "), \
+        str(err.value)
     # rank 1, still in fn, is stopped at once: settle= is for the ranks that ended their
     # call to end their process (it waited 30 s more here, for rank 1's sleep and rank
     # 0's close, which waited for rank 1); 20 s: the fork server's start, if not warm
-    assert took < 20, took
+    assert took < limit + 18, took
     assert "ranks still running: [1]" in str(err.value)     # (rank 0 returned; it closes)
     assert "\n  rank 1: running at " in str(err.value), str(err.value)    # (where it was)
     assert err.value.rank == 1
