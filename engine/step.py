@@ -578,7 +578,7 @@ class _StepActions:
             req.wait(self.pipe.timeout)
         if self.forward_only:
             return
-        self.pipe.tied.reduce(self.pipe.timeout)
+        self.pipe.tied.reduce(self.pipe.timeout, self.pipe.owned_params.elsewhere)
         self.pipe.tp_sums.settle(self.pipe.timeout)
 
     def mean_loss(self) -> float:

@@ -17,11 +17,22 @@ step's gradients only: what the copies held before the step (each the same
 sum, from the last one) is set aside by the executor and added back once,
 after it, so accumulating over steps (no ``zero_grad()`` between them) adds
 the shared parameter's gradient once a step, as torch does.
+
+Equal gradients keep the copies equal only if every copy is stepped: an
+optimizer made over ``model.parameters()`` before the cut holds the first
+owner's copy and not a later stage's own, and the copies drift apart with
+no error (one process's model has one parameter). So before the sum the
+owners compare a fingerprint of their copies' bits (an integer sum of
+them: exact, in any order; one small all-reduce), and all raise alike
+where they differ, naming the tie, its stages and the fix.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 import collectives
 from mesh import AbortKind, Comm
@@ -69,7 +80,8 @@ class TiedGrads:
                                ranks.index(schedule.rank_of(tie.stages[0]))))
         self.ties: list[tuple[Tie, list[tuple[int, int]], Comm | None, int]] = []
         self.stages = stages
-        self._done = 0
+        self._ranks = [ranks for _, _, ranks, _ in self._held]   # each tie's owners' pp ranks
+        self._done = 0          # the collectives this step made: two a tie with a group
 
     def join(self, pp: Comm) -> None:
         """Make each tie's group of its owners' pp ranks (``ties``)."""
@@ -99,22 +111,89 @@ class TiedGrads:
         copies, equal after the last step, each held it)."""
         self._done = 0
 
-    def reduce(self, timeout: float | None = None) -> None:
-        """Sum each tie's gradients over its copies, into every copy."""
-        for _, members, group, _ in self.ties:
+    def reduce(self, timeout: float | None = None,
+               elsewhere: Callable[[int, int], bool] | None = None) -> None:
+        """Check that each tie's copies are still equal (``_check``), then
+        sum its gradients over its copies, into every copy. ``elsewhere(s,
+        i)``: whether stage s's parameter i holds no values of its own
+        here (ZeRO stage 3's placeholder on a replica that does not own it),
+        a copy the check leaves out."""
+        for (tie, members, group, _), ranks in zip(self.ties, self._ranks):
+            held = [(s, i) for s, i in members if elsewhere is None or not elsewhere(s, i)]
+            self._check(tie, held, group, ranks, timeout)
             grads = [self.stages[s].grads()[i] for s, i in members]
             total = widened(grads[0])         # (bfloat16: summed in float32, rounded once)
             for g in grads[1:]:
                 total += widened(g)
-            self._done += 1
             if group is not None:
+                self._done += 1
                 collectives.all_reduce(group, total, op="sum", timeout=timeout)
             for g in grads:
                 g[...] = total
 
+    def _check(self, tie: Tie, held: list[tuple[int, int]], group: Comm | None,
+               ranks: list[int], timeout: float | None) -> None:
+        """Raise ValueError, on every owner alike, where the tie's copies
+        differ: each owner puts (1, its copies' fingerprint) in its slots
+        of a sum over the owners (2 where its own copies differ; 0 where
+        it holds no values: ``held``, the copies it holds values of, is empty)."""
+        prints = [_fingerprint(self.stages[s].params()[i]) for s, i in held]
+        values = [f for f in prints if f is not None]
+        n = 1 if group is None else group.size
+        me = 0 if group is None else group.rank
+        slots = np.zeros(2 * n, dtype=np.int64)
+        if values:
+            slots[2 * me] = 1 if len(set(values)) == 1 else 2
+            slots[2 * me + 1] = values[0]
+        if group is not None:
+            self._done += 1
+            collectives.all_reduce(group, slots, op="sum", timeout=timeout)
+        seen = {int(slots[2 * r + 1]) for r in range(n) if slots[2 * r] == 1}
+        split = [ranks[r] for r in range(n) if slots[2 * r] == 2]
+        if len(seen) < 2 and not split:
+            return
+        who = f"pp rank {ranks[me]}" if group is None else f"rank {group.ranks[me]}"
+        where = (f"pp rank {split[0]} holds copies that differ" if split else
+                 f"ranks {group.ranks} (pp ranks {ranks}) hold copies that differ"
+                 if group is not None else "")
+        raise ValueError(
+            f"{who}: tied parameter {tie.name!r} (one parameter of the model, a copy on each of "
+            f"stages {list(tie.stages)}) is no longer equal on its stages ({where}) as the "
+            "step sums its gradients: something changed some copies only. An optimizer made "
+            "over model.parameters() before engine.distribute steps the first stage's copy, "
+            "not a later stage's own: make it over job.parameters() (this rank's stages, "
+            "each copy included), after distribute; set weights through "
+            "job.load_state_dict(), which sets every copy")
+
     def abandon(self, reason: str, kind: AbortKind, lost: int | None) -> None:
-        """Fail the sums this step will not make on the other owners."""
-        for _, _, group, _ in self.ties[self._done:]:
-            if group is not None:
-                collectives.abandon(group, reason, kind, lost)
-        self._done = len(self.ties)
+        """Fail the checks and sums this step will not make on the other
+        owners (two collectives a tie with a group)."""
+        made = self._done
+        for _, _, group, _ in self.ties:
+            for _ in range(2 if group is not None else 0):
+                assert group is not None
+                if made:
+                    made -= 1
+                else:
+                    collectives.abandon(group, reason, kind, lost)
+        self._done = 2 * sum(group is not None for _, _, group, _ in self.ties)
+
+
+def _fingerprint(a: Any) -> int | None:
+    """The sum of ``a``'s elements read as integers of their width
+    (int64, wrapping): equal bits give equal sums on any host, in any
+    order; None for an array with no elements (a freed ZeRO stage 3 copy)."""
+    if not hasattr(a, "numel"):                 # numpy (or CuPy: its own sum, on its device)
+        if a.size == 0:
+            return None
+        wide = a.itemsize in (1, 2, 4, 8)
+        bits = a.ravel().view(f"i{a.itemsize}" if wide else "i1")
+        return int(bits.sum(dtype="int64"))
+    if a.numel() == 0:
+        return None
+    torch = sys.modules["torch"]
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    t = a.detach()
+    if t.element_size() not in ints:            # (complex128: its bytes)
+        t = t.contiguous().view(-1).view(torch.int8)
+    return int(t.view(ints[t.element_size()]).sum(dtype=torch.int64))

@@ -81,6 +81,17 @@ class ShardedParams:
                 out.append((s, [p for p in stage.module.parameters() if id(p) in self.owner]))
         return out
 
+    def elsewhere(self, s: int, i: int) -> bool:
+        """Whether stage ``s``'s parameter ``i`` (in ``params()``' order) is
+        kept by another replica: between its gathers a step holds no values
+        of it here (a placeholder), which engine.tied's check of equal
+        copies leaves out."""
+        stage = self.pipe.stages[s]
+        if not self.owner or not isinstance(stage, TorchStage):
+            return False
+        me = self.pipe.dp_index
+        return self.owner.get(id(stage.grad_params()[i]), me) != me
+
     def shape_of(self, p: Any) -> tuple[int, ...]:
         """``p``'s shape, whole (where this replica holds it empty)."""
         return tuple(self.shape.get(id(p), p.shape))

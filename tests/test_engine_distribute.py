@@ -1535,6 +1535,18 @@ def test_several_optimizers_state_is_dcps_in_their_order(tmp_path):
         tied.step(*ids)
         adam.step()
         got_tied = tied.optimizer_state_dict(adam)
+        # an optimizer made over model.parameters() before distribute steps stage 0's
+        # copy only (stage 3 holds its own): the next step says so (it trained on, wrong)
+        model = _tied_model()
+        early = torch.optim.SGD(model.parameters(), lr=LR)
+        drift = engine.distribute(model, mesh.grid(world, pp=1), schedule="zb-v",
+                                  microbatches=2, balance=[2, 3], verbose=False,
+                                  loss_fn=_ids_loss, tag_base=2 << 20)
+        drift.step(*ids)
+        early.step()
+        with pytest.raises(ValueError, match=r"pp rank 0: tied parameter '0.weight' .*pp "
+                           r"rank 0 holds copies that differ.*job.parameters\(\)"):
+            drift.step(*ids)
     _optim_close(got, wants[0], rtol=1e-10, atol=1e-13)
     _optim_close(got_tied, wants[1], rtol=1e-10, atol=1e-13)
     for a, b in zip(mine, again, strict=True):

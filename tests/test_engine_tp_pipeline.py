@@ -475,6 +475,7 @@ def _tied_job(world, schedule, microbatches, loss_fn, gpt2=False):
 
 
 def _tied_distribute_worker(world):
+    import torch
     out = {}
     for gpt2 in (False, True, "vocab"):
         job, opt = _tied_job(world, "1f1b", 2, _tied_loss, gpt2)
@@ -493,6 +494,17 @@ def _tied_distribute_worker(world):
         if gpt2 == "vocab":     # eval_step's outputs: the logits gathered whole
             loss, logits = job.eval_step(*_tied_batch(STEPS), outputs=True)
             out[gpt2]["eval"] = (loss, None if logits is None else logits.tolist())
+            # stage 0's copy changed alone, as an optimizer made over model.parameters()
+            # before distribute steps it (stage 1 holds a copy of its own): the next step
+            # raises on every rank, naming the tie and the fix (it trained on, wrong)
+            with torch.no_grad():
+                for n, p in named:
+                    if n.endswith("embed.weight"):
+                        p += 1
+            try:
+                job.step(*_tied_batch(0))
+            except ValueError as e:
+                out["drift"] = str(e)
     return out
 
 
@@ -545,6 +557,10 @@ def test_a_tie_across_stages_and_tp_trains_like_one_process():
         if got is not None:
             torch.testing.assert_close(torch.tensor(got), logits, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(loss, float(_tied_loss(logits, y)), rtol=1e-5)
+    for r in range(4):
+        said = results[r].get("drift", "")
+        assert said.startswith(f"rank {r}: tied parameter ") and "differ" in said, (r, said)
+        assert "job.parameters()" in said, said
 
 
 def _shared_block_model():
