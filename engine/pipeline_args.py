@@ -85,7 +85,10 @@ def split_microbatches(batch: Any, m: int) -> list[Any]:
     _no_dict(batch)                 # (sliced as a dict: "unhashable type: 'slice'")
     n = len(batch)
     if n < m:
-        raise ValueError(f"a batch of {n} rows cannot be cut into {m} micro-batches")
+        raise ValueError(f"a batch of {n} rows cannot be cut into {m} micro-batches: give "
+                         f"each step at least {m} rows (a dp replica's own batch), or the "
+                         "job fewer micro-batches (distribute's microbatches=, or a "
+                         "schedule of fewer)")
     bounds = [k * n // m for k in range(m + 1)]
     return [batch[bounds[k]:bounds[k + 1]] for k in range(m)]
 
