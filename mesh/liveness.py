@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import struct
 import time
 from typing import Callable, Iterable
@@ -33,7 +34,8 @@ from .inbox import Inbox
 from .match import ANY, Pending, describe
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float, named
 
-__all__ = ["Liveness", "close_watched", "heartbeat_for", "monitor_event", "watch_router"]
+__all__ = ["Liveness", "close_watched", "heartbeat_for", "monitor_event", "refuses",
+           "watch_router"]
 
 _log = logging.getLogger("mesh.transport")
 _BEATS_PER_S = 64
@@ -73,6 +75,23 @@ def close_watched(sock: zmq.Socket, monitor: zmq.Socket, linger: int = 0) -> Non
     sock.disable_monitor()
     monitor.close(linger=0)
     sock.close(linger=linger)
+
+
+def refuses(addr: str, port: int, timeout: float) -> bool:
+    """Whether ``addr``'s TCP ``port`` refuses a connection now: nothing
+    listens there, its host up (a listener's process ended), not a link
+    down, a host unreachable or a connect unanswered in ``timeout`` s (the
+    network). Asked only after ZeroMQ's own connect there failed (the
+    rendezvous' service, mesh.rendezvous; a peer's first link,
+    mesh.transport.links): one that reaches a listener after all is
+    counted among its refused handshakes (and logged as one)."""
+    try:
+        with socket.create_connection((addr, port), timeout=timeout):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:         # (unreachable, timed out, not resolved: the network)
+        return False
 
 
 # The ROUTER's events that count its strangers: accepted, then through

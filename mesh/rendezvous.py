@@ -24,7 +24,7 @@ unreachable for a while) is not the service's end: ZeroMQ connects again,
 and the rank sends the same join (its ``call``, drawn once a join) on the
 new connection, which the service takes as the same registration, not a
 second one; until its rendezvous timeout. The service's process ended
-where its port refuses connections now (``_refuses``): that fails the rank
+where its port refuses connections now (mesh.liveness.refuses): that fails the rank
 at once.
 
 Here: a rank's side, ``join``. The service is mesh.rdvserver
@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,7 @@ import zmq
 
 from . import auth
 from .errors import AuthError, LostPeerError, RendezvousError
-from .liveness import close_watched, monitor_event
+from .liveness import close_watched, monitor_event, refuses
 from .peer import on_host
 from .rdvlaunch import (Teller, _ended_here, _launchers_folder, read_hosts, remove_run_folder,
                         run_folder, tell_ended, tell_hosts)
@@ -198,7 +197,7 @@ def _heard(mon: zmq.Socket, line: _Line, now: float) -> str:
     the service refused the handshake (not our secret). A connection that
     closed after the handshake went through (``dropped_at``) is a network
     drop until a connect fails to a port that refuses it (``failed``, then
-    ``_refuses``): ZeroMQ connects again, and the join goes again
+    mesh.liveness.refuses): ZeroMQ connects again, and the join goes again
     (``again``: the service answers a join on the connection it came by).
     A connect that fails before any handshake is a service not started
     yet: waited for, saying so (``join``'s note)."""
@@ -240,7 +239,7 @@ def _away(line: _Line, now: float, addr: str, port: int, rank: int, where: str,
     the network, until its rendezvous ``timeout``. Asked each
     ``_PROBE_EVERY`` s at most."""
     line.failed, line.probe_at = False, now + _PROBE_EVERY
-    if _refuses(addr, port):
+    if refuses(addr, port, _PROBE_EVERY / 2):
         raise RendezvousError(
             f"rank {rank}: rendezvous at {where}: the service closed this rank's connection "
             f"{dropped:.0f}s into its wait, before the job was complete, and its port "
@@ -252,21 +251,6 @@ def _away(line: _Line, now: float, addr: str, port: int, rank: int, where: str,
                      "into the wait, and its port does not refuse connections (the network, "
                      "not the service's end): joining again as it comes back, until the "
                      "rendezvous timeout (%.0fs)", rank, where, dropped, timeout)
-
-
-def _refuses(addr: str, port: int) -> bool:
-    """Whether the service's port refuses a TCP connection now (its process
-    ended; its host up): not a link down or a host unreachable, which a
-    rank waits through. Asked only after ZeroMQ's own connect failed: one
-    that reaches a service there (the link back in between) is counted
-    among its refused handshakes."""
-    try:
-        with socket.create_connection((addr, port), timeout=_PROBE_EVERY / 2):
-            return False
-    except ConnectionRefusedError:
-        return True
-    except OSError:         # (unreachable, timed out, not resolved: the network)
-        return False
 
 
 def _refusals(msg: dict[str, Any], heard: int, refused: list[str], says: bool,

@@ -38,7 +38,7 @@ from .closing import _Closing
 from .direct import Direct
 from .errors import LostPeerError, MeshError
 from .inbox import Inbox, abort_error
-from .liveness import Liveness, close_watched, monitor_event
+from .liveness import Liveness, close_watched, monitor_event, refuses
 from .liveness import config as liveness_config
 from .peer import ALIVE, STATE_NAMES, Outgoing, Peer, config_bytes, named, on_host
 from .progress import Progress
@@ -52,6 +52,7 @@ from .waits import _Waiting
 __all__ = ["Transport", "Outgoing", "abort_error", "SENT", "waits", "link"]
 
 _log = logging.getLogger("mesh.transport")
+_PROBE_S = 0.5      # how long a failed first connect's peer port is asked whether it refuses
 
 
 def forked_error(rank: int, pid: int) -> MeshError:
@@ -116,10 +117,11 @@ def links(ctx: zmq.Context, rank: int, endpoints: list[str], secret: str, curve:
     returned once its first connection is made (its handshake done: no
     message of ours has crossed before it, so none can have been lost). A
     first connect that fails (the peer's listener not accepting yet, a SYN
-    refused or lost while its host starts, a full ipc:// backlog) is tried
+    lost or unreachable while its host starts, a full ipc:// backlog) is tried
     again on a new link, 50 ms later, then after twice as long each time (at
-    most 0.5 s), until ``limit`` seconds have passed or, where the peer is on
-    this host (ipc://), its process (``pids``) is gone. Also returned: the
+    most 0.5 s), until ``limit`` seconds have passed or the peer is known
+    gone (``_gone``: on this host, its process, ``pids``; on another, its
+    port refusing connections). Also returned: the
     links handed over without a first connection, each with the event its
     last try ended with, for liveness (``Liveness.on_link``: the peer is
     lost half a second later, or at once where it refused our credentials).
@@ -179,8 +181,17 @@ def _first(mon: zmq.Socket) -> int:
 
 
 def _gone(ep: str, pid: int) -> bool:
-    """Whether a peer reached at ``ep`` is known gone: on this host
-    (ipc://), no process ``pid`` runs."""
+    """Whether a peer reached at ``ep``, whose connect failed, is known gone:
+    on this host (ipc://), no process ``pid`` runs; over tcp://, its port
+    refuses connections (mesh.liveness.refuses): the peer bound it before
+    it joined the rendezvous (mesh.world), so after the table a refusal is
+    its process ended (or its mesh closed), where a host that starts or a
+    link that is down leaves the connect unreachable or unanswered (tried
+    again). Without it, a peer on another host that died as the mesh
+    started was tried for MESH_PEER_TIMEOUT."""
+    if ep.startswith("tcp://"):
+        addr, _, port = ep[len("tcp://"):].rpartition(":")
+        return port.isdigit() and refuses(addr.strip("[]"), int(port), _PROBE_S)
     if not pid or not ep.startswith("ipc://"):
         return False
     try:

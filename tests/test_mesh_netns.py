@@ -486,6 +486,34 @@ def test_a_rank_ended_before_the_mesh_was_complete_is_named_by_its_host(
     assert f"rank 3: rendezvous at tcp://{ADDR[0]}:{port}: peer rank 2 {said}" in errs[1], errs[1]
 
 
+def test_a_rank_ended_as_the_mesh_starts_is_named_at_once_on_the_other_host(
+        hosts: Hosts, tmp_path: Path) -> None:
+    """Node 1's rank 2 exits 5 with the rendezvous' table in hand, before
+    it links to anyone: node 0's ranks, whose first connects to it are
+    refused (its port closed with it), name it at once, where they tried it
+    for MESH_PEER_TIMEOUT (set to 60 here: they fail well within it; they
+    were stuck in mesh.init until meshrun's --timeout). (3 s)"""
+    secret, peer_timeout = secrets.token_hex(16), 60.0
+    job = [str(REPO / "tests" / "scripts" / "launch_mesh.py")]
+    extra = {"MESH_TEST_EXIT_AFTER_RENDEZVOUS": "2:5", "MESH_PEER_TIMEOUT": str(peer_timeout)}
+    t = time.monotonic()
+    procs = [hosts.launch(0, 0, tmp_path, secret, False, job, **extra)]
+    try:
+        port = _node0_port(procs[0])
+        procs.append(hosts.launch(1, port, tmp_path, secret, False, job, **extra))
+        errs = [p.communicate(timeout=80)[1] for p in procs]
+    finally:
+        _stop(procs)
+    took = time.monotonic() - t
+    assert procs[0].returncode != 0 and procs[1].returncode == 5, errs
+    # (each says how: "could not be made" where its connects were refused; its link
+    # made already, as rank 2's ZeroMQ answered before it died, "closed or was reset")
+    assert re.search(rf"\[[01]\] rank [01]: lost peer rank 2 \(on host {ADDR[1]}, pid \d+\): "
+                     rf"(this rank's connection to it could not be made|its connection closed)",
+                     errs[0]), errs[0]
+    assert took < peer_timeout / 2, (took, errs[0])
+
+
 def _restarting(hosts: Hosts, out: Path, max_restarts: int,
                 fail_tries: int) -> list[tuple[int, list[dict], str]]:
     """A job of both hosts' meshruns with --max-restarts whose rank 2 (node

@@ -4,6 +4,8 @@ mesh.init(), have rank 0 greet every rank and collect the replies, check an
 all_reduce against its known sum, then leave. Each line is one write, so
 that launchers that relay unbuffered output (mpirun) never split it.
 MESH_TEST_EXIT_BEFORE_INIT="R:CODE,...": rank R exits with CODE first;
+MESH_TEST_EXIT_AFTER_RENDEZVOUS="R:CODE": rank R exits with CODE once it has the
+rendezvous' table, before it links to any peer (its peers' links to it fail);
 MESH_TEST_MORE_STEPS=N: N more all_reduces, 50 ms apart, to die in;
 MESH_TEST_SLEEP_BEFORE_INIT=S: every rank sleeps S seconds first (a slow start);
 MESH_TEST_SLEEP_AFTER=S: every rank sleeps S seconds at the end, in its mesh (a long
@@ -25,6 +27,14 @@ import numpy as np
 
 import collectives
 import mesh
+import mesh.world
+
+_AFTER = dict(e.split(":") for e in os.environ.get("MESH_TEST_EXIT_AFTER_RENDEZVOUS", "").split(",")
+              if e)
+if os.environ.get("RANK") in _AFTER:
+    def _exit(*args: object, **kw: object) -> None:
+        os._exit(int(_AFTER[os.environ["RANK"]]))
+    mesh.world.Transport = _exit      # (made once the table is in: mesh.world.init)
 
 with mesh.init(timeout=20) as world:
     if world.rank == 0:
