@@ -164,12 +164,15 @@ class Reader:
         out and taken; None when the ring is empty; False when what is
         there is for the usual way (``_from_ring``), waits for the socket,
         or does not fit ``out`` (read-only, not C-contiguous: the usual way
-        says so). The ring's ``peek`` and ``pop``, inline (``Rings.where``)
-        for an entry whose length word (the header's id: mesh.rings.MARK)
-        is that of the last one taken from ``src`` (``_known``), the rest
-        by ``_take_other``; the credit it frees is granted back in batches
-        (``_owe``), and what is left when the reading turn's holder goes
-        to sleep (``settle``)."""
+        says so), or no array can be made for it (no memory: the usual way
+        drops it, saying so to the receive and to a synchronous sender,
+        where the receive raised a bare MemoryError and the entry stayed at
+        the ring's head, its ssend waiting to its timeout). The ring's
+        ``peek`` and ``pop``, inline (``Rings.where``) for an entry whose
+        length word (the header's id: mesh.rings.MARK) is that of the last
+        one taken from ``src`` (``_known``), the rest by ``_take_other``;
+        the credit it frees is granted back in batches (``_owe``), and what
+        is left when the reading turn's holder goes to sleep (``settle``)."""
         rings: Rings = self.rings     # type: ignore[assignment]  # (not None: no assert here)
         q = rings.q
         tail_w, head_w, base = rings.where[src]
@@ -182,7 +185,10 @@ class Reader:
         if q[w + 1] != word or t != tag or g != group or q[w] > self.heard[src] or off > last:
             return self._take_other(src, group, tag, out)
         if out is None:
-            out = np.empty(h.shape or (), dt)
+            try:
+                out = np.empty(h.shape or (), dt)
+            except MemoryError:     # the usual way drops it, failing the receive and a
+                return False        # synchronous send's sender (``_fresh``)
         elif out.dtype is not dt and (out.dtype != dt or (out.dtype.metadata is None)
                                       is not (dt.metadata is None)):
             # another dtype, or bfloat16's bits on one side only (uint16 == bfloat16's

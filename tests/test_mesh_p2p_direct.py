@@ -270,27 +270,32 @@ def test_pieces_read_any_range_into_any_address_and_name_a_bad_one() -> None:
 
 
 class _NoRoomForBig:
-    """numpy for mesh.reader on a rank that has no memory for a large array."""
+    """numpy for mesh.reader on a rank that has no memory for a large array
+    (``least`` bytes or more)."""
+
+    def __init__(self, least: int = BIG * 8) -> None:
+        self.least = least
 
     def __getattr__(self, name: str) -> object:
         return getattr(np, name)
 
-    @staticmethod
-    def empty(shape: object, dtype: object = float) -> np.ndarray:
-        if np.prod(shape) * np.dtype(dtype).itemsize >= BIG * 8:     # type: ignore[arg-type]
+    def empty(self, shape: object, dtype: object = float) -> np.ndarray:
+        if np.prod(shape) * np.dtype(dtype).itemsize >= self.least:  # type: ignore[call-overload]
             raise MemoryError("Unable to allocate (a test's)")
         return np.empty(shape, dtype)    # type: ignore[call-overload]
 
 
 def _no_memory(world: mesh.Mesh, path: str) -> str:
     """A receive whose message no array can be made for fails naming the
-    sender and the size, and frees the sender's send; later ones go on."""
+    sender and the size, and frees the sender's send; later ones go on;
+    and synchronous sends (``_ssend_no_memory``)."""
     if world.rank == 0:
         if path == "direct":
             _answered(world, 1)
         world.recv(1, timeout=20)                     # rank 1 has no memory now
         for i in range(2):
             world.send(_big(i), 1, timeout=20)
+        _ssend_no_memory(world, path)
         return "sent"
     mesh.reader.np = _NoRoomForBig()                   # type: ignore[assignment]
     try:
@@ -302,7 +307,64 @@ def _no_memory(world: mesh.Mesh, path: str) -> str:
             req.wait(timeout=20)
     finally:
         mesh.reader.np = np
-    return "ok" if np.array_equal(world.recv(0, timeout=20), _big(1)) else "wrong"
+    ok = np.array_equal(world.recv(0, timeout=20), _big(1))
+    mesh.reader.np = _NoRoomForBig(_SMALL * 8)        # type: ignore[assignment]
+    try:
+        _ssend_no_memory(world, path)
+    finally:
+        mesh.reader.np = np
+    return "ok" if ok else "wrong"
+
+
+_SMALL = 1024       # float64 elements: 8 KiB, by ring (MESH_RING_MAX 16K: _small_rings)
+
+
+def _ssend_no_memory(world: mesh.Mesh, path: str) -> None:
+    """A synchronous send whose receiver has no memory for its message
+    fails at once saying so (SYNCED's no-memory word), where it waited to
+    its timeout: (rings: "direct") one taken out of the ring by the
+    receiving thread itself, which raised a bare MemoryError and left the
+    entry at the ring's head, its sender waiting (rank 1 holds its reading
+    turn, so that the progress thread reads nothing, until the entry is
+    there, then asks for it as a blocking receive does: mesh.reader.take);
+    then a large one a receive was posted for, and one that came with none
+    (dropped as it came, logged)."""
+    tags = ((13,) if path == "direct" else ()) + (10, 11)
+    if world.rank == 0:
+        if path == "direct":
+            assert world.recv(1, tag=12, timeout=20) == "holding"
+        for tag in tags:
+            if tag == 10:
+                assert world.recv(1, tag=15, timeout=20) == "posted"
+            req = world.issend(_big(tag, _SMALL if tag == 13 else BIG), 1, tag=tag)
+            with pytest.raises(mesh.MeshError, match=rf"^rank 0: issend to rank 1 \(tag {tag}, "
+                               rf"group world\) failed: dropped unread: rank 1 had no memory "
+                               rf"for it$"):
+                req.wait(timeout=20)
+        world.send("done", 1, tag=14)     # (rank 1's mesh open till then: tag 11 not closed)
+        return
+    t = world._t
+    if path == "direct":
+        assert t.rings is not None
+        t.progress.turn.acquire()
+        try:
+            world.send("holding", 0, tag=12)
+            q, tail, heads = t.rings.watch(0)
+            deadline = time.monotonic() + 20
+            while q[tail] == heads[0]:
+                assert time.monotonic() < deadline, "rank 0's issend never came"
+                time.sleep(0.001)
+            assert t._take(0, world.gid, 13, None) is False     # (no memory: the usual way)
+        finally:
+            t.progress.turn.release()
+        with pytest.raises(mesh.MeshError, match=rf"^rank 1: recv from rank 0 \(tag 13, group "
+                           rf"world\) failed: no memory for the message of {_SMALL * 8} bytes"):
+            world.recv(0, tag=13, timeout=20)
+    req = world.irecv(0, tag=10)
+    world.send("posted", 0, tag=15)
+    with pytest.raises(mesh.MeshError, match=r"failed: no memory for the message of "):
+        req.wait(timeout=20)
+    assert world.recv(0, tag=14, timeout=20) == "done"
 
 
 @pytest.mark.parametrize("path", PATHS)
