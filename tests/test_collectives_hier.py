@@ -119,6 +119,12 @@ def _every_op(world: Any) -> None:
         with pytest.raises(mesh.MismatchError, match=r"op=Op\('add'\)"):
             C.all_reduce(world, np.ones(k), op=C.Op(np.add, name="add") if r == 1 else "sum")
         assert C.all_reduce(world, np.ones(k))[0] == n
+        # reduce_scatter likewise (its two levels take no short way: every phase
+        # watches the call's abort)
+        with pytest.raises(mesh.MismatchError, match=r"op=Op\('add'\)"):
+            C.reduce_scatter(world, np.ones((n, k)),
+                             op=C.Op(np.add, name="add") if r == 1 else "sum")
+        assert C.reduce_scatter(world, np.ones((n, k)))[0, 0] == n
     # the same where rank 2's transport reads the aborts of world's calls late (as
     # under load): it sees rank 1 leave its host's board round (for its next call)
     # before the abort of the mismatch is in, and waits for it; and where the
