@@ -491,8 +491,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     except BaseException as e:
         failed = e
     _told(grid.comm, failed, timeout)
-    # (a later distribute of this object refuses layers trained on other ranks only)
-    _mark_held(source, L, [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))])
+    # (a later distribute of this object refuses layers trained on other ranks only; over
+    # several pp ranks its own forward refuses to run)
+    _mark_held(source, L, [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))],
+               f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
     if on_meta:
         bare = [f"stage {s}: {name}" for s in mine for name in made[s][0]]
         unsaved = [f"stage {s}: {name}" for s in mine for name in made[s][1]]

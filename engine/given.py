@@ -105,11 +105,85 @@ def _held_before(model: Any, n: int) -> tuple[int, ...] | None:
     return tuple(mark[1]) if mark is not None and mark[0] == n else None
 
 
-def _mark_held(model: Any, n: int, held: Sequence[int]) -> None:
+def _mark_held(model: Any, n: int, held: Sequence[int], who: str = "") -> None:
     """Note on the model object (a list's first layer) the layers this
-    rank's stages took (``_held_before``)."""
+    rank's stages took (``_held_before``); where they are some of the
+    ``n`` only (pp > 1) and the model is a torch module, its forward
+    refuses to run (``_PART``), and a job holding them all (pp = 1, every
+    stage on this rank) lets it run again. ``who``: this rank, as the
+    refusal names it."""
     if hasattr(_holder(model), "__dict__"):
         _holder(model).__dict__[_HELD] = (n, tuple(held))
+    if not _is_torch(model):        # (a list has no forward; engine.layers' run no hooks)
+        return
+    if len(set(held)) == n:
+        _made_whole(model)
+        return
+    took = ", ".join(f"{i}" if i == j else f"{i}-{j}" for i, j in _spans(sorted(set(held))))
+    model.__dict__[_PART] = (
+        f"{who}: this model object was cut into pipeline stages by engine.distribute, and "
+        f"this rank's copy holds its own stages' training only (its layers {took} of "
+        f"{n}; the others keep the values they had then, or none on the meta "
+        "device): its forward would return a wrong value. Evaluate through the job: "
+        "job.eval_step(x, y, outputs=True) on every rank (the outputs on the last stage; y "
+        "None: no loss); or load the trained weights into a fresh copy of the model "
+        "(copy.deepcopy(model) before distribute, or the model built again): "
+        "fresh.load_state_dict(state), state being job.state_dict() (called on every rank, "
+        "whole on rank 0: collectives.broadcast_state sends it), which loaded into this "
+        "object itself (where no plan= sharded it) lets its forward run again")
+    if _refuse_part not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_refuse_part)
+    if _loaded_whole not in model._load_state_dict_post_hooks.values():
+        model.register_load_state_dict_post_hook(_loaded_whole)
+
+
+_PART = "_engine_part"
+"""A torch model object's attribute, set by engine.distribute where this
+rank's stages took some of its layers only (``_mark_held``): what its
+forward says as it refuses to run. Each rank's copy then holds its own
+stages' training only (the others' layers untrained, untied copies of a
+tied weight, meta tensors), and ``model.eval(); model(x)`` returned a
+wrong value on every rank without a word. The engine never calls the
+model object itself (its stages call its modules; torch.fx traces its
+forward unhooked), so the hook stops the user's calls only."""
+
+
+def _spans(held: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted layer indices as runs of consecutive ones, (first, last)."""
+    spans: list[tuple[int, int]] = []
+    for i in held:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1] = (spans[-1][0], i)
+        else:
+            spans.append((i, i))
+    return spans
+
+
+def _refuse_part(module: Any, args: Any) -> None:
+    """The forward pre-hook of a model object cut over pp ranks (``_PART``)."""
+    said = module.__dict__.get(_PART)
+    if said is not None:
+        raise RuntimeError(said)
+
+
+def _loaded_whole(module: Any, incompatible: Any) -> None:
+    """The load_state_dict post-hook of a model object cut over pp ranks:
+    a state loaded with every key (real tensors, not onto the meta device)
+    makes it whole again, so its forward runs (as ``model.load_state_dict(
+    state)``, ``state`` job.state_dict()'s, lets a later distribute of it
+    through ``_same_model``'s check too)."""
+    if not incompatible.missing_keys and not any(
+            t.is_meta for t in module.state_dict().values()):
+        _made_whole(module)
+
+
+def _made_whole(model: Any) -> None:
+    """Take ``_PART`` and its hooks off a torch model object."""
+    model.__dict__.pop(_PART, None)
+    for hooks, hook in ((model._forward_pre_hooks, _refuse_part),
+                        (model._load_state_dict_post_hooks, _loaded_whole)):
+        for key in [k for k, h in hooks.items() if h is hook]:
+            del hooks[key]
 
 
 def _not_sharded(model: Any) -> None:

@@ -220,6 +220,13 @@ def _trained_then_again(world, as_list, regrid):
     job = engine.distribute(model, grid, **kw)
     job.step(*_batch("torch"))
     torch.optim.SGD(job.parameters(), lr=LR).step()
+    x = _batch("torch")[0]
+    refused = None
+    if not as_list:     # (its own forward: each rank's copy is part trained, part stale)
+        try:
+            model.eval()(x)
+        except RuntimeError as e:
+            refused = str(e)
     try:
         if regrid:      # (replicas are not compared: each rank's stale layers went unseen)
             engine.distribute(model, mesh.grid(world, dp=2, pp=1), schedule="gpipe",
@@ -231,11 +238,17 @@ def _trained_then_again(world, as_list, regrid):
     except ValueError as e:
         said = str(e)
     state = job.state_dict()
+    whole = collectives.broadcast_state(world, state, root=0)
     again = engine.distribute(fresh, grid, tag_base=2 << 20, **kw)
-    again.load_state_dict(collectives.broadcast_state(world, state, root=0))
+    again.load_state_dict(whole)
     loaded = again.state_dict()
     same = None if state is None else all(torch.equal(state[k], loaded[k]) for k in state)
-    return said, same
+    if as_list:
+        return said, same, None, None
+    built = _torch_model(False)     # the whole state loaded into the object: it runs again
+    built.load_state_dict(whole)
+    model.load_state_dict(whole)
+    return said, same, refused, torch.equal(model(x), built(x))
 
 
 @pytest.mark.timeout(120)
@@ -250,11 +263,18 @@ def test_a_trained_model_distributed_again_is_refused_saying_why(as_list, regrid
     out (a copy, the state loaded) holds the trained weights."""
     pytest.importorskip("torch")
     got = mesh.spawn(_trained_then_again, 2, as_list, regrid, timeout=100, env=PATIENT)
-    for rank, (said, _) in enumerate(got):
+    for rank, (said, _, refused, runs) in enumerate(got):
         assert said is not None and said.startswith(f"rank {rank}: engine.distribute: this "
                                                     "model object was distributed before")
         assert "layer 0 ('0') holds other values on ranks [1] than on ranks [0]" in said
         assert "copy.deepcopy(model)" in said and "load_state_dict" in said
+        if not as_list:     # its own forward refused (it ran, wrong), until a whole state
+            assert refused is not None and refused.startswith(
+                f"rank {rank} (pp rank {rank}): this model object was cut into pipeline "
+                "stages by engine.distribute"), refused
+            assert f"(its layers {['0-1', '2-4'][rank]} of 5;" in refused
+            assert "job.eval_step(x, y, outputs=True)" in refused
+            assert "job.state_dict()" in refused and runs is True
     assert got[0][1] is True
 
 
@@ -275,6 +295,8 @@ def _sharded_then_again(world, kind, plan_again):
     kw = dict(schedule="gpipe", microbatches=1, balance="uniform", loss_fn=loss_fn,
               verbose=False, timeout=TIMEOUT)
     engine.distribute(model, grid, plan=plan, **kw)
+    if kind == "torch":     # pp=1: each rank holds every layer (its shards): its forward runs
+        model(torch.ones(3, 4, dtype=torch.float64))
     try:
         engine.distribute(model, grid, plan=plan if plan_again else None, tag_base=1 << 20, **kw)
     except ValueError as e:
