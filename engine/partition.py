@@ -68,7 +68,7 @@ from .partition_cuts import (_KINDS, _best_simulated, _measured, _stage_costs, c
                              uniform_counts)
 from .schedules import one_f_one_b
 from .stagebuild import (build, inputs_of, is_module, kind_of, layer_classes, layer_names,
-                         layers_of, make_stage, named_stage_parameters, param_count,
+                         layers_of, make_stage, model_key, named_stage_parameters, param_count,
                          stage_params, torch_module)
 from .stagebuild_ties import declared_tie, unshare, untie
 from .tensor_parallel import own_records
@@ -268,6 +268,10 @@ def _partition(model: Any, num_stages: int, balance: str | Sequence[int], sample
     ties = untie(built, counts, present)
     for pair in tied:       # (not ``names``: the layers' names, which Partition keeps)
         ties.update(declared_tie(built, counts, [str(x) for x in pair], ties))
+    # each tie by its parameter's name in the model (``tok_emb.weight``), as
+    # job.named_parameters() and state_dict() name it: "layer.parameter" gave a traced
+    # piece's index ("0.tok_emb.weight"), a named child's too ("0.weight" for "embed.weight")
+    ties = {Tie(model_key(names, t.name), t.stages): m for t, m in ties.items()}
     out: list[Any] = [None if ls is None else make_stage(ls, s) for s, ls in enumerate(built)]
     for stage in out:       # a shared module's copy: its tp sums over its own parameters
         if stage is not None and is_module(stage):

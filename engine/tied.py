@@ -4,7 +4,7 @@
 embedding and an output head) into one copy per stage, and marks each copy
 on its stage object::
 
-    stage.tied = ((Tie("0.weight", (0, 3)), index), ...)   # index into params()/grads()
+    stage.tied = ((Tie("embed.weight", (0, 3)), index), ...)   # index into params()/grads()
 
 A Pipeline reads the marks of its stages (``TiedGrads``): when it is built
 it copies the first owner's value to the other copies (a broadcast when

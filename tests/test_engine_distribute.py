@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
@@ -1496,6 +1497,7 @@ def test_several_optimizers_state_is_dcps_in_their_order(tmp_path):
     One process, a one-rank gloo group."""
     torch = pytest.importorskip("torch")
     import torch.distributed as dist
+    from torch import nn
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_optimizer_state_dict)
     torch.set_num_threads(1)
@@ -1537,14 +1539,15 @@ def test_several_optimizers_state_is_dcps_in_their_order(tmp_path):
         got_tied = tied.optimizer_state_dict(adam)
         # an optimizer made over model.parameters() before distribute steps stage 0's
         # copy only (stage 3 holds its own): the next step says so (it trained on, wrong)
-        model = _tied_model()
+        model = nn.Sequential(OrderedDict(zip(("embed", "a", "hidden", "b", "head"),
+                                              _tied_model())))      # (the tie named as such)
         early = torch.optim.SGD(model.parameters(), lr=LR)
         drift = engine.distribute(model, mesh.grid(world, pp=1), schedule="zb-v",
                                   microbatches=2, balance=[2, 3], verbose=False,
                                   loss_fn=_ids_loss, tag_base=2 << 20)
         drift.step(*ids)
         early.step()
-        with pytest.raises(ValueError, match=r"pp rank 0: tied parameter '0.weight' .*pp "
+        with pytest.raises(ValueError, match=r"pp rank 0: tied parameter 'embed.weight' .*pp "
                            r"rank 0 holds copies that differ.*job.parameters\(\)"):
             drift.step(*ids)
     _optim_close(got, wants[0], rtol=1e-10, atol=1e-13)

@@ -97,7 +97,7 @@ def test_partition_cuts_a_plain_module_by_its_traced_forward():
     # the cut as data: each stage's layers by the model's names, their parameters, the tie
     shown = str(parts).splitlines()
     assert shown[0] == "2 stages of 6 layers" and shown[-1] == (
-        "  tied: 0.transformer.wte.weight on stages 0, 1 (kept equal)")
+        "  tied: transformer.wte.weight on stages 0, 1 (kept equal)")     # (the model's name)
     assert shown[1:3] == [
         "  stage 0: layers 0-1  976 parameters  transformer.wte..transformer.drop, "
         "transformer.h.0",
