@@ -25,6 +25,17 @@ from .mpi_ops import adasum_checks
 __all__ = ["DistributedOptimizer"]
 
 
+
+def _one_more_pass(delay: list[int], i: int) -> None:
+    """Count a backward pass into parameter i's gradient; Horovod's error
+    where more came than ``backward_passes_per_step`` before ``step()``."""
+    if delay[i] <= 0:
+        raise AssertionError("Gradients were computed more than "
+                             "backward_passes_per_step times before call to step(). "
+                             "Increase backward_passes_per_step to accumulate "
+                             "gradients locally.")
+    delay[i] -= 1
+
 class _Compressed(GradReducer):
     """A GradReducer of the compressed gradients ``ready`` hands it."""
     _refuse_torch = False
@@ -89,12 +100,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _hvd_hook(self, i: int) -> Any:
         def hook(p: Any) -> None:
-            if self._hvd_delay[i] <= 0:
-                raise AssertionError("Gradients were computed more than "
-                                     "backward_passes_per_step times before call to step(). "
-                                     "Increase backward_passes_per_step to accumulate "
-                                     "gradients locally.")
-            self._hvd_delay[i] -= 1
+            _one_more_pass(self._hvd_delay, i)
             self._hvd_fresh = True
             if self._hvd_delay[i] == 0:
                 self._hvd_feed(i, p)
@@ -233,12 +239,7 @@ class _DistributedAdasumOptimizer(torch.optim.Optimizer):
 
     def _hvd_hook(self, i: int) -> Any:
         def hook(p: Any) -> None:
-            if self._hvd_delay[i] <= 0:
-                raise AssertionError("Gradients were computed more than "
-                                     "backward_passes_per_step times before call to step(). "
-                                     "Increase backward_passes_per_step to accumulate "
-                                     "gradients locally.")
-            self._hvd_delay[i] -= 1
+            _one_more_pass(self._hvd_delay, i)
             if self._hvd_delay[i] == 0:
                 self._hvd_local_step(i)
         return hook
