@@ -125,6 +125,9 @@ def _fence_epochs(world: mesh.Mesh) -> None:
         want[15] = r + 100
         want[8:12] = n * np.arange(4) + sum(range(n))
         assert np.array_equal(a, want), (r, a)
+        # (an epoch of nothing: the right neighbour's accumulates of the next one,
+        # into a[12:14], waited for this check; they landed during it under load)
+        win.fence()
         got = win.get(left, offset=8, count=4)
         out = np.empty(2, np.int64)
         assert win.get(right, offset=2 * r, count=2, out=out) is out
