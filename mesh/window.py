@@ -373,6 +373,9 @@ class Window:
         if self._started:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: start while the last "
                             f"start's epoch is open: call win.complete() first")
+        if self._locked:
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: start while this rank "
+                            f"holds locks on rank(s) {sorted(self._locked)}: unlock them first")
         group = self._group(ranks, "start")
         deadline = time.monotonic() + (self._t.timeout if timeout is None else timeout)
         items = [(r, self._t.irecv(self._gid, self._c.ranks[r], _POSTED, None, None,
@@ -505,6 +508,10 @@ class Window:
     def _lock_many(self, ranks: Any, exclusive: bool, timeout: float | None) -> None:
         ranks = list(ranks)
         op = "lock_all" if len(ranks) > 1 else "lock"
+        if self._started:       # (one access epoch at a time, as MPI's: MPI_ERR_RMA_SYNC)
+            raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} while this rank's "
+                            f"start's epoch is open on rank(s) {self._started}: call "
+                            f"win.complete() first")
         for r in ranks:
             self._target(r, op)
             if r in self._locked:

@@ -291,6 +291,9 @@ def _requests_and_pscw(world: mesh.Mesh) -> None:
         win.start([right])
         _raises(mesh.MeshError, "start while the last start's epoch is open", win.start, [0])
         _raises(mesh.MeshError, "fence while this rank's start's epoch is open", win.fence)
+        _raises(mesh.MeshError, r"lock while this rank's start's epoch is open on rank\(s\) "
+                rf"\[{right}\]: call win.complete\(\) first", win.lock, right)
+        _raises(mesh.MeshError, "lock_all while this rank's start's epoch", win.lock_all)
         win.put([100 + r], right, offset=0)
         req = win.rput(np.full(2, r), right, offset=1)
         old = win.get_accumulate(np.array([5]), right, offset=3)
@@ -340,6 +343,8 @@ def _requests_and_pscw(world: mesh.Mesh) -> None:
         olds = [win.get_accumulate(np.array([1, 2]), 0, offset=12) for _ in range(5)]
         last = win.rget_accumulate(np.zeros(2, np.int64), 0, offset=12, op="no_op",
                                    out=np.empty(2, np.int64))
+        _raises(mesh.MeshError, r"start while this rank holds locks on rank\(s\) \[0, 1",
+                win.start, [right])
         win.unlock_all()
         assert last.wait()[1] == 2 * last.wait()[0] >= 2 * len(olds)
         seen = collectives.all_gather_object(world, [int(o[0]) for o in olds])
