@@ -125,6 +125,13 @@ def test_what_is_not_provided_names_itself() -> None:
         MPI.COMM_NULL.Ialltoallv
     with pytest.raises(NotImplementedError, match="mesh.spawn"):
         MPI.COMM_NULL.Spawn
+    with pytest.raises(NotImplementedError, match="on a Cartesian communicator either: for "
+                                                  r"each dimension d, src, dst = cart.Shift"):
+        MPI.COMM_NULL.Neighbor_allgather
+    with pytest.raises(NotImplementedError, match="neighborhood collectives are not provided"):
+        MPI.COMM_NULL.neighbor_alltoall
+    with pytest.raises(NotImplementedError, match="graph topologies are not provided"):
+        MPI.COMM_NULL.Create_dist_graph
     with pytest.raises(NotImplementedError, match="those of one element type are"):
         MPI.DOUBLE.Create_darray
     vec = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()
@@ -246,6 +253,7 @@ def _edges(world: Any) -> str:
     if cart:
         assert cart.Shift(0, 1) == ((r - 1) % (n - 1), (r + 1) % (n - 1))
         assert cart.Get_cart_rank([r + n - 1]) == r and cart.Sub([True]).Get_size() == n - 1
+        assert str(cart.Get_topo()[1]) == str(cart.periods) == "[1]"   # (printed as mpi4py's)
         again = MPI.Cartcomm(cart)      # (another handle, as mpi4py's)
         assert again == cart and again.Get_topo() == cart.Get_topo()
     with pytest.raises(TypeError, match="expecting a Cartesian communicator"):

@@ -45,8 +45,12 @@ def not_provided(name: str) -> NotImplementedError:
                   "Merge", "Get_parent", "Join"):
         why = ("no intercommunicators and no processes joining a running mesh: "
                "mesh.spawn(fn, n) runs a function in n new processes of their own mesh")
-    elif name in ("Create_graph", "Create_dist_graph", "Create_dist_graph_adjacent",
-                  "Neighbor_allgather", "Neighbor_alltoall", "Create_intercomm"):
+    elif "eighbor_" in name:
+        why = ("the neighborhood collectives are not provided, on a Cartesian communicator "
+               "either: for each dimension d, src, dst = cart.Shift(d, 1), then a Sendrecv "
+               "to dst from src and one to src from dst (a halo exchange; PROC_NULL past an "
+               "edge does nothing)")
+    elif name in ("Create_graph", "Create_dist_graph", "Create_dist_graph_adjacent"):
         why = "graph topologies are not provided: use Create_cart, or point-to-point"
     else:
         why = "not provided (README, \"Coming from mpi4py\", lists what is)"
@@ -91,7 +95,7 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
                f"rank {self._g.rank} of {self._g.size}>"
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name[:1].islower():
+        if name.startswith("_") or name[:1].islower() and not name.startswith("neighbor_"):
             raise AttributeError(f"collectives.MPI.Comm has no attribute {name!r}")
         raise not_provided(name)
 
@@ -242,11 +246,11 @@ class Cartcomm(Intracomm):
     Get_cart_rank."""
 
     dims: list[int]
-    periods: list[bool]
+    periods: list[int]      # (1 or 0, as mpi4py's Get_topo gives them)
     _grid: mesh.Grid
 
     def __init__(self, g: "MeshComm | Comm", dims: list[int] | None = None,
-                 periods: list[bool] | None = None) -> None:
+                 periods: Sequence[Any] | None = None) -> None:
         """``g`` a meshrun communicator with its ``dims`` and ``periods``, or
         a Cartcomm (mpi4py's ``MPI.Cartcomm(cart)``: another handle of it)."""
         grid = None
@@ -259,7 +263,7 @@ class Cartcomm(Intracomm):
             raise TypeError("collectives.MPI Cartcomm: takes a Cartcomm (MPI.Cartcomm(cart)); "
                             "make one with comm.Create_cart(dims, periods)")
         super().__init__(g)
-        self.dims, self.periods = list(dims), list(periods)
+        self.dims, self.periods = list(dims), [int(bool(p)) for p in periods]
         self._grid = grid or mesh.grid(self._g, **{f"d{i}": d for i, d in enumerate(dims)})
 
     def _like(self, g: MeshComm) -> "Comm":
@@ -282,7 +286,7 @@ class Cartcomm(Intracomm):
     def coords(self) -> list[int]:
         return self.Get_coords(self._g.rank)
 
-    def Get_topo(self) -> tuple[list[int], list[bool], list[int]]:
+    def Get_topo(self) -> tuple[list[int], list[int], list[int]]:
         return list(self.dims), list(self.periods), self.coords
 
     topo = property(Get_topo)
@@ -294,7 +298,8 @@ class Cartcomm(Intracomm):
         return self._grid.rank_of(**at)
 
     def Shift(self, direction: int, disp: int) -> tuple[int, int]:
-        return self._grid.shift(f"d{direction}", disp, periodic=self.periods[direction])
+        return self._grid.shift(f"d{direction}", disp,
+                                periodic=bool(self.periods[direction]))
 
     def Sub(self, remain_dims: Sequence[bool]) -> "Cartcomm":
         """The ranks that share this rank's coordinates along the dimensions
@@ -312,7 +317,7 @@ class Cartcomm(Intracomm):
                 mine = g
         assert mine is not None
         return Cartcomm(mine, [d for d, k in zip(self.dims, keep) if k] or [1],
-                        [p for p, k in zip(self.periods, keep) if k] or [False])
+                        [p for p, k in zip(self.periods, keep) if k] or [0])
 
 
 COMM_NULL = Comm(None)
