@@ -630,6 +630,8 @@ def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> Non
      "--local-ranks-filter: local rank 2 is none of this node's 0..1 (-n 2)"),
     (("--redirects", "3", str(WORKER)), "--redirects needs --log-dir"),
     (("--log-dir", "logs", "--tee", "0:4", str(WORKER)), "'0:4': 0-3 (1 stdout, 2 stderr"),
+    (("--log-dir", "logs", "-r", "0:3,1:1,0:1", str(WORKER)),
+     "'0:3,1:1,0:1': local rank 0 is given twice"),
 ])
 def test_usage_errors(args: tuple[str, ...], message: str, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture[str]) -> None:

@@ -186,6 +186,10 @@ def _streams(text: str) -> int | dict[int, int]:
     if not all(len(p) == 2 and p[0].strip().isdigit() and p[1].strip() in ("0", "1", "2", "3")
                for p in pairs):
         raise ValueError(what)
+    ranks = [int(r) for r, _ in pairs]
+    twice = sorted({r for r in ranks if ranks.count(r) > 1})
+    if twice:       # (torchrun's takes the last silently: which was meant is not sure)
+        raise ValueError(f"local rank {twice[0]} is given twice")
     return {int(r): int(v) for r, v in pairs}
 
 
