@@ -624,6 +624,8 @@ def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> Non
      "10.0.0.1:29500: give the port with --master-port 29500"),
     (("--master-addr", "no-such-host.invalid", str(WORKER)), "cannot resolve it"),
     (("--no-python", "no-such-program-here"), "no such program (not a file, nor on PATH)"),
+    (("--log_dir", "logs", "--no_python", "no-such-program-here"),     # (torchrun's spelling)
+     "no such program (not a file, nor on PATH)"),
     (("--log-dir", str(WORKER), str(WORKER)), "not a directory"),
     (("--local-ranks-filter", "0,x", str(WORKER)), "'0,x': local ranks, comma-separated"),
     (("-n", "2", "--local_ranks_filter", "1,2", str(WORKER)),

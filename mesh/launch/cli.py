@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, metavar="PORT",
                    help="rendezvous port on node 0; required with --nnodes > 1 (node 0 may "
                         "give 0 and prints the port it bound); default: any free port")
-    p.add_argument("--log-dir", metavar="DIR",
+    p.add_argument("--log-dir", "--log_dir", metavar="DIR",
                    help="also write rank<R>.stdout.log, rank<R>.stderr.log and, on failure, "
                         "rank<R>.error.json here (with --max-restarts, in DIR/attempt_<N> "
                         "for each try, N its TORCHELASTIC_RESTART_COUNT)")
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the job secret (same as MESH_CURVE=1; use it on every node)")
     p.add_argument("-m", "--module", action="store_true",
                    help="the target is a module to run as with python -m")
-    p.add_argument("--no-python", action="store_true",
+    p.add_argument("--no-python", "--no_python", action="store_true",
                    help="the target is an executable, not a Python script (no traceback "
                         "capture)")
     p.add_argument("target", help="script.py, module (with -m) or program (with --no-python)")
