@@ -269,6 +269,7 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
                          NotImplementedError),
                      _raises(lambda: hvd.reducescatter(t, op=hvd.Adasum), NotImplementedError))
     out["sync_bn"] = _sync_bn(hvd)
+    out["bn_channels"] = _raises(lambda: hvd.SyncBatchNorm(3)(torch.zeros(4, 2)), ValueError)
     # a collective join does not cover: every rank raises, naming the joined one
     if r == 0:
         out["join_allgather"] = _raises(hvd.join, RuntimeError)
@@ -342,6 +343,8 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() ->
         assert all(e.startswith("NotImplementedError") and "Adasum" in e for e in o["adasum"])
         assert "non-power of 2" in o["adasum"][0] and "non-power of 2" in o["adasum"][1]
         assert o["sync_bn"] == (True, True)
+        assert o["bn_channels"] == (f"ValueError: rank {r}: hvd.SyncBatchNorm(3): expected input "
+                                    f"of 3 channels (its dimension 1), got size [4, 2]")
         assert "RuntimeError" in o["join_allgather"] and "join" in o["join_allgather"]
         if r:
             assert "rank 0 has called hvd.join()" in o["join_allgather"], o["join_allgather"]

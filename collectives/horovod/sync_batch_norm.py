@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .basics import Sum, size
+from .basics import Sum, is_initialized, rank, size
 from .mpi_ops import allgather, allreduce_
 
 __all__ = ["SyncBatchNorm"]
@@ -35,6 +35,11 @@ class SyncBatchNorm(_BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:     # (before any collective: every rank's own)
+            who = f"rank {rank()}: " if is_initialized() else ""
+            raise ValueError(f"{who}hvd.SyncBatchNorm({self.num_features}): expected input of "
+                             f"{self.num_features} channels (its dimension 1), got size "
+                             f"{list(input.shape)}")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
