@@ -125,11 +125,11 @@ def test_what_is_not_provided_names_itself() -> None:
         MPI.COMM_NULL.Ialltoallv
     with pytest.raises(NotImplementedError, match="mesh.spawn"):
         MPI.COMM_NULL.Spawn
-    with pytest.raises(NotImplementedError, match="on a Cartesian communicator either: for "
-                                                  r"each dimension d, src, dst = cart.Shift"):
+    with pytest.raises(NotImplementedError, match=r"Cartesian communicator \(Create_cart\) "
+                                                  r"alone.*src, dst = cart.Shift"):
         MPI.COMM_NULL.Neighbor_allgather
-    with pytest.raises(NotImplementedError, match="neighborhood collectives are not provided"):
-        MPI.COMM_NULL.neighbor_alltoall
+    with pytest.raises(NotImplementedError, match="neighborhood collectives are provided on"):
+        MPI.COMM_NULL.neighbor_alltoallv
     with pytest.raises(NotImplementedError, match="graph topologies are not provided"):
         MPI.COMM_NULL.Create_dist_graph
     with pytest.raises(NotImplementedError, match="those of one element type are"):
@@ -505,6 +505,30 @@ def _edges(world: Any) -> str:
         comm.Create_group([0, 1])
     ends.Free()
     assert ends == MPI.GROUP_NULL and not ends
+    # neighborhood collectives on a Cartcomm: a periodic dimension of 1 makes this rank its
+    # own neighbour twice, the blocks kept apart; a non-periodic edge's block untouched
+    cart = comm.Create_cart([n, 1], [True, True])
+    send, got = np.arange(8, dtype="i") + 10 * r, np.full(8, -1, "i")
+    cart.Neighbor_alltoall(send, got)
+    assert got.tolist() == [10 * left + 2, 10 * left + 3, 10 * right, 10 * right + 1,
+                            10 * r + 6, 10 * r + 7, 10 * r + 4, 10 * r + 5], got
+    again = np.full(8, -1, "i")
+    req = cart.Ineighbor_alltoall(send, again)
+    assert cart.neighbor_alltoall([(r, i) for i in range(4)]) == [(left, 1), (right, 0),
+                                                                 (r, 3), (r, 2)]
+    req.Wait()
+    assert (again == got).all(), again
+    line = comm.Create_cart([n], [False])
+    halo = np.full(4, -1.0)
+    line.Neighbor_allgather(np.array([r, 0.5]), halo)
+    assert halo.tolist() == ([-1, -1] if r == 0 else [r - 1, 0.5]) + \
+        ([-1, -1] if r == n - 1 else [r + 1, 0.5]), halo
+    assert line.neighbor_allgather((r,)) == [(r - 1,) if r else None,
+                                             (r + 1,) if r < n - 1 else None]
+    with pytest.raises(ValueError, match=f"rank {r}: neighbor_alltoall: expecting 2 objects"):
+        line.neighbor_alltoall([1, 2, 3])
+    with pytest.raises(NotImplementedError, match="on a Cartesian communicator"):
+        comm.Neighbor_alltoall(send, got)
     MPI.Finalize()      # (mesh.spawn's world is left open: spawn closes it)
     assert MPI.Is_finalized() and mesh.world.current() is world
     return "ok"

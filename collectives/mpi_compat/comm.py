@@ -15,10 +15,14 @@ from typing import Any, Sequence
 import mesh
 from mesh import Comm as MeshComm
 
+from ..runner import Ctx, start
+from .buffers import spec
 from .group import Group, comm_ranks
 from .objects import ObjectCollectives
 from .p2p import PointToPoint
-from .types import CART, CONGRUENT, IDENT, SIMILAR, TAG_UB, UNDEFINED, UNEQUAL
+from .requests import Request
+from .tuples import unwrap, wrap
+from .types import CART, CONGRUENT, IDENT, PROC_NULL, SIMILAR, TAG_UB, UNDEFINED, UNEQUAL
 from .vinit import UnevenInits
 
 __all__ = ["Comm", "Intracomm", "Cartcomm", "COMM_NULL", "COMM_TYPE_SHARED", "not_provided"]
@@ -28,8 +32,7 @@ COMM_TYPE_SHARED = 0       # (Open MPI's)
 _PERSISTENT = ("Alltoallw_init",)
 
 _NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoallw",
-                "Ireduce_scatter", "Ireduce_scatter_block", "Iscan", "Iexscan",
-                "Ineighbor_allgather", "Ineighbor_alltoall")
+                "Ireduce_scatter", "Ireduce_scatter_block", "Iscan", "Iexscan")
 
 
 def not_provided(name: str) -> NotImplementedError:
@@ -46,10 +49,10 @@ def not_provided(name: str) -> NotImplementedError:
         why = ("no intercommunicators and no processes joining a running mesh: "
                "mesh.spawn(fn, n) runs a function in n new processes of their own mesh")
     elif "eighbor_" in name:
-        why = ("the neighborhood collectives are not provided, on a Cartesian communicator "
-               "either: for each dimension d, src, dst = cart.Shift(d, 1), then a Sendrecv "
-               "to dst from src and one to src from dst (a halo exchange; PROC_NULL past an "
-               "edge does nothing)")
+        why = ("the neighborhood collectives are provided on a Cartesian communicator "
+               "(Create_cart) alone, and of them Neighbor_allgather, Neighbor_alltoall, "
+               "their lowercase and nonblocking forms: else, for each dimension d, src, dst "
+               "= cart.Shift(d, 1), then a Sendrecv to dst from src and one to src from dst")
     elif name in ("Create_graph", "Create_dist_graph", "Create_dist_graph_adjacent"):
         why = "graph topologies are not provided: use Create_cart, or point-to-point"
     else:
@@ -318,6 +321,87 @@ class Cartcomm(Intracomm):
         assert mine is not None
         return Cartcomm(mine, [d for d, k in zip(self.dims, keep) if k] or [1],
                         [p for p, k in zip(self.periods, keep) if k] or [0])
+
+    # -- MPI-3's neighborhood collectives -------------------------------------------------
+    def _neighbors(self) -> list[int]:
+        """MPI's neighbour order on a Cartesian communicator: for each
+        dimension, Shift(d, 1)'s source, then its destination."""
+        return [r for d in range(len(self.dims)) for r in self.Shift(d, 1)]
+
+    def _neighbor(self, name: str, blocks: list[Any], outs: list[Any] | None,
+                  async_op: bool) -> Any:
+        """Block i to neighbour i, and neighbour i's block for this rank
+        received (into ``outs[i]``, or returned; a PROC_NULL's untouched or
+        None), as one collective of the communicator (its tag, deadline,
+        abort on every member). What goes to the destination of dimension
+        d arrives as the receiver's source block, and the other way round.
+        Where one rank is a neighbour twice (a periodic dimension of 1 or
+        2), both messages come on the call's tag, so each rank sends in the
+        order its peers post: for each d, the destination's block first,
+        receives in neighbour order (meshrun matches messages of one sender
+        and tag in order, as MPI); each message's fingerprint names its
+        direction, so a mismatch fails instead of landing in the wrong block."""
+        nbrs = self._neighbors()
+        fp = {"coll": name, "ndims": len(nbrs) // 2}
+
+        def body(ctx: Ctx) -> list[Any]:
+            recvs = [None if src == PROC_NULL else
+                     ctx.irecv(src, None if outs is None else outs[i], dict(fp, dir=i))
+                     for i, src in enumerate(nbrs)]
+            sends = [ctx.isend(blocks[i ^ 1], nbrs[i ^ 1], dict(fp, dir=i))
+                     for i in range(len(nbrs)) if nbrs[i ^ 1] != PROC_NULL]
+            got = [None if r is None else r.wait() for r in recvs]
+            for s in sends:
+                s.wait()
+            return got
+        return start(self._g, name, lambda tuning: (fp, body), async_op)
+
+    def _neighbor_bufs(self, sendbuf: Any, recvbuf: Any, name: str,
+                       all_to_all: bool) -> tuple[list[Any], list[Any]]:
+        n = 2 * len(self.dims)
+        recv = spec(recvbuf, name, per=n).view.reshape(n, -1)
+        if all_to_all:
+            sends = list(spec(sendbuf, name, per=n, packs=True).view.reshape(n, -1))
+        else:
+            sends = [spec(sendbuf, name, packs=True).view] * n
+        return sends, list(recv)
+
+    def Neighbor_allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+        """``sendbuf`` to every neighbour; ``recvbuf``'s block i from
+        neighbour i (MPI's order, see _neighbors; PROC_NULL's untouched)."""
+        self._neighbor("Neighbor_allgather",
+                       *self._neighbor_bufs(sendbuf, recvbuf, "Neighbor_allgather", False),
+                       False)
+
+    def Neighbor_alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
+        """``sendbuf``'s block i to neighbour i, ``recvbuf``'s block i from it."""
+        self._neighbor("Neighbor_alltoall",
+                       *self._neighbor_bufs(sendbuf, recvbuf, "Neighbor_alltoall", True), False)
+
+    def Ineighbor_allgather(self, sendbuf: Any, recvbuf: Any) -> Request:
+        return Request(self._neighbor(
+            "Ineighbor_allgather",
+            *self._neighbor_bufs(sendbuf, recvbuf, "Ineighbor_allgather", False), True))
+
+    def Ineighbor_alltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
+        return Request(self._neighbor(
+            "Ineighbor_alltoall",
+            *self._neighbor_bufs(sendbuf, recvbuf, "Ineighbor_alltoall", True), True))
+
+    def neighbor_allgather(self, sendobj: Any) -> list[Any]:
+        """Each neighbour's object, in MPI's neighbour order (None for PROC_NULL)."""
+        w = wrap(sendobj)
+        got = self._neighbor("neighbor_allgather", [w] * (2 * len(self.dims)), None, False)
+        return [None if v is None else unwrap(v) for v in got]
+
+    def neighbor_alltoall(self, sendobj: Sequence[Any]) -> list[Any]:
+        """``sendobj[i]`` to neighbour i; what each neighbour sent this rank."""
+        n = 2 * len(self.dims)
+        if sendobj is None or len(sendobj) != n:
+            raise ValueError(f"rank {self._g.rank}: neighbor_alltoall: expecting {n} objects "
+                             f"(two a dimension), got {sendobj!r:.60}")
+        got = self._neighbor("neighbor_alltoall", [wrap(o) for o in sendobj], None, False)
+        return [None if v is None else unwrap(v) for v in got]
 
 
 COMM_NULL = Comm(None)

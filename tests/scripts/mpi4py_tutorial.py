@@ -464,7 +464,39 @@ def persistent_uneven():
     say("persistent_uneven", seen, gv)
 
 
+def neighbors():
+    # MPI-3's neighborhood collectives on Cartesian grids: for each dimension, Shift(d, 1)'s
+    # source then destination; a non-periodic edge's block untouched (None for objects); a
+    # periodic dimension of 1 or 2 makes one rank a neighbour twice (the blocks kept apart)
+    seen = []
+    for dims, periods in (([size], [True]), ([size], [False]), ([1, size], [True, False]),
+                          ([2], [True]), ([size, 1], [False, True])):
+        cart = comm.Create_cart(dims, periods=periods, reorder=False)
+        if cart == MPI.COMM_NULL:
+            seen.append(None)
+            continue
+        r, n = cart.Get_rank(), 2 * len(dims)
+        ag = np.full(2 * n, -1.0)
+        cart.Neighbor_allgather(np.array([r, r + 0.5]), ag)
+        send = np.arange(3 * n, dtype="i") + 100 * r
+        a2a, ia2a = np.full(3 * n, -1, "i"), np.full(3 * n, -1, "i")
+        cart.Neighbor_alltoall(send, a2a)
+        iag = np.full(n, -1, "i")
+        reqs = [cart.Ineighbor_allgather(np.array([r], "i"), iag)]
+        peers = [p for d in range(len(dims)) for p in cart.Shift(d, 1) if p != MPI.PROC_NULL]
+        once = len(set(peers)) == len(peers)    # (Open MPI 4.1's Ineighbor_alltoall swaps
+        if once:                                # the two blocks of a neighbour twice)
+            reqs.append(cart.Ineighbor_alltoall(send, ia2a))
+        MPI.Request.Waitall(reqs)
+        assert not once or (ia2a == a2a).all(), (ia2a, a2a)
+        objs = cart.neighbor_allgather({"r": r, "c": cart.Get_coords(r)})
+        pairs = cart.neighbor_alltoall([[r, i] for i in range(n)])
+        seen.append([ag.tolist(), a2a.tolist(), iag.tolist(), objs, pairs])
+        cart.Free()
+    say("neighbors", comm.gather(seen, root=0))
+
+
 for prog in (pi_by_reduce, matvec, sample_sort, halo, task_farm, nonblocking, split,
-             objects, buffers, collectives, one_sided, groups, persistent_uneven):
+             objects, buffers, collectives, one_sided, groups, persistent_uneven, neighbors):
     prog()
 say("ALL OK", size)
