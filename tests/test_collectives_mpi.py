@@ -518,6 +518,11 @@ def _edges(world: Any) -> str:
                                                                  (r, 3), (r, 2)]
     req.Wait()
     assert (again == got).all(), again
+    vgot = np.full(10, -1, "i")     # (the v-form: block j of the send j + 1 long)
+    cart.Neighbor_alltoallv([np.arange(10, dtype="i") + 10 * r, [1, 2, 3, 4]],
+                            [vgot, [2, 1, 4, 3]])
+    assert vgot.tolist() == [10 * left + 1, 10 * left + 2, 10 * right] + \
+        [10 * r + k for k in (6, 7, 8, 9, 3, 4, 5)], vgot
     line = comm.Create_cart([n], [False])
     halo = np.full(4, -1.0)
     line.Neighbor_allgather(np.array([r, 0.5]), halo)

@@ -16,7 +16,7 @@ import mesh
 from mesh import Comm as MeshComm
 
 from ..runner import Ctx, start
-from .buffers import spec
+from .buffers import spec, vspec
 from .group import Group, comm_ranks
 from .objects import ObjectCollectives
 from .p2p import PointToPoint
@@ -51,7 +51,7 @@ def not_provided(name: str) -> NotImplementedError:
     elif "eighbor_" in name:
         why = ("the neighborhood collectives are provided on a Cartesian communicator "
                "(Create_cart) alone, and of them Neighbor_allgather, Neighbor_alltoall, "
-               "their lowercase and nonblocking forms: else, for each dimension d, src, dst "
+               "their v-, lowercase and nonblocking forms: else, for each dimension d, src, dst "
                "= cart.Shift(d, 1), then a Sendrecv to dst from src and one to src from dst")
     elif name in ("Create_graph", "Create_dist_graph", "Create_dist_graph_adjacent"):
         why = "graph topologies are not provided: use Create_cart, or point-to-point"
@@ -358,7 +358,19 @@ class Cartcomm(Intracomm):
 
     def _neighbor_bufs(self, sendbuf: Any, recvbuf: Any, name: str,
                        all_to_all: bool) -> tuple[list[Any], list[Any]]:
+        """The blocks to send and the receive buffer's blocks, a neighbour
+        each; a v-call's (its name ending in v) where its counts and
+        displacements put them (receives of predefined datatypes only)."""
         n = 2 * len(self.dims)
+        if name.endswith("v"):
+            r = vspec(recvbuf, name, n)
+            assert r.counts is not None and r.displs is not None
+            outs = [r.view[d:d + k] for k, d in zip(r.counts, r.displs)]
+            if not all_to_all:
+                return [spec(sendbuf, name, packs=True).view] * n, outs
+            s = vspec(sendbuf, name, n, packs=True)
+            assert s.counts is not None and s.displs is not None
+            return [s.view[d:d + k] for k, d in zip(s.counts, s.displs)], outs
         recv = spec(recvbuf, name, per=n).view.reshape(n, -1)
         if all_to_all:
             sends = list(spec(sendbuf, name, per=n, packs=True).view.reshape(n, -1))
@@ -378,6 +390,18 @@ class Cartcomm(Intracomm):
         self._neighbor("Neighbor_alltoall",
                        *self._neighbor_bufs(sendbuf, recvbuf, "Neighbor_alltoall", True), False)
 
+    def Neighbor_allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
+        """As Neighbor_allgather, ``recvbuf`` ``[buf, counts, displs, type]``
+        (a count and a displacement a neighbour)."""
+        self._neighbor("Neighbor_allgatherv",
+                       *self._neighbor_bufs(sendbuf, recvbuf, "Neighbor_allgatherv", False),
+                       False)
+
+    def Neighbor_alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
+        self._neighbor("Neighbor_alltoallv",
+                       *self._neighbor_bufs(sendbuf, recvbuf, "Neighbor_alltoallv", True),
+                       False)
+
     def Ineighbor_allgather(self, sendbuf: Any, recvbuf: Any) -> Request:
         return Request(self._neighbor(
             "Ineighbor_allgather",
@@ -387,6 +411,16 @@ class Cartcomm(Intracomm):
         return Request(self._neighbor(
             "Ineighbor_alltoall",
             *self._neighbor_bufs(sendbuf, recvbuf, "Ineighbor_alltoall", True), True))
+
+    def Ineighbor_allgatherv(self, sendbuf: Any, recvbuf: Any) -> Request:
+        return Request(self._neighbor(
+            "Ineighbor_allgatherv",
+            *self._neighbor_bufs(sendbuf, recvbuf, "Ineighbor_allgatherv", False), True))
+
+    def Ineighbor_alltoallv(self, sendbuf: Any, recvbuf: Any) -> Request:
+        return Request(self._neighbor(
+            "Ineighbor_alltoallv",
+            *self._neighbor_bufs(sendbuf, recvbuf, "Ineighbor_alltoallv", True), True))
 
     def neighbor_allgather(self, sendobj: Any) -> list[Any]:
         """Each neighbour's object, in MPI's neighbour order (None for PROC_NULL)."""

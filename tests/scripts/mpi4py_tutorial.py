@@ -491,7 +491,22 @@ def neighbors():
         assert not once or (ia2a == a2a).all(), (ia2a, a2a)
         objs = cart.neighbor_allgather({"r": r, "c": cart.Get_coords(r)})
         pairs = cart.neighbor_alltoall([[r, i] for i in range(n)])
-        seen.append([ag.tolist(), a2a.tolist(), iag.tolist(), objs, pairs])
+        # the v-forms: a block a neighbour, gaps between them kept
+        nbrs = [p for d in range(len(dims)) for p in cart.Shift(d, 1)]
+        counts = [1 if p == MPI.PROC_NULL else p + 1 for p in nbrs]
+        displs = [sum(counts[:i]) + i for i in range(n)]
+        agv, iagv = np.full(sum(counts) + n, -1.0), np.full(sum(counts) + n, -1.0)
+        req = cart.Ineighbor_allgatherv(np.full(r + 1, r + 0.25), [iagv, counts, displs,
+                                                                   MPI.DOUBLE])
+        cart.Neighbor_allgatherv(np.full(r + 1, r + 0.25), [agv, counts, displs, MPI.DOUBLE])
+        req.Wait()
+        assert (agv == iagv).all(), (agv, iagv)
+        sc, rc = [i + 1 for i in range(n)], [(i ^ 1) + 1 for i in range(n)]
+        a2av = np.full(sum(rc) + n, -1, "i")
+        cart.Neighbor_alltoallv([np.arange(sum(sc), dtype="i") + 100 * r, sc, None, MPI.INT],
+                                [a2av, rc, [sum(rc[:i]) + i for i in range(n)], MPI.INT])
+        seen.append([ag.tolist(), a2a.tolist(), iag.tolist(), objs, pairs, agv.tolist(),
+                     a2av.tolist()])
         cart.Free()
     say("neighbors", comm.gather(seen, root=0))
 
