@@ -634,6 +634,12 @@ def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> Non
     (("--log-dir", "logs", "--tee", "0:4", str(WORKER)), "'0:4': 0-3 (1 stdout, 2 stderr"),
     (("--log-dir", "logs", "-r", "0:3,1:1,0:1", str(WORKER)),
      "'0:3,1:1,0:1': local rank 0 is given twice"),
+    (("--standalone", "--nnodes", "2", "--master-port", "1", str(WORKER)),
+     "--standalone is one node: drop --nnodes 2, or --standalone"),
+    (("--standalone", "--master_addr", "localhost", "--master-port", "29500", str(WORKER)),
+     "--standalone places the rendezvous itself (on this host, a free port): drop "
+     "--master_addr and --master-port, or --standalone"),
+    (("--standalone", "--node-rank", "0", str(WORKER)), "drop --node-rank, or --standalone"),
 ])
 def test_usage_errors(args: tuple[str, ...], message: str, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -662,6 +668,21 @@ def test_the_console_shows_the_streams_torchruns_options_leave_it(tmp_path: Path
     a = p.parse_args(["-n", "2", "--no-prefix", "--tag-output", str(WORKER)])
     _check(p, a)
     assert a.prefix and _shown(a, 1) == ("stdout", "stderr")    # (the last word: prefixed)
+
+
+def test_a_torchrun_standalone_command_line_is_taken() -> None:
+    """torchrun's --standalone (one node, a local rendezvous on a free port)
+    was "unrecognized arguments": it is what meshrun on one node does. Its
+    documented line, --nnodes=1 included, passes; what it refuses is in
+    test_usage_errors."""
+    from mesh.launch.cli import _check, _split_target, build_parser
+    p = build_parser()
+    head, rest = _split_target(p, ["--standalone", "--nnodes=1", "--nproc-per-node=2",
+                                   str(WORKER), "--standalone"])
+    assert rest == ["--standalone"]     # (the script's own)
+    a = p.parse_args(head)
+    _check(p, a)
+    assert a.standalone and a.nnodes == 1 and a.nproc == 2 and a.master_port is None
 
 
 def test_no_python_says_why_a_file_that_is_there_cannot_run(

@@ -62,14 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, metavar="K",
                    help="hosts in the job, one meshrun on each (default 1)")
     p.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, default=0,
+                   action=_Given,
                    metavar="I", help="this host's index, 0..K-1; global rank = I*N + local rank")
     p.add_argument("--master-addr", "--master_addr", dest="master_addr", default="127.0.0.1",
+                   action=_Given,
                    metavar="ADDR", help="address of node 0, which serves the rendezvous "
                                         "(default 127.0.0.1)")
     p.add_argument("--master-port", "--master_port", dest="master_port", type=int,
-                   default=None, metavar="PORT",
+                   default=None, metavar="PORT", action=_Given,
                    help="rendezvous port on node 0; required with --nnodes > 1 (node 0 may "
                         "give 0 and prints the port it bound); default: any free port")
+    p.add_argument("--standalone", action="store_true",
+                   help="torchrun's: one node, its rendezvous local on a free port, which "
+                        "is what meshrun without --nnodes does (accepted so that a "
+                        "torchrun command line runs unchanged; refused with --nnodes > 1, "
+                        "--node-rank, --master-addr or --master-port)")
     p.add_argument("--log-dir", "--log_dir", metavar="DIR",
                    help="also write rank<R>.stdout.log, rank<R>.stderr.log and, on failure, "
                         "rank<R>.error.json here (with --max-restarts, in DIR/attempt_<N> "
@@ -128,11 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Given(argparse.Action):
+    """Store the value and note the option as given: --standalone refuses
+    the options that place the rendezvous, which it places itself."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = (*getattr(namespace, "given", ()), option_string)
+
+
 def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.nproc < 1:
         p.error("-n must be at least 1")
     if a.nnodes < 1:
         p.error("--nnodes must be at least 1")
+    if a.standalone and a.nnodes > 1:
+        # (torchrun's agent would wait at its localhost rendezvous for nodes that cannot come)
+        p.error(f"--standalone is one node: drop --nnodes {a.nnodes}, or --standalone "
+                "for a multi-host job")
+    if a.standalone and getattr(a, "given", ()):
+        # (torchrun ignores them: its rendezvous is on localhost, on a free port)
+        p.error(f"--standalone places the rendezvous itself (on this host, a free port): "
+                f"drop {' and '.join(dict.fromkeys(a.given))}, or --standalone")
     if not 0 <= a.node_rank < a.nnodes:
         p.error(f"--node-rank must be in 0..{a.nnodes - 1}")
     if a.master_port is not None and not 0 <= a.master_port <= 65535:
