@@ -37,7 +37,7 @@ from .mpi_compat.requests import REQUEST_NULL, Grequest, Prequest, Request, Stat
 from .mpi_compat.win import (LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE,
                              MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED, WIN_BASE, WIN_DISP_UNIT,
                              WIN_SIZE, Win)
-from .mpi_compat.datatypes import ORDER_C, ORDER_F, ORDER_FORTRAN
+from .mpi_compat.datatypes import COMBINERS, ORDER_C, ORDER_F, ORDER_FORTRAN
 from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DATATYPES,
                                DIST_GRAPH, ERR_OTHER, ERR_TRUNCATE, ERR_TYPE, GRAPH, IDENT,
                                IN_PLACE, OPS, PROC_NULL, ROOT, SIMILAR, SUCCESS, TAG_UB,
@@ -48,6 +48,7 @@ globals().update(DATATYPES)
 globals().update(OPS)
 globals().update(MODES)
 globals().update(FILE_ERRORS)
+globals().update(COMBINERS)
 DATATYPE_NULL = Datatype("DATATYPE_NULL", "V0")
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None
@@ -69,7 +70,7 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "Compute_dims", "Pcontrol", "fold", "scan_fold", "Win", "WIN_NULL", "LOCK_EXCLUSIVE",
            "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOPRECEDE", "MODE_NOPUT", "MODE_NOSTORE",
            "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE", "WIN_DISP_UNIT", *DATATYPES, *OPS,
-           "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS]
+           "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS, *COMBINERS]
 
 _state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False}
 

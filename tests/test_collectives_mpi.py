@@ -95,6 +95,26 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
     assert spec([raw, 1, odd], "t", packs=True).view.view(np.uint8).tolist() == \
         [6, 7, 8, 9, 0, 1, 2, 3, 4, 5, 6, 7]
     assert (col.Get_extent(), col.size, odd.Get_true_extent()) == ((0, 72), 24, (0, 10))
+    # how each was made, as mpi4py 4.1's Get_envelope, Get_contents and decode give it (its
+    # output under Open MPI 4.1, compared): integers and addresses in MPI's order
+    sub = MPI.INT.Create_subarray([4, 5], [2, 3], [1, 1], MPI.ORDER_FORTRAN)
+    for t, envelope, contents in (
+            (col, (3, 0, 0, 1, MPI.COMBINER_VECTOR), ([3, 1, 4], [])),
+            (odd, (3, 2, 0, 1, MPI.COMBINER_HINDEXED), ([2, 1, 2], [6, 0])),
+            (idx, (5, 0, 0, 1, MPI.COMBINER_INDEXED), ([2, 2, 1, 3, 0], [])),
+            (MPI.INT.Create_hindexed_block(2, [0, 40]), (2, 2, 0, 1, 18), ([2, 2], [0, 40])),
+            (sub, (8, 0, 0, 1, MPI.COMBINER_SUBARRAY), ([2, 4, 5, 2, 3, 1, 1, 1], [])),
+            (MPI.INT.Dup(), (0, 0, 0, 1, MPI.COMBINER_DUP), ([], []))):
+        assert t.Get_envelope() == t.envelope == envelope and not t.is_named, t
+        assert t.Get_contents() == (*contents, [], [t.decode()[0]]), t
+    assert sub.decode()[1:] == ("SUBARRAY", {"sizes": [4, 5], "subsizes": [2, 3],
+                                             "starts": [1, 1], "order": MPI.ORDER_FORTRAN})
+    halo = col.Create_resized(0, 8)     # (decode walks it back to its named type)
+    assert halo.decode() == (col, "RESIZED", {"lb": 0, "extent": 8}) and \
+        col.decode()[:2] == (MPI.DOUBLE, "VECTOR") and MPI.DOUBLE.decode() == \
+        (MPI.DOUBLE, "NAMED", {}) and MPI.DOUBLE.Get_envelope() == (0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="MPI.DOUBLE is a named type, which has no contents"):
+        MPI.DOUBLE.Get_contents()
     with pytest.raises(ValueError, match="outside a buffer of 96 bytes"):
         spec([m, 2, col], "Send", packs=True)
     with pytest.raises(ValueError, match="can not infer the count"):

@@ -8,7 +8,10 @@ reads a buffer's items by it into one contiguous array (a send's pack) and
 writes such an array back into their places (a receive's unpack): a strided
 numpy view where the typemap is regular (every constructor but the indexed
 ones keeps it so), numpy fancy indexing where not. Structs (elements of
-several dtypes) are not provided."""
+several dtypes) are not provided. Each type keeps the constructor call that
+made it, for mpi4py's ``Get_envelope``, ``Get_contents`` and ``decode``
+(a program that walks a type back to its named one: a typemap cannot say
+which calls made it)."""
 from __future__ import annotations
 
 import math
@@ -18,10 +21,17 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["Datatype", "Typemap", "Selection", "Blocks", "ORDER_C", "ORDER_FORTRAN",
-           "ORDER_F"]
+           "ORDER_F", "COMBINERS"]
 
 ORDER_C, ORDER_FORTRAN = 0, 1       # (Open MPI's, as mpi4py has them)
 ORDER_F = ORDER_FORTRAN
+# MPI.COMBINER_*: Open MPI's values, as mpi4py has them; STRUCT and DARRAY name what no type
+# here is (a program's decode() walk compares with them)
+COMBINERS = {"COMBINER_NAMED": 0, "COMBINER_DUP": 1, "COMBINER_CONTIGUOUS": 2,
+             "COMBINER_VECTOR": 3, "COMBINER_HVECTOR": 5, "COMBINER_INDEXED": 6,
+             "COMBINER_HINDEXED": 8, "COMBINER_INDEXED_BLOCK": 9, "COMBINER_STRUCT": 11,
+             "COMBINER_SUBARRAY": 12, "COMBINER_DARRAY": 13, "COMBINER_RESIZED": 17,
+             "COMBINER_HINDEXED_BLOCK": 18}
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,6 +206,32 @@ class _DatatypeMeta(type):
         raise AttributeError(f"collectives.MPI.Datatype has no {name}")
 
 
+def _arguments(combiner: str, p: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """The integers and addresses of MPI_Type_get_contents for a type made
+    by MPI.COMBINER_<combiner> with decode()'s arguments ``p``: counts and
+    item strides are integers, byte strides and displacements addresses."""
+    if combiner == "DUP":
+        return [], []
+    if combiner == "CONTIGUOUS":
+        return [p["count"]], []
+    if combiner == "VECTOR":
+        return [p["count"], p["blocklength"], p["stride"]], []
+    if combiner == "HVECTOR":
+        return [p["count"], p["blocklength"]], [p["stride"]]
+    if combiner in ("INDEXED", "HINDEXED"):
+        ints = [len(p["displacements"]), *p["blocklengths"]]
+        return (ints + p["displacements"], []) if combiner == "INDEXED" else \
+            (ints, list(p["displacements"]))
+    if combiner in ("INDEXED_BLOCK", "HINDEXED_BLOCK"):
+        ints = [len(p["displacements"]), p["blocklength"]]
+        return (ints + p["displacements"], []) if combiner == "INDEXED_BLOCK" else \
+            (ints, list(p["displacements"]))
+    if combiner == "SUBARRAY":
+        return [len(p["sizes"]), *p["sizes"], *p["subsizes"], *p["starts"], p["order"]], []
+    assert combiner == "RESIZED", combiner
+    return [], [p["lb"], p["extent"]]
+
+
 def _absent(owner: str, name: str) -> NotImplementedError:
     return NotImplementedError(
         f"collectives.MPI: {owner}.{name} is not provided: of the derived datatypes, those "
@@ -218,6 +254,9 @@ class Datatype(metaclass=_DatatypeMeta):
         self.typemap = typemap
         self.committed = typemap is None
         self.freed = False
+        # the call that made it, as decode() gives it: (its base type, its combiner's name,
+        # its arguments); a named type is its own base
+        self.made: tuple[Datatype, str, dict[str, Any]] = (self, "NAMED", {})
 
     def __repr__(self) -> str:
         return f"MPI.{self.name}"
@@ -255,6 +294,44 @@ class Datatype(metaclass=_DatatypeMeta):
     def Get_name(self) -> str:
         return f"MPI_{self.name}" if self.typemap is None else ""
 
+    def Get_envelope(self) -> tuple[int, int, int, int, int]:
+        """mpi4py's (num_integers, num_addresses, num_large_counts,
+        num_datatypes, combiner): the lengths of Get_contents' lists (no
+        large counts here) and how the type was made, an MPI.COMBINER_*."""
+        self._map()
+        name = self.made[1]
+        if name == "NAMED":
+            return 0, 0, 0, 0, COMBINERS["COMBINER_NAMED"]
+        ints, addrs = _arguments(name, self.made[2])
+        return len(ints), len(addrs), 0, 1, COMBINERS[f"COMBINER_{name}"]
+
+    def Get_contents(self) -> tuple[list[int], list[int], list[int], list["Datatype"]]:
+        """mpi4py's (integers, addresses, large counts, datatypes): the
+        arguments of the call that made this type, in MPI_Type_get_contents'
+        order (Create_indexed([1, 2], [0, 5]): [2, 1, 2, 0, 5]), and the type
+        it was made of."""
+        self._map()
+        base, name, params = self.made
+        if name == "NAMED":
+            raise ValueError(f"collectives.MPI Datatype.Get_contents: {self!r} is a named "
+                             f"type, which has no contents (MPI makes it an error): its "
+                             f"Get_envelope() combiner is MPI.COMBINER_NAMED")
+        ints, addrs = _arguments(name, params)
+        return ints, addrs, [], [base]
+
+    def decode(self) -> tuple["Datatype", str, dict[str, Any]]:
+        """mpi4py's (base type, combiner name, arguments): (MPI.DOUBLE,
+        'VECTOR', {'count': 2, 'blocklength': 3, 'stride': 4}); a named
+        type's is (itself, 'NAMED', {})."""
+        self._map()
+        base, name, params = self.made
+        return base, name, dict(params)
+
+    combiner = property(lambda self: self.Get_envelope()[4])
+    envelope = property(Get_envelope)
+    contents = property(Get_contents)
+    is_named = property(lambda self: self.made[1] == "NAMED")
+
     def Commit(self) -> "Datatype":
         self._map()
         self.committed = True
@@ -270,15 +347,22 @@ class Datatype(metaclass=_DatatypeMeta):
         """(as MPI_Type_dup: the same committed state)"""
         dup = Datatype(self.name, self.dtype, self.typemap)
         dup.committed = self.committed
+        dup.made = (self, "DUP", {})
         return dup
 
-    def _derive(self, call: str, tm: Typemap) -> "Datatype":
-        return Datatype(f"{self.name}.{call}", self.dtype, tm)
+    def _derive(self, call: str, tm: Typemap, combiner: str,
+                **params: Any) -> "Datatype":
+        """A type made of this one by ``call`` (MPI.COMBINER_<combiner>,
+        with ``params``, as decode() names them)."""
+        made = Datatype(f"{self.name}.{call}", self.dtype, tm)
+        made.made = (self, combiner, params)
+        return made
 
     def Create_contiguous(self, count: int) -> "Datatype":
         _not_negative("Create_contiguous", count=count)
         tm = self._map()
-        return self._derive(f"Create_contiguous({count})", tm.grid([(int(count), tm.extent)]))
+        return self._derive(f"Create_contiguous({count})", tm.grid([(int(count), tm.extent)]),
+                            "CONTIGUOUS", count=int(count))
 
     def Create_vector(self, count: int, blocklength: int, stride: int) -> "Datatype":
         """``count`` blocks of ``blocklength`` items, ``stride`` items apart."""
@@ -294,7 +378,9 @@ class Datatype(metaclass=_DatatypeMeta):
         _not_negative(call, count=count, blocklength=blocklength)
         tm = self._map()
         return self._derive(f"{call}({count}, {blocklength}, {stride})",
-                            tm.grid([(count, stride * unit), (blocklength, tm.extent)]))
+                            tm.grid([(count, stride * unit), (blocklength, tm.extent)]),
+                            call.removeprefix("Create_").upper(), count=count,
+                            blocklength=blocklength, stride=stride)
 
     def Create_indexed(self, blocklengths: Sequence[int],
                        displacements: Sequence[int]) -> "Datatype":
@@ -311,15 +397,17 @@ class Datatype(metaclass=_DatatypeMeta):
                              displacements: Sequence[int]) -> "Datatype":
         d = _ints(displacements, "Create_indexed_block")
         return self._indexed("Create_indexed_block", [int(blocklength)] * len(d), d,
-                             self._map().extent)
+                             self._map().extent, blocklength=int(blocklength))
 
     def Create_hindexed_block(self, blocklength: int,
                               displacements: Sequence[int]) -> "Datatype":
         d = _ints(displacements, "Create_hindexed_block")
-        return self._indexed("Create_hindexed_block", [int(blocklength)] * len(d), d, 1)
+        return self._indexed("Create_hindexed_block", [int(blocklength)] * len(d), d, 1,
+                             blocklength=int(blocklength))
 
     def _indexed(self, call: str, blocklengths: Sequence[int], displacements: Sequence[int],
-                 unit: int) -> "Datatype":
+                 unit: int, **blocklength: int) -> "Datatype":
+        """(``blocklength``: the _block calls', their one blocklength)"""
         bls, ds = _ints(blocklengths, call), _ints(displacements, call)
         if len(bls) != len(ds):
             raise ValueError(f"collectives.MPI Datatype.{call}: {len(bls)} blocklengths for "
@@ -327,7 +415,9 @@ class Datatype(metaclass=_DatatypeMeta):
         _not_negative(call, blocklengths=bls)
         tm = self._map()
         places = [d * unit + j * tm.extent for b, d in zip(bls, ds) for j in range(b)]
-        return self._derive(f"{call}({bls}, {ds})", tm.at(np.array(places, np.int64)))
+        lengths: dict[str, Any] = dict(blocklength) if blocklength else {"blocklengths": bls}
+        return self._derive(f"{call}({bls}, {ds})", tm.at(np.array(places, np.int64)),
+                            call.removeprefix("Create_").upper(), **lengths, displacements=ds)
 
     def Create_subarray(self, sizes: Sequence[int], subsizes: Sequence[int],
                         starts: Sequence[int], order: int = ORDER_C) -> "Datatype":
@@ -352,11 +442,13 @@ class Datatype(metaclass=_DatatypeMeta):
         base = sum(st[k] * step[k] for k in axes)
         block = tm.grid([(sub[k], step[k]) for k in axes], base)
         whole = replace(block, lb=0, ub=math.prod(sz) * tm.extent, sticky=True)
-        return self._derive(f"{call}({sz}, {sub}, {st})", whole)
+        return self._derive(f"{call}({sz}, {sub}, {st})", whole, "SUBARRAY", sizes=sz,
+                            subsizes=sub, starts=st, order=order)
 
     def Create_resized(self, lb: int, extent: int) -> "Datatype":
         tm = replace(self._map(), lb=int(lb), ub=int(lb) + int(extent), sticky=True)
-        return self._derive(f"Create_resized({lb}, {extent})", tm)
+        return self._derive(f"Create_resized({lb}, {extent})", tm, "RESIZED", lb=int(lb),
+                            extent=int(extent))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("Create_"):
