@@ -241,21 +241,28 @@ def _reports(out: Path) -> list[dict]:
     return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
 
 
-def _run_job(hosts: Hosts, out: Path, curve: bool = False, job: list[str] | None = None,
-             **extra: str) -> list[dict]:
-    secret = secrets.token_hex(16)
-    procs = [hosts.launch(0, 0, out, secret, curve, job, **extra)]
+def _both(hosts: Hosts, out: Path, secret: str, curve: bool, job: list[str] | None,
+          opts: tuple[str, ...] = (), timeout: float = 60,
+          **extra: str) -> tuple[list[subprocess.Popen[str]], list[tuple[str, str]]]:
+    """Both hosts' meshruns of the job, node 1 given the port node 0 serves
+    on, run to their ends (killed after ``timeout``): the processes, and
+    each one's (stdout, stderr)."""
+    procs = [hosts.launch(0, 0, out, secret, curve, job, opts, **extra)]
     try:
         port = _node0_port(procs[0])
-        procs.append(hosts.launch(1, port, out, secret, curve, job, **extra))
-        for p in procs:
-            _, err = p.communicate(timeout=70)
-            assert p.returncode == 0, err
+        procs.append(hosts.launch(1, port, out, secret, curve, job, opts, **extra))
+        ends = [p.communicate(timeout=timeout) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+        _stop(procs)
+    return procs, ends
+
+
+def _run_job(hosts: Hosts, out: Path, curve: bool = False, job: list[str] | None = None,
+             **extra: str) -> list[dict]:
+    procs, ends = _both(hosts, out, secret=secrets.token_hex(16), curve=curve, job=job,
+                        timeout=70, **extra)
+    for p, (_, err) in zip(procs, ends):
+        assert p.returncode == 0, err
     return _reports(out)
 
 
@@ -497,13 +504,8 @@ def test_a_rank_ended_as_the_mesh_starts_is_named_at_once_on_the_other_host(
     job = [str(REPO / "tests" / "scripts" / "launch_mesh.py")]
     extra = {"MESH_TEST_EXIT_AFTER_RENDEZVOUS": "2:5", "MESH_PEER_TIMEOUT": str(peer_timeout)}
     t = time.monotonic()
-    procs = [hosts.launch(0, 0, tmp_path, secret, False, job, **extra)]
-    try:
-        port = _node0_port(procs[0])
-        procs.append(hosts.launch(1, port, tmp_path, secret, False, job, **extra))
-        errs = [p.communicate(timeout=80)[1] for p in procs]
-    finally:
-        _stop(procs)
+    procs, ends = _both(hosts, tmp_path, secret, False, job, timeout=80, **extra)
+    errs = [e for _, e in ends]
     took = time.monotonic() - t
     assert procs[0].returncode != 0 and procs[1].returncode == 5, errs
     # (each says how: "could not be made" where its connects were refused; its link
@@ -522,13 +524,7 @@ def _restarting(hosts: Hosts, out: Path, max_restarts: int,
     secret = secrets.token_hex(16)
     opts = ("--max-restarts", str(max_restarts))
     job = [str(NODES_JOB), "1", str(fail_tries), "0", "3"]
-    procs = [hosts.launch(0, 0, out, secret, False, job, opts)]
-    try:
-        port = _node0_port(procs[0])
-        procs.append(hosts.launch(1, port, out, secret, False, job, opts))
-        ends = [p.communicate(timeout=60) for p in procs]
-    finally:
-        _stop(procs)
+    procs, ends = _both(hosts, out, secret, False, job, opts)
     return [(p.returncode, [json.loads(line.partition(" ")[2]) for line in o.splitlines()], e)
             for p, (o, e) in zip(procs, ends)]
 
