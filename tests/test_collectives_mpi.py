@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "tests" / "scripts" / "mpi4py_tutorial.py"
 DATATYPES = ROOT / "tests" / "scripts" / "mpi4py_datatypes.py"
+TOPOLOGIES = ROOT / "tests" / "scripts" / "mpi4py_topologies.py"
 
 
 def test_object_reductions_fold_in_mpi4pys_order() -> None:
@@ -125,6 +126,14 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
     assert (MPI.ANY_SOURCE, MPI.ANY_TAG, MPI.PROC_NULL, MPI.UNDEFINED) == (-1, -1, -2, -32766)
 
 
+def test_repeated_neighbours_are_matched_in_order() -> None:
+    """Where two ranks are neighbours more than once, the k-th message one
+    sends the other is the k-th the other receives: each message labelled
+    by its k (pure)."""
+    from collectives.mpi_compat.neighbor import occurrences
+    assert occurrences([1, 2, 1, 1, 0]) == [0, 0, 1, 2, 0] and occurrences([]) == []
+
+
 def test_what_is_not_provided_names_itself() -> None:
     """What is not wired in says what it is and what to use: the
     persistent collectives of derived datatypes (Alltoallw_init), the parts
@@ -145,13 +154,11 @@ def test_what_is_not_provided_names_itself() -> None:
         MPI.COMM_NULL.Ialltoallv
     with pytest.raises(NotImplementedError, match="mesh.spawn"):
         MPI.COMM_NULL.Spawn
-    with pytest.raises(NotImplementedError, match=r"Cartesian communicator \(Create_cart\) "
-                                                  r"alone.*src, dst = cart.Shift"):
+    with pytest.raises(NotImplementedError, match=r"those of a communicator with a topology: "
+                                                  r"make one with Create_cart, Create_graph"):
         MPI.COMM_NULL.Neighbor_allgather
-    with pytest.raises(NotImplementedError, match="neighborhood collectives are provided on"):
+    with pytest.raises(NotImplementedError, match="neighborhood collectives are those of"):
         MPI.COMM_NULL.neighbor_alltoallv
-    with pytest.raises(NotImplementedError, match="graph topologies are not provided"):
-        MPI.COMM_NULL.Create_dist_graph
     with pytest.raises(NotImplementedError, match="those of one element type are"):
         MPI.DOUBLE.Create_darray
     vec = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()
@@ -552,11 +559,71 @@ def _edges(world: Any) -> str:
                                              (r + 1,) if r < n - 1 else None]
     with pytest.raises(ValueError, match=f"rank {r}: neighbor_alltoall: expecting 2 objects"):
         line.neighbor_alltoall([1, 2, 3])
-    with pytest.raises(NotImplementedError, match="on a Cartesian communicator"):
+    with pytest.raises(NotImplementedError, match="communicator with a topology"):
         comm.Neighbor_alltoall(send, got)
+    _graph_errors(comm)
     MPI.Finalize()      # (mesh.spawn's world is left open: spawn closes it)
     assert MPI.Is_finalized() and mesh.world.current() is world
     return "ok"
+
+
+def _graph_errors(comm: Any) -> None:
+    """Graph topologies' bad input (tests/scripts/mpi4py_topologies.py has
+    the good): every rank raises, naming the rank that passed it, where
+    Open MPI's would hang or go on (3 ranks)."""
+    r, n = comm.rank, comm.size
+    call = "collectives.MPI Create_dist_graph_adjacent"
+    with pytest.raises(ValueError, match=f"^rank {r}: {call}: rank 0 names rank 1 among its "
+                                         f"destinations 1 time\\(s\\); rank 1 names rank 0 "
+                                         f"among its sources 0 time"):
+        comm.Create_dist_graph_adjacent([], [1] if r == 0 else [])
+    with pytest.raises(ValueError, match=r"weights summing to 5; rank 1 names rank 0 among its "
+                                         r"sources 1 time\(s\), weights summing to 6"):
+        comm.Create_dist_graph_adjacent([0] if r == 1 else [], [1] if r == 0 else [],
+                                        [6] if r == 1 else [], [5] if r == 0 else [])
+    with pytest.raises(ValueError, match=f"^rank {r}: {call}: rank 1 passed sources \\[{n}\\] "
+                                         f"out of range"):
+        comm.Create_dist_graph_adjacent([n] if r == 1 else [], [])
+    with pytest.raises(ValueError, match=r"Create_dist_graph: ranks \[1, 2\] passed weights, "
+                                         r"ranks \[0\] MPI.UNWEIGHTED"):
+        comm.Create_dist_graph([r], [1], [(r + 1) % n], [1] if r else None)
+    with pytest.raises(ValueError, match=r"Create_dist_graph: rank 2 passed 1 sources, degrees "
+                                         r"\[2\] and 1 destinations"):
+        comm.Create_dist_graph([r], [2 if r == 2 else 1], [0])
+    with pytest.raises(ValueError, match=f"^rank {r}: collectives.MPI Create_graph: edges "
+                                         f"\\[3\\] out of range"):
+        comm.Create_graph([1, 1, 1], [3])
+    g = comm.Create_graph([1, 1, 1], [1])       # (a directed edge: MPI's graphs allow it...)
+    assert MPI.Graphcomm(g).Get_topo() == ([1, 1, 1], [1]) and g.Get_neighbors(1) == []
+    with pytest.raises(ValueError, match=r"rank 0 has 1 edge\(s\) to rank 1, rank 1 0 to rank 0"):
+        g.Neighbor_allgather(np.zeros(1), np.zeros(len(g.neighbors)))   # (... these do not)
+    with pytest.raises(ValueError, match=r"Get_neighbors: rank 3 is not a node"):
+        g.Get_neighbors(3)
+    # a ring both ways: a rank's bad buffers fail the call on it, naming it
+    dg = comm.Create_dist_graph_adjacent([(r - 1) % n, (r + 1) % n], [(r + 1) % n, (r - 1) % n],
+                                         [1, 2], [1, 2])
+    assert MPI.Distgraphcomm(dg).Get_dist_neighbors()[2] == ([1, 2], [1, 2])
+    bad = "Neighbor_alltoallw on group .*: 1 counts, 1 displacements and 1 datatypes to send"
+    with pytest.raises(ValueError if r == 1 else mesh.MeshError,     # (the others: at once)
+                       match=f"^rank 1: {bad}" if r == 1 else f"aborted: rank 1 .*{bad}"):
+        dg.Neighbor_alltoallw([np.zeros(2, "i"), [1], [0], [MPI.INT]] if r == 1 else
+                              [np.zeros(2, "i"), [1, 1], [0, 4], [MPI.INT] * 2],
+                              [np.zeros(2, "i"), [1, 1], [0, 4], [MPI.INT] * 2])
+    two = np.zeros(2, "i")      # (and the communicator goes on)
+    dg.Neighbor_allgather(np.array([r], "i"), two)
+    assert two.tolist() == [(r - 1) % n, (r + 1) % n], two
+    with pytest.raises(ValueError, match=f"^rank {r}: Neighbor_allgather_init on group .*: "
+                                         f"2 elements from 2 overrun"):
+        dg.Neighbor_allgather_init(np.zeros(1), [np.zeros(2), (1, 2), MPI.DOUBLE])
+    got = np.zeros(4, "i")      # (2 ints from each source: rank 0 takes 1 from the first)
+    spec = [got, [1, 2] if r == 0 else [2, 2], [0, 4] if r == 0 else [0, 8], [MPI.INT] * 2]
+    if r == 0:
+        with pytest.raises(MPI.Exception, match=f"^rank 0: collectives.MPI Neighbor_alltoallw: "
+                                                f"block 0, from rank {n - 1}: the message holds "
+                                                f"8 bytes, the receive's count and datatype 4"):
+            dg.Neighbor_alltoallw([np.arange(4, dtype="i"), [2, 2], [0, 8], [MPI.INT] * 2], spec)
+    else:
+        dg.Neighbor_alltoallw([np.arange(4, dtype="i"), [2, 2], [0, 8], [MPI.INT] * 2], spec)
 
 
 def test_mpi_semantics_where_meshruns_differ() -> None:
@@ -572,11 +639,13 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     rank, a counter's tickets by Fetch_and_op under Lock, a Compare_and_swap
     spin lock), then derived datatypes (tests/scripts/mpi4py_datatypes.py,
     run in the same job: its layouts, halo columns, subarrays, Scatter and
-    Gather of column blocks...), with ``from mpi4py import MPI`` changed to
+    Gather of column blocks...) and graph topologies with every
+    neighborhood collective (tests/scripts/mpi4py_topologies.py; at 4 ranks
+    below), with ``from mpi4py import MPI`` changed to
     ``from collectives import MPI``, under ``meshrun -n 3 --no-prefix``; the
     same bytes as real mpi4py's under ``mpirun -n 3`` where both are
     installed. (3-5 s)"""
-    texts = [TUTORIAL.read_text(), DATATYPES.read_text()]
+    texts = [TUTORIAL.read_text(), DATATYPES.read_text(), TOPOLOGIES.read_text()]
     assert all(t.count("from mpi4py import MPI\n") == 1 for t in texts)
     both = tmp_path / "both.py"         # (the two programs, one after the other)
     both.write_text("\n".join(texts))
@@ -586,7 +655,7 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     code, mine = run_in_session([sys.executable, "-m", "mesh.launch", "-n", "3", "--no-prefix",
                                  str(ported)], launch_env(ROOT), 90, cwd=ROOT)
     assert code == 0, mine
-    assert mine.endswith("ALL OK 3\n") and mine.count("ALL OK 3\n") == 2, mine
+    assert mine.endswith("ALL OK 3\n") and mine.count("ALL OK 3\n") == 3, mine
     assert re.search(r"^coll .*\[\[0\.0, 1\.0\], \[6\.0, 7\.0\]", mine, re.M), mine
     assert re.search(r"^pi 1000 3\.14159\d+ 3\.14159\d+ True$", mine, re.M), mine
     if shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None:
@@ -599,5 +668,25 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
                                  str(both)],
                                 {**launch_env(ROOT), "MPI4PY_RC_THREAD_LEVEL": "serialized"},
                                 90, cwd=ROOT)
+    assert code == 0, real
+    assert mine == real, f"meshrun:\n{mine}\nmpirun:\n{real}"
+
+
+def test_graph_topologies_give_mpi4pys_output_at_4_ranks(tmp_path: Path) -> None:
+    """tests/scripts/mpi4py_topologies.py (run at 3 ranks with the tutorial,
+    above) at 4: a rank of its graphs with no neighbour, a graph of fewer
+    nodes than ranks, a 2 x 2 grid; real mpi4py's bytes under ``mpirun -n
+    4`` where installed. (2-4 s)"""
+    ported = tmp_path / "topologies.py"
+    ported.write_text(TOPOLOGIES.read_text().replace("from mpi4py import MPI\n",
+                                                     "from collectives import MPI\n"))
+    code, mine = run_in_session([sys.executable, "-m", "mesh.launch", "-n", "4", "--no-prefix",
+                                 str(ported)], launch_env(ROOT), 90, cwd=ROOT)
+    assert code == 0 and mine.endswith("ALL OK 4\n"), mine
+    if shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("Open MPI's mpirun or mpi4py is not installed: compared with nothing")
+    code, real = run_in_session(["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
+                                 "self,tcp", "-n", "4", sys.executable, str(TOPOLOGIES)],
+                                launch_env(ROOT), 90, cwd=ROOT)
     assert code == 0, real
     assert mine == real, f"meshrun:\n{mine}\nmpirun:\n{real}"

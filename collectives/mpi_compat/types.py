@@ -111,7 +111,8 @@ DATATYPES: dict[str, Datatype] = {k: Datatype(k, v) for k, v in _NAMES.items()}
 PACKED_BY = ("the point-to-point calls (Send, Recv, their I, S, B and R forms, Sendrecv, "
              "Sendrecv_replace, the persistent Send_init and Recv_init, Message.Recv), "
              "Bcast, Ibcast, Gather, Igather, Scatter, Iscatter, Allgather, Iallgather, "
-             "Alltoall, Ialltoall, Gatherv, Scatterv, Allgatherv and Alltoallv")
+             "Alltoall, Ialltoall, Gatherv, Scatterv, Allgatherv, Alltoallv and "
+             "Neighbor_alltoallw")
 
 
 def datatype_of(x: Any, what: str) -> np.dtype | None:
