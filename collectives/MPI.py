@@ -40,7 +40,7 @@ from .mpi_compat.requests import REQUEST_NULL, Grequest, Prequest, Request, Stat
 from .mpi_compat.win import (LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE,
                              MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED, WIN_BASE, WIN_DISP_UNIT,
                              WIN_SIZE, Win)
-from .mpi_compat.datatypes import COMBINERS, ORDER_C, ORDER_F, ORDER_FORTRAN
+from .mpi_compat.datatypes import COMBINERS, DATATYPE_NULL, ORDER_C, ORDER_F, ORDER_FORTRAN
 from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DATATYPES,
                                DIST_GRAPH, ERR_OTHER, ERR_TRUNCATE, ERR_TYPE, GRAPH, IDENT,
                                IN_PLACE, OPS, PROC_NULL, ROOT, SIMILAR, SUCCESS, TAG_UB,
@@ -52,7 +52,6 @@ globals().update(OPS)
 globals().update(MODES)
 globals().update(FILE_ERRORS)
 globals().update(COMBINERS)
-DATATYPE_NULL = Datatype("DATATYPE_NULL", "V0")
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None
 WIN_NULL = None

@@ -12,7 +12,12 @@ progress thread, or a caller waiting on the mesh): a put is claimed into
 its place in the exposed array before its bytes are read (``claim``); an
 accumulate is combined under the window's lock once whole; a get, a lock,
 an unlock, a flush, a get-accumulate (a fetch-and-op: of one element) and
-a compare-and-swap are answered on their reply tags. It keeps the lock
+a compare-and-swap are answered on their reply tags. A put, a get, an
+accumulate or a get-accumulate at elements that are no one run (a strided
+target: a column of a matrix) is one control request too, its elements'
+places given as runs (``runs``: from its offset, (start, length) pairs of
+int64), applied as one fancy-indexed operation (UPDATE: a put or an
+accumulate, its values as bytes; GET and FETCH: the runs last). It keeps the lock
 table: the holders, and the lock requests that wait, granted in order.
 """
 from __future__ import annotations
@@ -33,7 +38,7 @@ if TYPE_CHECKING:
     from .transport import Transport
 
 __all__ = ["Target", "OPS", "DROPPED", "SHIFT", "MAX_OFFSET", "CONTROL", "GET", "LOCK",
-           "UNLOCK", "FLUSH", "FETCH", "SWAP", "exposed", "same"]
+           "UNLOCK", "FLUSH", "FETCH", "SWAP", "UPDATE", "exposed", "same", "runs", "places"]
 
 _log = logging.getLogger("mesh.transport")
 
@@ -43,7 +48,33 @@ LAND, LOR, LXOR (as the collectives' ops: collectives.ops)."""
 SHIFT = 48                      # a request's tag: RMA_TAGS | code << SHIFT | offset
 MAX_OFFSET = (1 << SHIFT) - 1
 CONTROL = 15                    # the code of a request that is an object, not an array
-GET, LOCK, UNLOCK, FLUSH, FETCH, SWAP = range(6)     # its kinds
+GET, LOCK, UNLOCK, FLUSH, FETCH, SWAP, UPDATE = range(7)     # its kinds
+
+
+def runs(index: np.ndarray) -> bytes:
+    """Element offsets ``index`` (in order) as the wire's runs: (start,
+    length) pairs of int64, a run each stretch of consecutive offsets."""
+    index = np.asarray(index, np.int64).reshape(-1)
+    if index.size == 0:
+        return b""
+    cut = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate(([0], cut))
+    lengths = np.diff(np.concatenate((starts, [index.size])))
+    return np.stack([index[starts], lengths], axis=1).astype(np.int64).tobytes()
+
+
+def places(raw: Any, offset: int, n: int, size: int) -> np.ndarray:
+    """The element indices that ``runs``' bytes ``raw`` from ``offset`` name:
+    ``n`` of them, each in a window of ``size`` elements (else MeshError)."""
+    if not isinstance(raw, bytes) or len(raw) % 16:
+        raise MeshError("malformed runs")
+    pairs = np.frombuffer(raw, np.int64).reshape(-1, 2)
+    starts, lengths = pairs[:, 0], pairs[:, 1]
+    if (starts < 0).any() or (lengths <= 0).any() or int(lengths.sum()) != n or (
+            len(pairs) and offset + int((starts + lengths).max()) > size):
+        raise MeshError(f"runs of {n} elements from offset {offset} past a window of {size}")
+    before = np.cumsum(lengths) - lengths
+    return offset + np.repeat(starts - before, lengths) + np.arange(n, dtype=np.int64)
 
 
 def exposed(buf: Any, what: str) -> np.ndarray:
@@ -138,20 +169,48 @@ class Target:
                                                  .ufunc_name)
         return ufunc
 
-    def _fetch(self, src: int, reply: int, offset: int, code: int, raw: Any) -> None:
+    def _combined(self, code: int, ufunc: Any, old: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``old (op) x`` for accumulate code ``code`` (1: replace)."""
+        if code <= 1:
+            return x
+        new = old.copy()
+        self._combine(ufunc, new, x, new)
+        return new
+
+    def _update(self, offset: int, code: int, raw: Any, at: Any) -> None:
+        """A put (code 0) or an accumulate at the elements that the runs
+        ``at`` name from ``offset`` (its values ``raw``), under the lock."""
+        x = np.frombuffer(raw, self.dtype) if isinstance(raw, bytes) else np.empty(0)
+        if code > len(OPS) or not isinstance(raw, bytes) or len(raw) % self.dtype.itemsize:
+            raise MeshError(f"a malformed strided put or accumulate (code {code})")
+        idx = places(at, offset, x.size, self._flat.size)
+        ufunc = self._ufunc(code) if code > 1 else None
+        with self._mu:
+            self._flat[idx] = self._combined(code, ufunc, self._flat[idx], x)
+
+    def _fetch(self, src: int, reply: int, offset: int, code: int, raw: Any,
+               at: Any = None) -> None:
         """Get_accumulate and Fetch_and_op (``code``: 0 no op, else as
-        accumulate's; ``raw``: the operand, any number of elements) or, with
+        accumulate's; ``raw``: the operand, any number of elements; ``at``:
+        runs, its elements' places, else from ``offset`` on) or, with
         code -1, Compare_and_swap (``raw``: the compare value, then the new):
         the elements' values before, answered; the change atomic, as an
         accumulate's."""
         x = np.frombuffer(raw, self.dtype) if isinstance(raw, bytes) else np.empty(0)
         n = 1 if code < 0 else x.size
-        if (x.size != 2 if code < 0 else x.size < 1) or offset + n > self._flat.size \
-                or code > len(OPS):
+        if (x.size != 2 if code < 0 else x.size < 1) or code > len(OPS) or (
+                at is None and offset + n > self._flat.size):
             raise MeshError(f"a malformed fetch (code {code}, offset {offset}, {x.size} "
                             f"elements)")
-        view = self._flat[offset:offset + n]
         ufunc = self._ufunc(code) if code > 1 else None
+        if at is not None:
+            idx = places(at, offset, n, self._flat.size)
+            with self._mu:
+                old = self._flat[idx]
+                self._flat[idx] = self._combined(code, ufunc, old, x)
+            self._reply(src, reply, old)
+            return
+        view = self._flat[offset:offset + n]
         with self._mu:
             old = view.copy()
             if code < 0:
@@ -166,20 +225,28 @@ class Target:
     def _serve(self, src: int, msg: Any) -> None:
         """A control request (an object): a get, a lock, an unlock, a flush,
         a fetch-and-op, a compare-and-swap (their operands as bytes, last)."""
-        fetch = isinstance(msg, list) and len(msg) == 5 and msg[0] in (FETCH, SWAP)
-        if not (isinstance(msg, list) and len(msg) >= 2
-                and all(type(v) is int and v >= 0 for v in msg[:4 if fetch else None])):
-            raise MeshError(f"a malformed request {msg!r}")
+        ok = isinstance(msg, list) and len(msg) >= 2
+        fetch = ok and (len(msg) == 5 and msg[0] in (FETCH, SWAP)
+                        or len(msg) == 6 and msg[0] in (FETCH, UPDATE))
+        strided = ok and len(msg) == 5 and msg[0] == GET
+        if not (ok and all(type(v) is int and v >= 0
+                           for v in msg[:4 if fetch or strided else None])):
+            raise MeshError(f"a malformed request {msg!r:.200}")
         kind, reply = msg[0], msg[1]
         granted: list[tuple[int, int]] = []
-        if fetch:
-            self._fetch(src, reply, msg[2], msg[3] if kind == FETCH else -1, msg[4])
+        if kind == UPDATE:
+            self._update(msg[2], msg[3], msg[4], msg[5])
             return
-        if kind == GET and len(msg) == 4:
+        if fetch:
+            self._fetch(src, reply, msg[2], msg[3] if kind == FETCH else -1, msg[4],
+                        msg[5] if len(msg) == 6 else None)
+            return
+        if kind == GET and len(msg) in (4, 5):
             offset, count = msg[2], msg[3]
             if offset + count > self._flat.size:
                 raise MeshError(f"a get of {count} elements at {offset} past the window")
-            self._reply(src, reply, self._flat[offset:offset + count])
+            self._reply(src, reply, self._flat[places(msg[4], offset, count, self._flat.size)]
+                        if strided else self._flat[offset:offset + count])
             return
         if kind == LOCK and len(msg) == 3:
             exclusive = bool(msg[2])

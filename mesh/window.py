@@ -13,6 +13,9 @@ receive, to the window's target side (mesh.rma). Here: the origin's side.
     accumulate(x, r, off)  array, tag REQ|1+op|off  window[off:off+n] op= x (its lock)
     get(r, off, n)         [GET, reply, off, n]     window[off:off+n] back, tag reply
     get_accumulate(x, r, off) [FETCH, reply, off, 1+op, x]  window[off:off+n] back, then op= x
+    put/accumulate(x, r, off, index=i)  [UPDATE, 0, off, op, x, runs]  window[off+i] (op)= x
+    get(r, off, index=i)   [GET, reply, off, n, runs]   window[off+i] back, tag reply
+    get_accumulate(..., index=i)  [FETCH, ..., x, runs]  window[off+i] back, then op= x
     lock(r, exclusive)     [LOCK, reply, excl]      granted (reply) now or once free
     flush(r), unlock(r)    [FLUSH|UNLOCK, reply]    reply (an unlock releases first)
     fence(), free()        a flush of each rank written to, then a barrier
@@ -47,7 +50,7 @@ from .peer import Outgoing
 from .request import Request
 from .rings import fence as _memory_fence
 from .rma import (CONTROL, DROPPED, FETCH, FLUSH, GET, LOCK, MAX_OFFSET, OPS, SHIFT, SWAP,
-                  UNLOCK, Target, exposed, same)
+                  UNLOCK, UPDATE, Target, exposed, runs, same)
 from .status import PROC_NULL
 
 if TYPE_CHECKING:
@@ -123,40 +126,49 @@ class Window:
 
     # -- origin side: operations -------------------------------------------------
 
-    def put(self, x: Any, rank: int, offset: int = 0) -> None:
+    def put(self, x: Any, rank: int, offset: int = 0, index: Any = None) -> None:
         """MPI's Put: ``x`` into rank ``rank``'s window from element
         ``offset`` on; done there by the epoch's end (``fence``, ``flush``,
-        ``unlock``), and ``x`` in use until then, as MPI's origin buffer."""
-        self._update(x, rank, offset, 0, "put")
+        ``unlock``), and ``x`` in use until then, as MPI's origin buffer.
+        ``index=``: element offsets from ``offset``, one for each of ``x``'s
+        elements, where they go (MPI's strided target datatype: a column,
+        ``np.arange(rows) * cols``), sent as one request of runs."""
+        self._update(x, rank, offset, 0, "put", index)
 
-    def rput(self, x: Any, rank: int, offset: int = 0) -> Request:
+    def rput(self, x: Any, rank: int, offset: int = 0, index: Any = None) -> Request:
         """MPI's Rput: ``put`` as a request, done once ``x`` may be reused
         (sent or copied: MPI's local completion); applied at the target by
         the epoch's end, as a put."""
-        return self._request(self._update(x, rank, offset, 0, "put"))
+        return self._request(self._update(x, rank, offset, 0, "put", index))
 
-    def raccumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum") -> Request:
+    def raccumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum",
+                    index: Any = None) -> Request:
         """MPI's Raccumulate: ``accumulate`` as a request (as ``rput``'s)."""
-        return self._request(self._update(x, rank, offset, self._code(op), "accumulate"))
+        return self._request(self._update(x, rank, offset, self._code(op), "accumulate",
+                                          index))
 
-    def accumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum") -> None:
+    def accumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum",
+                   index: Any = None) -> None:
         """MPI's Accumulate: rank ``rank``'s window elements from ``offset``
-        on become ``window (op) x``, each atomically against other
-        accumulates (MPI's rule); ``op`` one of OPS ("replace": a put)."""
-        self._update(x, rank, offset, self._code(op), "accumulate")
+        on (``index=``: at those offsets from it, as ``put``'s) become
+        ``window (op) x``, each atomically against other accumulates (MPI's
+        rule); ``op`` one of OPS ("replace": a put)."""
+        self._update(x, rank, offset, self._code(op), "accumulate", index)
 
     def get(self, rank: int, offset: int = 0, count: int | None = None, out: Any = None,
-            timeout: float | None = None) -> Any:
+            timeout: float | None = None, index: Any = None) -> Any:
         """MPI's Get, waited for: ``count`` elements (default: to the end) of
         rank ``rank``'s window from ``offset``, into ``out=`` (a writable
-        contiguous array or tensor of the window's dtype) or a new 1-D array."""
-        return self.rget(rank, offset, count, out).wait(timeout)
+        contiguous array or tensor of the window's dtype) or a new 1-D array;
+        ``index=``: the elements at those offsets from ``offset`` instead
+        (as ``put``'s), in its order."""
+        return self.rget(rank, offset, count, out, index).wait(timeout)
 
     def _request(self, item: Outgoing | None) -> Request:
         return _done(self._c, None) if item is None else Request(self._c, item)
 
     def rget(self, rank: int, offset: int = 0, count: int | None = None,
-             out: Any = None) -> Request:
+             out: Any = None, index: Any = None) -> Request:
         """MPI's Rget: ``get`` as a request (its ``wait`` returns the data);
         the epoch's end (``fence``, ``flush``, ``unlock``) completes it too."""
         self._check("get")
@@ -164,6 +176,9 @@ class Window:
             return _done(self._c, out)
         w = self._target(rank, "get")
         size = self.sizes[rank]
+        at = self._index(index, count, rank, offset, "get")
+        if at and count is None:
+            count = len(np.asarray(index))
         if count is None:
             count = size - offset if isinstance(offset, (int, np.integer)) else -1
         self._range(rank, offset, count, "get")
@@ -172,12 +187,32 @@ class Window:
         item = self._t.irecv(self._gid, w, reply, out, None, self._what("get from", rank))
         try:
             self._send(rank, w, RMA_TAGS | CONTROL << SHIFT,
-                       [GET, reply, int(offset), int(count)], "get from")
+                       [GET, reply, int(offset), int(count)] + at, "get from")
         except BaseException:
             self._t.cancel(item)
             raise
         self._keep(rank, item)
         return Request(self._c, item)
+
+    def _index(self, index: Any, count: int | None, rank: int, offset: Any,
+               op: str) -> list[bytes]:
+        """``index=``'s runs for the request ([]: none), its offsets checked
+        against rank ``rank``'s window (and ``count``, where given)."""
+        if index is None:
+            return []
+        at = np.asarray(index)
+        if at.dtype.kind not in "iu" or at.ndim != 1:
+            raise TypeError(f"rank {self._t.rank}: window {self.name}: {op} rank {rank}: "
+                            f"index= is a 1-D array of element offsets, got {at.dtype} of "
+                            f"shape {at.shape}")
+        if count is not None and at.size != count:
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: {op} rank {rank}: "
+                             f"{at.size} offsets in index= for {count} elements")
+        if at.size and (at.min() < 0 or not np.diff(np.sort(at)).all()):
+            raise ValueError(f"rank {self._t.rank}: window {self.name}: {op} rank {rank}: "
+                             f"index= offsets must be distinct and not negative")
+        self._range(rank, offset, int(at.max()) + 1 if at.size else 0, op)
+        return [runs(at)]
 
     def _out(self, out: Any, count: int, rank: int, op: str) -> None:
         """Refuse an ``out=`` that is not ``count`` elements of the window's dtype."""
@@ -190,16 +225,17 @@ class Window:
                                 f"out= is not an array of {count} {tensors.dtype_name(self.dtype)}")
 
     def get_accumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum",
-                       out: Any = None, timeout: float | None = None) -> Any:
+                       out: Any = None, timeout: float | None = None, index: Any = None) -> Any:
         """MPI's Get_accumulate, waited for: rank ``rank``'s window elements
         from ``offset`` on (as many as ``x`` has) become ``window (op) x``,
         atomically as an accumulate, and their values before come back (into
         ``out=``, or a new 1-D array); ``op`` one of OPS or "no_op" (an
-        atomic read: ``x``'s values unused, its size the count)."""
-        return self.rget_accumulate(x, rank, offset, op, out).wait(timeout)
+        atomic read: ``x``'s values unused, its size the count); ``index=``: at
+        those offsets from ``offset``, as ``put``'s."""
+        return self.rget_accumulate(x, rank, offset, op, out, index).wait(timeout)
 
     def rget_accumulate(self, x: Any, rank: int, offset: int = 0, op: str = "sum",
-                        out: Any = None) -> Request:
+                        out: Any = None, index: Any = None) -> Request:
         """MPI's Rget_accumulate: ``get_accumulate`` as a request (its
         ``wait`` returns the values before); the epoch's end completes it too."""
         self._check("get_accumulate")
@@ -208,13 +244,15 @@ class Window:
             return _done(self._c, out)
         self._target(rank, "get_accumulate")
         a = self._operand(x, rank, "get_accumulate")
-        self._range(rank, offset, a.size, "get_accumulate")
+        at = self._index(index, a.size, rank, offset, "get_accumulate")
+        if not at:
+            self._range(rank, offset, a.size, "get_accumulate")
         if a.size == 0:
             raise ValueError(f"rank {self._t.rank}: window {self.name}: get_accumulate: no "
                              f"elements")
         self._out(out, a.size, rank, "get_accumulate on")
-        item = self._ask(rank, [FETCH, int(offset), code, a.tobytes()], "get_accumulate on",
-                         out)
+        item = self._ask(rank, [FETCH, int(offset), code, a.tobytes()] + at,
+                         "get_accumulate on", out)
         self._keep(rank, item)
         return Request(self._c, item)
 
@@ -280,15 +318,23 @@ class Window:
                             f"{tensors.dtype_name(self.dtype)} (the same dtype only)")
         return np.ascontiguousarray(a).reshape(-1)
 
-    def _update(self, x: Any, rank: int, offset: int, code: int, op: str) -> Outgoing | None:
-        """Send a put or an accumulate: what it is in flight as (None: done)."""
+    def _update(self, x: Any, rank: int, offset: int, code: int, op: str,
+                index: Any = None) -> Outgoing | None:
+        """Send a put or an accumulate: what it is in flight as (None: done);
+        ``index``: at those element offsets from ``offset``, one request
+        (UPDATE: its values' bytes and the offsets' runs)."""
         self._check(op)
         if rank == PROC_NULL:
             return None
         w = self._target(rank, op)
         a = self._operand(x, rank, op)
-        self._range(rank, offset, a.size, op)
+        at = self._index(index, a.size, rank, offset, op)
+        if not at:
+            self._range(rank, offset, a.size, op)
         self._dirty.add(rank)
+        if at:
+            return self._send(rank, w, RMA_TAGS | CONTROL << SHIFT,
+                              [UPDATE, 0, int(offset), code, a.tobytes(), *at], f"{op} to")
         return self._send(rank, w, RMA_TAGS | code << SHIFT | int(offset), a, f"{op} to")
 
     # -- origin side: synchronization ---------------------------------------------

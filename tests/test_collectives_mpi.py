@@ -76,8 +76,8 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
     with pytest.raises(TypeError, match="not a buffer"):
         spec({"x": 1}, "Send")
     assert MPI.DOUBLE_INT.Get_size() == 16 and MPI.INT.size == 4 and MPI.LONG.size == 8
-    with pytest.raises(NotImplementedError, match=r"Datatype.Create_struct is not provided"):
-        MPI.Datatype.Create_struct      # (mpi-ref-v1's ex-3.02: a class's call in mpi4py)
+    with pytest.raises(NotImplementedError, match=r"Datatype.Create_darray is not provided"):
+        MPI.Datatype.Create_darray      # (a class's call in mpi4py, as Create_struct)
     assert MPI.Compute_dims(12, 2) == [4, 3] and MPI.Compute_dims(12, [0, 2, 0]) == [3, 2, 2]
     # a derived datatype's elements packed: a strided view's copy where regular (unpacked
     # into their places by done()), indexed where not, bytes where off the elements' grid
@@ -159,12 +159,12 @@ def test_what_is_not_provided_names_itself() -> None:
         MPI.COMM_NULL.Neighbor_allgather
     with pytest.raises(NotImplementedError, match="neighborhood collectives are those of"):
         MPI.COMM_NULL.neighbor_alltoallv
-    with pytest.raises(NotImplementedError, match="those of one element type are"):
+    with pytest.raises(NotImplementedError, match="Create_struct are .a darray: Create_subarr"):
         MPI.DOUBLE.Create_darray
     vec = MPI.DOUBLE.Create_vector(2, 1, 2).Commit()
     with pytest.raises(NotImplementedError, match="derived datatype: those are taken by the "
-                                                  "point-to-point calls.*not by Scan"):
-        MPI.COMM_NULL.Scan([np.zeros(3), 1, vec], np.zeros(2))
+                                                  "point-to-point calls.*not by Win.Allocate"):
+        MPI.Win.Allocate(16, 8, comm=MPI.COMM_NULL, datatype=vec)
     with pytest.raises(AttributeError, match="not provided"):
         MPI.Attach_buffer
     assert MPI.COMM_NULL == MPI.COMM_NULL and not MPI.COMM_NULL
@@ -498,6 +498,35 @@ def _edges(world: Any) -> str:
             comm.Gatherv(*args, root=0)
     else:
         comm.Gatherv(args[0], None, root=0)
+    # a builtin op over a derived datatype: its elements' (Open MPI refuses it, MPI_ERR_OP;
+    # meshrun reduces them, as MPICH); MAXLOC over a contiguous of pairs; ranks whose elements
+    # differ: ERR_TYPE on every rank; persistent collectives packed at each start
+    vec, at = MPI.DOUBLE.Create_vector(2, 1, 3).Commit(), [0, 3, 4, 7]
+    a, top = np.arange(12.0) + 10 * r, np.full(12, -1.0)
+    comm.Allreduce([a, 2, vec], [top, 2, vec], op=MPI.MAX)
+    assert top[at].tolist() == [k + 10 * (n - 1) for k in at] and (np.delete(top, at) == -1).all()
+    pairs = MPI.DOUBLE_INT.Create_contiguous(2).Commit()
+    x, y = np.zeros(2, MPI.DOUBLE_INT.dtype), np.zeros(2, MPI.DOUBLE_INT.dtype)
+    x["v"], x["i"] = [r, -r], r
+    comm.Allreduce([x, 1, pairs], [y, 1, pairs], op=MPI.MAXLOC)
+    assert y.tolist() == [(n - 1, n - 1), (0, 0)], y
+    with pytest.raises(MPI.Exception, match=f"^rank {r}: collectives.MPI Allreduce, group world: "
+                       f"the type signatures differ .*collective mismatch") as e:
+        comm.Allreduce([a, 1 + (r > 0), vec], [top, 1 + (r > 0), vec], op=MPI.SUM)
+    assert e.value.Get_error_class() == MPI.ERR_TYPE
+    total, rows = np.full(12, -1.0), np.full(4 * n + 2, -1.0)
+    reqs = [comm.Allreduce_init([a, 2, vec], [total, 2, vec], op=MPI.SUM),
+            comm.Allgatherv_init([a, 1, vec], [rows, [1] * n, list(range(n))[::-1], vec])]
+    for k in (1, 2):
+        a[at] = np.array(at) * k + r
+        MPI.Prequest.Startall(reqs)
+        MPI.Request.Waitall(reqs)
+        assert total[at].tolist() == [n * j * k + n * (n - 1) // 2 for j in at], total
+        want = np.full(4 * n + 2, -1.0)
+        comm.Allgatherv([a, 1, vec], [want, [1] * n, list(range(n))[::-1], vec])
+        assert (np.delete(total, at) == -1).all() and rows.tolist() == want.tolist(), rows
+    for t in (vec, pairs):
+        t.Free()
     # groups: every call local; Create collective over comm (a Split), Create_group over the
     # group alone (ranks outside get COMM_NULL), MPI's orders and MPI.UNDEFINED outside
     everyone = comm.Get_group()

@@ -28,13 +28,14 @@ class Buf:
     sends and a receive fills); ``counts`` and ``displs`` for the v-calls;
     ``sel``, a derived datatype's elements (``view`` their packed copy,
     ``flat`` the buffer's bytes; a v-call's ``counts`` and ``displs`` then
-    in the packed elements)."""
+    in the packed elements); ``datatype``, that derived datatype."""
 
     flat: np.ndarray
     view: np.ndarray
     counts: list[int] | None = None
     displs: list[int] | None = None
     sel: Selection | Blocks | None = None
+    datatype: Datatype | None = None
 
     @property
     def typed(self) -> bool:
@@ -154,7 +155,7 @@ def _packed(data: Any, mid: list[Any], dt: Datatype, what: str, per: int, packs:
     if count < 0:
         raise ValueError(f"collectives.MPI {what}: a negative count, {count}")
     sel = Selection(tm, dt.dtype, raw, count, displ * tm.extent, what)
-    return Buf(raw, sel.get(), sel=sel)
+    return Buf(raw, sel.get(), sel=sel, datatype=dt)
 
 
 def _usable(data: Any, dt: Datatype, what: str, packs: bool) -> tuple[Typemap, np.ndarray]:
@@ -209,7 +210,8 @@ def vspec(buf: Any, what: str, size: int, packs: bool = False) -> Buf:
     assert isinstance(dt, Datatype)
     blocks = Blocks([Selection(tm, dt.dtype, flat, k, at * tm.extent, what)
                      for k, at in zip(counts, displs)], dt.dtype)
-    return Buf(flat, blocks.get(), [s.n for s in blocks.sels], blocks.starts[:-1], sel=blocks)
+    return Buf(flat, blocks.get(), [s.n for s in blocks.sels], blocks.starts[:-1], sel=blocks,
+               datatype=dt)
 
 
 def check_signature(typed: bool, view: np.ndarray, got: Any, where: str) -> None:

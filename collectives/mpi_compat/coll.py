@@ -10,17 +10,21 @@ collectives' (the v-calls' counts, which MPI gives the root alone, one small
 all_gather more), results written into the receive buffer."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 import mesh
+from mesh.errors import MismatchError
 
 from .. import api as C
 from .. import persistent as P
+from ..userop import Op as UserOp
 from .buffers import Buf, check_signature, copy_into, in_place, spec, vspec
+from .datatypes import Selection, Typemap
 from .requests import Prequest, Request
-from .types import ERR_TYPE, OPS, Op
+from .types import ERR_TYPE, OPS, Datatype, Op
 from .types import Exception as MPIException
 
 __all__ = ["Collectives", "coll_op"]
@@ -36,12 +40,104 @@ def coll_op(op: Any, what: str) -> Any:
     return op.coll
 
 
-def _persistent_op(op: Any, what: str) -> Any:
+def _is_loc(op: Any) -> bool:
+    return isinstance(op, Op) and op.name in ("MAXLOC", "MINLOC")
+
+
+def _reducing(op: Any, what: str, *bufs: Buf | None) -> Any:
+    """The op as collectives take it for a reduction over ``bufs``, a
+    derived datatype's packed elements where one is: a builtin op combines
+    them elementwise; a user op (Op.Create's ``fn(inbuf, inoutbuf,
+    datatype)``) is shown its operands as MPI shows them, in the datatype's
+    layout, with the datatype."""
+    name = coll_op(op, what)
+    dt = next((b.datatype for b in bufs if b is not None and b.datatype is not None), None)
+    if dt is None or not isinstance(name, UserOp) or not name._dtype_arg:
+        return name
+    return _in_layout(name, dt)
+
+
+def _in_layout(user: UserOp, dt: Datatype) -> UserOp:
+    """``user`` over ``dt``'s packed elements: each operand unpacked into
+    ``count x extent`` bytes from its first item's origin (as MPI hands a
+    user op a derived datatype's items; mpi4py's buffers), ``fn`` called on
+    them and ``dt``, the elements of its second packed back."""
+    tm = dt.typemap
+    assert tm is not None
+    fn = user.fn
+
+    def layout(a: np.ndarray, b: np.ndarray, _: Any) -> None:
+        count = a.size // tm.n if tm.n else 0
+        ina, inout = _laid(tm, dt, count, a), _laid(tm, dt, count, b)
+        fn(ina[0], inout[0], dt)
+        b[...] = inout[1].get()
+
+    return UserOp(layout, commute=user.commute, name=f"{user.label} over a derived datatype")
+
+
+def _laid(tm: Typemap, dt: Datatype, count: int,
+          packed: np.ndarray) -> tuple[memoryview, Selection]:
+    """``count`` items of ``tm``, ``packed``'s elements in their places in
+    zeroed bytes: (the ``count x extent`` bytes from the first item's
+    origin, a memoryview; the Selection of their elements)."""
+    lo, hi = tm.span()
+    size = count * max(tm.extent, 0)
+    base = max(0, -lo, -(lo + (count - 1) * tm.extent)) if count else 0
+    raw = np.zeros(base + max(size, hi + max(0, (count - 1) * tm.extent)), np.uint8)
+    sel = Selection(tm, dt.dtype, raw, count, base, "Op.Create")
+    sel.put(packed)
+    return memoryview(raw.data)[base:base + size], sel
+
+
+@contextmanager
+def _signatures(g: mesh.Comm, what: str, *bufs: Buf | None) -> Iterator[None]:
+    """A reduction over a derived datatype whose ranks' elements differ
+    (meshrun's MismatchError): MPI's ERR_TYPE, naming them."""
+    try:
+        yield
+    except MismatchError as e:
+        if not any(b is not None and b.typed for b in bufs):
+            raise
+        raise MPIException(ERR_TYPE, f"rank {g.rank}: collectives.MPI {what}, group {g.name}: "
+                                     f"the type signatures differ (MPI_ERR_TYPE): {e}") from e
+
+
+def _persistent_op(op: Any, what: str, *bufs: Buf | None) -> Any:
     if isinstance(op, Op) and op.name in ("MAXLOC", "MINLOC"):
         raise NotImplementedError(f"collectives.MPI {what} with {op.name}: not provided "
                                   f"(the pair types' persistent form): call Allreduce each "
                                   f"iteration")
-    return coll_op(op, what)
+    return _reducing(op, what, *bufs)
+
+
+def _steps(*steps: Callable[[], None] | None) -> Callable[[], None] | None:
+    """A start's steps, in order (None: none)."""
+    todo = [f for f in steps if f is not None]
+    if not todo:
+        return None
+    if len(todo) == 1:
+        return todo[0]
+
+    def run() -> None:
+        for f in todo:
+            f()
+    return run
+
+
+def packing(b: Buf | None) -> Callable[[], None] | None:
+    """A persistent call's start step for ``b``: a derived datatype's
+    elements packed again, as the buffer holds them then."""
+    return b.refresh if b is not None and b.typed else None
+
+
+def unpacking(b: Buf | None) -> Callable[[Any], Any] | None:
+    """A persistent call's wait step for ``b``: its elements unpacked
+    into their places (a derived datatype's)."""
+    return b.done_with if b is not None and b.typed else None
+
+
+def _opt(b: Buf | None) -> np.ndarray | None:
+    return None if b is None else b.view
 
 
 def _copying(recv: np.ndarray, send: np.ndarray | None,
@@ -62,6 +158,13 @@ def _loc(g: mesh.Comm, send: np.ndarray, recv: np.ndarray | None, op: Op, what: 
                             op="max" if op.name == "MAXLOC" else "min")
     if recv is not None:
         recv["v"], recv["i"] = v, i
+
+
+def _view(buf: Buf | None, other: Buf | None = None) -> np.ndarray:
+    """``buf``'s view (None: MPI.IN_PLACE's, ``other``'s)."""
+    b = other if buf is None else buf
+    assert b is not None
+    return b.view
 
 
 def _gathering(g: mesh.Comm, sendbuf: Any, recvbuf: Any, what: str,
@@ -122,104 +225,128 @@ class Collectives:
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM, root: int = 0) -> None:
         g, mine = self._g, self._g.rank == root
-        recv = spec(recvbuf, "Reduce").view if mine else None
-        send = recv if in_place(sendbuf) and recv is not None else spec(sendbuf, "Reduce").view
-        if isinstance(op, Op) and op.name in ("MAXLOC", "MINLOC"):
-            _loc(g, send, recv, op, "Reduce")
-            return
+        recv = spec(recvbuf, "Reduce", packs=True) if mine else None
+        sent = None if in_place(sendbuf) and recv is not None else \
+            spec(sendbuf, "Reduce", packs=True)
+        send = recv.view if sent is None and recv is not None else _view(sent)
+        with _signatures(g, "Reduce", recv, sent):
+            if _is_loc(op):
+                _loc(g, send, None if recv is None else recv.view, op, "Reduce")
+            elif recv is not None:
+                if send is not recv.view:
+                    copy_into(recv.view, send, "Reduce")
+                C.reduce(g, recv.view, root, _reducing(op, "Reduce", recv, sent))
+            else:
+                C.reduce(g, send, root, _reducing(op, "Reduce", sent))
         if recv is not None:
-            if send is not recv:
-                copy_into(recv, send, "Reduce")
-            C.reduce(g, recv, root, coll_op(op, "Reduce"))
-        else:
-            C.reduce(g, send, root, coll_op(op, "Reduce"))
+            recv.done()
 
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
-        recv = spec(recvbuf, "Allreduce").view
-        send = recv if in_place(sendbuf) else spec(sendbuf, "Allreduce").view
-        if isinstance(op, Op) and op.name in ("MAXLOC", "MINLOC"):
-            _loc(self._g, send, recv, op, "Allreduce")
-            return
-        if send is not recv:
-            copy_into(recv, send, "Allreduce")
-        C.all_reduce(self._g, recv, coll_op(op, "Allreduce"))
+        g = self._g
+        recv = spec(recvbuf, "Allreduce", packs=True)
+        sent = None if in_place(sendbuf) else spec(sendbuf, "Allreduce", packs=True)
+        with _signatures(g, "Allreduce", recv, sent):
+            if _is_loc(op):
+                _loc(g, _view(sent, recv), recv.view, op, "Allreduce")
+            else:
+                if sent is not None:
+                    copy_into(recv.view, sent.view, "Allreduce")
+                C.all_reduce(g, recv.view, _reducing(op, "Allreduce", recv, sent))
+        recv.done()
 
     # -- persistent (MPI-4's *_init: collectives.persistent) ------------------------------
     def Allreduce_init(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Prequest:
         """Each start all-reduces, in place on ``recvbuf``, what ``sendbuf``
-        holds then (copied in at the start, unless MPI.IN_PLACE)."""
-        recv = spec(recvbuf, "Allreduce_init").view
-        send = None if in_place(sendbuf) else spec(sendbuf, "Allreduce_init").view
-        req = P.all_reduce_init(self._g, recv, _persistent_op(op, "Allreduce_init"))
-        return Prequest(req, before=_copying(recv, send, "Allreduce_init"))
+        holds then (copied in at the start, unless MPI.IN_PLACE); a derived
+        datatype's elements packed at each start, unpacked at each wait."""
+        what = "Allreduce_init"
+        recv = spec(recvbuf, what, packs=True)
+        sent = None if in_place(sendbuf) else spec(sendbuf, what, packs=True)
+        req = P.all_reduce_init(self._g, recv.view, _persistent_op(op, what, recv, sent))
+        return Prequest(req, before=_steps(packing(recv if sent is None else sent),
+                                           _copying(recv.view, _opt(sent), what)),
+                        finish=unpacking(recv))
 
     def Bcast_init(self, buf: Any, root: int = 0) -> Prequest:
-        return Prequest(P.broadcast_init(self._g, spec(buf, "Bcast_init").view, root))
+        b = spec(buf, "Bcast_init", packs=True)
+        mine = self._g.rank == root
+        return Prequest(P.broadcast_init(self._g, b.view, root),
+                        before=packing(b) if mine else None,
+                        finish=None if mine else unpacking(b))
 
     def Reduce_init(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM,
                     root: int = 0) -> Prequest:
         """As Allreduce_init on the root; the others' ``sendbuf`` is read
         as it is at each start."""
-        g = self._g
-        name = _persistent_op(op, "Reduce_init")
+        g, what = self._g, "Reduce_init"
         if g.rank != root:
-            return Prequest(P.reduce_init(g, spec(sendbuf, "Reduce_init").view, root, name))
-        recv = spec(recvbuf, "Reduce_init").view
-        send = None if in_place(sendbuf) else spec(sendbuf, "Reduce_init").view
-        return Prequest(P.reduce_init(g, recv, root, name),
-                        before=_copying(recv, send, "Reduce_init"))
+            mine = spec(sendbuf, what, packs=True)
+            return Prequest(P.reduce_init(g, mine.view, root, _persistent_op(op, what, mine)),
+                            before=packing(mine))
+        recv = spec(recvbuf, what, packs=True)
+        sent = None if in_place(sendbuf) else spec(sendbuf, what, packs=True)
+        return Prequest(P.reduce_init(g, recv.view, root, _persistent_op(op, what, recv, sent)),
+                        before=_steps(packing(recv if sent is None else sent),
+                                      _copying(recv.view, _opt(sent), what)),
+                        finish=unpacking(recv))
 
     def Allgather_init(self, sendbuf: Any, recvbuf: Any) -> Prequest:
-        g = self._g
-        recv = spec(recvbuf, "Allgather_init", per=g.size).view
-        k = len(recv) // g.size
+        g, what = self._g, "Allgather_init"
+        recv = spec(recvbuf, what, per=g.size, packs=True)
+        k = len(recv.view) // g.size
         if in_place(sendbuf):       # (this rank's block, copied out at each start)
-            send = np.empty(k, recv.dtype)
-            mine = recv[g.rank * k:(g.rank + 1) * k]
-            before: Callable[[], None] | None = lambda: copy_into(send, mine, "Allgather_init")
+            send = np.empty(k, recv.view.dtype)
+            mine = recv.view[g.rank * k:(g.rank + 1) * k]
+            before = _steps(packing(recv), lambda: copy_into(send, mine, what))
         else:
-            send, before = spec(sendbuf, "Allgather_init").view, None
-        req = P.all_gather_init(g, send, out=recv.reshape(g.size, -1))
-        return Prequest(req, before=before)
+            sent = spec(sendbuf, what, packs=True)
+            send, before = sent.view, packing(sent)
+        req = P.all_gather_init(g, send, out=recv.view.reshape(g.size, -1))
+        return Prequest(req, before=before, finish=unpacking(recv))
 
     def Barrier_init(self) -> Prequest:
         return Prequest(P.barrier_init(self._g))
 
     def Alltoall_init(self, sendbuf: Any, recvbuf: Any) -> Prequest:
-        g = self._g
-        recv = spec(recvbuf, "Alltoall_init", per=g.size).view
+        g, what = self._g, "Alltoall_init"
+        recv = spec(recvbuf, what, per=g.size, packs=True)
         if in_place(sendbuf):       # (the receive buffer, copied out at each start)
-            send = np.empty_like(recv)
-            before = _copying(send, recv, "Alltoall_init")
+            send = np.empty_like(recv.view)
+            before = _steps(packing(recv), _copying(send, recv.view, what))
         else:
-            send, before = spec(sendbuf, "Alltoall_init", per=g.size).view, None
-        req = P.all_to_all_init(g, send.reshape(g.size, -1), out=recv.reshape(g.size, -1))
-        return Prequest(req, before=before)
+            sent = spec(sendbuf, what, per=g.size, packs=True)
+            send, before = sent.view, packing(sent)
+        req = P.all_to_all_init(g, send.reshape(g.size, -1), out=recv.view.reshape(g.size, -1))
+        return Prequest(req, before=before, finish=unpacking(recv))
 
     def Gather_init(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Prequest:
-        g = self._g
+        g, what = self._g, "Gather_init"
         if g.rank != root:
-            return Prequest(P.gather_init(g, spec(sendbuf, "Gather_init").view, root))
-        recv = spec(recvbuf, "Gather_init", per=g.size).view
-        before = None
+            sent = spec(sendbuf, what, packs=True)
+            return Prequest(P.gather_init(g, sent.view, root), before=packing(sent))
+        recv = spec(recvbuf, what, per=g.size, packs=True)
         if in_place(sendbuf):       # (the root's block, copied out at each start)
-            k = len(recv) // g.size
-            send = np.empty(k, recv.dtype)
-            before = _copying(send, recv[root * k:(root + 1) * k], "Gather_init")
+            k = len(recv.view) // g.size
+            send = np.empty(k, recv.view.dtype)
+            before = _steps(packing(recv),
+                            _copying(send, recv.view[root * k:(root + 1) * k], what))
         else:
-            send = spec(sendbuf, "Gather_init").view
-        req = P.gather_init(g, send, root, out=recv.reshape(g.size, -1))
-        return Prequest(req, before=before)
+            sent = spec(sendbuf, what, packs=True)
+            send, before = sent.view, packing(sent)
+        req = P.gather_init(g, send, root, out=recv.view.reshape(g.size, -1))
+        return Prequest(req, before=before, finish=unpacking(recv))
 
     def Scatter_init(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Prequest:
-        g = self._g
+        g, what = self._g, "Scatter_init"
         if g.rank == root:
-            blocks = spec(sendbuf, "Scatter_init", per=g.size).view.reshape(g.size, -1)
-            out = None if in_place(recvbuf) else spec(recvbuf, "Scatter_init").view
-            return Prequest(P.scatter_init(g, blocks, root, out=out))
-        recv = spec(recvbuf, "Scatter_init").view
-        return Prequest(P.scatter_init(g, None, root, out=recv, dtype=recv.dtype,
-                                       shape=recv.shape))
+            sent = spec(sendbuf, what, per=g.size, packs=True)
+            recv = None if in_place(recvbuf) else spec(recvbuf, what, packs=True)
+            return Prequest(P.scatter_init(g, sent.view.reshape(g.size, -1), root,
+                                           out=_opt(recv)),
+                            before=packing(sent), finish=unpacking(recv))
+        recv = spec(recvbuf, what, packs=True)
+        return Prequest(P.scatter_init(g, None, root, out=recv.view, dtype=recv.view.dtype,
+                                       shape=recv.view.shape), finish=unpacking(recv))
 
     def Scan_init(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Prequest:
         return self._scan_init(P.scan_init, sendbuf, recvbuf, op, "Scan_init")
@@ -230,13 +357,15 @@ class Collectives:
 
     def _scan_init(self, init: Callable[..., Any], sendbuf: Any, recvbuf: Any, op: Op,
                    what: str) -> Prequest:
-        recv = spec(recvbuf, what).view
-        if in_place(sendbuf):       # (the receive buffer, copied out at each start)
-            send = np.empty_like(recv)
-            before = _copying(send, recv, what)
-        else:
-            send, before = spec(sendbuf, what).view, None
-        return Prequest(init(self._g, send, _persistent_op(op, what), out=recv), before=before)
+        recv = spec(recvbuf, what, packs=True)
+        sent = None if in_place(sendbuf) else spec(sendbuf, what, packs=True)
+        if sent is None:            # (the receive buffer, copied out at each start)
+            send = np.empty_like(recv.view)
+            before = _steps(packing(recv), _copying(send, recv.view, what))
+        else:   # (a derived receive buffer packed too: rank 0's Exscan unpacks it as it was)
+            send, before = sent.view, _steps(packing(sent), packing(recv))
+        return Prequest(init(self._g, send, _persistent_op(op, what, recv, sent),
+                             out=recv.view), before=before, finish=unpacking(recv))
 
     def Reduce_scatter_block_init(self, sendbuf: Any, recvbuf: Any,
                                   op: Op = _SUM) -> Prequest:
@@ -244,21 +373,26 @@ class Collectives:
         first block (MPI's)."""
         g, what = self._g, "Reduce_scatter_block_init"
         if in_place(sendbuf):
-            whole = spec(recvbuf, what, per=g.size).view
-            send = np.empty_like(whole)
-            out = whole[:len(whole) // g.size]
-            before = _copying(send, whole, what)
+            recv = spec(recvbuf, what, per=g.size, packs=True)
+            send = np.empty_like(recv.view)
+            out = recv.view[:len(recv.view) // g.size]
+            sent, before = None, _steps(packing(recv), _copying(send, recv.view, what))
         else:
-            send, before = spec(sendbuf, what, per=g.size).view, None
-            out = spec(recvbuf, what).view
-        return Prequest(P.reduce_scatter_init(g, send, _persistent_op(op, what), out=out),
-                        before=before)
+            sent = spec(sendbuf, what, per=g.size, packs=True)
+            recv = spec(recvbuf, what, packs=True)
+            send, out, before = sent.view, recv.view, packing(sent)
+        req = P.reduce_scatter_init(g, send, _persistent_op(op, what, recv, sent), out=out)
+        return Prequest(req, before=before, finish=unpacking(recv))
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Request:
-        recv = spec(recvbuf, "Iallreduce").view
-        if not in_place(sendbuf):
-            copy_into(recv, spec(sendbuf, "Iallreduce").view, "Iallreduce")
-        return Request(C.all_reduce(self._g, recv, coll_op(op, "Iallreduce"), async_op=True))
+        recv = spec(recvbuf, "Iallreduce", packs=True)
+        sent = None if in_place(sendbuf) else spec(sendbuf, "Iallreduce", packs=True)
+        if sent is not None:
+            copy_into(recv.view, sent.view, "Iallreduce")
+        with _signatures(self._g, "Iallreduce", recv, sent):
+            work = C.all_reduce(self._g, recv.view, _reducing(op, "Iallreduce", recv, sent),
+                                async_op=True)
+        return Request(work, finish=recv.done_with if recv.typed else None)
 
     def Ibcast(self, buf: Any, root: int = 0) -> Request:
         b = spec(buf, "Ibcast", packs=True)
@@ -270,14 +404,16 @@ class Collectives:
 
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM, root: int = 0) -> Request:
         g = self._g
-        recv = spec(recvbuf, "Ireduce").view if g.rank == root else None
-        if recv is None:
-            send = spec(sendbuf, "Ireduce").view
-        else:
-            send = recv
-            if not in_place(sendbuf):
-                copy_into(recv, spec(sendbuf, "Ireduce").view, "Ireduce")
-        return Request(C.reduce(g, send, root, coll_op(op, "Ireduce"), async_op=True))
+        recv = spec(recvbuf, "Ireduce", packs=True) if g.rank == root else None
+        sent = None if in_place(sendbuf) and recv is not None else \
+            spec(sendbuf, "Ireduce", packs=True)
+        if recv is not None and sent is not None:
+            copy_into(recv.view, sent.view, "Ireduce")
+        with _signatures(g, "Ireduce", recv, sent):
+            work = C.reduce(g, _view(recv, sent) if recv is not None else _view(sent), root,
+                            _reducing(op, "Ireduce", recv, sent), async_op=True)
+        return Request(work, finish=recv.done_with if recv is not None and recv.typed
+                       else None)
 
     def Igather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
         g = self._g
@@ -396,43 +532,59 @@ class Collectives:
         recv.done()
 
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
-        g = self._g
+        g, what = self._g, "Reduce_scatter_block"
         if in_place(sendbuf):
-            whole = spec(recvbuf, "Reduce_scatter_block", per=g.size).view
-            recv, send = whole[:len(whole) // g.size], whole.copy()
+            recv = spec(recvbuf, what, per=g.size, packs=True)
+            sent, send = None, recv.view.copy()
+            out = recv.view[:len(recv.view) // g.size]
         else:
-            recv = spec(recvbuf, "Reduce_scatter_block").view
-            send = spec(sendbuf, "Reduce_scatter_block", per=g.size).view
-        mine = C.reduce_scatter(g, send, coll_op(op, "Reduce_scatter_block"))
-        copy_into(recv, mine, "Reduce_scatter_block")
+            recv = spec(recvbuf, what, packs=True)
+            sent = spec(sendbuf, what, per=g.size, packs=True)
+            send, out = sent.view, recv.view
+        with _signatures(g, what, recv, sent):
+            mine = C.reduce_scatter(g, send, _reducing(op, what, recv, sent))
+        copy_into(out, mine, what)
+        recv.done()
 
     def Reduce_scatter(self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None,
                        op: Op = _SUM) -> None:
-        g = self._g
+        """(a derived datatype's ``recvcounts`` in its items)"""
+        g, what = self._g, "Reduce_scatter"
+        recv = spec(recvbuf, what, packs=True)
+        per = recv.datatype.typemap.n if recv.datatype is not None and \
+            recv.datatype.typemap is not None else 1
         if in_place(sendbuf):
             if recvcounts is None:
                 raise ValueError("collectives.MPI Reduce_scatter: MPI.IN_PLACE needs "
                                  "recvcounts")
-            whole = spec(recvbuf, "Reduce_scatter").view
-            counts = [int(k) for k in recvcounts]
-            recv, send = whole[:counts[g.rank]], whole.copy()[:sum(counts)]
+            counts = [int(k) * per for k in recvcounts]
+            sent, send = None, recv.view.copy()[:sum(counts)]
+            out = recv.view[:counts[g.rank]]
         else:
-            recv = spec(recvbuf, "Reduce_scatter").view
-            send = spec(sendbuf, "Reduce_scatter").view
-            counts = [int(k) for k in recvcounts] if recvcounts is not None \
-                else self._counts(len(recv))
-        mine = C.reduce_scatter_v(g, send, counts, coll_op(op, "Reduce_scatter"))
-        copy_into(recv, mine, "Reduce_scatter")
+            sent = spec(sendbuf, what, packs=True)
+            send, out = sent.view, recv.view
+            counts = [int(k) * per for k in recvcounts] if recvcounts is not None \
+                else self._counts(len(out))
+        with _signatures(g, what, recv, sent):
+            mine = C.reduce_scatter_v(g, send, counts, _reducing(op, what, recv, sent))
+        copy_into(out, mine, what)
+        recv.done()
 
     def Scan(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
-        recv = spec(recvbuf, "Scan").view
-        send = recv if in_place(sendbuf) else spec(sendbuf, "Scan").view
-        copy_into(recv, C.scan(self._g, send, coll_op(op, "Scan")), "Scan")
+        recv = spec(recvbuf, "Scan", packs=True)
+        sent = None if in_place(sendbuf) else spec(sendbuf, "Scan", packs=True)
+        with _signatures(self._g, "Scan", recv, sent):
+            got = C.scan(self._g, _view(sent, recv), _reducing(op, "Scan", recv, sent))
+        copy_into(recv.view, got, "Scan")
+        recv.done()
 
     def Exscan(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
         """(rank 0's receive buffer is left as it was, as MPI leaves it)"""
-        recv = spec(recvbuf, "Exscan").view
-        send = recv.copy() if in_place(sendbuf) else spec(sendbuf, "Exscan").view
-        got = C.exscan(self._g, send, coll_op(op, "Exscan"))
+        recv = spec(recvbuf, "Exscan", packs=True)
+        sent = None if in_place(sendbuf) else spec(sendbuf, "Exscan", packs=True)
+        send = recv.view.copy() if sent is None else sent.view
+        with _signatures(self._g, "Exscan", recv, sent):
+            got = C.exscan(self._g, send, _reducing(op, "Exscan", recv, sent))
         if got is not None:
-            copy_into(recv, got, "Exscan")
+            copy_into(recv.view, got, "Exscan")
+            recv.done()

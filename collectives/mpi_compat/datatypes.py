@@ -2,13 +2,14 @@
 float64); a derived one (``Create_contiguous``, ``Create_vector``,
 ``Create_hvector``, ``Create_indexed``, ``Create_hindexed``,
 ``Create_indexed_block``, ``Create_hindexed_block``, ``Create_subarray``,
-``Create_resized``) is a Typemap over one such dtype: the byte offsets of
+``Create_resized``, ``Create_struct``) is a Typemap over one such dtype: the byte offsets of
 its elements in one item, with MPI's lower bound and extent. A Selection
 reads a buffer's items by it into one contiguous array (a send's pack) and
 writes such an array back into their places (a receive's unpack): a strided
 numpy view where the typemap is regular (every constructor but the indexed
-ones keeps it so), numpy fancy indexing where not. Structs (elements of
-several dtypes) are not provided. Each type keeps the constructor call that
+ones keeps it so), numpy fancy indexing where not. A struct of elements of several dtypes
+is a Typemap over their bytes (MPI.BYTE's elements: its packed form is
+its signature's bytes, as MPI_Pack's on one host). Each type keeps the constructor call that
 made it, for mpi4py's ``Get_envelope``, ``Get_contents`` and ``decode``
 (a program that walks a type back to its named one: a typemap cannot say
 which calls made it)."""
@@ -21,12 +22,12 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["Datatype", "Typemap", "Selection", "Blocks", "ORDER_C", "ORDER_FORTRAN",
-           "ORDER_F", "COMBINERS"]
+           "ORDER_F", "COMBINERS", "DATATYPE_NULL"]
 
 ORDER_C, ORDER_FORTRAN = 0, 1       # (Open MPI's, as mpi4py has them)
 ORDER_F = ORDER_FORTRAN
-# MPI.COMBINER_*: Open MPI's values, as mpi4py has them; STRUCT and DARRAY name what no type
-# here is (a program's decode() walk compares with them)
+# MPI.COMBINER_*: Open MPI's values, as mpi4py has them; DARRAY names what no type here is
+# (a program's decode() walk compares with it)
 COMBINERS = {"COMBINER_NAMED": 0, "COMBINER_DUP": 1, "COMBINER_CONTIGUOUS": 2,
              "COMBINER_VECTOR": 3, "COMBINER_HVECTOR": 5, "COMBINER_INDEXED": 6,
              "COMBINER_HINDEXED": 8, "COMBINER_INDEXED_BLOCK": 9, "COMBINER_STRUCT": 11,
@@ -222,6 +223,8 @@ def _arguments(combiner: str, p: dict[str, Any]) -> tuple[list[int], list[int]]:
         ints = [len(p["displacements"]), *p["blocklengths"]]
         return (ints + p["displacements"], []) if combiner == "INDEXED" else \
             (ints, list(p["displacements"]))
+    if combiner == "STRUCT":
+        return [len(p["displacements"]), *p["blocklengths"]], list(p["displacements"])
     if combiner in ("INDEXED_BLOCK", "HINDEXED_BLOCK"):
         ints = [len(p["displacements"]), p["blocklength"]]
         return (ints + p["displacements"], []) if combiner == "INDEXED_BLOCK" else \
@@ -234,11 +237,10 @@ def _arguments(combiner: str, p: dict[str, Any]) -> tuple[list[int], list[int]]:
 
 def _absent(owner: str, name: str) -> NotImplementedError:
     return NotImplementedError(
-        f"collectives.MPI: {owner}.{name} is not provided: of the derived datatypes, those "
-        f"of one element type are (Create_contiguous, Create_vector, Create_hvector, "
-        f"Create_indexed, Create_hindexed, Create_indexed_block, Create_hindexed_block, "
-        f"Create_subarray, Create_resized); for a struct send each field, or a structured "
-        f"array's bytes")
+        f"collectives.MPI: {owner}.{name} is not provided: of the derived datatypes, "
+        f"Create_contiguous, Create_vector, Create_hvector, Create_indexed, Create_hindexed, "
+        f"Create_indexed_block, Create_hindexed_block, Create_subarray, Create_resized and "
+        f"Create_struct are (a darray: Create_subarray of each rank's block)")
 
 
 class Datatype(metaclass=_DatatypeMeta):
@@ -303,7 +305,12 @@ class Datatype(metaclass=_DatatypeMeta):
         if name == "NAMED":
             return 0, 0, 0, 0, COMBINERS["COMBINER_NAMED"]
         ints, addrs = _arguments(name, self.made[2])
-        return len(ints), len(addrs), 0, 1, COMBINERS[f"COMBINER_{name}"]
+        return len(ints), len(addrs), 0, len(self._parts()), COMBINERS[f"COMBINER_{name}"]
+
+    def _parts(self) -> list["Datatype"]:
+        """The types this one was made of (a struct's, several)."""
+        base, name, params = self.made
+        return list(params["datatypes"]) if name == "STRUCT" else [base]
 
     def Get_contents(self) -> tuple[list[int], list[int], list[int], list["Datatype"]]:
         """mpi4py's (integers, addresses, large counts, datatypes): the
@@ -317,15 +324,17 @@ class Datatype(metaclass=_DatatypeMeta):
                              f"type, which has no contents (MPI makes it an error): its "
                              f"Get_envelope() combiner is MPI.COMBINER_NAMED")
         ints, addrs = _arguments(name, params)
-        return ints, addrs, [], [base]
+        return ints, addrs, [], self._parts()
 
     def decode(self) -> tuple["Datatype", str, dict[str, Any]]:
         """mpi4py's (base type, combiner name, arguments): (MPI.DOUBLE,
         'VECTOR', {'count': 2, 'blocklength': 3, 'stride': 4}); a named
-        type's is (itself, 'NAMED', {})."""
+        type's is (itself, 'NAMED', {}); a struct's base MPI.DATATYPE_NULL
+        (of one field, its type), its types in its arguments' 'datatypes',
+        as mpi4py's."""
         self._map()
         base, name, params = self.made
-        return base, name, dict(params)
+        return base, name, {k: list(v) if isinstance(v, list) else v for k, v in params.items()}
 
     combiner = property(lambda self: self.Get_envelope()[4])
     envelope = property(Get_envelope)
@@ -445,6 +454,53 @@ class Datatype(metaclass=_DatatypeMeta):
         return self._derive(f"{call}({sz}, {sub}, {st})", whole, "SUBARRAY", sizes=sz,
                             subsizes=sub, starts=st, order=order)
 
+    @classmethod
+    def Create_struct(cls, blocklengths: Sequence[int], displacements: Sequence[int],
+                      datatypes: Sequence["Datatype"]) -> "Datatype":
+        """``blocklengths[k]`` items of ``datatypes[k]`` from byte
+        ``displacements[k]`` (a C struct's fields: ``offsetof``); its bounds
+        as Open MPI's (the fields' span padded to their widest alignment, or
+        the resized fields' explicit bounds). Of one element type, a typemap
+        over it (reductions take it); of several, over their bytes."""
+        call = "Create_struct"
+        bls, ds = _ints(blocklengths, call), _ints(displacements, call)
+        types = list(datatypes)
+        if not len(bls) == len(ds) == len(types) or not all(isinstance(t, Datatype)
+                                                          for t in types):
+            raise ValueError(f"collectives.MPI Datatype.{call}: {len(bls)} blocklengths, "
+                             f"{len(ds)} displacements and {len(types)} datatypes (MPI.Datatype"
+                             f"s): as many of each")
+        _not_negative(call, blocklengths=bls)
+        maps = [t._map() for t in types]
+        one = len({t.dtype for t in types}) == 1
+        dtype = types[0].dtype if one and types else np.dtype(np.uint8)
+        parts: list[np.ndarray] = []
+        bounds: list[tuple[int, int]] = []      # (the fields' spans; the resized ones')
+        marked: list[tuple[int, int]] = []
+        for b, d, tm in zip(bls, ds, maps):
+            if b == 0:
+                continue
+            at = (d + np.arange(b, dtype=np.int64)[:, None] * tm.extent
+                  + tm.flat()[None, :]).reshape(-1)
+            if not one:     # (each element's bytes)
+                at = (at[:, None] + np.arange(tm.item, dtype=np.int64)[None, :]).reshape(-1)
+            parts.append(at)
+            span = (d + tm.lb + min(0, (b - 1) * tm.extent),
+                    d + tm.ub + max(0, (b - 1) * tm.extent))
+            (marked if tm.sticky else bounds).append(span)
+        chosen = marked or bounds or [(0, 0)]
+        lb, ub = min(lo for lo, _ in chosen), max(hi for _, hi in chosen)
+        align = max([tm.align for tm in maps] + [1])
+        if not marked:
+            ub += -(ub - lb) % align
+        offsets = np.concatenate(parts + [np.empty(0, np.int64)])
+        tm = Typemap(dtype.itemsize if one else 1, align, 0, (), (), offsets, lb, ub,
+                     bool(marked))
+        made = Datatype(f"Datatype.{call}({bls}, {ds}, {types})", dtype, tm)
+        made.made = (types[0] if len(types) == 1 else DATATYPE_NULL, "STRUCT",
+                     {"blocklengths": bls, "displacements": ds, "datatypes": types})
+        return made
+
     def Create_resized(self, lb: int, extent: int) -> "Datatype":
         tm = replace(self._map(), lb=int(lb), ub=int(lb) + int(extent), sticky=True)
         return self._derive(f"Create_resized({lb}, {extent})", tm, "RESIZED", lb=int(lb),
@@ -454,3 +510,6 @@ class Datatype(metaclass=_DatatypeMeta):
         if name.startswith("Create_"):
             raise _absent(self.name, name)
         raise AttributeError(f"collectives.MPI.Datatype has no {name}")
+
+
+DATATYPE_NULL = Datatype("DATATYPE_NULL", "V0")

@@ -111,8 +111,11 @@ DATATYPES: dict[str, Datatype] = {k: Datatype(k, v) for k, v in _NAMES.items()}
 PACKED_BY = ("the point-to-point calls (Send, Recv, their I, S, B and R forms, Sendrecv, "
              "Sendrecv_replace, the persistent Send_init and Recv_init, Message.Recv), "
              "Bcast, Ibcast, Gather, Igather, Scatter, Iscatter, Allgather, Iallgather, "
-             "Alltoall, Ialltoall, Gatherv, Scatterv, Allgatherv, Alltoallv and "
-             "Neighbor_alltoallw")
+             "Alltoall, Ialltoall, Gatherv, Scatterv, Allgatherv, Alltoallv, "
+             "Neighbor_alltoallw, the reductions (Reduce, Allreduce, Reduce_scatter_block, "
+             "Reduce_scatter, Scan, Exscan, Ireduce, Iallreduce), the persistent collectives "
+             "(Bcast_init... Alltoallv_init) and the windows' Put, Get, Accumulate, "
+             "Get_accumulate and their R-forms")
 
 
 def datatype_of(x: Any, what: str) -> np.dtype | None:

@@ -16,7 +16,15 @@ by ``disp_unit``, INT for 4 and DOUBLE for 8, else BYTE), agreed by every
 rank (one that exposes nothing takes the others'); a target's displacement
 times its ``disp_unit`` must fall on one of its elements. ``Put`` and
 ``Get`` move any datatype's bytes (a whole number of elements);
-``Accumulate`` and the atomics take the window's datatype only."""
+``Accumulate`` and the atomics take the window's datatype only.
+
+A derived datatype, the origin's (``[buf, count, datatype]``) or the
+target's (``target=(disp, count, datatype)``: a column of a matrix), is
+taken by Put, Get, Accumulate, Get_accumulate and their R-forms: the
+origin's elements packed (unpacked into their places once a get's reply
+is in: at the epoch's end, or the request's wait), the target's places
+sent as runs of element offsets with the operation, one request
+(mesh.window's ``index=``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -27,9 +35,9 @@ import mesh
 from mesh.errors import MismatchError
 from mesh.window import OPS as WINDOW_OPS
 
-from .buffers import _flat, spec
+from .buffers import Buf, _flat, spec
 from .requests import Request
-from .types import BOTTOM, PROC_NULL, UNDEFINED, Op, datatype_of
+from .types import BOTTOM, PROC_NULL, UNDEFINED, Datatype, Op, datatype_of
 
 __all__ = ["Win", "LOCK_EXCLUSIVE", "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOSTORE",
            "MODE_NOPUT", "MODE_NOPRECEDE", "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE",
@@ -96,6 +104,8 @@ class Win(metaclass=_WinType):
         self.window = g.shared_window(memory.size, memory.dtype) if shared else g.window(memory)
         self._memory = self.window.array
         self._dtype = self.window.dtype
+        # gets into a derived datatype's buffer: (target, the get, the buffer to unpack into)
+        self._unpacks: list[tuple[int, Any, Buf]] = []
 
     # -- making one -----------------------------------------------------------------------
     @classmethod
@@ -184,25 +194,30 @@ class Win(metaclass=_WinType):
     def _where(self, op: str, rank: int) -> str:
         return f"rank {self.rank}: collectives.MPI Win.{op} on rank {rank}"
 
-    def _target(self, op: str, rank: int, target: Any, count: int,
-                dtype: np.dtype) -> tuple[int, int]:
+    def _target(self, op: str, rank: int, target: Any, count: int, dtype: np.dtype,
+                atomic: bool = False) -> tuple[int, int, np.ndarray | None]:
         """mpi4py's ``target`` (None, a displacement, or (disp[, count[,
-        datatype]])) as the window's element offset and count at ``rank``."""
+        datatype]])) as the window's element offset and count at ``rank``,
+        and, for a derived target datatype, its elements' offsets from it."""
+        tdt: Any = None
         if isinstance(target, (tuple, list)):
             if not 1 <= len(target) <= 3:
                 raise ValueError(f"{self._where(op, rank)}: target is disp, (disp,), (disp, "
                                  f"count) or (disp, count, datatype), got {target!r}")
             disp = int(target[0])
             tcount = int(target[1]) if len(target) > 1 and target[1] is not None else count
-            tdt = datatype_of(target[2], f"Win.{op}") if len(target) > 2 else None
+            if len(target) > 2:
+                tdt = target[2]
         else:
-            disp, tcount, tdt = (0 if target is None else int(target)), count, None
-        tdt = dtype if tdt is None else tdt
+            disp, tcount = (0 if target is None else int(target)), count
+        if isinstance(tdt, Datatype) and tdt.typemap is not None:
+            return self._strided(op, rank, disp, tcount, tdt, count, dtype, atomic)
+        tdt = dtype if tdt is None else datatype_of(tdt, f"Win.{op}")
         if tcount * tdt.itemsize != count * dtype.itemsize:
             raise ValueError(f"{self._where(op, rank)}: the target's {tcount} x {tdt} is not "
                              f"the origin's {count} x {dtype} (MPI's type signatures must match)")
         if not 0 <= rank < len(self._units):
-            return disp, tcount     # (meshrun names the bad rank)
+            return disp, tcount, None   # (meshrun names the bad rank)
         at = disp * self._units[rank]
         size = self._dtype.itemsize
         if disp < 0 or at % size:
@@ -210,7 +225,37 @@ class Win(metaclass=_WinType):
                              f"{self._units[rank]} = byte {at}, not on one of the window's "
                              f"{self._dtype} elements ({size} bytes): meshrun's windows take "
                              f"whole elements")
-        return at // size, tcount * tdt.itemsize // size
+        return at // size, tcount * tdt.itemsize // size, None
+
+    def _strided(self, op: str, rank: int, disp: int, tcount: int, tdt: Datatype, count: int,
+                 dtype: np.dtype, atomic: bool) -> tuple[int, int, np.ndarray | None]:
+        """A derived target datatype's ``tcount`` items from ``disp``: (the
+        window's offset of its first element, their count, the offsets of
+        the window's elements from it, in typemap order)."""
+        tm = tdt._map()
+        if not tdt.committed or tdt.freed:
+            spec([np.empty(0), 0, tdt], f"Win.{op}", packs=True)    # (raises ERR_TYPE)
+        elem, size = tdt.dtype, self._dtype.itemsize
+        if tcount * tm.n * elem.itemsize != count * dtype.itemsize or (
+                atomic and elem != self._dtype):
+            raise ValueError(f"{self._where(op, rank)}: the target's {tcount} x {tdt!r} "
+                             f"({tcount * tm.n} x {elem}) is not the origin's {count} x {dtype}"
+                             f" (MPI's type signatures must match"
+                             + (f"; an accumulate's are the window's {self._dtype}"
+                                if atomic else "") + ")")
+        if not 0 <= rank < len(self._units):
+            return disp, count, None    # (meshrun names the bad rank)
+        at = (disp * self._units[rank] + np.arange(tcount, dtype=np.int64)[:, None] * tm.extent
+              + tm.flat()[None, :]).reshape(-1)
+        if at.size and (at.min() < 0 or (at % size).any() or elem.itemsize % size):
+            raise ValueError(f"{self._where(op, rank)}: {tcount} x {tdt!r} from displacement "
+                             f"{disp} x disp_unit {self._units[rank]}: its elements are not all "
+                             f"on the window's {self._dtype} elements ({size} bytes) from "
+                             f"byte 0: meshrun's windows take whole elements")
+        per = elem.itemsize // size
+        idx = ((at // size)[:, None] + np.arange(per, dtype=np.int64)[None, :]).reshape(-1)
+        first = int(idx.min()) if idx.size else 0
+        return first, len(idx), idx - first
 
     def _as_window(self, view: np.ndarray, op: str, rank: int, atomic: bool) -> np.ndarray:
         """``view`` as elements of the window's dtype (the same memory): its
@@ -224,45 +269,70 @@ class Win(metaclass=_WinType):
                                if atomic else "not a whole number of its elements"))
         return view.view(np.uint8).view(self._dtype)
 
-    def _origin(self, buf: Any, op: str, rank: int, target: Any,
-                atomic: bool = False) -> tuple[np.ndarray, int, int]:
-        view = spec(buf, f"Win.{op}").view
-        off, n = self._target(op, rank, target, len(view), view.dtype)
-        return self._as_window(view, op, rank, atomic), off, n
+    def _origin(self, buf: Any, op: str, rank: int, target: Any, atomic: bool = False
+                ) -> tuple[Buf, np.ndarray, int, int, np.ndarray | None]:
+        """(the origin's buffer, its elements as the window's, the target's
+        offset, count and elements' offsets: _target's)."""
+        b = spec(buf, f"Win.{op}", packs=True)
+        off, n, idx = self._target(op, rank, target, len(b.view), b.view.dtype, atomic)
+        return b, self._as_window(b.view, op, rank, atomic), off, n, idx
 
     def Put(self, origin: Any, target_rank: int, target: Any = None) -> None:
         if target_rank == PROC_NULL:
             return
-        a, off, _ = self._origin(origin, "Put", target_rank, target)
-        self.window.put(a, target_rank, off)
+        _, a, off, _, idx = self._origin(origin, "Put", target_rank, target)
+        self.window.put(a, target_rank, off, index=idx)
 
     def Rput(self, origin: Any, target_rank: int, target: Any = None) -> Request:
         """Done once ``origin`` may be reused (MPI's local completion)."""
         if target_rank == PROC_NULL:
             return Request(self.window.rput([], PROC_NULL))
-        a, off, _ = self._origin(origin, "Rput", target_rank, target)
-        return Request(self.window.rput(a, target_rank, off))
+        _, a, off, _, idx = self._origin(origin, "Rput", target_rank, target)
+        return Request(self.window.rput(a, target_rank, off, index=idx))
 
     def Get(self, origin: Any, target_rank: int, target: Any = None) -> None:
         """Into ``origin`` by the epoch's end (Fence, Flush, Unlock), as MPI's."""
-        self._rget(origin, target_rank, target, "Get")
+        self._rget(origin, target_rank, target, "Get", False)
 
     def Rget(self, origin: Any, target_rank: int, target: Any = None) -> Request:
-        return Request(self._rget(origin, target_rank, target, "Rget"))
+        return self._rget(origin, target_rank, target, "Rget", True)
 
-    def _rget(self, origin: Any, target_rank: int, target: Any, op: str) -> Any:
+    def _rget(self, origin: Any, target_rank: int, target: Any, op: str, wanted: bool) -> Any:
         if target_rank == PROC_NULL:
-            return self.window.rget(PROC_NULL)
-        a, off, n = self._origin(origin, op, target_rank, target)
-        return self.window.rget(target_rank, off, n, out=a)
+            return Request(self.window.rget(PROC_NULL))
+        b, a, off, n, idx = self._origin(origin, op, target_rank, target)
+        return self._getting(target_rank, b, self.window.rget(target_rank, off, n, out=a,
+                                                              index=idx), wanted)
+
+    def _getting(self, rank: int, b: Buf, req: Any, wanted: bool) -> Request | None:
+        """A get into ``b``: a derived datatype's elements unpacked at the
+        request's wait (``wanted``: an R-call's) or the epoch's end."""
+        if not b.typed:
+            return Request(req) if wanted else None
+        if wanted:
+            return Request(req, finish=b.done_with)
+        self._unpacks.append((rank, req, b))
+        return None
+
+    def _unpacked(self, ranks: Any = None) -> None:
+        """The gets into derived datatypes' buffers from ``ranks`` (None:
+        every rank), complete after a synchronization: unpacked."""
+        keep = []
+        for rank, req, b in self._unpacks:
+            if ranks is None or rank in ranks:
+                req.wait(0)
+                b.done()
+            else:
+                keep.append((rank, req, b))
+        self._unpacks = keep
 
     def Accumulate(self, origin: Any, target_rank: int, target: Any = None,
                    op: Op | None = None) -> None:
         if target_rank == PROC_NULL:
             return
         name = self._op(op, "Accumulate", target_rank, fetch=False)
-        a, off, _ = self._origin(origin, "Accumulate", target_rank, target, atomic=True)
-        self.window.accumulate(a, target_rank, off, name)
+        _, a, off, _, idx = self._origin(origin, "Accumulate", target_rank, target, atomic=True)
+        self.window.accumulate(a, target_rank, off, name, index=idx)
 
     def Raccumulate(self, origin: Any, target_rank: int, target: Any = None,
                     op: Op | None = None) -> Request:
@@ -270,36 +340,41 @@ class Win(metaclass=_WinType):
         name = self._op(op, "Raccumulate", target_rank, fetch=False)
         if target_rank == PROC_NULL:
             return Request(self.window.rput([], PROC_NULL))
-        a, off, _ = self._origin(origin, "Raccumulate", target_rank, target, atomic=True)
-        return Request(self.window.raccumulate(a, target_rank, off, name))
+        _, a, off, _, idx = self._origin(origin, "Raccumulate", target_rank, target,
+                                         atomic=True)
+        return Request(self.window.raccumulate(a, target_rank, off, name, index=idx))
 
     def Get_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any = None,
                        op: Op | None = None) -> None:
         """Into ``result`` by the epoch's end, as MPI's."""
-        self._rget_accumulate(origin, result, target_rank, target, op, "Get_accumulate")
+        self._rget_accumulate(origin, result, target_rank, target, op, "Get_accumulate",
+                              False)
 
     def Rget_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any = None,
                         op: Op | None = None) -> Request:
-        return Request(self._rget_accumulate(origin, result, target_rank, target, op,
-                                             "Rget_accumulate"))
+        return self._rget_accumulate(origin, result, target_rank, target, op,
+                                     "Rget_accumulate", True)
 
     def _rget_accumulate(self, origin: Any, result: Any, target_rank: int, target: Any,
-                         op: Op | None, what: str) -> Any:
+                         op: Op | None, what: str, wanted: bool) -> Any:
         """meshrun's rget_accumulate: ``result``'s count from the target
         (MPI's: the origin's, which NO_OP's may leave out: None)."""
         name = self._op(op, what, target_rank, fetch=True)
-        res = self._as_window(spec(result, f"Win.{what}").view, what, target_rank, True)
+        got = spec(result, f"Win.{what}", packs=True)
+        res = self._as_window(got.view, what, target_rank, True)
         if target_rank == PROC_NULL:
-            return self.window.rget(PROC_NULL)
-        off, n = self._target(what, target_rank, target, len(res), self._dtype)
+            return Request(self.window.rget(PROC_NULL))
+        off, n, idx = self._target(what, target_rank, target, len(res), self._dtype, True)
         if origin is None and name == "no_op":
             a = np.zeros(n, self._dtype)
         else:
-            a = self._as_window(spec(origin, f"Win.{what}").view, what, target_rank, True)
+            a = self._as_window(spec(origin, f"Win.{what}", packs=True).view, what,
+                                target_rank, True)
             if len(a) != n:
                 raise ValueError(f"{self._where(what, target_rank)}: {len(a)} origin elements, "
                                  f"{n} result elements (one count)")
-        return self.window.rget_accumulate(a, target_rank, off, name, out=res)
+        req = self.window.rget_accumulate(a, target_rank, off, name, out=res, index=idx)
+        return self._getting(target_rank, got, req, wanted)
 
     def Fetch_and_op(self, origin: Any, result: Any, target_rank: int, target_disp: int = 0,
                      op: Op | None = None) -> None:
@@ -309,7 +384,7 @@ class Win(metaclass=_WinType):
             return
         value = res if name == "no_op" and origin is None else \
             self._one(origin, "Fetch_and_op", target_rank)
-        off, _ = self._target("Fetch_and_op", target_rank, target_disp, 1, self._dtype)
+        off, _, _ = self._target("Fetch_and_op", target_rank, target_disp, 1, self._dtype)
         res[0] = self.window.fetch_and_op(value, target_rank, off, name)
 
     def Compare_and_swap(self, origin: Any, compare: Any, result: Any, target_rank: int,
@@ -319,7 +394,7 @@ class Win(metaclass=_WinType):
             return
         value = self._one(origin, "Compare_and_swap", target_rank)
         cmp = self._one(compare, "Compare_and_swap", target_rank)
-        off, _ = self._target("Compare_and_swap", target_rank, target_disp, 1, self._dtype)
+        off, _, _ = self._target("Compare_and_swap", target_rank, target_disp, 1, self._dtype)
         res[0] = self.window.compare_and_swap(value, cmp, target_rank, off)
 
     def _one(self, buf: Any, op: str, rank: int) -> np.ndarray:
@@ -343,6 +418,7 @@ class Win(metaclass=_WinType):
     # -- synchronization ------------------------------------------------------------------
     def Fence(self, assertion: int = 0) -> None:
         self.window.fence()
+        self._unpacked()
 
     def Post(self, group: Any, assertion: int = 0) -> None:
         self.window.post(self._group(group, "Post"))
@@ -352,6 +428,7 @@ class Win(metaclass=_WinType):
 
     def Complete(self) -> None:
         self.window.complete()
+        self._unpacked()
 
     def Wait(self) -> None:
         self.window.wait()
@@ -385,18 +462,22 @@ class Win(metaclass=_WinType):
 
     def Unlock(self, rank: int) -> None:
         self.window.unlock(rank)
+        self._unpacked([rank])
 
     def Lock_all(self, assertion: int = 0) -> None:
         self.window.lock_all()
 
     def Unlock_all(self) -> None:
         self.window.unlock_all()
+        self._unpacked()
 
     def Flush(self, rank: int) -> None:
         self.window.flush(rank)
+        self._unpacked([rank])
 
     def Flush_all(self) -> None:
         self.window.flush_all()
+        self._unpacked()
 
     Flush_local = Flush             # (a flush completes locally too)
     Flush_local_all = Flush_all
