@@ -40,7 +40,8 @@ from .mpi_compat.requests import REQUEST_NULL, Grequest, Prequest, Request, Stat
 from .mpi_compat.win import (LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE,
                              MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED, WIN_BASE, WIN_DISP_UNIT,
                              WIN_SIZE, Win)
-from .mpi_compat.datatypes import COMBINERS, DATATYPE_NULL, ORDER_C, ORDER_F, ORDER_FORTRAN
+from .mpi_compat.datatypes import (COMBINERS, DATATYPE_NULL, DISTRIBUTES, ORDER_C, ORDER_F,
+                                   ORDER_FORTRAN)
 from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DATATYPES,
                                DIST_GRAPH, ERR_OTHER, ERR_TRUNCATE, ERR_TYPE, GRAPH, IDENT,
                                IN_PLACE, OPS, PROC_NULL, ROOT, SIMILAR, SUCCESS, TAG_UB,
@@ -52,6 +53,7 @@ globals().update(OPS)
 globals().update(MODES)
 globals().update(FILE_ERRORS)
 globals().update(COMBINERS)
+globals().update(DISTRIBUTES)
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None
 WIN_NULL = None
@@ -73,7 +75,8 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "Compute_dims", "Pcontrol", "fold", "scan_fold", "Win", "WIN_NULL", "LOCK_EXCLUSIVE",
            "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOPRECEDE", "MODE_NOPUT", "MODE_NOSTORE",
            "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE", "WIN_DISP_UNIT", *DATATYPES, *OPS,
-           "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS, *COMBINERS]
+           "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS, *COMBINERS,
+           *DISTRIBUTES]
 
 _state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False}
 

@@ -141,6 +141,22 @@ def _fence_epochs(world: mesh.Mesh) -> None:
         assert a[12] == 7 and a[13] == 5, a
         assert win.get(mesh.PROC_NULL) is None
         win.put([1], mesh.PROC_NULL)
+        # a strided target (MPI's vector target datatype: columns of a 4 x 4 matrix), each
+        # operation one request of runs; the elements between untouched
+        before = a.copy()
+        win.fence()
+        rows = np.array([0, 4, 8, 12])
+        win.put(np.full(4, r + 1), right, offset=1, index=rows)
+        win.accumulate(np.ones(4, np.int64), right, offset=2, index=rows)
+        old = win.get_accumulate(np.full(2, 10), right, offset=3, index=[8, 0])
+        win.fence()
+        after = before.copy()
+        after[1::4], after[2::4] = left + 1, before[2::4] + 1
+        after[3], after[11] = before[3] + 10, before[11] + 10
+        assert np.array_equal(a, after), (r, a, after)
+        got = win.get(left, offset=1, index=rows[::-1])
+        win.fence()
+        assert got.tolist() == [(left - 1) % n + 1] * 4 and old.shape == (2,), (got, old)
     big = np.zeros(_BIG)
     with world.window(big) as win:
         win.fence()
@@ -238,6 +254,11 @@ def _errors(world: mesh.Mesh) -> None:
             np.ones(2), 1)
     _raises(TypeError, "needs an integer or bool", win.fetch_and_op, 1.0, 1, op="bor")
     _raises(ValueError, "out of range", win.compare_and_swap, 1.0, 0.0, 1, offset=4)
+    _raises(ValueError, "index= offsets must be distinct", win.put, np.ones(2), 1, index=[1, 1])
+    _raises(ValueError, "2 offsets in index= for 1 elements", win.put, np.ones(1), 1,
+            index=[0, 1])
+    _raises(ValueError, "out of range", win.accumulate, np.ones(2), 1, offset=2, index=[0, 2])
+    _raises(TypeError, "index= is a 1-D array of element offsets", win.get, 1, index=[0.5])
     win.fence()
     if r == 1:
         win.lock(0, exclusive=True)

@@ -2,8 +2,9 @@
 float64); a derived one (``Create_contiguous``, ``Create_vector``,
 ``Create_hvector``, ``Create_indexed``, ``Create_hindexed``,
 ``Create_indexed_block``, ``Create_hindexed_block``, ``Create_subarray``,
-``Create_resized``, ``Create_struct``) is a Typemap over one such dtype: the byte offsets of
-its elements in one item, with MPI's lower bound and extent. A Selection
+``Create_resized``, ``Create_struct``, ``Create_darray``) is a Typemap
+over one such dtype: the byte offsets of its elements in one item, with
+MPI's lower bound and extent. A Selection
 reads a buffer's items by it into one contiguous array (a send's pack) and
 writes such an array back into their places (a receive's unpack): a strided
 numpy view where the typemap is regular (every constructor but the indexed
@@ -22,12 +23,16 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["Datatype", "Typemap", "Selection", "Blocks", "ORDER_C", "ORDER_FORTRAN",
-           "ORDER_F", "COMBINERS", "DATATYPE_NULL"]
+           "ORDER_F", "COMBINERS", "DATATYPE_NULL", "DISTRIBUTES"]
 
 ORDER_C, ORDER_FORTRAN = 0, 1       # (Open MPI's, as mpi4py has them)
 ORDER_F = ORDER_FORTRAN
-# MPI.COMBINER_*: Open MPI's values, as mpi4py has them; DARRAY names what no type here is
-# (a program's decode() walk compares with it)
+# MPI.DISTRIBUTE_*, Create_darray's (Open MPI's values, as mpi4py has them)
+DISTRIBUTES = {"DISTRIBUTE_BLOCK": 0, "DISTRIBUTE_CYCLIC": 1, "DISTRIBUTE_NONE": 2,
+               "DISTRIBUTE_DFLT_DARG": -1}
+_BLOCK, _CYCLIC, _NONE, _DFLT = 0, 1, 2, -1
+# MPI.COMBINER_*: Open MPI's values, as mpi4py has them (a program's decode() walk compares
+# with them)
 COMBINERS = {"COMBINER_NAMED": 0, "COMBINER_DUP": 1, "COMBINER_CONTIGUOUS": 2,
              "COMBINER_VECTOR": 3, "COMBINER_HVECTOR": 5, "COMBINER_INDEXED": 6,
              "COMBINER_HINDEXED": 8, "COMBINER_INDEXED_BLOCK": 9, "COMBINER_STRUCT": 11,
@@ -223,6 +228,9 @@ def _arguments(combiner: str, p: dict[str, Any]) -> tuple[list[int], list[int]]:
         ints = [len(p["displacements"]), *p["blocklengths"]]
         return (ints + p["displacements"], []) if combiner == "INDEXED" else \
             (ints, list(p["displacements"]))
+    if combiner == "DARRAY":
+        return [p["size"], p["rank"], len(p["gsizes"]), *p["gsizes"], *p["distribs"],
+                *p["dargs"], *p["psizes"], p["order"]], []
     if combiner == "STRUCT":
         return [len(p["displacements"]), *p["blocklengths"]], list(p["displacements"])
     if combiner in ("INDEXED_BLOCK", "HINDEXED_BLOCK"):
@@ -240,7 +248,7 @@ def _absent(owner: str, name: str) -> NotImplementedError:
         f"collectives.MPI: {owner}.{name} is not provided: of the derived datatypes, "
         f"Create_contiguous, Create_vector, Create_hvector, Create_indexed, Create_hindexed, "
         f"Create_indexed_block, Create_hindexed_block, Create_subarray, Create_resized and "
-        f"Create_struct are (a darray: Create_subarray of each rank's block)")
+        f"Create_struct and Create_darray are")
 
 
 class Datatype(metaclass=_DatatypeMeta):
@@ -500,6 +508,65 @@ class Datatype(metaclass=_DatatypeMeta):
         made.made = (types[0] if len(types) == 1 else DATATYPE_NULL, "STRUCT",
                      {"blocklengths": bls, "displacements": ds, "datatypes": types})
         return made
+
+    def Create_darray(self, size: int, rank: int, gsizes: Sequence[int],
+                      distribs: Sequence[int], dargs: Sequence[int], psizes: Sequence[int],
+                      order: int = ORDER_C) -> "Datatype":
+        """Rank ``rank``'s elements of a ``gsizes`` array of this type
+        distributed over a ``psizes`` grid of ``size`` ranks (row-major,
+        as MPI's), by dimension DISTRIBUTE_BLOCK (blocks of ``dargs[k]``,
+        DISTRIBUTE_DFLT_DARG: ceil(gsize / psize)), DISTRIBUTE_CYCLIC
+        (round-robin blocks of ``dargs[k]``, default 1) or DISTRIBUTE_NONE
+        (the whole dimension, a psize of 1); in the array's order
+        (``order``), its extent the whole array's, as MPI's."""
+        call = "Create_darray"
+        g, ds, da, ps = (_ints(x, call) for x in (gsizes, distribs, dargs, psizes))
+        size, rank = int(size), int(rank)
+        if not len(g) == len(ds) == len(da) == len(ps) or not g or math.prod(ps) != size \
+                or not 0 <= rank < size or order not in (ORDER_C, ORDER_F):
+            raise ValueError(f"collectives.MPI Datatype.{call}: size {size}, rank {rank}, "
+                             f"gsizes {g}, distribs {ds}, dargs {da}, psizes {ps}, order "
+                             f"{order}: as many of each, psizes' product the size, the rank "
+                             f"below it, ORDER_C or ORDER_FORTRAN")
+        coords, left = [], rank
+        for p in reversed(ps):      # (the process grid row-major, whatever the order)
+            coords.append(left % p)
+            left //= p
+        coords.reverse()
+        owned = [self._owned(call, *k) for k in zip(g, ds, da, ps, coords)]
+        tm = self._map()
+        axes = list(range(len(g)))
+        if order == ORDER_F:
+            axes.reverse()      # (the first index fastest)
+        step = {k: math.prod(g[j] for j in axes[i + 1:]) * tm.extent
+                for i, k in enumerate(axes)}
+        at = np.zeros(1, np.int64)
+        for k in axes:
+            at = (at[:, None] + owned[k][None, :] * step[k]).reshape(-1)
+        mine = tm.at(at) if at.size else replace(tm, start=0, shape=(0,), strides=(0,),
+                                                  offsets=None, lb=0, ub=0)
+        whole = replace(mine, lb=0, ub=math.prod(g) * tm.extent, sticky=True)
+        return self._derive(f"{call}({size}, {rank}, {g}, {ds}, {da}, {ps})", whole, "DARRAY",
+                            size=size, rank=rank, gsizes=g, distribs=ds, dargs=da, psizes=ps,
+                            order=order)
+
+    @staticmethod
+    def _owned(call: str, n: int, how: int, arg: int, p: int, c: int) -> np.ndarray:
+        """The indices of a dimension of ``n`` that grid coordinate ``c`` of
+        ``p`` owns, distributed by ``how`` (blocks of ``arg``)."""
+        i = np.arange(n, dtype=np.int64)
+        if how == _NONE and p == 1:
+            return i
+        if how == _BLOCK and (arg == _DFLT or arg * p >= n > 0 and arg > 0):
+            b = -(-n // p) if arg == _DFLT else arg
+            return i[c * b:(c + 1) * b]
+        if how == _CYCLIC and (arg == _DFLT or arg > 0):
+            b = 1 if arg == _DFLT else arg
+            return i[(i // b) % p == c]
+        raise ValueError(f"collectives.MPI Datatype.{call}: a dimension of {n} over {p} ranks "
+                         f"by distrib {how} with darg {arg}: DISTRIBUTE_BLOCK (darg x psize at "
+                         f"least the size), DISTRIBUTE_CYCLIC (darg positive) or "
+                         f"DISTRIBUTE_NONE (psize 1), darg DISTRIBUTE_DFLT_DARG or positive")
 
     def Create_resized(self, lb: int, extent: int) -> "Datatype":
         tm = replace(self._map(), lb=int(lb), ub=int(lb) + int(extent), sticky=True)
