@@ -41,7 +41,7 @@ import contextlib
 import hashlib
 import sys
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -237,6 +237,10 @@ class GradReducer:
         self._layout = hashlib.blake2b(repr(self._specs).encode(), digest_size=16).digest()
         self._versions = [0] * len(items)   # torch: each .grad's version as its bucket took it
         self._left: list[tuple[int, int]] | None = None    # what the last wait() left
+        # an observer of each bucket's phases (collectives.horovod's timeline):
+        # "launch", "copied" (into the bucket), "sent" (its call made: b.work),
+        # "out" (the call waited for), "back" (copied into the gradients)
+        self._trace: Callable[[str, _Bucket], None] | None = None
 
     @property
     def _bf16(self) -> Any:
@@ -392,6 +396,9 @@ class GradReducer:
             except (TypeError, ValueError) as e:
                 self._fail_from(b, e)
                 raise
+        trace = self._trace
+        if trace is not None:
+            trace("launch", b)
         with self._on_gpu():
             for i, off in zip(b.members, b.offsets):
                 b.buf[off:off + self._sizes[i]] = self._views[i].reshape(-1)
@@ -399,7 +406,11 @@ class GradReducer:
                 had = 0 if self.op in _NONE_IS_ONE else 1   # (reduces to 1 - had where none)
                 b.buf[b.flags:].copy_(_torch().tensor([1 - had if self._made[i] else had
                                                        for i in b.members]))
+            if trace is not None:
+                trace("copied", b)
             b.work = all_reduce(self.g, b.buf, op=self.op, async_op=True, timeout=self.timeout)
+        if trace is not None:
+            trace("sent", b)
 
     def _fail_from(self, b: _Bucket, e: BaseException) -> None:
         """A ``.grad`` this rank cannot reduce (a sparse one, another shape),
@@ -465,14 +476,19 @@ class GradReducer:
             i for i, p in enumerate(self.params)
             if p.grad is self._held[i] and p.grad._version != self._versions[i]]
         unused = []
+        trace = self._trace
         with self._on_gpu():
             for b in self.buckets:
                 b.work.wait()
                 b.work = None
                 b.pending = set(b.members)
+                if trace is not None:
+                    trace("out", b)
                 for i, off in zip(b.members, b.offsets):
                     v = self._views[i]
                     _write(v, b.buf[off:off + self._sizes[i]].reshape(v.shape))
+                if trace is not None:
+                    trace("back", b)
                 if b.flags >= 0 and any(self._made[i] for i in b.members):
                     had = b.buf[b.flags:b.flags + len(b.members)].tolist()
                     none = 1 if self.op in _NONE_IS_ONE else 0

@@ -206,7 +206,123 @@ def _adasum_cases(hvd: Any) -> dict[str, Any]:
     return out
 
 
-def _hvd_cases(world: Any) -> dict[str, Any]:
+def _sparse_net(sparse: bool = True) -> Any:
+    import torch
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"emb": torch.nn.Embedding(8, 3, sparse=sparse),
+                                "lin": torch.nn.Linear(3, 1)}).double()
+
+
+def _sparse_train(hvd: Any, as_dense: bool = False, steps: int = 2) -> tuple[bool, bool]:
+    """An embedding with sparse gradients and a linear layer (float64)
+    trained with DistributedOptimizer and SGD: rank q looks up q + 2 rows
+    (uneven), row 7 on rank 0 only, row 6 on none. (Weights equal one
+    process's on the full batch, the embedding's .grad still sparse.)"""
+    import torch
+    n, r = hvd.size(), hvd.rank()
+    model, ref = _sparse_net(), _sparse_net()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                   named_parameters=model.named_parameters(),
+                                   sparse_as_dense=as_dense)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+
+    def loss(m: Any, x: Any, w: Any) -> Any:
+        return (m["lin"](m["emb"](x)).squeeze(1) * w).sum()
+    for step in range(steps):
+        idx = [torch.tensor([(3 * q + k + step) % 6 for k in range(q + 2)] + [7] * (q == 0))
+               for q in range(n)]
+        w = [torch.linspace(-1.0, 1.0 + q + step, len(i), dtype=torch.float64) for q, i in
+             enumerate(idx)]
+        total = sum(len(i) for i in idx)
+        opt.zero_grad()
+        (loss(model, idx[r], w[r]) * n / total).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        (sum(loss(ref, i, v) for i, v in zip(idx, w)) / total).backward()
+        ref_opt.step()
+    return _close(model, ref, rtol=1e-12, atol=1e-14), model["emb"].weight.grad.is_sparse
+
+
+def _rows(path: str) -> dict[str, list[str]]:
+    """A Horovod timeline read as chrome reads it (closed with "]" where it
+    is not): each row's events, "B:NAME", "X:NAME", "E" (args: "E:dtype
+    shape"), "i:NAME" for the global markers."""
+    import json
+    text = open(path).read().rstrip()
+    events = json.loads(text if text.endswith("]") else text.rstrip(",") + "]")
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e["name"] == "process_name" and "name" in e["args"]}
+    rows: dict[str, list[str]] = {}
+    for e in events:
+        if e["ph"] in "BXE":
+            said = e["ph"] + (":" + e["name"] if "name" in e else "")
+            if "args" in e:
+                said += f":{e['args']['dtype']} {e['args']['shape']}"
+            rows.setdefault(names[e["pid"]], []).append(said)
+        elif e["ph"] == "i":
+            rows.setdefault("", []).append("i:" + e["name"])
+    return rows
+
+
+def _sparse_cases(hvd: Any, timeline: str | None) -> dict[str, Any]:
+    """Sparse allreduce (direct, joined, in DistributedOptimizer) and its
+    errors; with ``timeline``, Horovod's timeline of an allreduce, an
+    allgather and two DistributedOptimizer steps written there, its rows
+    read back on rank 0."""
+    import torch
+    n, r = hvd.size(), hvd.rank()
+    out: dict[str, Any] = {}
+    if timeline:
+        hvd.start_timeline(timeline)
+    hvd.barrier()       # (from the next round on, every rank's entry time is marked)
+    hvd.allreduce(torch.ones(3), name="tl")
+    hvd.allgather(torch.ones(r + 1, 2), name="ag")
+    out["train"] = _sparse_train(hvd)
+    if r == 0 and timeline:
+        out["rows"] = _rows(timeline)       # (not stopped: parses as it is)
+    if timeline:
+        hvd.stop_timeline()
+    out["as_dense"] = _sparse_train(hvd, as_dense=True, steps=1)
+    s = _mine(r)
+    dense = sum(_mine(q).to_dense() for q in range(n))
+    got = hvd.allreduce(s, op=hvd.Sum)
+    avg = hvd.sparse_allreduce_async(s, "sp", hvd.Average)()
+    t = s.clone()
+    hvd.synchronize(hvd.allreduce_async_(t, op=hvd.Sum, postscale_factor=0.5))
+    out["direct"] = (got.is_sparse and got.is_coalesced(), torch.equal(got.to_dense(), dense),
+                     torch.allclose(avg.to_dense(), dense / n), torch.equal(t.to_dense(),
+                                                                            dense / 2),
+                     s._nnz(), torch.equal(hvd.allreduce(s).to_dense(), avg.to_dense()))
+    # a joined rank answers with an empty one
+    if r == n - 1:
+        hvd.join()
+    else:
+        out["joined"] = torch.equal(hvd.allreduce(s, op=hvd.Sum).to_dense(),
+                                    dense - _mine(n - 1).to_dense())
+        hvd.join()
+    out["op_max"] = _raises(lambda: hvd.allreduce(s, op=hvd.Max), NotImplementedError)
+    out["op_adasum"] = _raises(lambda: hvd.allreduce(s, op=hvd.Adasum), NotImplementedError)
+    m = _sparse_net()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), op=hvd.Max)
+    m["lin"](m["emb"](torch.tensor([1, 2]))).sum().backward()
+    out["opt_max"] = _raises(opt.step, NotImplementedError)
+    m = _sparse_net(sparse=r != 1)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                                   named_parameters=m.named_parameters())
+    m["lin"](m["emb"](torch.tensor([1, 2]))).sum().backward()
+    out["opt_mixed"] = _raises(opt.step, hvd.HorovodInternalError)
+    return out
+
+
+def _mine(q: int) -> Any:
+    """Rank q's sparse tensor of _sparse_cases: rows q and 4 (4 twice:
+    uncoalesced), values q + 1."""
+    import torch
+    return torch.sparse_coo_tensor(torch.tensor([[q, 4, 4]]), torch.ones(3, 2) * (q + 1),
+                                   (6, 2), check_invariants=True)
+
+
+def _hvd_cases(world: Any, tmp: str) -> dict[str, Any]:
     import torch
     import collectives.horovod as hvd
     hvd.init()
@@ -270,6 +386,7 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
                      _raises(lambda: hvd.reducescatter(t, op=hvd.Adasum), NotImplementedError))
     out["sync_bn"] = _sync_bn(hvd)
     out["bn_channels"] = _raises(lambda: hvd.SyncBatchNorm(3)(torch.zeros(4, 2)), ValueError)
+    out["sparse"] = _sparse_cases(hvd, os.path.join(tmp, "run.json"))
     # a collective join does not cover: every rank raises, naming the joined one
     if r == 0:
         out["join_allgather"] = _raises(hvd.join, RuntimeError)
@@ -292,10 +409,22 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
     out["after"] = hvd.is_initialized()
     # Adasum (power-of-two ranks) and SyncBatchNorm at 2 ranks: hvd over a group of the world
     pair = world.group([0, 1])
-    if pair is not None:
-        hvd.init(comm=pair)
-        out["two"] = _adasum_cases(hvd)
+    if pair is not None:        # (HOROVOD_TIMELINE: rank 0 cannot write there, then can)
+        os.environ["HOROVOD_TIMELINE"] = os.path.join(tmp, "missing", "pair.json")
+        out["timeline_bad"] = _raises(lambda: hvd.init(comm=pair), ValueError)
         hvd.shutdown()
+        os.environ.update(HOROVOD_TIMELINE=os.path.join(tmp, "pair.json"),
+                          HOROVOD_TIMELINE_MARK_CYCLES="1")
+        hvd.init(comm=pair)
+        del os.environ["HOROVOD_TIMELINE"], os.environ["HOROVOD_TIMELINE_MARK_CYCLES"]
+        out["two"] = _adasum_cases(hvd)
+        out["two"]["sparse"] = _sparse_cases(hvd, None)
+        hvd.shutdown()
+        if world.rank == 0:
+            rows = _rows(os.path.join(tmp, "pair.json"))
+            out["two"]["timeline"] = (sorted({e for k, v in rows.items() for e in v
+                                              if e.startswith(("B:", "i:"))}),
+                                      rows.get("allreduce.tl"))
     # Horovod's hvd.init(comm=MPI.COMM_...) with the mpi4py import changed too
     from collectives import MPI
     hvd.init(comm=MPI.COMM_SELF)
@@ -305,14 +434,15 @@ def _hvd_cases(world: Any) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(200)
-def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() -> None:
+def test_horovod_script_trains_as_one_process_and_collectives_match_horovod(
+        tmp_path: Any) -> None:
     """At 3 ranks, as Horovod's: the mnist loop's weights equal single-process
     training on the full batch (backward_passes_per_step=2 and gradient
     clipping between synchronize and step too; fp16 compression to its
     rounding), join's zeros, and each collective's results."""
     torch = pytest.importorskip("torch")
     n = 3
-    res = mesh.spawn(_hvd_cases, n, timeout=150)
+    res = mesh.spawn(_hvd_cases, n, str(tmp_path), timeout=150)
     for r, o in enumerate(res):
         assert o["ranks"] == (r, n, r, n, 0, 1, True)
         assert o["train"] and o["passes2"] and o["clip"], (r, o)
@@ -352,6 +482,11 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() ->
         assert "Mismatch" in o["mismatch"] and "rank 1" in o["mismatch"], o["mismatch"]
         assert o["after"] is False
         assert o["mpi_comm"] == (1, 0, [r, r + 1.0, r + 2.0]), o["mpi_comm"]
+        _check_sparse(o["sparse"], r, n)
+        if r == 0:
+            _check_timeline(o["sparse"]["rows"], n)
+        if r < 2:
+            assert (o["timeline_bad"] == "no error") == (r == 1), o["timeline_bad"]
         if r < 2:
             two = o["two"]
             assert two["orth_same"] == ([2.0, 2.0], [3.0, 4.0]), two["orth_same"]
@@ -362,6 +497,59 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod() ->
             assert two["adasum_join"] == ([3.0, 4.0] if r == 0 else None)
             assert two["sync_bn"] == (True, True)
             assert "Mismatch" in two["mismatch"] and "adasum" in two["mismatch"], two["mismatch"]
+            _check_sparse(two["sparse"], r, 2)
+    bad = os.path.join(str(tmp_path), "missing", "pair.json")
+    assert res[0]["timeline_bad"] == (f"ValueError: rank 0: hvd.init: cannot write the timeline "
+                                      f"to {bad!r} (HOROVOD_TIMELINE): No such file or "
+                                      f"directory"), res[0]["timeline_bad"]
+    phases, row = res[0]["two"]["timeline"]     # HOROVOD_TIMELINE, _MARK_CYCLES=1, 2 ranks
+    assert {"B:NEGOTIATE_ADASUM", "B:ADASUM", "B:MESHRUN_ADASUM_ALLREDUCE", "i:CYCLE_START",
+            "B:MEMCPY_IN_FUSION_BUFFER", "B:NEGOTIATE_ALLGATHER"} <= set(phases), phases
+    assert row[0] == "B:NEGOTIATE_ALLREDUCE" and sorted(row[1:3]) == ["X:0", "X:1"], row
+
+
+def _check_sparse(sp: dict[str, Any], r: int, n: int) -> None:
+    """_sparse_cases' results on rank r of n."""
+    assert sp["train"] == (True, True), sp["train"]
+    assert sp["as_dense"] == (True, False), sp["as_dense"]
+    assert sp["direct"] == (True, True, True, True, 3, True), sp["direct"]
+    assert sp.get("joined") == (True if r < n - 1 else None)
+    for op in ("max", "adasum"):
+        said = sp["op_" + op]
+        assert said.startswith(f"NotImplementedError: rank {r}: hvd.allreduce: a sparse tensor "
+                               f"is reduced with op=hvd.Sum or hvd.Average only") and \
+            f"not op=hvd.{op.title()}" in said, said
+    assert sp["opt_max"].startswith("NotImplementedError") and \
+        "'allreduce.noname.0.0' has sparse gradients" in sp["opt_max"] and \
+        "sparse_as_dense=True" in sp["opt_max"], sp["opt_max"]
+    assert sp["opt_mixed"] == (f"MismatchError: rank {r}: DistributedOptimizer: parameter "
+                               f"'emb.weight' has a dense gradient on rank 1 and a sparse one on "
+                               f"rank 0: a parameter's gradients are sparse on every rank or on "
+                               f"none (sparse_as_dense=True reduces them dense)"), sp["opt_mixed"]
+
+
+def _check_timeline(rows: dict[str, list[str]], n: int) -> None:
+    """Horovod's rows and phases: an allreduce and an allgather (negotiated:
+    each rank's ready mark), two DistributedOptimizer steps (a dense
+    gradient through its fusion bucket, the embedding's sparse one)."""
+    def negotiated(events: list[str], kind: str) -> list[str]:
+        assert events[0] == f"B:NEGOTIATE_{kind}" and events[n + 1] == "E", events
+        assert sorted(events[1:n + 1]) == [f"X:{q}" for q in range(n)], events
+        return events[n + 2:]
+    assert negotiated(rows["allreduce.tl"], "ALLREDUCE") == [
+        "B:ALLREDUCE", "B:MESHRUN_ALLREDUCE", "E", "E:float32 [3]"]
+    assert negotiated(rows["allgather.ag"], "ALLGATHER") == [
+        "B:ALLGATHER", "B:MESHRUN_ALLGATHER", "E", f"E:float32 [{n * (n + 1) // 2}, 2]"]
+    step = [k for k in rows if k.startswith("DistributedOptimizer.")]
+    assert len(step) == 1, rows.keys()
+    assert negotiated(negotiated(rows[step[0]], "ALLREDUCE"), "ALLREDUCE") == []   # 2 steps
+    for name, shape in (("lin.weight", "[1, 3]"), ("lin.bias", "[1]")):
+        assert rows["allreduce." + name] == 2 * [
+            "B:ALLREDUCE", "B:WAIT_FOR_OTHER_TENSOR_DATA", "E", "B:MEMCPY_IN_FUSION_BUFFER", "E",
+            "B:MESHRUN_ALLREDUCE", "E", "B:MEMCPY_OUT_FUSION_BUFFER", "E",
+            f"E:float64 {shape}"], rows["allreduce." + name]
+    emb = rows["allreduce.emb.weight"]
+    assert emb == 2 * ["B:ALLREDUCE", "B:MESHRUN_ALLGATHER", "E", "E:float64 [8, 3]"], emb
 
 
 @pytest.mark.timeout(120)
@@ -430,3 +618,30 @@ def test_adasum_vector_halving_distance_doubling_equals_the_pairwise_tree(n: int
                            for s, e in zip(ends[:-1], ends[1:])])
     assert all(np.array_equal(b, bufs[0]) for b in bufs)
     np.testing.assert_allclose(bufs[0], want, rtol=1e-13, atol=1e-15)
+
+
+def test_timeline_file_is_a_json_array_after_every_event(tmp_path: Any) -> None:
+    """The timeline writer (no processes): the file parses after each
+    write, as a job that dies leaves it; a row name with quotes, a
+    backslash and a newline comes back as it was; a global marker."""
+    pytest.importorskip("torch")
+    import json
+    from collectives.horovod.timeline import Timeline, now
+    path = str(tmp_path / "t.json")
+    tl = Timeline(path, mark_cycles=True)
+    odd = 'allreduce.a "b"\\\n{c}]'
+    seen = []
+    for k in range(3):
+        t = now()
+        tl.negotiated(odd, "ALLREDUCE", {1: t, 0: t + 5}, t + 10)
+        tl.op(odd, "ALLREDUCE", now(), [("MESHRUN_ALLREDUCE", now(), now())], now())
+        tl.marker()
+        seen.append(len(json.load(open(path))))
+    tl.close()
+    events = json.load(open(path))
+    assert seen == [2 + 2 + 9 * k for k in (1, 2, 3)], seen     # (header, row, events)
+    assert [e["args"]["name"] for e in events if e.get("args", {}).get("name")] == [odd]
+    assert _rows(path)[odd][:5] == ["B:NEGOTIATE_ALLREDUCE", "X:1", "X:0", "E",   # (by entry)
+                                    "B:ALLREDUCE"]
+    assert _rows(path)[""] == ["i:CYCLE_START"] * 3
+    assert all(e["ts"] >= 0 for e in events if "ts" in e)

@@ -9,6 +9,7 @@ under ``meshrun -n N`` (or torchrun, mpirun, srun, ``mesh.spawn``).
     functions.py  broadcast_parameters, broadcast_optimizer_state, *_object
     optimizer.py  DistributedOptimizer over collectives.GradReducer; Adasum's delta optimizer
     sync_batch_norm.py  SyncBatchNorm: batch statistics over every rank's batch
+    timeline.py   HOROVOD_TIMELINE, start_timeline: rank 0's Chrome trace of the calls
 """
 from .basics import (Adasum, Average, Compression, HorovodInternalError, Max, Min, Product,
                      ProcessSet, Sum, add_process_set, ccl_built, cross_rank, cross_size,
@@ -24,9 +25,10 @@ from .mpi_ops import (allgather, allgather_async, allreduce, allreduce_, allredu
                       broadcast_, broadcast_async, broadcast_async_, grouped_allgather,
                       grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
                       grouped_allreduce_async_, poll, reducescatter, reducescatter_async,
-                      synchronize)
+                      sparse_allreduce_async, synchronize)
 from .optimizer import DistributedOptimizer
 from .sync_batch_norm import SyncBatchNorm
+from .timeline import start_timeline, stop_timeline
 
 __all__ = ["init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
            "cross_rank", "cross_size", "is_homogeneous", "Average", "Sum", "Adasum", "Min",
@@ -34,6 +36,7 @@ __all__ = ["init", "shutdown", "is_initialized", "rank", "size", "local_rank", "
            "add_process_set", "remove_process_set", "Compression", "allreduce",
            "allreduce_async", "allreduce_", "allreduce_async_", "grouped_allreduce",
            "grouped_allreduce_async", "grouped_allreduce_", "grouped_allreduce_async_",
+           "sparse_allreduce_async", "start_timeline", "stop_timeline",
            "allgather", "allgather_async", "grouped_allgather", "broadcast", "broadcast_async",
            "broadcast_", "broadcast_async_", "alltoall", "alltoall_async", "reducescatter",
            "reducescatter_async", "barrier", "join", "poll", "synchronize",

@@ -4,6 +4,8 @@ group, the outstanding handles, the DistributedOptimizers)."""
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import weakref
 from typing import Any, Sequence
 
@@ -75,6 +77,8 @@ class _State:
         self.ids = itertools.count(1)
         self.sets: list[ProcessSet] = []
         self.optimizers: list[weakref.ref[Any]] = []
+        self.timeline: Any = None       # rank 0's open timeline (collectives.horovod.timeline)
+        self.stamps = False     # the control rounds carry each rank's entry time (control.py)
 
 
 _s = _State()
@@ -102,6 +106,14 @@ def init(comm: Any = None, process_sets: Sequence[ProcessSet] | str | None = Non
     global_process_set.comm, global_process_set.process_set_id = world, 0
     global_process_set.ranks = list(range(world.size))
     _s.sets = [global_process_set]
+    path = os.environ.get("HOROVOD_TIMELINE", "")
+    if path and path != "DYNAMIC" and world.rank == 0:
+        from .timeline import open_timeline
+        try:
+            open_timeline(path, _env_flag("HOROVOD_TIMELINE_MARK_CYCLES"), "init")
+        except ValueError:
+            shutdown()
+            raise
     if isinstance(process_sets, str):      # ("dynamic": sets added later, as Horovod's)
         if process_sets != "dynamic":
             raise ValueError(f"hvd.init(process_sets={process_sets!r}): a list of "
@@ -111,10 +123,19 @@ def init(comm: Any = None, process_sets: Sequence[ProcessSet] | str | None = Non
         add_process_set(ps)
 
 
+def _env_flag(name: str) -> bool:
+    """Horovod's reading of a flag: a number above 0 (as strtol reads it)."""
+    digits = re.match(r"\s*[+-]?\d+", os.environ.get(name, ""))
+    return digits is not None and int(digits.group()) > 0
+
+
 def shutdown() -> None:
     """Leave: the mesh init() opened is closed (one given to it, or opened
-    before it, is left open); init() may be called again."""
+    before it, is left open); init() may be called again. The timeline
+    being written is closed."""
     owned = _s.owned
+    if _s.timeline is not None:
+        _s.timeline.close()
     _s.__init__()       # type: ignore[misc]
     global_process_set.comm = global_process_set.process_set_id = None
     if owned is not None:

@@ -11,17 +11,19 @@ import numpy as np
 import torch
 
 from .. import api as C
-from . import control
+from ..torchsparse import sparse_all_reduce
+from . import control, timeline
 from .adasum import adasum_all_reduce
-from .basics import (OPS, Adasum, Average, Compression, ProcessSet, Sum, _comm, _s,
-                     global_process_set)
+from .basics import (OPS, Adasum, Average, Compression, Max, Min, Product, ProcessSet, Sum,
+                     _comm, _s, global_process_set)
+from .timeline import now
 
 __all__ = ["allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
            "grouped_allreduce", "grouped_allreduce_async", "grouped_allreduce_",
            "grouped_allreduce_async_", "allgather", "allgather_async", "grouped_allgather",
            "broadcast", "broadcast_async", "broadcast_", "broadcast_async_", "alltoall",
            "alltoall_async", "reducescatter", "reducescatter_async", "barrier", "poll",
-           "synchronize"]
+           "synchronize", "sparse_allreduce_async"]
 
 # -- handles -------------------------------------------------------------------------------
 
@@ -40,10 +42,15 @@ class _Handle:
         return self.finish()
 
 
-def _handle(works: list[Any], finish: Callable[[], Any]) -> int:
-    h = next(_s.ids)
+def _handle(works: list[Any], finish: Callable[[], Any], h: int | None = None) -> int:
+    h = next(_s.ids) if h is None else h
     _s.handles[h] = _Handle(works, finish)
     return h
+
+
+def _row(kind: str, name: str | None, h: int, suffix: str = "") -> str | None:
+    """The call's timeline row where rank 0 writes a timeline, else None."""
+    return None if _s.timeline is None else timeline.row(kind, name, h) + suffix
 
 
 def poll(handle: int) -> bool:
@@ -56,7 +63,12 @@ def synchronize(handle: int) -> Any:
     """Wait for the call and return its result (None for a handle unknown
     or already synchronized, as Horovod's)."""
     h = _s.handles.pop(handle, None)
-    return None if h is None else h.result()
+    if h is None:
+        return None
+    out = h.result()
+    if _s.timeline is not None:
+        _s.timeline.settle()
+    return out
 
 
 def _op(op: int | None, average: bool | None, what: str) -> int:
@@ -94,21 +106,33 @@ def _detached(t: Any) -> Any:
 # -- allreduce -----------------------------------------------------------------------------
 
 def _allreduce(tensor: Any, average: bool | None, op: int | None, pre: float, post: float,
-               process_set: ProcessSet, async_op: bool) -> tuple[list[Any], Callable[[], Any]]:
+               process_set: ProcessSet, async_op: bool, name: str | None = None,
+               h: int = 0, row: str | None = None) -> tuple[list[Any], Callable[[], Any]]:
     """``tensor`` reduced in place: the call's Works (none where it ran at
-    once, the tiny short way included) and what finishes it."""
+    once, the tiny short way included) and what finishes it. ``row``: its
+    timeline row (else ``allreduce.<name>``, or ``.noname.<h>``)."""
     op = _op(op, average, "allreduce")
     g = _comm(process_set, "allreduce")
+    if tensor.is_sparse:
+        return _sparse(tensor, op, pre, post, g, name, h)
     if op == Adasum:
         adasum_checks(process_set, g, "allreduce")
     t = _detached(tensor)
-    control.announce(g, control.ALLREDUCE, "allreduce", t, op)
+    tl = _s.timeline
+    if tl is not None:
+        row = row or timeline.row("allreduce", name, h)
+    control.announce(g, control.ALLREDUCE, "allreduce", t, op, row)
+    begin = now() if tl is not None else 0
     if pre != 1.0:
         t.mul_(pre)
     if op == Adasum:
         work = adasum_all_reduce(g, [t], async_op=async_op)
     else:
         work = C.all_reduce(g, t, op=OPS[op], async_op=async_op)
+    if tl is not None and row is not None:
+        adasum = "ADASUM" if op == Adasum else ""
+        tl.watch(row, adasum or "ALLREDUCE", f"MESHRUN_{adasum and adasum + '_'}ALLREDUCE",
+                 begin, work if async_op else None, t)
 
     def finish() -> Any:
         if post != 1.0:
@@ -121,9 +145,12 @@ def allreduce_async_(tensor: Any, average: bool | None = None, name: str | None 
                      op: int | None = None, prescale_factor: float = 1.0,
                      postscale_factor: float = 1.0,
                      process_set: ProcessSet = global_process_set) -> int:
-    """In place; returns a handle for ``poll`` / ``synchronize``."""
+    """In place; returns a handle for ``poll`` / ``synchronize``. A sparse
+    COO tensor: every rank's summed (op=hvd.Sum) or averaged, written into
+    it coalesced (``copy_``)."""
+    h = next(_s.ids)
     return _handle(*_allreduce(tensor, average, op, prescale_factor, postscale_factor,
-                               process_set, True))
+                               process_set, True, name, h), h)
 
 
 def allreduce_async(tensor: Any, average: bool | None = None, name: str | None = None,
@@ -140,7 +167,7 @@ def allreduce_(tensor: Any, average: bool | None = None, name: str | None = None
                postscale_factor: float = 1.0,
                process_set: ProcessSet = global_process_set) -> Any:
     return _allreduce(tensor, average, op, prescale_factor, postscale_factor, process_set,
-                      False)[1]()
+                      False, name, next(_s.ids))[1]()
 
 
 class _Allreduce(torch.autograd.Function):
@@ -167,6 +194,9 @@ def allreduce(tensor: Any, average: bool | None = None, name: str | None = None,
     summed... over the ranks; differentiable, as Horovod's (every rank's
     backward then makes the gradient's allreduce)."""
     op = _op(op, average, "allreduce")
+    if tensor.is_sparse:        # (uncompressed, as Horovod's sparse allreduce)
+        return synchronize(allreduce_async(tensor, None, name, op, prescale_factor,
+                                           postscale_factor, process_set))
     sent, ctx = compression.compress(tensor)
     if sent.requires_grad and torch.is_grad_enabled():
         out = _Allreduce.apply(sent, op, prescale_factor, postscale_factor, process_set)
@@ -180,9 +210,14 @@ def grouped_allreduce_async_(tensors: Sequence[Any], average: bool | None = None
                              name: str | None = None, op: int | None = None,
                              prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                              process_set: ProcessSet = global_process_set) -> int:
-    hs = [allreduce_async_(t, average, name, op, prescale_factor, postscale_factor,
-                           process_set) for t in tensors]
-    return _handle([], lambda: [synchronize(h) for h in hs])
+    gh, n = next(_s.ids), len(tensors)
+    hs = []
+    for i, t in enumerate(tensors):     # (Horovod's rows: grouped_allreduce.<name>_1of2...)
+        h = next(_s.ids)
+        row = _row("grouped_allreduce", name, gh, f"_{i + 1}of{n}")
+        hs.append(_handle(*_allreduce(t, average, op, prescale_factor, postscale_factor,
+                                      process_set, True, name, h, row), h))
+    return _handle([], lambda: [synchronize(h) for h in hs], gh)
 
 
 def grouped_allreduce_async(tensors: Sequence[Any], average: bool | None = None,
@@ -206,8 +241,65 @@ def grouped_allreduce(tensors: Sequence[Any], average: bool | None = None,
                       op: int | None = None, prescale_factor: float = 1.0,
                       postscale_factor: float = 1.0,
                       process_set: ProcessSet = global_process_set) -> list[Any]:
-    return [allreduce(t, average, name, compression, op, prescale_factor, postscale_factor,
-                      process_set) for t in tensors]
+    n = len(tensors)
+    return [allreduce(t, average, name and f"{name}_{i + 1}of{n}", compression, op,
+                      prescale_factor, postscale_factor, process_set)
+            for i, t in enumerate(tensors)]
+
+
+# -- sparse --------------------------------------------------------------------------------
+
+def _sparse(tensor: Any, op: int, pre: float, post: float, g: Any, name: str | None,
+            h: int) -> tuple[list[Any], Callable[[], Any]]:
+    """A sparse COO ``tensor``'s allreduce (collectives.torchsparse: every
+    rank's indices and values, summed; op=hvd.Average then divides the
+    values), written into it coalesced."""
+    if op not in (Sum, Average):
+        said = {Adasum: "Adasum", Min: "Min", Max: "Max", Product: "Product"}.get(op, op)
+        raise NotImplementedError(f"rank {g.rank}: hvd.allreduce: a sparse tensor is reduced "
+                                  f"with op=hvd.Sum or hvd.Average only, as Horovod's "
+                                  f"sparse_allreduce_async (every rank's indices and values "
+                                  f"gathered and summed), not op=hvd.{said}: pass "
+                                  f"tensor.to_dense() for that")
+    tl = _s.timeline
+    row = timeline.row("allreduce", name, h) if tl is not None else None
+    control.announce(g, control.SPARSE, "allreduce", tensor, op, row)
+    begin = now() if tl is not None else 0
+    t = tensor.detach()
+    work = sparse_all_reduce(g, [t * pre if pre != 1.0 else t], "sum", True, None)
+    if tl is not None and row is not None:
+        tl.watch(row, "ALLREDUCE", "MESHRUN_ALLGATHER", begin, work)
+
+    def finish() -> Any:
+        out = _scaled(work.wait(), post, g.size if op == Average else 1)
+        with torch.no_grad():
+            tensor.copy_(out)
+        return tensor
+    return [work], finish
+
+
+def _scaled(x: Any, factor: float, divisor: int) -> Any:
+    """A coalesced sparse ``x``, its values times ``factor`` over ``divisor``
+    (integers: divided as C divides)."""
+    if factor != 1.0:
+        x = x * factor
+    if divisor == 1:
+        return x
+    return x / divisor if x.is_floating_point() or x.is_complex() else \
+        torch.div(x, divisor, rounding_mode="trunc")
+
+
+def sparse_allreduce_async(tensor: Any, name: str | None, op: int | None,
+                           process_set: ProcessSet = global_process_set) -> Callable[[], Any]:
+    """Horovod's: a sparse COO tensor's allreduce (op=hvd.Sum or Average);
+    returns a function that waits and returns the coalesced result (a new
+    tensor; ``tensor`` is left as it is)."""
+    if not getattr(tensor, "is_sparse", False):
+        raise TypeError(f"hvd.sparse_allreduce_async: a sparse COO tensor, not a "
+                        f"{getattr(tensor, 'layout', type(tensor).__name__)} one "
+                        f"(hvd.allreduce_async takes a dense one)")
+    h = allreduce_async(tensor, None, name, op, 1.0, 1.0, process_set)
+    return lambda: synchronize(h)
 
 
 # -- the others ----------------------------------------------------------------------------
@@ -217,9 +309,14 @@ def allgather_async(tensor: Any, name: str | None = None,
     """Every rank's tensor concatenated along the first dimension, in rank
     order (first dimensions may differ; the others must not)."""
     g = _comm(process_set, "allgather")
-    control.announce(g, control.ALLGATHER, "allgather")
+    h, tl = next(_s.ids), _s.timeline
+    row = _row("allgather", name, h)
+    control.announce(g, control.ALLGATHER, "allgather", row=row)
+    begin = now() if tl is not None else 0
     work = C.all_gather_v(g, tensor.detach(), async_op=True)
-    return _handle([], work.wait)
+    if tl is not None and row is not None:
+        tl.watch(row, "ALLGATHER", "MESHRUN_ALLGATHER", begin, work)
+    return _handle([], work.wait, h)
 
 
 def allgather(tensor: Any, name: str | None = None,
@@ -235,9 +332,14 @@ def grouped_allgather(tensors: Sequence[Any], name: str | None = None,
 def broadcast_async_(tensor: Any, root_rank: int, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> int:
     g = _comm(process_set, "broadcast")
-    control.announce(g, control.BROADCAST, "broadcast")
+    h, tl = next(_s.ids), _s.timeline
+    row = _row("broadcast", name, h)
+    control.announce(g, control.BROADCAST, "broadcast", row=row)
+    begin = now() if tl is not None else 0
     work = C.broadcast(g, _detached(tensor), root=root_rank, async_op=True)
-    return _handle([work], lambda: tensor)
+    if tl is not None and row is not None:
+        tl.watch(row, "BROADCAST", "MESHRUN_BCAST", begin, work, tensor)
+    return _handle([work], lambda: tensor, h)
 
 
 def broadcast_async(tensor: Any, root_rank: int, name: str | None = None,
@@ -261,7 +363,10 @@ def alltoall_async(tensor: Any, splits: Any = None, name: str | None = None,
     to rank j (None: equal shares); the handle's result is (the rows
     received in rank order, the splits received: an int32 tensor)."""
     g = _comm(process_set, "alltoall")
-    control.announce(g, control.ALLTOALL, "alltoall")
+    h, tl = next(_s.ids), _s.timeline
+    row = _row("alltoall", name, h)
+    control.announce(g, control.ALLTOALL, "alltoall", row=row)
+    begin = now() if tl is not None else 0
     n = g.size
     if splits is None:
         rows = tensor.shape[0] if tensor.dim() else 0
@@ -275,8 +380,10 @@ def alltoall_async(tensor: Any, splits: Any = None, name: str | None = None,
     counts = C.all_to_all(g, np.array(sends if len(sends) == n else [-1] * n,
                                       np.int64).reshape(n, 1)).reshape(-1)
     work = C.all_to_all_v(g, tensor.detach(), sends, [int(k) for k in counts], async_op=True)
+    if tl is not None and row is not None:
+        tl.watch(row, "ALLTOALL", "MESHRUN_ALLTOALL", begin, work)
     got = torch.tensor([int(k) for k in counts], dtype=torch.int32)
-    return _handle([], lambda: (work.wait(), got))
+    return _handle([], lambda: (work.wait(), got), h)
 
 
 def alltoall(tensor: Any, splits: Any = None, name: str | None = None,
@@ -294,7 +401,10 @@ def reducescatter_async(tensor: Any, name: str | None = None, op: int = Average,
     first dimension (the first ``rows % size`` ranks one row more)."""
     op = _op(op, None, "reducescatter")
     g = _comm(process_set, "reducescatter")
-    control.announce(g, control.REDUCESCATTER, "reducescatter")
+    h, tl = next(_s.ids), _s.timeline
+    row = _row("reducescatter", name, h)
+    control.announce(g, control.REDUCESCATTER, "reducescatter", row=row)
+    begin = now() if tl is not None else 0
     n = g.size
     rows = tensor.shape[0] if tensor.dim() else 0
     counts = [rows // n + (1 if r < rows % n else 0) for r in range(n)]
@@ -302,11 +412,13 @@ def reducescatter_async(tensor: Any, name: str | None = None, op: int = Average,
     if prescale_factor != 1.0:
         t = t * prescale_factor
     work = C.reduce_scatter_v(g, t, counts, op=OPS[op], async_op=True)
+    if tl is not None and row is not None:
+        tl.watch(row, "REDUCESCATTER", "MESHRUN_REDUCESCATTER", begin, work)
 
     def finish() -> Any:
         out = work.wait()
         return out.mul_(postscale_factor) if postscale_factor != 1.0 else out
-    return _handle([], finish)
+    return _handle([], finish, h)
 
 
 def reducescatter(tensor: Any, name: str | None = None, compression: Any = Compression.none,
