@@ -76,7 +76,7 @@ from .costs import by_type
 from .executor import Pipeline
 from .ir import Schedule
 from .pipeline_args import rows_of
-from .schedules import by_name, one_f_one_b
+from .schedules import _NAMES, by_name, is_name, one_f_one_b
 from .stagebuild import inputs_of, layer_classes, make_stage, param_count
 from .tensor_parallel import parallelize
 from .partition import partition
@@ -175,6 +175,30 @@ def load_state(model: Any, state: dict[str, Any]) -> None:
             p[...] = state[f"{name}.{j}"]
 
 
+def _schedule_named(schedule: Any, microbatches: int | None) -> None:
+    """Refuse a ``schedule=`` that is neither "auto", a built-in's name nor a
+    Schedule (None, a generator not called: "'NoneType' object has no attribute
+    'lower'"), and ``microbatches=`` other than a Schedule's own (which ran
+    with its own count, the one given left unsaid)."""
+    if isinstance(schedule, Schedule):
+        if microbatches is not None and microbatches != schedule.num_microbatches:
+            raise ValueError(f"microbatches={microbatches}, but schedule {schedule.name!r} "
+                             f"runs {schedule.num_microbatches}: a Schedule's micro-batches "
+                             f"are its own (leave microbatches= out, or make it for "
+                             f"{microbatches})")
+    elif not isinstance(schedule, str):
+        name = getattr(schedule, "__name__", None) if callable(schedule) else None
+        text = repr(schedule)
+        raise TypeError(f"schedule= takes 'auto', a name ({_NAMES}) or an engine.Schedule, "
+                        + (f"not the function {name}: call it, {name}(p, m)" if name else
+                           f"not {text if len(text) <= 60 else type(schedule).__name__}"))
+    elif schedule != "auto" and not is_name(schedule):
+        text = schedule if len(schedule) <= 40 else schedule[:37] + "..."
+        raise ValueError(f"unknown schedule {text!r}: use {_NAMES}, or 'auto'; a schedule "
+                         f"of your own is passed as the Schedule itself (engine.Schedule."
+                         f"build(...); one saved as JSON: engine.Schedule.from_json(text))")
+
+
 def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None,
                schedule: str | Schedule = "auto", microbatches: int | None = None,
                balance: Any = "time", sample: Any = None,
@@ -238,6 +262,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             raise ValueError(f"microbatches={microbatches!r}: a whole number of at least 1 "
                              "(or None: schedule='auto' tries p, 2p, 4p...)")
         microbatches = None if microbatches is None else int(microbatches)
+        _schedule_named(schedule, microbatches)
         patterns = () if recompute == "auto" else patterns_of(recompute)
         if not patterns and recompute not in (False, True, "auto"):
             raise ValueError(f"recompute={recompute!r}: True, False, 'auto' or submodule name "

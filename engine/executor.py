@@ -86,6 +86,7 @@ from .lower import with_grad_sync
 from .pipeline_args import (_as_stage, _checkpointed, _given_alike, _joined, _recomputing,
                             split_microbatches, stages_for_rank)
 from .reports import Layout
+from .schedules import given_schedule
 from .rollback import StepFailed, _Step
 from .simulate import simulate
 from .tied import TiedGrads
@@ -202,6 +203,7 @@ class Pipeline:
             self.tp_index = grid_or_group.coord("tp")
             tp = grid_or_group.group("tp")
             self.tp = tp if tp.size > 1 else None
+        given_schedule(schedule, f"pp rank {self.pp.rank}: Pipeline")
         if schedule.num_ranks != self.pp.size:
             raise ValueError(f"pp rank {self.pp.rank}: schedule {schedule.name!r} has "
                              f"{schedule.num_ranks} ranks but the pipeline group has "

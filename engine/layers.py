@@ -15,9 +15,13 @@ so CuPy arrays work too.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
+
+from .ir import Schedule
+from .schedules import _said
 
 __all__ = ["Linear", "Embedding", "Tanh", "ReLU", "Sequential", "Recompute", "mse_loss",
            "mlp_stages", "sgd"]
@@ -258,8 +262,16 @@ def mlp_stages(widths: Sequence[int], num_stages: int, seed: int = 0,
     ``widths`` has one entry per layer boundary, so ``len(widths) - 1``
     Linear layers, which must be at least ``num_stages``."""
     n_layers = len(widths) - 1
+    if isinstance(num_stages, bool) or not isinstance(num_stages, numbers.Integral):
+        # (a Schedule: "'<' not supported between instances of 'int' and 'Schedule'")
+        raise TypeError(f"mlp_stages: num_stages={_said(num_stages)}: a whole number of stages"
+                        + (" (the schedule's: sched.num_stages)"
+                           if isinstance(num_stages, Schedule) else ""))
+    if num_stages < 1:              # (0: a bare IndexError)
+        raise ValueError(f"mlp_stages: num_stages={num_stages}: at least 1")
     if n_layers < num_stages:
-        raise ValueError(f"{n_layers} layers cannot fill {num_stages} stages")
+        raise ValueError(f"mlp_stages: widths {list(widths)} make {n_layers} Linear layers, "
+                         f"too few for {num_stages} stages (a layer each at least)")
     rng = np.random.default_rng(seed)
     layers: list[list[Any]] = [[] for _ in range(num_stages)]
     for i in range(n_layers):

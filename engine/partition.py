@@ -57,6 +57,7 @@ the Pipeline gives every copy the first stage's value.
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import Any, Sequence
 
 from mesh import Comm
@@ -66,7 +67,7 @@ from .costs import by_type
 from .ir import Schedule
 from .partition_cuts import (_KINDS, _best_simulated, _measured, _stage_costs, cut_points,
                              uniform_counts)
-from .schedules import one_f_one_b
+from .schedules import _said, given_schedule, one_f_one_b
 from .stagebuild import (build, inputs_of, is_module, kind_of, layer_classes, layer_names,
                          layers_of, make_stage, model_key, named_stage_parameters, param_count,
                          stage_params, torch_module)
@@ -198,10 +199,28 @@ def _said_by_rank(e: BaseException, group: Any) -> None:
     e.args = (f"{who}{call}{e.args[0]}",)
 
 
+def _stage_count(num_stages: Any, schedule: Any) -> None:
+    """Refuse a ``num_stages`` that is no whole number (a Schedule given in its
+    place: "'<' not supported between instances of 'Schedule' and 'int'"), a
+    ``schedule=`` that is no Schedule (a name: "'str' object has no attribute
+    'num_stages'"), and one of another stage count (a cut it was not made for)."""
+    if isinstance(num_stages, bool) or not isinstance(num_stages, numbers.Integral):
+        raise TypeError(f"num_stages={_said(num_stages)}: a whole number of stages"
+                        + (f" (pass sched.num_stages, {num_stages.num_stages} for "
+                           f"{num_stages.name!r}; the schedule itself goes in schedule=)"
+                           if isinstance(num_stages, Schedule) else ""))
+    if schedule is not None:
+        given_schedule(schedule, "engine.partition(schedule=...)")
+        if schedule.num_stages != num_stages:
+            raise ValueError(f"schedule {schedule.name!r} has {schedule.num_stages} stages, "
+                             f"not {num_stages}")
+
+
 def _partition(model: Any, num_stages: int, balance: str | Sequence[int], sample: Any, *,
                schedule: Schedule | None, stages: Sequence[int] | None, group: Any,
                tied: Sequence[Sequence[str]], reps: int,
                names: Sequence[str] | None) -> Partition:
+    _stage_count(num_stages, schedule)
     # a plain module: its forward's pieces, and what the forward returns around
     # the last one's output (a dict, a dataclass...), which the last stage
     # carries for the Pipeline's loss_fn (engine.traced.given_as_returned)
@@ -235,9 +254,6 @@ def _partition(model: Any, num_stages: int, balance: str | Sequence[int], sample
             raise ValueError(f"balance='time' measures each of the {n} layers on a sample "
                              "micro-batch: pass sample=")
         sched = schedule or one_f_one_b(num_stages, 2 * num_stages)
-        if sched.num_stages != num_stages:
-            raise ValueError(f"schedule {sched.name!r} has {sched.num_stages} stages, "
-                             f"not {num_stages}")
         layer_costs = _measured(items, kinds, sample, reps, group)
         counts = _best_simulated(layer_costs, sched)
     elif isinstance(balance, str) and balance.startswith("type:"):

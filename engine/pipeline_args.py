@@ -26,6 +26,7 @@ from mesh import Comm, MeshError
 
 from .ir import Schedule
 from .layers import Recompute, deterministic
+from .schedules import given_schedule
 from .torch_stage import TorchStage, checkpoint_modules
 from .tp_plan import named_by
 from .tp_comm import _gather
@@ -313,6 +314,7 @@ def stages_for_rank(all_stages: Sequence[Any], schedule: Schedule, pp_rank: int)
     """This rank's stage objects, in stage order, out of the whole model's
     (as many as the schedule's stages: another count raises, naming both;
     a rank the schedule lacks raises, naming its ranks)."""
+    given_schedule(schedule, "stages_for_rank")
     if isinstance(pp_rank, bool) or not isinstance(pp_rank, numbers.Integral) or not (
             0 <= pp_rank < schedule.num_ranks):
         raise ValueError(f"pp rank {pp_rank!r} is not a rank of schedule {schedule.name!r}, "

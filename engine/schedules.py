@@ -12,13 +12,23 @@ import numbers
 from .ir import B, F, I, W, Action, Schedule
 
 __all__ = ["gpipe", "one_f_one_b", "interleaved_1f1b", "zero_bubble_h1", "zero_bubble_h2",
-           "zb_v", "by_name"]
+           "zb_v", "by_name", "is_name", "given_schedule"]
+
+
+def _said(v: object) -> str:
+    """``v`` as an error names it: its repr, or its type where that is long
+    (a Schedule's repr lists every action)."""
+    if isinstance(v, Schedule):
+        return f"the Schedule {v.name!r}"
+    text = repr(v)
+    return text if len(text) <= 60 else f"a {type(v).__name__}"
 
 
 def _check(p: int, m: int, **more: int) -> None:
     for name, v in {"p": p, "m": m, **more}.items():
         if not isinstance(v, numbers.Integral) or isinstance(v, bool):
-            raise TypeError(f"{name} must be a whole number, got {v!r}")  # (True made 1f1b(True,4))
+            # (True made 1f1b(True,4))
+            raise TypeError(f"{name} must be a whole number, got {_said(v)}")
     if p < 1:
         raise ValueError(f"need at least one pipeline rank, got p={p}")
     if m < 1:
@@ -217,21 +227,59 @@ def zb_v(p: int, m: int) -> Schedule:
     return _unit_list_schedule(p, m, stage_ranks, 2 * p, f"zb_v({p},{m})")
 
 
+_NAMES = "gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v"
+# each name by_name takes (lower case, without "-" and "_"): the generator it means
+_KEYS = {"gpipe": "gpipe", "1f1b": "1f1b", "onefoneb": "1f1b", "interleaved": "interleaved",
+         "interleaved1f1b": "interleaved", "zbh1": "zb-h1", "zerobubble": "zb-h1",
+         "zerobubbleh1": "zb-h1", "zb": "zb-h1", "zbh2": "zb-h2", "zerobubbleh2": "zb-h2",
+         "zbv": "zb-v", "zerobubblev": "zb-v"}
+
+
+def is_name(name: object) -> bool:
+    """Whether ``name`` names a built-in schedule (by_name's)."""
+    return isinstance(name, str) and name.lower().replace("_", "").replace("-", "") in _KEYS
+
+
+def given_schedule(obj: object, where: str) -> Schedule:
+    """``obj``, where a Schedule is what ``where`` (a Pipeline, stages_for_rank,
+    partition's ``schedule=``) takes; anything else raises a TypeError saying
+    what it takes. A name was read as one ("'str' object has no attribute
+    'num_ranks'"): names are engine.distribute's, which makes the schedule."""
+    if isinstance(obj, Schedule):
+        return obj
+    if isinstance(obj, str):
+        how = (f": a name is engine.distribute's schedule= alone; make the Schedule, "
+               f"engine.schedules.by_name({obj!r}, p, m)" if is_name(obj) else
+               ": a schedule saved as JSON is read by engine.Schedule.from_json(text)"
+               if obj.lstrip().startswith("{") else "")
+        return _refuse(where, f"the str {obj!r}" if len(obj) <= 40 else "a str", how)
+    if callable(obj) and getattr(obj, "__module__", "") == __name__:
+        name = getattr(obj, "__name__", "")
+        return _refuse(where, f"the function {name}", f": call it, {name}(p, m)")
+    return _refuse(where, _said(obj), "")
+
+
+def _refuse(where: str, what: str, how: str) -> Schedule:
+    raise TypeError(f"{where}: the schedule is an engine.Schedule (engine.schedules."
+                    f"one_f_one_b(p, m), engine.Schedule.build(ranks, ...)), not {what}{how}")
+
+
 def by_name(name: str, p: int, m: int, chunks: int = 2) -> Schedule:
     """Look a generator up by a short name: gpipe, 1f1b, interleaved, zb-h1,
     zb-h2, zb-v."""
-    key = name.lower().replace("_", "").replace("-", "")
-    if key in ("gpipe",):
+    if not isinstance(name, str):       # (None, a generator not called: 'no attribute lower')
+        raise TypeError(f"a schedule name is a str ({_NAMES}), not {_said(name)}")
+    kind = _KEYS.get(name.lower().replace("_", "").replace("-", ""))
+    if kind == "gpipe":
         return gpipe(p, m)
-    if key in ("1f1b", "onefoneb"):
+    if kind == "1f1b":
         return one_f_one_b(p, m)
-    if key in ("interleaved", "interleaved1f1b"):
+    if kind == "interleaved":
         return interleaved_1f1b(p, m, chunks)
-    if key in ("zbh1", "zerobubble", "zerobubbleh1", "zb"):
+    if kind == "zb-h1":
         return zero_bubble_h1(p, m)
-    if key in ("zbh2", "zerobubbleh2"):
+    if kind == "zb-h2":
         return zero_bubble_h2(p, m)
-    if key in ("zbv", "zerobubblev"):
+    if kind == "zb-v":
         return zb_v(p, m)
-    raise ValueError(f"unknown schedule {name!r}: use gpipe, 1f1b, interleaved, zb-h1, zb-h2 "
-                     "or zb-v")
+    raise ValueError(f"unknown schedule {name!r}: use {_NAMES}")

@@ -144,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.p is None and (os.path.exists(args.what) or not _a_name(args.what)):
         return _show_file(args.what, args)
+    if os.path.isfile(args.what) and not _a_name(args.what):
+        ap.error(f"{args.what} is a file: a saved schedule or trace holds its own ranks and "
+                 f"micro-batches, so give no p and m: python -m engine.show {args.what}")
     if args.m is None:      # (a name alone was "neither a schedule name nor a file")
         ap.error(f"give both p and m after the schedule name: pipeline ranks and "
                  f"micro-batches, e.g. python -m engine.show {args.what} 4 8")

@@ -96,6 +96,15 @@ def test_generator_argument_errors():
         S.interleaved_1f1b(2, 4, 0)
     with pytest.raises(ValueError):
         S.by_name("nonesuch", 2, 2)
+    # (None, a generator not called: "'NoneType' object has no attribute 'lower'")
+    with pytest.raises(TypeError, match=r"a schedule name is a str \(gpipe, 1f1b, interleaved, "
+                                        r"zb-h1, zb-h2 or zb-v\), not None"):
+        S.by_name(None, 2, 2)
+    assert S.is_name("ZB-H1") and S.is_name("one_f_one_b") and not S.is_name("mine")
+    # a Schedule where p goes: named, not its repr of every action
+    with pytest.raises(TypeError,
+                       match=r"^p must be a whole number, got the Schedule '1f1b\(2,4\)'$"):
+        S.one_f_one_b(S.one_f_one_b(2, 4), 4)
     for args in ((True, 4), (2.5, 4), (2, "4")):     # (True made "1f1b(True,4)" of one rank)
         with pytest.raises(TypeError, match="must be a whole number"):
             S.one_f_one_b(*args)
@@ -340,6 +349,11 @@ def test_show_prints_grid_and_figures(capsys, tmp_path):
     assert show_main([str(path), "--lowered", "--costs", "F=1,I=1,W=1"]) == 0
     out = capsys.readouterr().out
     assert "1SEND_B0" in out and "makespan 10" in out
+    with pytest.raises(SystemExit):         # (said "unknown schedule 's.json'")
+        show_main([str(path), "2", "3"])
+    assert (f"{path} is a file: a saved schedule or trace holds its own ranks and "
+            f"micro-batches, so give no p and m: python -m engine.show {path}"
+            in capsys.readouterr().err)
     bad = Schedule.build([["0B0", "0F0"]], 1, [0])
     path.write_text(bad.to_json())
     assert show_main([str(path)]) == 1

@@ -474,6 +474,65 @@ def test_stages_for_rank_refuses_a_rank_the_schedule_lacks():
     assert engine.stages_for_rank(parts, sched, np.int64(1)) == [parts[1]]
 
 
+def test_a_schedule_is_asked_for_by_name_where_it_is_given_otherwise():
+    """A name ("1f1b", as distribute takes one) given to Pipeline,
+    stages_for_rank or partition(schedule=) raised "'str' object has no
+    attribute 'num_ranks'" (partition's only under balance='time', else it
+    was ignored, as was a schedule of another stage count); a Schedule
+    given as partition's stage count "'<' not supported between instances
+    of 'Schedule' and 'int'"; distribute's schedule=None or a generator not
+    called "'NoneType' object has no attribute 'lower'"; a Schedule given
+    with other microbatches= ran its own count without a word; and
+    mlp_stages given a Schedule or 0 stages raised from inside."""
+    sched = engine.schedules.one_f_one_b(2, 4)
+    model = Sequential(Linear(3, 4), Tanh(), Linear(4, 2))
+    parts = engine.partition(model, 2)
+    made = ("the schedule is an engine.Schedule (engine.schedules.one_f_one_b(p, m), "
+            "engine.Schedule.build(ranks, ...)), not the str '1f1b': a name is "
+            "engine.distribute's schedule= alone; make the Schedule, "
+            "engine.schedules.by_name('1f1b', p, m)")
+    for call, where in (
+            (lambda: engine.Pipeline(_Solo(), parts[0], "1f1b", loss_fn=mse_loss),
+             "pp rank 0: Pipeline"),
+            (lambda: engine.stages_for_rank(parts, "1f1b", 0), "stages_for_rank"),
+            (lambda: engine.partition(model, 2, schedule="1f1b"),
+             "engine.partition(schedule=...)")):
+        with pytest.raises(TypeError, match="^" + re.escape(f"{where}: {made}") + "$"):
+            call()
+    with pytest.raises(TypeError, match=re.escape(
+            "engine.partition: num_stages=the Schedule '1f1b(2,4)': a whole number of stages "
+            "(pass sched.num_stages, 2 for '1f1b(2,4)'; the schedule itself goes in "
+            "schedule=)")):
+        engine.partition(model, sched)
+    with pytest.raises(ValueError, match=re.escape(
+            "engine.partition: schedule 'zb_v(2,4)' has 4 stages, not 2")):
+        engine.partition(model, 2, schedule=engine.schedules.zb_v(2, 4))
+    with pytest.raises(TypeError, match=re.escape(          # (README's numpy model)
+            "mlp_stages: num_stages=the Schedule '1f1b(2,4)': a whole number of stages (the "
+            "schedule's: sched.num_stages)")):
+        mlp_stages([3, 4, 2], sched)
+    with pytest.raises(ValueError, match=re.escape("mlp_stages: num_stages=0: at least 1")):
+        mlp_stages([3, 4, 2], 0)                            # (a bare IndexError)
+    with pytest.raises(ValueError, match=re.escape(
+            "mlp_stages: widths [3, 4, 2] make 2 Linear layers, too few for 4 stages")):
+        mlp_stages([3, 4, 2], engine.schedules.zb_v(2, 4).num_stages)
+    kw = {"loss_fn": mse_loss, "balance": "uniform", "verbose": False}
+    for schedule, says in ((None, "not None"),
+                           (engine.schedules.zb_v, "not the function zb_v: call it, zb_v(p, m)")):
+        with pytest.raises(TypeError, match=re.escape(
+                "schedule= takes 'auto', a name (gpipe, 1f1b, interleaved, zb-h1, zb-h2 or "
+                f"zb-v) or an engine.Schedule, {says}")):
+            engine.distribute(model, None, schedule=schedule, microbatches=4, **kw)
+    with pytest.raises(ValueError, match=re.escape(
+            "microbatches=8, but schedule '1f1b(2,4)' runs 4: a Schedule's micro-batches are "
+            "its own (leave microbatches= out, or make it for 8)")):
+        engine.distribute(model, None, schedule=sched, microbatches=8, **kw)
+    with pytest.raises(ValueError, match=re.escape(
+            "unknown schedule 'mine': use gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v, or "
+            "'auto'; a schedule of your own is passed as the Schedule itself")):
+        engine.distribute(model, None, schedule="mine", **kw)
+
+
 # ---- Pipeline.step: targets of as many rows as the inputs
 
 
