@@ -83,8 +83,8 @@ from .buffers import ReplicaBuffers
 from .clip import clip_grad_norm
 from .ir import AR, OPT, B, F, I, W, RECV_F, SEND_F, Action, Schedule, message_key
 from .lower import with_grad_sync
-from .pipeline_args import (_as_stage, _checkpointed, _given_alike, _joined, _recomputing,
-                            split_microbatches, stages_for_rank)
+from .pipeline_args import (_as_stage, _checkpointed, _given_alike, _in_place, _joined,
+                            _recomputing, split_microbatches, stages_for_rank)
 from .reports import Layout
 from .schedules import given_schedule
 from .rollback import StepFailed, _Step
@@ -323,6 +323,7 @@ class Pipeline:
         if len(given) != len(mine):     # what the caller passed, counted before any pairing
             raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
                              f"{schedule.name!r} but was given {len(given)} stage object(s)")
+        _in_place(given, mine, self.rank, schedule)
         stages = [_as_stage(obj, s in again, s, recompute, layered)
                   for s, obj in zip(mine, given)]
         self.stages = dict(zip(mine, stages))

@@ -292,9 +292,10 @@ def _partition(model: Any, num_stages: int, balance: str | Sequence[int], sample
     for stage in out:       # a shared module's copy: its tp sums over its own parameters
         if stage is not None and is_module(stage):
             own_records(stage)
-    for stage in out:
+    for s, stage in enumerate(out):
         if stage is not None:       # the Pipeline checks that every pp rank cut alike
             stage.partition_cut = tuple(counts)
+            stage.partition_stage = s       # (and that each is given for its own stage)
     if returned is not None and out[-1] is not None:
         out[-1].returned = returned
     if getattr(traced, "shaped", False):

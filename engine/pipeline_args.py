@@ -94,6 +94,23 @@ def split_microbatches(batch: Any, m: int) -> list[Any]:
     return [batch[bounds[k]:bounds[k + 1]] for k in range(m)]
 
 
+def _in_place(given: Sequence[Any], mine: Sequence[int], rank: int, schedule: Schedule) -> None:
+    """Refuse engine.partition's stages given for other stages of the
+    schedule than their own (each carries its index): a stage on two ranks,
+    or a V's stages picked as ``parts[rank]``, ran a stage's layers where
+    another's belong, failing in a layer on a shape, or not at all where
+    the widths agree. A cut into another count is _given_alike's to name."""
+    wrong = [(s, o.partition_stage) for s, o in zip(mine, given)
+             if len(getattr(o, "partition_cut", ())) == schedule.num_stages
+             and getattr(o, "partition_stage", s) != s]
+    if wrong:
+        raise ValueError(
+            f"pp rank {rank} holds stages {list(mine)} of {schedule.name!r} but was given "
+            + ", ".join(f"engine.partition's stage {got} for stage {s}" for s, got in wrong)
+            + ": pass engine.stages_for_rank(parts, schedule, grid.coord('pp')), this rank's "
+              "stages in stage order")
+
+
 def _recomputing(recompute: bool | Collection[int], num_stages: int) -> frozenset[int]:
     """The stages that recompute, out of ``Pipeline``'s ``recompute``: all
     of them, none, or the stage indices given (each checked)."""

@@ -589,20 +589,35 @@ def test_a_step_refuses_targets_of_other_rows_than_its_inputs():
 def _cut_by_hand(world):
     model = Sequential(Linear(3, 4), Tanh(), Linear(4, 4), Tanh(), Linear(4, 2))
     parts = engine.partition(model, 3)
-    return _said_then_barrier(world, lambda: engine.Pipeline(
+    said = [_said_then_barrier(world, lambda: engine.Pipeline(
         world, [parts[world.rank]], engine.schedules.one_f_one_b(2, 2), loss_fn=mse_loss,
-        timeout=30))
+        timeout=30))]
+    # a 4-stage V cut: stage r and 3 - r on rank r, picked as parts[r], parts[r + 2]
+    sched = engine.Schedule.build([["0F0", "3F0", "3B0", "0B0"], ["1F0", "2F0", "2B0", "1B0"]],
+                                  1, [0, 1, 1, 0], name="vee")
+    parts = engine.partition(model, 4)
+    return said + [_said_then_barrier(world, lambda: engine.Pipeline(
+        world, [parts[world.rank], parts[world.rank + 2]], sched, loss_fn=mse_loss,
+        timeout=30))]
 
 
 @pytest.mark.timeout(60)
 def test_a_pipeline_refuses_stages_of_a_cut_into_another_count_on_every_rank():
     """Stages picked by hand from a 3-stage cut for a 2-stage schedule ran,
-    the last stage never run and the loss taken on stage 1's output."""
+    the last stage never run and the loss taken on stage 1's output; picked
+    from a cut of the schedule's count but for other stages than theirs (a
+    V's as parts[rank]), they ran another stage's layers, failing on a shape
+    in a layer, or not at all where widths agree."""
     said = mesh.spawn(_cut_by_hand, 2, timeout=50)
-    for r, text in enumerate(said):
-        assert text.startswith(f"ValueError: rank {r}: Pipeline on group world: schedule "
-                               f"'1f1b(2,2)' runs 2 stages, but pp rank {r}'s come from an "
-                               f"engine.partition cut into 3"), said
+    for r, (count, order) in enumerate(said):
+        assert count.startswith(f"ValueError: rank {r}: Pipeline on group world: schedule "
+                                f"'1f1b(2,2)' runs 2 stages, but pp rank {r}'s come from an "
+                                f"engine.partition cut into 3"), said
+        mine, given = [(0, 3), (1, 2)][r], 2 + r      # (each rank's own fault)
+        assert order == (f"ValueError: rank {r}: Pipeline on group world: pp rank {r} holds "
+                         f"stages {list(mine)} of 'vee' but was given engine.partition's stage "
+                         f"{given} for stage {mine[1]}: pass engine.stages_for_rank(parts, "
+                         f"schedule, grid.coord('pp')), this rank's stages in stage order"), said
 
 
 # ---- Pipeline: every pp rank given the same schedule
