@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import mesh
+from engine import Schedule
 from engine.bench import SleepStage, run_meshrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,15 +31,24 @@ def test_sleep_stage_passes_data_through():
 
 
 def test_flagship_example_trains_and_writes_a_trace(tmp_path):
+    """With a schedule of a user's own, saved as JSON (--schedule took a
+    built-in's name only; make demo runs the default, 1f1b): 1F1B whose
+    rank 0 runs a forward more before its first backward."""
     trace = tmp_path / "t.trace.json"
+    own = Schedule.build([["0F0", "0F1", "0F2", "0B0", "0F3", "0B1", "0B2", "0B3"],
+                          ["1F0", "1B0", "1F1", "1B1", "1F2", "1B2", "1F3", "1B3"]],
+                         4, [0, 1], name="deeper")
+    (tmp_path / "own.json").write_text(own.to_json())
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-m", "mesh.launch", "-n", "4",
          os.path.join(ROOT, "examples", "train_pipeline.py"), "--steps", "3",
-         "--trace", str(trace)],
+         "--trace", str(trace), "--schedule", "own.json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 | 0F0" in proc.stdout and "step   2  loss" in proc.stdout
+    assert "deeper on dp=2 x pp=2:" in proc.stdout and "0 | 0F0 0F1 0F2 " in proc.stdout, \
+        proc.stdout
+    assert "step   2  loss" in proc.stdout
     assert trace.exists()
 
 
