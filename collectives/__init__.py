@@ -12,7 +12,9 @@
     plan.py       pure arithmetic: chunks, segments, trees, algorithm choice, Tuning
     ops.py        reduction operators;  scratch.py: buffers kept between calls
     userop.py     Op: a reduction given by a Python function, and its paths
-    file.py       File: parallel file I/O over a group (MPI-IO), each rank at its offset
+    file.py       File: parallel file I/O over a group (MPI-IO), each rank at its offset;
+                  fileview.py its views' filetypes (Filetype), fileagree.py how the
+                  ranks agree on a call's outcome (FileError, Agreement)
     host/         numpy arrays: paths.py (every call's path: paths_reduce.py,
                   paths_move.py, paths_uneven.py, paths_objects.py, paths_barrier.py;
                   paths_checks.py their arguments, paths_route.py which path), and the
@@ -39,6 +41,7 @@ from .api import (all_gather, all_gather_object, all_gather_v, all_reduce, all_r
                   broadcast_state, exscan, gather, gather_object, gather_v, reduce,
                   reduce_scatter, reduce_scatter_v, scan, scatter, scatter_object, scatter_v)
 from .file import File, FileError
+from .fileview import Filetype
 from .buckets import DEFAULT_BUCKET_BYTES, GradReducer, all_reduce_grads, bucket_plan
 from .ops import OPS
 from .persistent import (all_gather_init, all_gather_v_init, all_reduce_init, all_to_all_init,
@@ -58,4 +61,5 @@ __all__ = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", 
            "broadcast_init", "reduce_init", "all_gather_init", "reduce_scatter_init",
            "all_to_all_init", "gather_init", "scatter_init", "scan_init", "exscan_init",
            "barrier_init", "all_gather_v_init", "all_to_all_v_init", "gather_v_init",
-           "scatter_v_init", "reduce_scatter_v_init", "File", "FileError"]
+           "scatter_v_init", "reduce_scatter_v_init", "File", "FileError",
+           "Filetype"]

@@ -10,15 +10,18 @@ by os.pwrite and os.preadv, no copy through another rank::
 The collective calls (open, close, the ``_all`` and ``_ordered`` calls,
 set_view, set_size, preallocate, sync) agree on their outcome: an error
 on any rank is raised on every rank as a FileError naming the rank, the
-call and the errno. The independent ones (write_at, read_at, size) raise
-on the rank that made them. A view is a displacement and an element type
-(MPI's etype, as its filetype too); MPI's strided filetypes are not
-provided."""
+call and the errno (fileagree.py); ``agree_later`` does a call's own
+part at once and agrees in the background (MPI's nonblocking collectives).
+The independent ones (write_at, read_at, size) raise on the rank that
+made them. A view is a displacement, an element type
+(MPI's etype) and, for a strided or interleaved view, a filetype
+(collectives.fileview.Filetype: runs of data tiled over the file from the
+displacement); a read or write through one moves each run the stretch of
+data covers by one pread or pwrite, adjacent runs merged, holes untouched."""
 from __future__ import annotations
 
 import errno as _errno
 import os
-import zlib
 from typing import Any
 
 import numpy as np
@@ -26,10 +29,11 @@ import numpy as np
 from mesh import Comm
 from mesh.tensors import cpu_numpy, is_tensor
 
-from .api import all_reduce
-from .host.paths import all_gather_object
+from .fileagree import Agreement, FileError, agree as _agree, said as _said
+from .fileview import Filetype
+from .host.paths import all_gather_object, broadcast_object
 
-__all__ = ["File", "FileError", "MODES"]
+__all__ = ["File", "FileError", "MODES", "Agreement"]
 
 _ANY = os.O_RDWR
 # mode: (flags every rank opens with, rank 0 creates, truncates, fails where it exists, at end)
@@ -41,32 +45,6 @@ MODES: dict[str, tuple[int, bool, bool, bool, bool]] = {
     "a": (_ANY, True, False, False, True),
 }
 _MAX = 2 ** 63 - 1
-
-
-class FileError(OSError):
-    """A File call that failed on one or more ranks, raised on every rank of
-    a collective call: ``errors`` maps each failed rank to its (errno,
-    message); ``errno`` and ``rank`` are the first failed rank's."""
-
-    def __init__(self, call: str, path: str, errors: dict[int, tuple[int, str]]) -> None:
-        first = min(errors)
-        code = errors[first][0]
-        said = "; ".join(("" if len(errors) == 1 else f"rank {r}: ") + m
-                         + (f" [errno {e} {_errno.errorcode.get(e, '?')}]" if e else "")
-                         for r, (e, m) in errors.items())
-        super().__init__(code or None, f"File.{call} of {path} failed on rank"
-                         f"{'s' if len(errors) > 1 else ''} {', '.join(map(str, errors))}: "
-                         f"{said}")
-        self.rank = first
-        self.errors = errors
-        self.call = call
-        self.filename = path
-
-    def __str__(self) -> str:
-        return str(self.args[-1])
-
-    def __reduce__(self) -> Any:
-        return FileError, (self.call, self.filename, self.errors)
 
 
 def _bytes_of(data: Any, what: str, writable: bool) -> np.ndarray:
@@ -115,7 +93,10 @@ class File:
         self._timeout = timeout
         self.disp = 0
         self.etype = np.dtype(np.uint8)
+        self.filetype: Filetype | None = None
         self._shared = 0            # the ordered calls' place, in elements of the view
+        # (or a counter every rank adds to atomically, held by rank 0: add(n), get(), set(v))
+        self.counter: Any = None
         self._readonly = False
 
     # -- opening and closing ---------------------------------------------------------------
@@ -214,21 +195,53 @@ class File:
 
     # -- views and sizes -------------------------------------------------------------------
 
-    def set_view(self, disp: int = 0, etype: Any = np.uint8) -> None:
-        """Collective: offsets from now on count ``etype`` elements from byte
-        ``disp`` (MPI's Set_view with filetype = etype); the ordered calls
-        start again at its start."""
+    def set_view(self, disp: int = 0, etype: Any = np.uint8,
+                 filetype: Filetype | None = None) -> None:
+        """Collective: offsets from now on count ``etype`` elements of the
+        view's data from byte ``disp`` (MPI's Set_view): the bytes from
+        there on, or with a ``filetype`` its runs, the file tiled with it
+        from ``disp`` (each rank may have its own, its data a whole number
+        of ``etype`` elements, monotone, without overlap where the file is
+        written); the ordered calls start again at its start."""
         err = None
         try:
             dt = np.dtype(etype)
             if int(disp) < 0 or int(disp) > _MAX:
-                raise ValueError(f"displacement {disp} out of range")
+                raise ValueError(f"displacement {disp} out of range (MPI_ERR_ARG)")
             if dt.itemsize == 0:
                 raise ValueError(f"element type {dt} has no size")
+            if filetype is not None:
+                _fits(filetype, dt, not self._readonly)
+                if filetype.contiguous:
+                    filetype = None
+            if self.counter is not None and self.group.rank == 0:
+                self.counter.set(0)
         except (TypeError, ValueError) as e:
-            err = (0, str(e))
-        self._agree("set_view", err, extra=None if err else (int(disp), dt.str))
+            err = (_errno.EINVAL, str(e))
+        except OSError as e:
+            err = (e.errno or 0, str(e))
+        self._agree("set_view", err, extra=None if err else dt.itemsize)
         self.disp, self.etype, self._shared = int(disp), dt, 0
+        self.filetype = filetype
+
+    def byte_offset(self, offset: int) -> int:
+        """The file byte of element ``offset`` of the view (MPI's
+        Get_byte_offset)."""
+        pos = int(offset) * self.etype.itemsize
+        return self.disp + (pos if self.filetype is None else self.filetype.byte_of(pos))
+
+    def elements_before(self, nbytes: int) -> int:
+        """The view's elements that lie before file byte ``nbytes`` (where
+        the file's end falls in the view: MPI's SEEK_END)."""
+        rel = int(nbytes) - self.disp
+        data = rel if self.filetype is None else self.filetype.data_before(rel)
+        return max(0, data) // self.etype.itemsize
+
+    def check(self, call: str, problem: str | None, extra: Any = None) -> None:
+        """Collective: a caller's own check of its arguments, agreed: a
+        ``problem`` any rank has, or an ``extra`` that differs between
+        ranks, raised on every rank as a FileError naming it."""
+        self._agree(call, None if problem is None else (0, problem), extra)
 
     @property
     def size(self) -> int:
@@ -322,14 +335,20 @@ class File:
                              f"{n} bytes is out of range")
         return int(n)
 
-    def _at(self, offset: Any, nbytes: int, call: str) -> int:
-        """The byte offset of element ``offset`` of the view."""
-        off = self.disp + int(offset) * self.etype.itemsize
-        if int(offset) < 0 or off + nbytes > _MAX:
+    def _runs(self, offset: Any, nbytes: int, call: str) -> tuple[np.ndarray, np.ndarray]:
+        """The file's runs (byte starts, lengths) that ``nbytes`` of the
+        view's data from element ``offset`` lie in, in order."""
+        pos = int(offset) * self.etype.itemsize
+        if self.filetype is None:
+            starts, lengths = np.array([self.disp + pos]), np.array([nbytes])
+        else:
+            starts, lengths = self.filetype.runs(pos, nbytes)
+            starts = starts + self.disp
+        if int(offset) < 0 or (len(starts) and int(starts[-1] + lengths[-1]) > _MAX):
             raise ValueError(f"File.{call} of {self.path}: rank {self.group.rank}: offset "
                              f"{offset} (in {self.etype} elements from byte {self.disp}) is "
                              f"out of range")
-        return off
+        return starts, lengths
 
     def _elements(self, raw: np.ndarray, call: str) -> int:
         if raw.nbytes % self.etype.itemsize:
@@ -345,11 +364,14 @@ class File:
                              f"read-only ({self.mode})")
         raw = _bytes_of(data, f"File.{call}", writable=False)
         count = self._elements(raw, call)
-        at = self._at(offset, raw.nbytes, call)
-        done, view = 0, raw.data
+        starts, lengths = self._runs(offset, raw.nbytes, call)
+        view, mem = raw.data, 0
         try:
-            while done < raw.nbytes:
-                done += os.pwrite(fd, view[done:], at + done)
+            for at, n in zip(starts.tolist(), lengths.tolist()):
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, view[mem + done:mem + n], at + done)
+                mem += n
         except OSError as e:
             raise self._alone(call, e) from None
         return count
@@ -358,22 +380,28 @@ class File:
         fd = self._open(call)
         raw = _bytes_of(out, f"File.{call}", writable=True)
         self._elements(raw, call)
-        at = self._at(offset, raw.nbytes, call)
-        done, view = 0, raw.data
+        starts, lengths = self._runs(offset, raw.nbytes, call)
+        view, mem, at, short = raw.data, 0, 0, False
         try:
-            while done < raw.nbytes:
-                got = os.preadv(fd, [view[done:]], at + done)
-                if got == 0:
+            for at, n in zip(starts.tolist(), lengths.tolist()):
+                done = 0
+                while done < n:
+                    got = os.preadv(fd, [view[mem + done:mem + n]], at + done)
+                    if got == 0:
+                        break
+                    done += got
+                mem += done
+                if done < n:
+                    short, at = True, at + done
                     break
-                done += got
         except OSError as e:
             raise self._alone(call, e) from None
-        if done < raw.nbytes and not partial:
+        if short and not partial:
+            first = int(starts[0]) if len(starts) else self.disp
             raise FileError(call, self.path, {self.group.rank: (0, (
-                f"short read: {raw.nbytes} bytes wanted at byte {at}, the file ends "
-                f"{done} bytes after it (size {at + done}; partial=True takes what there is)"
-            ))})
-        return done // self.etype.itemsize
+                f"short read: {raw.nbytes} bytes wanted from byte {first}, the file ends "
+                f"after {mem} of them (size {at}; partial=True takes what there is)"))})
+        return mem // self.etype.itemsize
 
     def _all(self, call: str, body: Any) -> int:
         err, n = None, 0
@@ -382,7 +410,7 @@ class File:
         except FileError as e:
             err = e.errors[self.group.rank]
         except (OSError, ValueError, TypeError) as e:
-            err = (getattr(e, "errno", 0) or 0, str(e))
+            err = _said(e)
         self._agree(call, err)
         return n
 
@@ -397,10 +425,30 @@ class File:
         bad = {r: (0, c) for r, c in enumerate(counts) if isinstance(c, str)}
         if bad:
             raise FileError(call, self.path, bad)
-        start = self._shared + sum(counts[:self.group.rank])
-        self._shared += sum(counts)
+        if self.counter is None:
+            base = self._shared
+            self._shared += sum(counts)
+        else:
+            base = broadcast_object(self.group, self.counter.add(sum(counts))
+                                    if self.group.rank == 0 else None, timeout=self._timeout)
+        start = base + sum(counts[:self.group.rank])
         self._all(call, lambda: body(start))
         return start
+
+    def agree_later(self, call: str, body: Any) -> "Agreement":
+        """A collective call's own part, ``body()`` (its count), done now;
+        the ranks' outcomes gathered in the background (a nonblocking
+        all_gather, in call order among the group's collectives): the
+        Agreement's ``wait()`` returns the count or raises the FileError
+        every rank raises (MPI's nonblocking collective I/O)."""
+        err, n = None, 0
+        try:
+            n = body()
+        except FileError as e:
+            err = e.errors[self.group.rank]
+        except (OSError, ValueError, TypeError) as e:
+            err = _said(e)
+        return Agreement(self, call, n, err)
 
     def _try(self, fn: Any, doing: str) -> tuple[int, str] | None:
         try:
@@ -413,22 +461,13 @@ class File:
         _agree(self.group, call, self.path, err, self._timeout, extra)
 
 
-def _agree(g: Comm, call: str, path: str, err: tuple[int, str] | None,
-           timeout: float | None, extra: Any = None) -> None:
-    """Every rank's outcome of ``call`` to every rank: a FileError naming
-    each rank that failed, on all of them (``extra``: what the ranks must
-    pass alike, the mode or the view: a difference fails them all). A tiny
-    all_reduce of a flag and the extra's crc says whether all went well;
-    the reasons are gathered only where one did not."""
-    code = zlib.crc32(repr(extra).encode())
-    flags = all_reduce(g, np.array([err is not None, code, -code], np.int64), op="max",
-                       timeout=timeout)
-    if not flags[0] and flags[1] == -flags[2]:
-        return
-    said = all_gather_object(g, [list(err) if err else None, extra], timeout=timeout)
-    errors = {r: (int(e[0]), str(e[1])) for r, (e, _) in enumerate(said) if e}
-    if not errors and any(x != said[0][1] for _, x in said):
-        errors = {r: (0, f"passed {x!r} where rank 0 passed {said[0][1]!r}")
-                  for r, (_, x) in enumerate(said) if x != said[0][1]}
-    if errors:
-        raise FileError(call, path, errors)
+def _fits(ft: Filetype, dt: np.dtype, writing: bool) -> None:
+    """MPI's rules for a filetype under etype ``dt`` (ValueError: which)."""
+    bad = ft.problem(writing)
+    if bad is not None:
+        raise ValueError(f"filetype: {bad} (MPI_ERR_TYPE)")
+    odd = ft.lengths[ft.lengths % dt.itemsize != 0]
+    if ft.size % dt.itemsize or len(odd):
+        raise ValueError(f"filetype: its data ({ft.size} bytes a tile, in runs of "
+                         f"{sorted(set(ft.lengths.tolist()))[:4]} bytes) is no whole number of "
+                         f"the view's {dt.itemsize}-byte etype (MPI_ERR_ARG)")

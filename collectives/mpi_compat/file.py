@@ -1,24 +1,31 @@
 """mpi4py's MPI.File over collectives.File (POSIX pread and pwrite at each
 rank's own offset): ``File.Open(comm, name, amode)`` with Open MPI's
-``MODE_*`` flags, the explicit-offset calls (Write_at, Read_at and their
-``_all`` forms), the individual file pointer (Write, Read, their ``_all``
-forms, Seek, Get_position), the ordered calls, Set_view with a filetype
-equal to its etype, Get_size, Set_size, Preallocate, Sync, Close, Delete.
-An error is mpi4py's MPI.Exception with MPI's error class (ERR_NO_SUCH_FILE,
-ERR_ACCESS...), raised on every rank of a collective call, its text naming
-the rank; what is not provided raises NotImplementedError naming it."""
+``MODE_*`` flags, Set_view with any filetype (a derived datatype's typemap
+as collectives.fileview's runs) and etype, the explicit-offset calls
+(Write_at, Read_at and their ``_all`` forms), the individual file pointer
+(Write, Read, their ``_all`` forms, Seek, Get_position), the ordered calls,
+Get_size, Set_size, Preallocate, Sync, Close, Delete; memory of derived
+datatypes, packed and unpacked as the point-to-point calls do. The
+nonblocking, split collective and shared file pointer calls are
+filelater.py's. An error is mpi4py's MPI.Exception with MPI's error class
+(ERR_NO_SUCH_FILE, ERR_ACCESS, ERR_TYPE...), raised on every rank of a
+collective call, its text naming the rank; what is not provided raises
+NotImplementedError naming it."""
 from __future__ import annotations
 
 import errno
 import os
+import re
 from typing import Any
 
 import numpy as np
 
 from ..file import File as _File, FileError
-from .buffers import spec
+from ..fileview import Filetype, runs_of
+from .buffers import Buf, spec
+from .filelater import Later, SharedCounter
 from .requests import Status
-from .types import Datatype, Exception, datatype_of
+from .types import DATATYPES, ERR_OTHER, ERR_TYPE, Datatype, Exception, datatype_of
 
 __all__ = ["File", "MODES", "SEEK_SET", "SEEK_CUR", "SEEK_END", "FILE_ERRORS"]
 
@@ -29,16 +36,26 @@ MODES = {"MODE_CREATE": 1, "MODE_RDONLY": 2, "MODE_WRONLY": 4, "MODE_RDWR": 8,
 SEEK_SET, SEEK_CUR, SEEK_END = 600, 602, 604
 FILE_ERRORS = {"ERR_ARG": 13, "ERR_ACCESS": 20, "ERR_AMODE": 21, "ERR_BAD_FILE": 23, "ERR_FILE": 30,
                "ERR_FILE_EXISTS": 28, "ERR_IO": 35, "ERR_NO_SPACE": 41,
-               "ERR_NO_SUCH_FILE": 42, "ERR_UNSUPPORTED_OPERATION": 52}
+               "ERR_NO_SUCH_FILE": 42, "ERR_UNSUPPORTED_OPERATION": 52, "ERR_PENDING": 19}
 _CLASS = {errno.ENOENT: 42, errno.ENOTDIR: 42, errno.EEXIST: 28, errno.EACCES: 20,
           errno.EPERM: 20, errno.EROFS: 20, errno.EBADF: 20, errno.ENOSPC: 41,
-          errno.EDQUOT: 41, errno.EISDIR: 23, errno.ENAMETOOLONG: 23}
+          errno.EDQUOT: 41, errno.EISDIR: 23, errno.ENAMETOOLONG: 23, errno.EINVAL: 13}
 _M = MODES
 
 
+_NAMED = {**FILE_ERRORS, "ERR_TYPE": ERR_TYPE, "ERR_OTHER": ERR_OTHER}
+
+
 def _mpi_error(e: FileError) -> Exception:
-    err = Exception(_CLASS.get(e.errno or 0, FILE_ERRORS["ERR_IO"] if e.errno
-                               else FILE_ERRORS["ERR_FILE"]), f"collectives.MPI {e}")
+    """MPI's class: one the first failed rank's reason names ("(MPI_ERR_TYPE)"),
+    else its errno's."""
+    named = re.search(r"\(MPI_(ERR_[A-Z_]+)\)", e.errors[e.rank][1])
+    if named and named.group(1) in _NAMED:
+        cls = _NAMED[named.group(1)]
+    else:
+        cls = _CLASS.get(e.errno or 0, FILE_ERRORS["ERR_IO"] if e.errno
+                         else FILE_ERRORS["ERR_FILE"])
+    err = Exception(cls, f"collectives.MPI {e}")
     err.__cause__ = e
     return err
 
@@ -63,25 +80,61 @@ def _how(amode: int) -> tuple[int, bool, bool, bool, bool]:
         bool(amode & _M["MODE_APPEND"])
 
 
-def _etype(dt: Any, what: str) -> np.dtype:
-    got = datatype_of(dt, what)
-    return np.dtype(np.uint8) if got is None else got
+_BYTE = DATATYPES["BYTE"]
 
 
-class File:
+def _committed(dt: Any, what: str) -> str | None:
+    """Why a derived datatype cannot make a view (None: it can)."""
+    if isinstance(dt, Datatype) and dt.typemap is not None and (dt.freed or not dt.committed):
+        return f"{what}: {dt!r} is {'freed' if dt.freed else 'not committed'} (MPI_ERR_TYPE)"
+    return None
+
+
+def _etype(dt: Any, what: str) -> tuple[np.dtype, str | None]:
+    """The view's element as collectives.File counts it (a derived etype:
+    its size in bytes), and why it cannot be one."""
+    if not (isinstance(dt, Datatype) and dt.typemap is not None):
+        got = datatype_of(dt, what)
+        return (np.dtype(np.uint8) if got is None else got), None
+    bad = _committed(dt, what)
+    if bad is None:
+        tm = dt.typemap
+        starts, _ = runs_of(tm.flat(), tm.item)
+        if len(starts) > 1:
+            bad = (f"{what}: etype {dt!r} has holes in its data: an etype with holes is not "
+                   f"provided (its elements, or a contiguous type of them) (MPI_ERR_ARG)")
+    return np.dtype(f"V{max(1, dt.Get_size())}"), bad
+
+
+def _tiling(ft: Any, what: str) -> tuple[Filetype | None, str | None]:
+    """A filetype's runs (collectives.fileview), and why it cannot be one."""
+    if not (isinstance(ft, Datatype) and ft.typemap is not None):
+        size = np.dtype(datatype_of(ft, what) or np.uint8).itemsize
+        return Filetype(np.zeros(1, np.int64), np.array([size]), size), None
+    bad = _committed(ft, what)
+    if bad is not None:
+        return None, bad
+    tm = ft.typemap
+    return Filetype.of(tm.flat(), tm.item, tm.extent), None
+
+
+class File(Later):
     """mpi4py's MPI.File: ``MPI.File.Open(comm, name, amode)`` (collective),
     and ``f.file``, the collectives.File under it."""
 
     def __init__(self, f: _File, comm: Any, amode: int) -> None:
+        super().__init__()
         self.file = f
         self._comm = comm
         self._amode = amode
         self._pos = 0       # the individual file pointer, in elements of the view
-        self._etype_dt: Any = None
+        self._view: tuple[int, Any, Any] = (0, _BYTE, _BYTE)
 
     @classmethod
     def Open(cls, comm: Any, filename: Any, amode: int = MODES["MODE_RDONLY"],
              info: Any = None) -> "File":
+        """(collective: the file opened by every rank, and the shared file
+        pointer's counter made on rank 0)"""
         how = _how(int(amode))
         try:
             f = _File.opened(comm.mesh, filename, how, f"amode {int(amode)}",
@@ -90,6 +143,7 @@ class File:
             raise _mpi_error(e) from None
         out = cls(f, comm, int(amode))
         out._pos = f._shared        # (MODE_APPEND: both pointers at the end)
+        f.counter = SharedCounter(comm.mesh, f._shared)
         return out
 
     @staticmethod
@@ -102,16 +156,8 @@ class File:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name[:1].islower():
             raise AttributeError(f"collectives.MPI.File has no attribute {name!r}")
-        if name.startswith("I") or name.endswith(("_begin", "_end")):
-            base = name[1:].capitalize() if name.startswith("I") else name.rsplit("_", 1)[0]
-            why = f"nonblocking and split collective file calls are not provided: call " \
-                  f"{base} (blocking)"
-        elif name.endswith("_shared"):
-            why = "the shared file pointer's independent calls are not provided: " \
-                  "Write_ordered and Read_ordered (collective), or Write_at at an offset"
-        else:
-            why = "not provided (README, \"Coming from mpi4py\", lists what is)"
-        raise NotImplementedError(f"collectives.MPI: File.{name}: {why}")
+        raise NotImplementedError(f"collectives.MPI: File.{name}: not provided (README, "
+                                  f"\"Coming from mpi4py\", lists what is)")
 
     def _run(self, fn: Any, *args: Any, **kw: Any) -> Any:
         try:
@@ -120,6 +166,12 @@ class File:
             raise _mpi_error(e) from None
 
     def Close(self) -> None:
+        """(collective; refused on every rank, the file left open, while a
+        rank's nonblocking or split call on it is not completed)"""
+        if self.file.counter is not None:
+            self._run(self.file.check, "close", self._unfinished())
+            self.file.counter.free()
+            self.file.counter = None
         self._run(self.file.close)
 
     def Get_amode(self) -> int:
@@ -145,28 +197,38 @@ class File:
     def Sync(self) -> None:
         self._run(self.file.sync)
 
+    # -- the view
+
     def Set_view(self, disp: int = 0, etype: Any = None, filetype: Any = None,
-                 datarep: str = "native", info: Any = None) -> None:
-        e = _etype(etype, "File.Set_view")
-        if filetype is not None and _etype(filetype, "File.Set_view") != e:
-            raise NotImplementedError(
-                "collectives.MPI: File.Set_view: a filetype other than the etype (MPI's "
-                "strided or derived file views) is not provided: write each block at its "
-                "own offset (Write_at_all)")
-        if datarep != "native":
+                 datarep: str | None = "native", info: Any = None) -> None:
+        """(collective) Offsets and both file pointers count ``etype``s of
+        the view's data: the file from byte ``disp`` tiled with
+        ``filetype`` (a derived datatype: its typemap's data, in order; by
+        default the etype, a contiguous view)."""
+        if datarep not in (None, "native"):
             raise NotImplementedError(f"collectives.MPI: File.Set_view: datarep {datarep!r}: "
                                       f"only 'native' is provided")
-        self._run(self.file.set_view, disp, e)
+        etype = _BYTE if etype is None else etype
+        filetype = etype if filetype is None else filetype
+        what = "File.Set_view"
+        e, bad = _etype(etype, what)
+        tiling, bad_ft = _tiling(filetype, what)
+        self._run(self.file.check, "set_view", bad or bad_ft)
+        self._run(self.file.set_view, disp, e, tiling)
         self._pos = 0
-        self._etype_dt = etype
+        self._view = (int(disp), etype, filetype)
 
-    def Get_view(self) -> tuple[int, Any, Any]:
-        dt = self._etype_dt if isinstance(self._etype_dt, Datatype) else \
-            Datatype("BYTE", "B") if self._etype_dt is None else self._etype_dt
-        return self.file.disp, dt, dt
+    def Get_view(self) -> tuple[int, Any, Any, str]:
+        return (*self._view, "native")
 
     def Get_byte_offset(self, offset: int) -> int:
-        return self.file.disp + int(offset) * self.file.etype.itemsize
+        return self.file.byte_offset(offset)
+
+    def Get_type_extent(self, datatype: Any) -> int:
+        """(a datatype's extent in the file: "native", its extent in memory)"""
+        if isinstance(datatype, Datatype):
+            return int(datatype.Get_extent()[1])
+        return np.dtype(datatype_of(datatype, "File.Get_type_extent") or np.uint8).itemsize
 
     def _status(self, status: Status | None, count: int) -> None:
         if status is not None:
@@ -174,69 +236,79 @@ class File:
             status.source = status.tag = -1
             status.error = 0
 
+    def _buf(self, buf: Any, what: str) -> Buf:
+        """A buffer spec (a derived datatype's elements packed)."""
+        return spec(buf, f"File.{what}", packs=True)
+
+    def _io(self, call: Any, offset: int, buf: Any, status: Status | None, what: str,
+            **kw: Any) -> int:
+        """A read or write at ``offset`` (elements of the view) of ``buf``'s
+        elements (a read's unpacked into a derived datatype's places);
+        returns the elements moved."""
+        b = self._buf(buf, what)
+        n = self._run(call, offset, b.view, **kw)
+        if "partial" in kw:
+            b.done()
+        self._status(status, n)
+        return int(n)
+
     # -- explicit offsets
 
     def Write_at(self, offset: int, buf: Any, status: Status | None = None) -> None:
-        self._status(status, self._run(self.file.write_at, offset,
-                                       spec(buf, "File.Write_at").view))
+        self._io(self.file.write_at, offset, buf, status, "Write_at")
 
     def Write_at_all(self, offset: int, buf: Any, status: Status | None = None) -> None:
-        self._status(status, self._run(self.file.write_at_all, offset,
-                                       spec(buf, "File.Write_at_all").view))
+        self._io(self.file.write_at_all, offset, buf, status, "Write_at_all")
 
     def Read_at(self, offset: int, buf: Any, status: Status | None = None) -> None:
-        self._status(status, self._run(self.file.read_at, offset,
-                                       spec(buf, "File.Read_at").view, partial=True))
+        self._io(self.file.read_at, offset, buf, status, "Read_at", partial=True)
 
     def Read_at_all(self, offset: int, buf: Any, status: Status | None = None) -> None:
-        self._status(status, self._run(self.file.read_at_all, offset,
-                                       spec(buf, "File.Read_at_all").view, partial=True))
+        self._io(self.file.read_at_all, offset, buf, status, "Read_at_all", partial=True)
 
     # -- the individual file pointer
 
     def Seek(self, offset: int, whence: int = SEEK_SET) -> None:
-        base = {SEEK_SET: 0, SEEK_CUR: self._pos,
-                SEEK_END: (self.Get_size() - self.file.disp) // self.file.etype.itemsize}
+        base = {SEEK_SET: 0, SEEK_CUR: self._pos, SEEK_END: -1}
+        if whence == SEEK_END:
+            base[SEEK_END] = self.file.elements_before(self.Get_size())
         if whence not in base or base[whence] + int(offset) < 0:
             raise Exception(FILE_ERRORS["ERR_ARG"],
-                            f"collectives.MPI File.Seek: offset {offset} from whence "
-                            f"{whence} (SEEK_SET, SEEK_CUR, SEEK_END) is out of range")
+                            f"collectives.MPI File.Seek: rank {self._comm.rank}: offset "
+                            f"{offset} from whence {whence} (SEEK_SET, SEEK_CUR, SEEK_END) is "
+                            f"out of range")
         self._pos = base[whence] + int(offset)
 
     def Get_position(self) -> int:
         return self._pos
 
     def _moved(self, call: Any, buf: Any, status: Status | None, what: str, **kw: Any) -> None:
-        n = self._run(call, self._pos, spec(buf, what).view, **kw)
-        self._pos += n
-        self._status(status, n)
+        self._pos += self._io(call, self._pos, buf, status, what, **kw)
 
     def Write(self, buf: Any, status: Status | None = None) -> None:
-        self._moved(self.file.write_at, buf, status, "File.Write")
+        self._moved(self.file.write_at, buf, status, "Write")
 
     def Write_all(self, buf: Any, status: Status | None = None) -> None:
-        self._moved(self.file.write_at_all, buf, status, "File.Write_all")
+        self._moved(self.file.write_at_all, buf, status, "Write_all")
 
     def Read(self, buf: Any, status: Status | None = None) -> None:
-        self._moved(self.file.read_at, buf, status, "File.Read", partial=True)
+        self._moved(self.file.read_at, buf, status, "Read", partial=True)
 
     def Read_all(self, buf: Any, status: Status | None = None) -> None:
-        self._moved(self.file.read_at_all, buf, status, "File.Read_all", partial=True)
+        self._moved(self.file.read_at_all, buf, status, "Read_all", partial=True)
 
     # -- the shared file pointer, collectively
 
     def Write_ordered(self, buf: Any, status: Status | None = None) -> None:
-        v = spec(buf, "File.Write_ordered").view
-        self._run(self.file.write_ordered, v)
-        self._status(status, v.nbytes // self.file.etype.itemsize)
+        b = self._buf(buf, "Write_ordered")
+        self._run(self.file.write_ordered, b.view)
+        self._status(status, b.view.nbytes // self.file.etype.itemsize)
 
     def Read_ordered(self, buf: Any, status: Status | None = None) -> None:
-        v = spec(buf, "File.Read_ordered").view
-        self._run(self.file.read_ordered, v, partial=True)
-        self._status(status, v.nbytes // self.file.etype.itemsize)
-
-    def Get_position_shared(self) -> int:
-        return self.file._shared
+        b = self._buf(buf, "Read_ordered")
+        self._run(self.file.read_ordered, b.view, partial=True)
+        b.done()
+        self._status(status, b.view.nbytes // self.file.etype.itemsize)
 
     def Get_atomicity(self) -> bool:
         return False

@@ -181,6 +181,8 @@ class Request:
             fill(status, st)
         else:
             value = r.wait(timeout)
+            if status is not None and hasattr(r, "status_into"):    # (a file call's count)
+                r.status_into(status)
         if self._finish is not None:
             value = self._finish(value)
         if not isinstance(self, Prequest):
