@@ -163,15 +163,18 @@ class Job(_ModelState, _OptimizerState, _Retiming):
         on every replica and kept, as without (engine.zero_grads)."""
         self.pipeline.owned.take(params, owners)
 
-    def _params_kept_by(self, params: Sequence[Any], owners: Sequence[int] | None,
-                        per_layer: bool = True, prefetch: int = 0) -> None:
+    def _params_kept_by(self, params: Sequence[Any], owners: Sequence[int | None] | None,
+                        per_layer: bool = True, prefetch: int = 0,
+                        bucket: int = 50_000_000, max_live: int = 1_000_000_000) -> None:
         """ZeRO stage 3 (engine.ZeroRedundancyOptimizer(stage=3) calls it):
         each of ``params``' values kept by the dp replica ``owners`` names
         alone between steps, the others' dropped now, a step gathering them
         module by module (``per_layer``, ``prefetch`` modules ahead of the
-        one running) or whole; None: on every replica again (collective
-        over dp: engine.zero_params)."""
-        self.pipeline.owned_params.take(params, owners, per_layer, prefetch)
+        one running, their elements not yet used ``bucket`` at most, the
+        elements live outside the module running ``max_live`` at most) or
+        whole; None (an owner, or ``owners``): on every replica again
+        (collective over dp: engine.zero_params)."""
+        self.pipeline.owned_params.take(params, owners, per_layer, prefetch, bucket, max_live)
 
     def gathered(self, fill: bool = True) -> Any:
         """A context manager: under ZeRO stage 3, every parameter of this

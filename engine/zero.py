@@ -36,7 +36,13 @@ share's values only (the others' ``.data`` an empty tensor), each step
 gathers the others from their owners, module by module as each runs
 (engine.zero_layers; ``stage3_per_layer=False``: a stage's whole weights
 at the step's start), and drops them again, and ``step()`` sends nothing
-(the next step's gathers do).
+(the next step's gathers do). DeepSpeed's bounds, in elements, as its
+config names them: ``stage3_prefetch_bucket_size`` and
+``stage3_max_live_parameters`` bound the gathers posted ahead and kept
+(engine.zero_prefetch, engine.zero_layers); a parameter of
+``stage3_param_persistence_threshold`` elements at most stays whole on
+every replica, its gradient and state its owner's as under stage 2, and
+``step()`` broadcasts it.
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ import collectives
 from mesh import Comm
 from mesh.tensors import is_tensor
 
-from .zero_prefetch import PREFETCH
+from .zero_prefetch import BUCKET, MAX_LIVE, PREFETCH
 
 __all__ = ["ZeroRedundancyOptimizer", "shares"]
 
@@ -100,6 +106,29 @@ def _stage_checked(stage: Any, job: Any, g: Comm, where: str) -> None:
                          f"stages are engine.layers' (numpy)")
 
 
+_KNOBS = {      # stage 3's element counts, as DeepSpeed's config names them
+    "stage3_prefetch_bucket_size": "the elements gathered ahead of the module running and not "
+                                   "yet used, at most (0: none ahead; else the next module's "
+                                   "gathered ahead whatever its size)",
+    "stage3_param_persistence_threshold": "a parameter of at most this many elements kept "
+                                          "whole on every replica (0: none)",
+    "stage3_max_live_parameters": "the gathered elements live at once outside the module "
+                                  "running, at most"}
+
+
+def _elements(where: str, name: str, v: Any) -> int:
+    """``v`` as an element count: an int >= 0, or a float that is one (DeepSpeed's
+    JSON ``5e7``); else TypeError or ValueError naming ``name`` and what it means."""
+    said = f"{where}: {name}={v!r}: {_KNOBS[name]}; an int >= 0"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(said)
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError(said)
+    if v < 0:
+        raise ValueError(said)
+    return int(v)
+
+
 def _shape(job: Any, p: Any) -> tuple[int, ...]:
     """``p``'s shape, whole where the job keeps it on another replica
     (ZeRO stage 3: empty here between steps)."""
@@ -140,7 +169,12 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     module's as it runs, else a stage's whole weights for the step;
     ``stage3_prefetch``: the modules whose gathers a step posts ahead of
     the one running, in the order the last step ran them, 0 none,
-    engine.zero_prefetch): see the module docstring.
+    engine.zero_prefetch; ``stage3_prefetch_bucket_size``: their new
+    elements not yet used, at most, but the next module's; ``stage3_max_
+    live_parameters``: the elements gathered at once outside the module
+    running, at most; ``stage3_param_persistence_threshold``: parameters
+    of as many elements or fewer kept whole on every replica, as stage 2
+    keeps them): see the module docstring.
     A job's newest such optimizer over a parameter says how the job reduces
     its gradient (a stage 1 one over the job: averaged on every replica
     again). Collective over the dp group: building it (the replicas'
@@ -149,7 +183,9 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], optimizer_class: type,
                  process_group: Any, *, stage: int = 1, stage3_per_layer: bool = True,
-                 stage3_prefetch: int = PREFETCH, **defaults: Any) -> None:
+                 stage3_prefetch: int = PREFETCH, stage3_prefetch_bucket_size: int = BUCKET,
+                 stage3_param_persistence_threshold: int = 0,
+                 stage3_max_live_parameters: int = MAX_LIVE, **defaults: Any) -> None:
         self.group, self.timeout = _dp_of(process_group)
         g = self.group
         self.where = f"rank {g.ranks[g.rank]}: ZeroRedundancyOptimizer on group {g.name}"
@@ -170,9 +206,12 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                 raise TypeError(ahead)
             if stage3_prefetch < 0:
                 raise ValueError(ahead)
+            knobs = [stage3_per_layer, stage3_prefetch] + [
+                _elements(self.where, k, v) for k, v in zip(_KNOBS, (
+                    stage3_prefetch_bucket_size, stage3_param_persistence_threshold,
+                    stage3_max_live_parameters))]
             said: Any = [stage, [[str(p.dtype), list(_shape(job, p))]
-                                 for grp in whole.param_groups for p in grp["params"]],
-                         [stage3_per_layer, stage3_prefetch]]
+                                 for grp in whole.param_groups for p in grp["params"]], knobs]
         except (TypeError, ValueError) as e:    # (an empty list: every replica hears of it)
             fault, said = e, f"{type(e).__name__}: {e}"
         told = collectives.all_gather_object(g, said, timeout=self.timeout)
@@ -186,19 +225,19 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if other is not None:
             raise ValueError(f"{self.where}: stage={stage} here but stage={told[other][0]} on "
                              f"rank {g.ranks[other]}: every replica passes the same")
-        other = next((r for r, t in enumerate(told) if t[2] != [stage3_per_layer,
-                                                                 stage3_prefetch]), None)
+        other = next((r for r, t in enumerate(told) if t[2] != knobs), None)
         if stage == 3 and other is not None:
-            here, there = (f"stage3_per_layer={stage3_per_layer}", told[other][2][0]) \
-                if told[other][2][0] != stage3_per_layer else \
-                (f"stage3_prefetch={stage3_prefetch}", told[other][2][1])
-            raise ValueError(f"{self.where}: {here} here but {there} on rank "
-                             f"{g.ranks[other]}: every replica passes the same (the gathers "
-                             f"pair up)")
+            k = next(k for k, (a, b) in enumerate(zip(knobs, told[other][2])) if a != b)
+            name = ["stage3_per_layer", "stage3_prefetch", *_KNOBS][k]
+            raise ValueError(f"{self.where}: {name}={knobs[k]} here but {told[other][2][k]} on "
+                             f"rank {g.ranks[other]}: every replica passes the same (the "
+                             f"gathers pair up)")
         told = [t[1] for t in told]
         self.stage = stage
         self.stage3_per_layer = stage3_per_layer
         self.stage3_prefetch = stage3_prefetch
+        self.stage3_prefetch_bucket_size, self.stage3_param_persistence_threshold, \
+            self.stage3_max_live_parameters = knobs[2:]
         self.job: Any = job     # (None: a mesh group, stage 1)
         self._building = True
         super().__init__([dict(grp) for grp in whole.param_groups], dict(whole.defaults))
@@ -212,7 +251,8 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                              f"{g.ranks[0]} and {g.ranks[other]} (their dtypes and shapes, in "
                              f"order): the group is the job's dp replicas (process_group=job), "
                              f"each making it of its own job.parameters()")
-        self.owner = shares([_numel(job, p) for p in self.params], g.size)
+        sizes = [_numel(job, p) for p in self.params]
+        self.owner = shares(sizes, g.size)
         self.mine = {id(p) for p, r in zip(self.params, self.owner) if r == g.rank}
         self.optim = optimizer_class(
             [{**self._hyper(grp), "params": [p for p in grp["params"] if id(p) in self.mine]}
@@ -220,9 +260,13 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.optim._zero_share = True   # (stepped from step(): engine.zero_grads' check)
         if job is not None:     # stage 2: each gradient reduced to its owner alone, and kept
             job._grads_kept_by(self.params, self.owner if stage > 1 else None)  # there only
-            # stage 3: each parameter's values too, between steps (engine.zero_params)
-            job._params_kept_by(self.params, self.owner if stage == 3 else None,
-                                stage3_per_layer, stage3_prefetch)
+            # stage 3: each parameter's values too, between steps (engine.zero_params), but
+            # those of persistence_threshold elements at most (whole on every replica, stage 2)
+            job._params_kept_by(self.params, [
+                None if n <= self.stage3_param_persistence_threshold else r
+                for n, r in zip(sizes, self.owner)] if stage == 3 else None,
+                stage3_per_layer, stage3_prefetch, self.stage3_prefetch_bucket_size,
+                self.stage3_max_live_parameters)
 
     def grad_bytes(self) -> int:
         """The bytes of the gradients this replica holds of ``params`` (under
@@ -243,6 +287,22 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if self.stage != 3 or self.job is None:
             return 0
         return int(self.job.pipeline.owned_params.peak_bytes())
+
+    def gathers_received(self) -> int:
+        """Under stage 3: the values of other replicas' parameters this rank
+        received in the job's last step (one message each: layer by layer
+        from their owners, gathered whole a broadcast each); else 0. A
+        persistent parameter (``stage3_param_persistence_threshold``) is none
+        of them: ``step()`` broadcasts it from its owner instead."""
+        if self.stage != 3 or self.job is None:
+            return 0
+        return int(self.job.pipeline.owned_params.received())
+
+    def persists(self, p: Any) -> bool:
+        """Under stage 3, whether ``p`` stays whole on every replica
+        (``stage3_param_persistence_threshold`` elements at most): its
+        gradient and state on its owner alone, as stage 2 keeps them."""
+        return self.stage == 3 and _numel(self.job, p) <= self.stage3_param_persistence_threshold
 
     def holds(self, p: Any) -> bool:
         """Whether ``p`` is in this replica's share (its state kept here)."""

@@ -16,7 +16,9 @@ A weight that autograd saves for the backward (``Linear`` saves ``W.t()``)
 is not kept: a saved-tensor hook packs a view of a gathered parameter as
 (parameter, view's geometry), and unpacking it in the backward gathers the
 parameter's module again, so the backward too holds a layer or two at a
-time (``KEEP``), whatever the schedule: a micro-batch's graph waiting for
+time (``KEEP``; the older dropped first where the elements live outside
+the module would pass ``max_live``, DeepSpeed's stage3_max_live_parameters),
+whatever the schedule: a micro-batch's graph waiting for
 its backward (1F1B, interleaved, ZB-V's W) holds no gathered weight, so
 micro-batches in flight share nothing to count. Each parameter is counted
 (its holders: a module running, a backward's unpack, a stray read), and
@@ -45,13 +47,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import sys
 import weakref
 from typing import Any, Iterator, Sequence
 
 from mesh import MeshTimeoutError
 
-from .zero_prefetch import Prefetch
+from .zero_prefetch import MAX_LIVE, Prefetch
 
 __all__ = ["LayerGathers", "KEEP"]
 
@@ -104,6 +107,7 @@ class LayerGathers:
         self.unit_of: dict[int, list[Any]] = {}     # each parameter's first module's
         self.index: dict[int, int] = {}     # each parameter's place (its tag)
         self.params: list[Any] = []         # the parameters by their place
+        self.numel: list[int] = []          # and their whole elements
         self.live: dict[int, Any] = {}      # gathered storages' addresses: their parameters
         self.blank: dict[int, Any] = {}     # the placeholders of the others' parameters
         self.back: list[list[Any]] = []     # what the backward gathered (oldest first)
@@ -112,6 +116,9 @@ class LayerGathers:
         self.tag = 0
         self.held_bytes = 0         # the others' parameters' bytes held now, and the most
         self.peak_bytes = 0         # held at once during the last step
+        self.held_elems = 0         # the whole elements of the parameters held now (any owner)
+        self.max_live = MAX_LIVE    # those live outside the module running at most
+        self.received = 0           # the values this rank received in the last step
         self.ahead = Prefetch()     # the next modules' gathers posted ahead (zero_prefetch)
 
     # ---- set up (ShardedParams.take)
@@ -121,6 +128,7 @@ class LayerGathers:
         tags) and the ``modules`` holding some of them directly."""
         self.index = {id(p): i for i, p in enumerate(params)}
         self.params = list(params)
+        self.numel = [math.prod(self.kept.shape[id(p)]) for p in params]
         self.ahead.reset()
         self.units, self.unit_of = {}, {}
         for m in modules:
@@ -144,7 +152,7 @@ class LayerGathers:
         self.active, self.stages, self.tag = True, stages, tag
         self.count = {id(p): 0 for p in params}
         self.live, self.back, self.stray, self.sends = {}, [], [], []
-        self.held_bytes = self.peak_bytes = 0
+        self.held_bytes = self.peak_bytes = self.held_elems = self.received = 0
         self.ahead.begin(kind)
         for p in params:
             if self.kept.owner[id(p)] != me:
@@ -179,6 +187,7 @@ class LayerGathers:
         recvs = []
         got = self.ahead.match(self, new)
         for p in new:
+            self.held_elems += self.numel[self.index[id(p)]]
             r = owner[id(p)]
             tag = self.tag_of(p)
             posted = got.get(self.index[id(p)])
@@ -193,10 +202,12 @@ class LayerGathers:
             else:
                 p.data = torch.empty(self.kept.shape[id(p)], dtype=p.dtype, device=p.device)
                 recvs.append(dp.irecv(r, tag=tag, out=p.detach()))
+                self.received += 1
                 self.held_bytes += p.numel() * p.element_size()
             self.live[p.untyped_storage().data_ptr()] = p
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
-        self.ahead.top_up(self)
+        self.ahead.top_up(self, sum(self.numel[self.index[id(p)]] for p in params
+                                    if id(p) in self.count))
         try:
             for req in recvs:
                 req.wait(pipe.timeout)
@@ -224,6 +235,7 @@ class LayerGathers:
                 continue
             self.count[id(p)] = n - 1
             if n == 1:
+                self.held_elems -= self.numel[self.index[id(p)]]
                 self.live.pop(p.untyped_storage().data_ptr(), None)
                 if self.ahead.keep(self, p):     # (its values an event posted ahead's)
                     if owner[id(p)] != me:
@@ -255,11 +267,18 @@ class LayerGathers:
         p = x.p
         if self.active and self.count.get(id(p)) == 0:
             own = self.unit_of[id(p)]
-            if len(self.back) >= KEEP:      # (a view unpacked from it before lives on)
+            # (the oldest dropped: a view unpacked from it before lives on)
+            while self.back and (len(self.back) >= KEEP or self._outside(own) > self.max_live):
                 self.release(self.back.pop(0))
             self.acquire(own)
             self.back.append(own)
         return p.detach().as_strided(x.size, x.stride, x.offset)
+
+    def _outside(self, own: Sequence[Any]) -> int:
+        """The whole elements live (held, or posted ahead) but ``own``'s."""
+        mine = sum(self.numel[self.index[id(p)]] for p in own
+                   if self.count.get(id(p)) or self.index[id(p)] in self.ahead.ready)
+        return self.held_elems + self.ahead.elems - mine
 
     @contextlib.contextmanager
     def computing(self, s: int) -> Iterator[None]:
@@ -298,7 +317,7 @@ class LayerGathers:
                 pass
         self.sends, self.back, self.stray, self.live = [], [], [], {}
         self.count = {}
-        self.held_bytes = 0
+        self.held_bytes = self.held_elems = 0
         self.active = False
 
     def abandon(self, reason: str, kind: Any, lost: int | None) -> None:

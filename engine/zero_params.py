@@ -47,6 +47,7 @@ import collectives
 
 from .torch_stage import TorchStage
 from .zero_layers import LayerGathers
+from .zero_prefetch import BUCKET, MAX_LIVE
 
 __all__ = ["ShardedParams"]
 
@@ -67,6 +68,7 @@ class ShardedParams:
         self.per_layer = True       # a step gathers module by module (engine.zero_layers)
         self.layers = LayerGathers(self)
         self.whole_bytes = 0        # the others' bytes the last step gathered whole
+        self.whole_count = 0        # and their parameters
 
     def __bool__(self) -> bool:
         return bool(self.owner)
@@ -96,33 +98,40 @@ class ShardedParams:
         """``p``'s shape, whole (where this replica holds it empty)."""
         return tuple(self.shape.get(id(p), p.shape))
 
-    def take(self, params: Sequence[Any], owners: Sequence[int] | None,
-             per_layer: bool = True, prefetch: int = 0) -> None:
+    def take(self, params: Sequence[Any], owners: Sequence[int | None] | None,
+             per_layer: bool = True, prefetch: int = 0, bucket: int = BUCKET,
+             max_live: int = MAX_LIVE) -> None:
         """From now on, each of ``params``' values kept by the replica
         ``owners`` names alone between steps (None: by every replica again,
-        as without stage 3), a step gathering them module by module
-        (``per_layer``; ``prefetch`` modules' gathers posted ahead of the
-        one running: engine.zero_prefetch) or whole. Collective over dp
-        where a parameter sharded so far is given back its values (the
-        replicas make the same call: building the optimizer is)."""
-        back = [p for p in params if id(p) in self.owner] if owners is None else []
+        as without stage 3; ``owners`` None: each so), a step gathering them
+        module by module (``per_layer``; the gathers of ``prefetch`` modules
+        ahead of the one running posted, while their elements not yet used
+        stay within ``bucket``, and the elements live outside the module
+        running within ``max_live``: engine.zero_prefetch) or whole.
+        Collective over dp where a parameter sharded so far is given back
+        its values (the replicas make the same call: building the optimizer
+        is)."""
+        whole = [None] * len(params) if owners is None else list(owners)
+        back = [p for p, r in zip(params, whole) if r is None and id(p) in self.owner]
         if back:
             with self.whole(params=back):
                 for p in back:
                     self.owner.pop(id(p), None)
                     self.shape.pop(id(p), None)
-        if owners is None:
+        kept = [(p, int(r)) for p, r in zip(params, whole) if r is not None]
+        if not kept:
             return
-        shapes = [self.shape_of(p) for p in params]
+        shapes = [self.shape_of(p) for p, _ in kept]
         self.gather()       # (the shares may change: every value here first)
         self.wait()
-        for p, r, shape in zip(params, owners, shapes):
-            self.owner[id(p)] = int(r)
+        for (p, r), shape in zip(kept, shapes):
+            self.owner[id(p)] = r
             self.shape[id(p)] = shape
-            if int(r) != self.pipe.dp_index:
+            if r != self.pipe.dp_index:
                 p.grad = None       # (the owner keeps it, as stage 2 after a step)
         self.per_layer = bool(per_layer)
-        self.layers.ahead.window = int(prefetch)
+        ahead = self.layers.ahead
+        ahead.window, ahead.bucket, self.layers.max_live = int(prefetch), bucket, max_live
         self._guard()
         self.held = True
         self.free()
@@ -199,11 +208,14 @@ class ShardedParams:
         if layered:     # (the tags of step n: engine.executor's, above its messages')
             self.layers.begin(layered, pipe.tag_base + ((pipe._step0 + n) << 32),
                               [p for s, ps in staged if s in layered for p in ps], kind)
+        else:           # (this step's figures, none layer by layer)
+            self.layers.peak_bytes = self.layers.received = 0
         rest = [p for s, ps in staged if s not in layered for p in ps]
         self.gather(params=rest)
         me = pipe.dp_index
-        self.whole_bytes = sum(math.prod(self.shape[id(p)]) * p.element_size() for p in rest
-                               if self.owner[id(p)] != me)
+        others = [p for p in rest if self.owner[id(p)] != me]
+        self.whole_bytes = sum(math.prod(self.shape[id(p)]) * p.element_size() for p in others)
+        self.whole_count = len(others)
 
     def computing(self, s: int) -> Any:
         """A context manager for stage ``s``'s forward or backward action in
@@ -228,6 +240,12 @@ class ShardedParams:
         once during its last step: the whole stages' where gathered whole,
         else the modules' gathered at one time."""
         return self.whole_bytes + self.layers.peak_bytes
+
+    def received(self) -> int:
+        """The values of other replicas' parameters this rank received in
+        its last step (one message each, layer by layer; a broadcast each,
+        gathered whole)."""
+        return self.whole_count + self.layers.received
 
     def gather(self, fill: bool = True, params: Sequence[Any] | None = None) -> None:
         """Give every parameter this replica does not own its storage again,

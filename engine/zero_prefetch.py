@@ -21,9 +21,16 @@ A parameter held (or posted for an earlier event) when an event that
 gathers it again is posted is not sent twice: the buffer it holds is
 handed on when it is dropped (``keep``), so a parameter has one buffer at
 a time, and a step holds at most the window's events' bytes more of the
-others' values than without, never more than all of them. Every replica
-makes the same decisions: they follow the recorded order, the window, the
-parameters held and the events so far, which are alike on every replica
+others' values than without, never more than all of them. Two bounds in
+elements (a parameter's whole elements, whoever owns it: alike on every
+replica), DeepSpeed's: the events posted stop at the first whose new
+elements would take those posted ahead and not yet used past ``bucket``
+(``stage3_prefetch_bucket_size``; the next event is posted whatever its
+size, and 0 posts none), or the elements live outside the event running
+past ``max_live`` (``stage3_max_live_parameters``, engine.zero_layers').
+Every replica makes the same decisions: they follow the recorded order,
+the window, the bounds, the parameters held and the events so far, which
+are alike on every replica
 (the replicas run the same modules in the same order, as the gathers
 already need), and a prefetched gather is the gather an event makes
 otherwise, under its tag (the owner sends its value once, each other
@@ -40,9 +47,11 @@ from typing import Any, Sequence
 
 from mesh import MeshTimeoutError
 
-__all__ = ["Prefetch", "PREFETCH"]
+__all__ = ["Prefetch", "PREFETCH", "BUCKET", "MAX_LIVE"]
 
 PREFETCH = 2    # stage3_prefetch's default: the events a step gathers ahead of the one running
+BUCKET = 50_000_000     # stage3_prefetch_bucket_size's (DeepSpeed's): elements gathered ahead
+MAX_LIVE = 1_000_000_000    # stage3_max_live_parameters' (DeepSpeed's): elements live at once
 
 _END_WAIT_S = 5.0   # a failed step's prefetch: its owner posted it, or aborted the step's tags
 
@@ -53,6 +62,7 @@ class Prefetch:
 
     def __init__(self, window: int = 0) -> None:
         self.window = window        # the events gathered ahead at most (0: none)
+        self.bucket = BUCKET        # and their elements not yet used (0: none ahead)
         self.orders: dict[bool, list[tuple[int, ...]]] = {}     # per kind (eval): agreed
         self.kind = False
         self.seen: list[tuple[int, ...]] = []       # this step's events, in order
@@ -63,6 +73,7 @@ class Prefetch:
         # this replica's own (sent), a request None: handed on from its holder (``keep``)
         self.ready: dict[int, tuple[Any, Any]] = {}
         self.marks: dict[int, int] = {}     # a parameter's events posted to be handed on
+        self.elems = 0      # the whole elements of ``ready``'s parameters
         self.used = 0       # this step's events whose gathers were posted ahead
         self.missed = 0     # and its events that were not the one expected (0 or 1)
 
@@ -75,8 +86,8 @@ class Prefetch:
         such step's order, if one was agreed."""
         self.kind = kind
         self.seen, self.ready, self.marks = [], {}, {}
-        self.pos = self.posted = self.used = self.missed = 0
-        self.order = self.orders.get(kind) if self.window > 0 else None
+        self.pos = self.posted = self.used = self.missed = self.elems = 0
+        self.order = self.orders.get(kind) if self.window > 0 and self.bucket > 0 else None
 
     def match(self, g: Any, new: Sequence[Any]) -> dict[int, tuple[Any, Any]]:
         """The event gathering ``new`` (each held by none): recorded, and
@@ -88,6 +99,7 @@ class Prefetch:
         self.seen.append(key)
         got = {i: self.ready.pop(i) for i in key if i in self.ready} if self.ready else {}
         self.used += bool(got)
+        self.elems -= sum(g.numel[i] for i in got)
         order = self.order
         if order is not None:
             if self.pos < len(order) and order[self.pos] == key:
@@ -111,30 +123,39 @@ class Prefetch:
         self.marks[i] -= 1
         mine = g.kept.owner[id(p)] == g.kept.pipe.dp_index
         self.ready[i] = (None if mine else p.data, None)
+        self.elems += g.numel[i]
         return True
 
-    def top_up(self, g: Any) -> None:
+    def top_up(self, g: Any, running: int = 0) -> None:
         """Post the gathers of the events ``window`` ahead of the one running
-        (those not posted yet): each from its owner into a buffer of its own,
-        or, held now or posted for an earlier event, handed on from its
-        holder when dropped (one buffer a parameter)."""
+        (those not posted yet), in order, each from its owner into a buffer
+        of its own, or, held now or posted for an earlier event, handed on
+        from its holder when dropped (one buffer a parameter); stopped at the
+        first event whose new elements would take those posted ahead and
+        not yet used past ``bucket`` (the next event is posted whatever its
+        size), or the elements live outside the module running (``running``
+        of them) past ``g.max_live``."""
         order = self.order
         if order is None:
             return
         self.posted = max(self.posted, self.pos)
         end = min(len(order), self.pos + self.window)
-        if self.posted >= end:
-            return
         torch = sys.modules["torch"]
         pipe = g.kept.pipe
         dp, me, owner, shape = pipe.dp, pipe.dp_index, g.kept.owner, g.kept.shape
         for j in range(self.posted, end):
+            add = sum(g.numel[i] for i in order[j]
+                      if not (g.count.get(id(g.params[i])) or i in self.ready))
+            if (j > self.pos and self.elems + add > self.bucket) or \
+                    g.held_elems + self.elems - running + add > g.max_live:
+                break
             for i in order[j]:
                 p = g.params[i]
                 if g.count.get(id(p)) or i in self.ready:
                     self.marks[i] = self.marks.get(i, 0) + 1
                     continue
                 r, tag = owner[id(p)], g.tag_of(p)
+                self.elems += g.numel[i]
                 if r == me:
                     g.sends += [dp.isend(p.detach(), k, tag=tag) for k in range(dp.size)
                                 if k != me]
@@ -142,8 +163,9 @@ class Prefetch:
                     continue
                 buf = torch.empty(shape[id(p)], dtype=p.dtype, device=p.device)
                 self.ready[i] = (buf, dp.irecv(r, tag=tag, out=buf))
+                g.received += 1
                 g.held_bytes += buf.numel() * buf.element_size()
-        self.posted = end
+            self.posted = j + 1
         g.peak_bytes = max(g.peak_bytes, g.held_bytes)
 
     def agreed(self, g: Any) -> None:
@@ -159,6 +181,7 @@ class Prefetch:
                 if req is not None:
                     req.wait(pipe.timeout)
                 del self.ready[i]
+                self.elems -= g.numel[i]
         except MeshTimeoutError as e:
             p = g.params[i]
             e.add_note(f"pp rank {pipe.rank} (dp replica {pipe.dp_index}): ZeRO stage 3's "
@@ -182,4 +205,4 @@ class Prefetch:
                 req.wait(_END_WAIT_S)
             except Exception:
                 req.cancel()
-        self.ready, self.marks, self.order = {}, {}, None
+        self.ready, self.marks, self.order, self.elems = {}, {}, None, 0

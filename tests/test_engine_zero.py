@@ -4,11 +4,12 @@ same job with the whole optimizer on every replica, keeps a share of its
 state (and under stage 2 of the gradients, under stage 3 of the
 parameters) per replica, and checkpoints the same whole state.
 
-One spawn per layout runs four jobs of the same model on the grid, one
-with AdamW, the others with AdamW under ZeRO stages 1, 2 and 3, clipping
-every step; the parent compares their weights, their gathered optimizer
-states and the state (gradients, parameters) each rank held. The other
-tests run stage 3 beside stage 2 in their spawns.
+One spawn per layout runs five jobs of the same model on the grid, one
+with AdamW, the others with AdamW under ZeRO stages 1, 2 and 3 (and 3
+with DeepSpeed's stage3_param_persistence_threshold: the biases whole),
+clipping every step; the parent compares their weights, their gathered
+optimizer states and the state (gradients, parameters) each rank held.
+The other tests run stage 3 beside stage 2 in their spawns.
 """
 import math
 
@@ -18,7 +19,7 @@ import pytest
 import collectives
 import engine
 import mesh
-from engine.zero import shares
+from engine.zero import _elements, shares
 
 WIDTHS = [6, 16, 12, 16, 8, 4]       # 5 Linear layers, 9 layers with the Tanh between
 TP_PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
@@ -34,6 +35,20 @@ def test_shares_deal_the_largest_first_to_the_emptiest():
     sizes = [64 * 32, 32, 32 * 32, 32, 32 * 8, 8]
     held = [sum(s for s, r in zip(sizes, shares(sizes, 4)) if r == k) for k in range(4)]
     assert sorted(held) == [32 + 32 + 8, 256, 1024, 2048]
+
+
+def test_stage3_element_counts_are_ints_or_deepspeeds_floats():
+    """stage3_prefetch_bucket_size and the like, as DeepSpeed's JSON gives
+    them (5e7): an int >= 0 or a float that is one; else refused, naming
+    the knob and what it counts."""
+    assert _elements("w", "stage3_prefetch_bucket_size", 5e7) == 50_000_000
+    assert _elements("w", "stage3_max_live_parameters", 0) == 0
+    for v, error in ((-1, ValueError), (1.5, ValueError), (float("inf"), ValueError),
+                     ("1e5", TypeError), (True, TypeError), (None, TypeError)):
+        with pytest.raises(error, match=f"w: stage3_param_persistence_threshold={v!r}: a "
+                                        f"parameter of at most this many elements kept whole "
+                                        f"on every replica .*; an int >= 0"):
+            _elements("w", "stage3_param_persistence_threshold", v)
 
 
 def _model():
@@ -91,7 +106,9 @@ def _worker(world, axes, plan):
                                  balance=[5, 4] if pp == 2 else "uniform",
                                  sample=part(_data(0)[0]), loss_fn=torch.nn.functional.mse_loss,
                                  overhead=0.0, verbose=False, timeout=60, tag_base=tag_base)
-    whole, zjob, z2job, z3job = build(0), build(1 << 20), build(2 << 20), build(3 << 20)
+    whole, zjob, z2job, z3job, z3pjob = (build(k << 20) for k in range(5))
+    # every bias (16 elements at most) whole on every replica (DeepSpeed's persistence)
+    knobs = {"stage3_param_persistence_threshold": 16}
     opt = torch.optim.AdamW(_groups(whole.named_parameters()), lr=LR)
     zopt = engine.ZeroRedundancyOptimizer(_groups(zjob.named_parameters()), torch.optim.AdamW,
                                           zjob, lr=LR)
@@ -99,6 +116,8 @@ def _worker(world, axes, plan):
                                            torch.optim.AdamW, z2job, stage=2, lr=LR)
     z3opt = engine.ZeroRedundancyOptimizer(_groups(z3job.named_parameters()),
                                            torch.optim.AdamW, z3job, stage=3, lr=LR)
+    z3popt = engine.ZeroRedundancyOptimizer(_groups(z3pjob.named_parameters()),
+                                            torch.optim.AdamW, z3pjob, stage=3, lr=LR, **knobs)
     _refused_stages(world, grid, z2job, d)
     if pp > 1:      # over the whole world: each pp rank's stages differ, every rank says so
         with pytest.raises(ValueError, match=r"the parameters given differ between ranks 0 "
@@ -119,9 +138,10 @@ def _worker(world, axes, plan):
     zsched = torch.optim.lr_scheduler.StepLR(zopt, 1, gamma=0.5)
     z2sched = torch.optim.lr_scheduler.StepLR(z2opt, 1, gamma=0.5)
     z3sched = torch.optim.lr_scheduler.StepLR(z3opt, 1, gamma=0.5)
+    z3psched = torch.optim.lr_scheduler.StepLR(z3popt, 1, gamma=0.5)
     norms = []
     ways = ((whole, opt, sched), (zjob, zopt, zsched), (z2job, z2opt, z2sched),
-            (z3job, z3opt, z3sched))
+            (z3job, z3opt, z3sched), (z3pjob, z3popt, z3psched))
     # stage 3: at rest each replica holds its share's values only (the others empty)
     at_rest = [_param_bytes(z3job)]
     for step in range(STEPS):
@@ -149,6 +169,15 @@ def _worker(world, axes, plan):
                              (p.grad is not None) == z3opt.holds(p) for p in z3opt.params),
            "zero3_held": z3opt.state_bytes(), "zero3_param_bytes": z3opt.param_bytes(),
            "zero3_peak": z3opt.peak_gathered_bytes(),
+           # the biases persistent: whole on every replica, their gradient and state on their
+           # owner alone, and not gathered (fewer values received a step)
+           "zero3p_kept": all((p.numel() > 0) == (z3popt.holds(p) or z3popt.persists(p)) and
+                              (p.grad is not None) == z3popt.holds(p) for p in z3popt.params),
+           "zero3p_persist": [z3popt.persists(p) for p in z3popt.params],
+           "zero3p_held": z3popt.state_bytes(),
+           "zero3p_gathers": [z3popt.gathers_received(), z3opt.gathers_received()],
+           "zero3p_weights": _numpy(z3pjob.state_dict()),
+           "zero3p_optim": _optim_numpy(z3pjob.optimizer_state_dict(z3popt)),
            "zero3_optim": _optim_numpy(z3job.optimizer_state_dict(z3opt)),
            "optim": _optim_numpy(whole.optimizer_state_dict(opt)),
            "zero_optim": _optim_numpy(zjob.optimizer_state_dict(zopt)),
@@ -170,10 +199,15 @@ def _worker(world, axes, plan):
     again3 = engine.ZeroRedundancyOptimizer(_groups(z3job.named_parameters()),
                                             torch.optim.AdamW, z3job, stage=3, lr=LR)
     z3job.load_optimizer_state_dict(again3, saved)
+    again3p = engine.ZeroRedundancyOptimizer(_groups(z3pjob.named_parameters()),
+                                             torch.optim.AdamW, z3pjob, stage=3, lr=LR, **knobs)
+    z3pjob.load_optimizer_state_dict(again3p, saved)
     # (and the whole model's state, saved and loaded: each replica keeps its share's)
     z3job.load_state_dict(collectives.broadcast_state(world, z3job.state_dict()))
+    z3pjob.load_state_dict(collectives.broadcast_state(world, z3pjob.state_dict()))
     x, y = (part(a) for a in _data(STEPS))
-    for job, o in ((whole, opt), (zjob, again), (z2job, again2), (z3job, again3)):
+    for job, o in ((whole, opt), (zjob, again), (z2job, again2), (z3job, again3),
+                   (z3pjob, again3p)):
         o.zero_grad()
         job.step(x, y)
         o.step()
@@ -181,9 +215,10 @@ def _worker(world, axes, plan):
     out["zero_resumed"] = _numpy(zjob.state_dict())
     out["zero2_resumed"] = _numpy(z2job.state_dict())
     out["zero3_resumed"] = _numpy(z3job.state_dict())
+    out["zero3p_resumed"] = _numpy(z3pjob.state_dict())
     # gradients accumulated over two steps (no zero_grad between): stage 2's owner adds
     # the second step's average to the first's, as every replica does without ZeRO
-    for job, o in ((whole, opt), (z2job, again2), (z3job, again3)):
+    for job, o in ((whole, opt), (z2job, again2), (z3job, again3), (z3pjob, again3p)):
         o.zero_grad()
         for step in (STEPS + 1, STEPS + 2):
             job.step(*(part(a) for a in _data(step)))
@@ -192,9 +227,11 @@ def _worker(world, axes, plan):
     out["accumulated"] = _numpy(whole.state_dict())
     out["zero2_accumulated"] = _numpy(z2job.state_dict())
     out["zero3_accumulated"] = _numpy(z3job.state_dict())
+    out["zero3p_accumulated"] = _numpy(z3pjob.state_dict())
     by_hand = z3job.pipeline.first and plan is None     # (a tp module makes collectives)
-    with z3job.gathered():     # (a user reading the weights: every one whole, then freed)
-        out["zero3_gathered"] = _param_bytes(z3job) == _param_bytes(whole)
+    with z3job.gathered(), z3pjob.gathered():   # (a user reading the weights: whole, freed)
+        out["zero3_gathered"] = _param_bytes(z3job) == _param_bytes(whole) == \
+            _param_bytes(z3pjob)
         if by_hand:
             z3job.stages[0].module(x)       # (whole: it runs)
     out["zero3_called"] = None
@@ -204,7 +241,7 @@ def _worker(world, axes, plan):
             out["zero3_called"] = "ran"
         except RuntimeError as e:
             out["zero3_called"] = str(e)
-    out["zero3_after"] = _param_bytes(z3job) < _param_bytes(whole)
+    out["zero3_after"] = _param_bytes(z3job) <= _param_bytes(z3pjob) < _param_bytes(whole)
     with pytest.raises(RuntimeError, match="consolidate_state_dict"):
         again.state_dict()
     if world.size == 2:     # torch's own ZeRO (its shares in .optim): refused, not {"state": {}}
@@ -234,8 +271,8 @@ def _refused_stages(world, grid, job, d):
     """A stage other than 1 or 2, stage 2 over a mesh group (the job must
     know the shares), stage 2 of a tensor not the job's, replicas given
     other stages, stage3_per_layer not a bool, stage3_prefetch not an int
-    >= 0, and either other on the replicas: each refused, every replica
-    raising at once."""
+    >= 0 (DeepSpeed's element counts alike), and any other on the
+    replicas: each refused, every replica raising at once."""
     import torch
     with pytest.raises(ValueError, match=r"stage=4: 1 .*, 2 .* or 3 \(its share's "
                                          r"parameters too\)"):
@@ -258,6 +295,10 @@ def _refused_stages(world, grid, job, d):
                                         f"of the one running, an int >= 0"):
             engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
                                            stage3_prefetch=ahead)
+    with pytest.raises(ValueError, match=r"stage3_prefetch_bucket_size=-1: the elements "
+                                         r"gathered ahead of the module running .* an int >= 0"):
+        engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
+                                       stage3_prefetch_bucket_size=-1)
     if world.size == 2:
         with pytest.raises(ValueError, match=f"stage={1 + d} here but stage={2 - d} on rank "
                                              f"{1 - d}: every replica passes the same"):
@@ -272,6 +313,10 @@ def _refused_stages(world, grid, job, d):
                                              f"{1 - d}: every replica"):
             engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
                                            stage3_prefetch=d)
+        with pytest.raises(ValueError, match=f"stage3_max_live_parameters={d} here but "
+                                             f"{1 - d} on rank {1 - d}: every replica"):
+            engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
+                                           stage3_max_live_parameters=d)
 
 
 def _same(got, want, what):
@@ -293,8 +338,8 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
     pytest.importorskip("torch")
     results = mesh.spawn(_worker, n, axes, plan, timeout=280, env=PATIENT)
     for res in results:     # clipped alike (stage 2's and 3's norm: the same bit for bit)
-        assert res["norms"][0::4] == res["norms"][1::4] == res["norms"][2::4] == \
-            res["norms"][3::4], res["norms"]
+        assert res["norms"][0::5] == res["norms"][1::5] == res["norms"][2::5] == \
+            res["norms"][3::5] == res["norms"][4::5], res["norms"]
         assert res["norms"][0] > 0.2                                       # (it clipped)
         # each replica keeps the state of its share only, and the shares cover it all
         assert 0 < res["zero_held"] < res["held"], res
@@ -318,6 +363,14 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
         # compares layer by layer with the whole gather)
         others = res["whole_bytes"] - res["zero3_param_bytes"]
         assert 0 < res["zero3_peak"] <= others, (res["zero3_peak"], others)
+        # persistent biases: whole everywhere, the state still dealt as stage 1's, and the
+        # step gathers only the weights
+        assert res["zero3p_kept"] and res["zero3p_held"] == res["zero_held"], res
+        assert any(res["zero3p_persist"]) and not all(res["zero3p_persist"]), res
+        assert 0 < res["zero3p_gathers"][0] <= res["zero3p_gathers"][1], res["zero3p_gathers"]
+    # (a replica owning every bias of its stages received none of them before either)
+    assert sum(res["zero3p_gathers"][0] for res in results) < \
+        sum(res["zero3p_gathers"][1] for res in results), [r["zero3p_gathers"] for r in results]
     assert sum(res["zero3_called"] is not None for res in results) == (2 if plan is None
                                                                          else 0)
     for res in results:     # a replica's share and its mate's make the whole state
@@ -326,7 +379,7 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
         assert res["zero2_grads"] + mate["zero2_grads"] == res["grads"], (res, mate)
         assert res["zero3_at_rest"][0] + mate["zero3_at_rest"][0] == res["whole_bytes"]
     root = results[0]
-    for way in ("zero", "zero2", "zero3"):
+    for way in ("zero", "zero2", "zero3", "zero3p"):
         _same(root[f"{way}_weights"], root["weights"], f"{way} weights")
         _same(root[f"{way}_resumed"], root["resumed"], f"{way} resumed")
         got, want = root[f"{way}_optim"], root["optim"]
@@ -336,6 +389,7 @@ def test_zero_trains_and_checkpoints_as_the_whole_optimizer(axes, plan, n):
             _same(got["state"][name], own, f"{way} state {name}")
     _same(root["zero2_accumulated"], root["accumulated"], "zero2 accumulated")
     _same(root["zero3_accumulated"], root["accumulated"], "zero3 accumulated")
+    _same(root["zero3p_accumulated"], root["accumulated"], "zero3 persistent accumulated")
 
 
 def _consolidate_fails_worker(world):
@@ -646,21 +700,28 @@ def _layered_zero3(grid, d):
     (the default: the next two modules' gathers posted ahead, in the
     order the last step ran them), the same with none ahead
     (stage3_prefetch=0) and a stage's whole weights for the step
-    (stage3_per_layer=False) beside the whole AdamW, two of the three
+    (stage3_per_layer=False), and layer by layer with DeepSpeed's bounds
+    set small (stage3_max_live_parameters=1: none ahead, the backward
+    keeping one module; stage3_prefetch_bucket_size=1: one module ahead)
+    beside the whole AdamW, two of the three
     blocks recomputed (torch.utils.checkpoint: a block's own scale read
     again in the backward), with eval_step between the steps; the third
     step runs two modules in the other order (the prefetch's order left,
     the fourth's prefetch following the third's order)."""
     import torch
+    ways = [(True, 2, {}), (False, 2, {}), (True, 0, {}),
+            (True, 2, {"stage3_max_live_parameters": 1}),
+            (True, 2, {"stage3_prefetch_bucket_size": 1})]
     jobs = [engine.distribute(_layered_model(), grid, schedule="1f1b", microbatches=2,
                               balance="uniform", loss_fn=torch.nn.functional.mse_loss,
-                              overhead=0.0, verbose=False, timeout=30, tag_base=t,
+                              overhead=0.0, verbose=False, timeout=30, tag_base=t << 20,
                               recompute=["1", "4"], sample=_data(0)[0][d::2])
-            for t in (5 << 20, 6 << 20, 7 << 20, 9 << 20)]
+            for t in (5, 6, 7, 9, 10, 11)]
     opts = [torch.optim.AdamW(jobs[0].parameters(), lr=LR)] + [
         engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.AdamW, job, stage=3,
-                                       stage3_per_layer=layered, stage3_prefetch=ahead, lr=LR)
-        for job, layered, ahead in zip(jobs[1:], (True, False, True), (2, 2, 0))]
+                                       stage3_per_layer=layered, stage3_prefetch=ahead, lr=LR,
+                                       **knobs)
+        for job, (layered, ahead, knobs) in zip(jobs[1:], ways)]
     pairs = [m for job in jobs for m in job.stages[0].module.modules() if hasattr(m, "flip")]
     out = {"layered_evals": [], "layered_peaks": [], "ahead": []}
     for step in range(4):
@@ -672,7 +733,8 @@ def _layered_zero3(grid, d):
             job.step(x, y[:, :4])
             if o is not opts[0] and o.stage3_per_layer:     # (what the step prefetched)
                 ahead = job.pipeline.owned_params.layers.ahead
-                out["ahead"].append([o.stage3_prefetch, step, ahead.used, ahead.missed])
+                out["ahead"].append([opts.index(o), step, ahead.used, ahead.missed,
+                                     [o.peak_gathered_bytes(), o.gathers_received()]])
             out["layered_evals"].append(job.eval_step(x, y[:, :4]))
             o.step()
         out["layered_peaks"].append([o.peak_gathered_bytes() for o in opts[1:]])
@@ -767,7 +829,9 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
     the stage-3 one stepped then sends its share (it sent none: the replicas
     parted). Then stage 3 layer by layer and whole, with a module's weight
     read outside its forward, a tie and checkpointed blocks, trains as the
-    whole AdamW, layer by layer holding less of the others' at once."""
+    whole AdamW, layer by layer holding less of the others' at once, and so
+    with DeepSpeed's stage3_max_live_parameters and
+    stage3_prefetch_bucket_size set small (none, or one module, ahead)."""
     pytest.importorskip("torch")
     results = mesh.spawn(_failed_step_worker, 2, timeout=140, env=PATIENT)
     for res in results:
@@ -791,10 +855,12 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
     _same(*reversed(results[0]["token_weights"]), "per-token stage 3 weights")
     # stage 3 layer by layer and whole: the whole AdamW's weights; a step held a module's
     # or two of the others' parameters at once, not the stage's (the whole gather's)
-    whole, layered, at_once, one_by_one = results[0]["layered_weights"]
+    whole, layered, at_once, one_by_one, lively, bucketed = results[0]["layered_weights"]
     _same(layered, whole, "stage 3 weights, layer by layer")
     _same(at_once, whole, "stage 3 weights, gathered whole")
     _same(one_by_one, whole, "stage 3 weights, layer by layer, none gathered ahead")
+    _same(lively, whole, "stage 3 weights, stage3_max_live_parameters=1")
+    _same(bucketed, whole, "stage 3 weights, stage3_prefetch_bucket_size=1")
     # a module called on one replica only: a gather that waited out the timeout (replica
     # 1's of that module, or replica 0's of the next, which replica 1 never reached) says
     # why; the other replica, if told first, fails the step too
@@ -805,20 +871,32 @@ def test_zero2_step_failing_on_one_replica_rolls_back_and_trains_on():
         for note in timed_out), [res["odd"] for res in results]
     for res in results:
         evals = res["layered_evals"]
-        assert evals[0::4] == evals[1::4] == evals[2::4] == evals[3::4], evals
-        for peak, whole_peak, alone in res["layered_peaks"]:
+        assert all(evals[k::6] == evals[0::6] for k in range(1, 6)), evals
+        for peak, whole_peak, alone, lively, bucketed in res["layered_peaks"]:
             assert whole_peak == res["layered_others"], (whole_peak, res["layered_others"])
             assert 0 < alone < whole_peak, (alone, whole_peak)
             # (each step's eval_step's: two modules gathered ahead at most)
             assert alone <= peak <= min(whole_peak, alone + 2 * res["layered_unit"]), \
                 (peak, alone, res["layered_unit"])
+            # one element live outside the module running: nothing gathered ahead; one
+            # module's elements ahead at a time: at most the two modules' window
+            assert lively == alone <= bucketed <= peak, (lively, alone, bucketed, peak)
+        # (the second step's eval: the two modules' window held more than one module ahead)
+        assert res["layered_peaks"][1][4] < res["layered_peaks"][1][0], res["layered_peaks"]
         # the first step records the order; the second gathers ahead by it; the third runs
         # two modules the other way round (the rest gathered as each runs); the fourth
         # gathers ahead by the third's order; stage3_prefetch=0 never ahead
-        ahead = {(n, step): (used, missed) for n, step, used, missed in res["ahead"]}
-        assert ahead[2, 0] == (0, 0) and ahead[2, 1][0] > 0 and ahead[2, 1][1] == 0, ahead
-        assert ahead[2, 2][1] == 1 and ahead[2, 3][0] == ahead[2, 1][0], ahead
-        assert ahead[2, 3][1] == 0 and all(ahead[0, k] == (0, 0) for k in range(4)), ahead
+        ahead = {(n, step): (used, missed) for n, step, used, missed, _ in res["ahead"]}
+        assert ahead[1, 0] == (0, 0) and ahead[1, 1][0] > 0 and ahead[1, 1][1] == 0, ahead
+        assert ahead[1, 2][1] == 1 and ahead[1, 3][0] == ahead[1, 1][0], ahead
+        assert ahead[1, 3][1] == 0 and all(ahead[3, k] == (0, 0) for k in range(4)), ahead
+        # the bounds: stage3_max_live_parameters=1 gathers none ahead (its step's peak none
+        # ahead's), its backward keeping one module (gathering some again: more values
+        # received), stage3_prefetch_bucket_size=1 one module at a time (its step's less)
+        trained = {(n, step): got for n, step, _, _, got in res["ahead"]}
+        assert all(ahead[4, k][0] == 0 and trained[4, k][0] == trained[3, k][0] and
+                   trained[4, k][1] > trained[3, k][1] for k in range(4)), trained
+        assert ahead[5, 1][0] > 0 and trained[5, 1][0] < trained[1, 1][0], (ahead, trained)
 
 
 
