@@ -7,8 +7,14 @@ profile) and trained with AdamW, either whole on every replica or under
 (the gradients too) or 3 (the parameters too: "zero3" gathering each
 module's as it runs, ``--prefetch`` modules' gathers posted ahead of the
 one running, "zero3pf0" none ahead, ``stage3_prefetch=0``, "zero3whole"
-a stage's whole weights for the step, ``stage3_per_layer=False``); the
-six (or the ``--ways`` named) alternate, each round one ``mesh.spawn`` of
+a stage's whole weights for the step, ``stage3_per_layer=False``, "zero3ds"
+"zero3" with DeepSpeed's ``--bucket`` (``stage3_prefetch_bucket_size``),
+``--persistence`` (``stage3_param_persistence_threshold``) and
+``--max-live`` (``stage3_max_live_parameters``)); ``--large K``
+makes the middle Linear ``Linear(width, K * width)`` (its output's K slices
+summed: one module K times the others' size), ``--norm`` a ``LayerNorm``
+after each Linear but the last (two small parameters more a layer); the
+seven (or the ``--ways`` named) alternate, each round one ``mesh.spawn`` of
 each, so all see the machine's load of the moment. Each
 rank reports the bytes of its optimizer state, of the gradients and of
 the parameters' values it holds after the step (``opt.step()`` done, at
@@ -25,12 +31,16 @@ and ``opt.step``, rank 0's clock, and its process's CPU time for them,
 its mesh threads' included: less moved by other jobs' load than the
 clock) and of its ``opt.step()`` alone (the
 whole AdamW, or the share's and the broadcasts: none under stage 3, whose
-step gathers the parameters instead); the figures are the medians over
-steps and rounds, with the rounds' spread; the bytes are the most any
-rank holds.
+step gathers the parameters instead, but its persistent ones'), and the
+values of other replicas' parameters a rank received a step ("recv": the
+step's gathers, ``opt.gathers_received()``, and ``opt.step()``'s
+broadcasts; one message each at dp=2); the figures are the medians over
+steps and rounds, with the rounds' spread; the bytes and counts are the
+most any rank holds.
 
     python -m engine.bench_zero --dp 2 [--pp 1] [--width 1024] [--depth 8] [--rounds 3]
-                                [--prefetch 2] [--ways zero3,zero3pf0]
+                                [--prefetch 2] [--ways zero3,zero3pf0] [--large 4] [--norm]
+                                [--bucket N] [--persistence N] [--max-live N]
 """
 from __future__ import annotations
 
@@ -48,7 +58,7 @@ import mesh
 
 from mesh.cliargs import positive
 
-from .zero_prefetch import PREFETCH
+from .zero_prefetch import BUCKET, MAX_LIVE, PREFETCH
 
 __all__ = ["main", "run"]
 
@@ -71,23 +81,41 @@ def _trimmed_rss() -> int:
 
 
 _WAYS = {"whole": (0, True, False), "zero1": (1, True, False), "zero2": (2, True, False),
-         "zero3": (3, True, True), "zero3pf0": (3, True, False), "zero3whole": (3, False, False)}
+         "zero3": (3, True, True), "zero3pf0": (3, True, False), "zero3whole": (3, False, False),
+         "zero3ds": (3, True, True)}
 
 
 def _worker(world: Any, zero: int, per_layer: bool, ahead: int, dp: int, pp: int, width: int,
-            depth: int, rows: int, steps: int) -> dict[str, Any]:
+            depth: int, rows: int, steps: int, model: tuple[int, bool] = (1, False),
+            knobs: dict[str, int] | None = None) -> dict[str, Any]:
     """One way's run on this rank: ``zero`` 0 (the whole AdamW), 1, 2 or 3
     (engine.ZeroRedundancyOptimizer's stage; 3 gathering module by module
     with ``per_layer``, ``ahead`` modules' gathers posted ahead of the one
-    running, else a stage's whole weights for the step)."""
+    running, else a stage's whole weights for the step; ``knobs`` its
+    DeepSpeed ones); ``model``: the middle Linear's width factor, and
+    whether a LayerNorm follows each Linear but the last."""
     import torch
 
     import engine
+
+    class Fold(torch.nn.Module):
+        """(rows, k * width) -> (rows, width): the k slices summed."""
+
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.k = k
+
+        def forward(self, x: Any) -> Any:
+            return x.view(x.shape[0], self.k, -1).sum(1)
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    large, norm = model
     mods: list[Any] = []
     for i in range(depth):
-        mods += [torch.nn.Linear(width, width)] + ([torch.nn.Tanh()] if i < depth - 1 else [])
+        k = large if i == depth // 2 else 1
+        mods += [torch.nn.Linear(width, k * width)] + ([Fold(k)] if k > 1 else [])
+        if i < depth - 1:
+            mods += ([torch.nn.LayerNorm(width)] if norm else []) + [torch.nn.Tanh()]
     grid = mesh.grid(world, dp=dp, pp=pp)
     rng = np.random.default_rng(grid.coord("dp"))
     x = torch.from_numpy(rng.standard_normal((rows, width)).astype(np.float32))
@@ -98,7 +126,8 @@ def _worker(world: Any, zero: int, per_layer: bool, ahead: int, dp: int, pp: int
     params = job.parameters()
     opt: Any = (engine.ZeroRedundancyOptimizer(params, torch.optim.AdamW, job, stage=zero,
                                                stage3_per_layer=per_layer,
-                                               stage3_prefetch=ahead, lr=1e-4)
+                                               stage3_prefetch=ahead, lr=1e-4,
+                                               **(knobs or {}))
                 if zero else torch.optim.AdamW(params, lr=1e-4))
     before = _rss()
     times, stepping, cpu = [], [], []
@@ -120,7 +149,14 @@ def _worker(world: Any, zero: int, per_layer: bool, ahead: int, dp: int, pp: int
     values = sum(p.numel() * p.element_size() for p in params)      # (at rest)
     # a step's parameters: those held at rest, and the most of the others' gathered at once
     in_step = values + (opt.peak_gathered_bytes() if zero == 3 else 0)
+    # the values received a step: its gathers, and opt.step()'s broadcasts (stage 3: of the
+    # persistent parameters only)
+    recv = 0
+    if zero:
+        recv = sum(r != opt.group.rank and (zero < 3 or opt.persists(p))
+                   for p, r in zip(opt.params, opt.owner)) + opt.gathers_received()
     return {"held": held, "grads": grads, "peak": peak, "grown": peak - before,
+            "recv": recv,
             "in_step": in_step,
             "times": times[1:], "rest": _trimmed_rss(), "cpu": cpu[1:],
             "stepping": stepping[1:],
@@ -129,17 +165,19 @@ def _worker(world: Any, zero: int, per_layer: bool, ahead: int, dp: int, pp: int
 
 def run(dp: int, pp: int, width: int, depth: int, rows: int, steps: int,
         rounds: int, prefetch: int = PREFETCH,
-        ways: list[str] | None = None) -> dict[str, Any]:
-    """The ways (``ways``: these; default all six), alternating,
+        ways: list[str] | None = None, model: tuple[int, bool] = (1, False),
+        knobs: dict[str, int] | None = None) -> dict[str, Any]:
+    """The ways (``ways``: these; default all seven), alternating,
     ``rounds`` times: per way the medians; "zero3" gathers ``prefetch``
-    modules ahead."""
+    modules ahead; ``model``: ``_worker``'s, ``knobs`` "zero3ds"'s."""
     got: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in ways or _WAYS}
     for _ in range(rounds):
         for name in got:
             zero, per_layer, ahead = _WAYS[name]
             got[name].append(mesh.spawn(_worker, dp * pp, zero, per_layer,
                                         prefetch if ahead else 0, dp, pp, width, depth, rows,
-                                        steps, timeout=600))
+                                        steps, model, knobs if name == "zero3ds" else None,
+                                        timeout=600))
     out: dict[str, Any] = {}
     for name, runs in got.items():
         steps_ms = [statistics.median(r[0]["times"]) * 1e3 for r in runs]
@@ -153,6 +191,7 @@ def run(dp: int, pp: int, width: int, depth: int, rows: int, steps: int,
             "grads_mb": max(res["grads"] for res in runs[0]) / 2**20,
             "weights_mb": max(res["weights"] for res in runs[0]) / 2**20,
             "in_step_mb": max(res["in_step"] for res in runs[0]) / 2**20,
+            "recv": max(res["recv"] for res in runs[0]),
             "peak_mb": statistics.median(max(res["peak"] for res in r) for r in runs) / 2**20,
             "rest_mb": [statistics.median(f(res["rest"] for res in r) for r in runs) / 2**20
                         for f in (min, max)],
@@ -174,23 +213,40 @@ def main(argv: list[str] | None = None) -> None:
                     help="zero3's stage3_prefetch (modules gathered ahead)")
     ap.add_argument("--ways", type=lambda t: t.split(","), default=None,
                     help=f"comma-separated, of {','.join(_WAYS)} (default all)")
+    ap.add_argument("--large", type=positive, default=1,
+                    help="the middle Linear's output this many times the width")
+    ap.add_argument("--norm", action="store_true", help="a LayerNorm after each Linear")
+    ap.add_argument("--bucket", type=int, default=BUCKET,
+                    help="zero3ds's stage3_prefetch_bucket_size (elements)")
+    ap.add_argument("--persistence", type=int, default=0,
+                    help="zero3ds's stage3_param_persistence_threshold (elements)")
+    ap.add_argument("--max-live", type=int, default=MAX_LIVE,
+                    help="zero3ds's stage3_max_live_parameters (elements)")
     a = ap.parse_args(argv)
     bad = [w for w in a.ways or [] if w not in _WAYS]
     if bad:
         ap.error(f"--ways: {','.join(bad)} not of {','.join(_WAYS)}")
-    res = run(a.dp, a.pp, a.width, a.depth, a.rows, a.steps, a.rounds, a.prefetch, a.ways)
-    print(f"dp={a.dp} pp={a.pp}: {a.depth} Linear({a.width}, {a.width}), {a.rows} rows a "
-          f"replica, AdamW, {a.rounds} rounds of {a.steps} steps (medians; rounds' spread)")
+    knobs = {"stage3_prefetch_bucket_size": a.bucket,
+             "stage3_param_persistence_threshold": a.persistence,
+             "stage3_max_live_parameters": a.max_live}
+    res = run(a.dp, a.pp, a.width, a.depth, a.rows, a.steps, a.rounds, a.prefetch, a.ways,
+              (a.large, a.norm), knobs)
+    print(f"dp={a.dp} pp={a.pp}: {a.depth} Linear({a.width}, {a.width})"
+          f"{f', the middle one {a.large}x wide' if a.large > 1 else ''}"
+          f"{', LayerNorm between' if a.norm else ''}, {a.rows} rows a "
+          f"replica, AdamW, {a.rounds} rounds of {a.steps} steps (medians; rounds' spread); "
+          f"zero3ds: {', '.join(f'{k}={v}' for k, v in knobs.items())}")
     print(f"{'optimizer':<11}{'weights MB':>11}{'in step MB':>11}{'state MB':>10}"
           f"{'grads MB':>10}{'rest RSS MB':>13}{'peak RSS MB':>13}{'grown MB':>10}"
-          f"{'opt.step ms':>13}{'step ms':>9}{'CPU ms':>8}  spread")
+          f"{'opt.step ms':>13}{'step ms':>9}{'CPU ms':>8}{'recv':>6}  spread")
     for name, r in res.items():
         lo, hi = r["spread_ms"]
         print(f"{name:<11}{r['weights_mb']:>11.1f}{r['in_step_mb']:>11.1f}{r['held_mb']:>10.1f}"
               f"{r['grads_mb']:>10.1f}"
               f"{'%.0f-%.0f' % tuple(r['rest_mb']):>13}{r['peak_mb']:>13.1f}"
               f"{r['grown_mb']:>10.1f}"
-              f"{r['opt_ms']:>13.1f}{r['step_ms']:>9.1f}{r['cpu_ms']:>8.1f}  {lo:.1f}-{hi:.1f}")
+              f"{r['opt_ms']:>13.1f}{r['step_ms']:>9.1f}{r['cpu_ms']:>8.1f}{r['recv']:>6}"
+              f"  {lo:.1f}-{hi:.1f}")
 
 
 if __name__ == "__main__":
