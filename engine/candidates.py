@@ -1,7 +1,8 @@
 """The candidate schedules: each built-in schedule cut, simulated and ranked.
 
 ``builtin`` makes the named schedules (``SCHEDULES``) at each micro-batch
-count (``microbatch_counts``); ``candidates`` cuts the layers for each,
+count (``microbatch_counts``), saying which it cannot make and why;
+``yours`` names and verifies a user's own schedules; ``candidates`` cuts the layers for each,
 simulates it with its per-stage costs (engine.costs) and its peak memory,
 each way of holding activations (kept, recomputed, recomputed in the
 stages over the limit: ``fewest``), and returns them ``best_first``:
@@ -19,8 +20,8 @@ from .costs import (KEEPS_INPUT, LayerCost, Span, _starts, as_run, counts_for, h
 from .ir import I, Schedule
 from .schedules import by_name
 
-__all__ = ["SCHEDULES", "Candidate", "microbatch_counts", "builtin", "candidates", "fewest",
-           "best_first", "stage_spans"]
+__all__ = ["SCHEDULES", "Candidate", "Unrun", "microbatch_counts", "builtin", "yours",
+           "candidates", "fewest", "best_first", "stage_spans"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
 
@@ -34,6 +35,10 @@ def microbatch_counts(p: int, rows: int) -> list[int]:
         ms.append(m)
         m *= 2
     return ms
+
+
+# a candidate that cannot run: its name, its micro-batches and why (a row of the table)
+Unrun = tuple[str, int, str]
 
 
 @dataclass(frozen=True)
@@ -64,19 +69,42 @@ class Candidate:
     # simulated again with what the re-time learned (``calibrated``): the factor its
     # compute took, and the one the whole row took after to meet the re-time's prediction
     retimed: tuple[float, float] | None = None
+    limit: float | None = None      # the memory limit ``fits`` was judged by (None: none)
 
 
-def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2
-            ) -> list[Schedule]:
-    """Each named schedule for ``p`` ranks at each micro-batch count in ``ms``
-    (those this build lacks, or that do not take that p and m, left out)."""
+def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2,
+            refused: list[Unrun] | None = None) -> list[Schedule]:
+    """Each named schedule for ``p`` ranks at each micro-batch count in ``ms``;
+    those that do not take that p and m (interleaved at ``m % p``) left
+    out, and added to ``refused`` with the reason where it is given."""
     out = []
     for m in ms:
         for name in names:
             try:
                 out.append(by_name(name, p, m, chunks))
-            except ValueError:
-                continue
+            except ValueError as e:
+                if refused is not None:
+                    refused.append((f"{name}({p},{m})", m, str(e)))
+    return out
+
+
+def yours(scheds: Sequence[Schedule], p: int) -> list[Schedule]:
+    """A user's own schedules as candidates beside the built-ins: each
+    verified (``validate``: a ``ScheduleError`` naming it) for ``p``
+    pipeline ranks, and one left with Schedule's default name ("custom")
+    named "yours #k" (k counting them from 1), so its row and its errors
+    say which it is."""
+    out = []
+    for k, sched in enumerate(scheds, 1):
+        if not isinstance(sched, Schedule):
+            raise TypeError(f"yours #{k} is {type(sched).__name__}, not an engine.Schedule")
+        if sched.name in ("", "custom"):
+            sched = sched.replace(sched.ranks, name=f"yours #{k}")
+        if sched.num_ranks != p:
+            raise ValueError(f"schedule {sched.name!r} (yours #{k}) has {sched.num_ranks} "
+                             f"ranks, the grid's pp axis {p}")
+        sched.validate()            # (the lowered copy it checked not kept: as given)
+        out.append(sched)
     return out
 
 
@@ -186,7 +214,8 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
                                  summed, cores=cores, recompute=again, layered=layered,
-                                 charge=tuple(charge or ()), overhead=ov))
+                                 charge=tuple(charge or ()), overhead=ov,
+                                 limit=memory_limit))
             if both and again is False and not fits:    # only the ranks over the limit
                 assert memory_limit is not None
                 over = frozenset(s for r, pk in enumerate(peaks) if pk > memory_limit

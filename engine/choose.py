@@ -29,12 +29,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .candidates import (SCHEDULES, Candidate, best_first, builtin, candidates, fewest,
-                         microbatch_counts, stage_spans)
+from .candidates import (SCHEDULES, Candidate, Unrun, best_first, builtin, candidates, fewest,
+                         microbatch_counts, stage_spans, yours)
 from .costs import (KEEPS_INPUT, KEEPS_OUTPUT, LayerCost, Span, as_run, counts_for, cut,
                     helper_charge, layer_by_layer, peak_bytes, recomputed, stage_costs,
                     stage_held, whole_counts)
-from .ir import Schedule
 from .profiling import (held_by, kept_buffers, kept_random, measure, measure_stages,
                         time_layer, time_program)
 from .retime import busiest_compute, calibrated, loaded, recosted, retimed, under_load
@@ -46,7 +45,8 @@ __all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "layer_by_l
            "microbatch_counts", "builtin", "candidates", "retimed", "recosted", "best_first",
            "table", "SCHEDULES", "Span",
            "recomputed", "as_run", "whole_counts", "fewest", "loaded", "under_load",
-           "busiest_compute", "recomputing", "legend", "retimed_said"]
+           "busiest_compute", "recomputing", "legend", "retimed_said", "yours", "Unrun",
+           "in_bytes"]
 
 
 def recomputing(recompute: bool | frozenset[int], layered: bool = False) -> str:
@@ -107,16 +107,28 @@ def retimed_said(row: Candidate, again: Candidate) -> str:
                                   else ""))
 
 
+def in_bytes(n: float) -> str:
+    """``n`` bytes in words: "1.30 GiB", "12.0 MiB", "512 B"."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}" if n < 100 * size else f"{n / size:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
 def table(cands: Sequence[Candidate], chosen: Candidate | None = None,
-          skipped: Sequence[tuple[Schedule, str]] = ()) -> str:
-    """The candidates as a text table, the chosen one marked; then those
-    ``skipped`` (a schedule that cannot run, and why: its layers failed on
-    its micro-batches, a BatchNorm given one row)."""
+          skipped: Sequence[Unrun] = ()) -> str:
+    """The candidates as a text table, the chosen one marked, one over the
+    memory limit saying by how much; then those ``skipped`` (name,
+    micro-batches, why: a schedule that cannot run, its layers failed on
+    its micro-batches, a BatchNorm given one row; interleaved at ``m % p``;
+    more stages than the model has layers)."""
     again = any(c.recompute for c in cands)     # a column saying which recompute
     lines = [f"{'schedule':<28} {'m':>3}  {'layers/stage':<14} {'pred ms':>9} {'bubble':>7} "
              f"{'peak MB':>8}" + ("  activations" if again else "")]
     for c in cands:
-        note = "  <- chosen" if c is chosen else ("" if c.fits else "  over memory limit")
+        note = "  <- chosen" if c is chosen else ("" if c.fits else "  over the memory limit" + (
+            "" if c.limit is None else
+            f": {in_bytes(c.peak_bytes)} > {in_bytes(c.limit)}"))
         note = ("  (its own dry run)" if c.measured else "") + note
         counts = " ".join(str(n) for n in c.counts)
         if len(counts) > 14:
@@ -125,9 +137,9 @@ def table(cands: Sequence[Candidate], chosen: Candidate | None = None,
                      f"{c.makespan * 1e3:>9.2f} {c.bubble:>7.1%} {c.peak_bytes / 2**20:>8.2f}"
                      + (f"  {recomputing(c.recompute, c.layered):<11}" if again else "")
                      + note)
-    for sched, why in skipped:
+    for name, m, why in skipped:
         why = why if len(why) <= 120 else why[:117] + "..."
-        lines.append(f"{sched.name:<28} {sched.num_microbatches:>3}  {'-':<14} {'-':>9} "
+        lines.append(f"{name:<28} {m:>3}  {'-':<14} {'-':>9} "
                      f"{'-':>7} {'-':>8}  cannot run: {why}")
     timed = next((c for c in cands if c.retimed is not None), None)
     if timed is not None and timed.retimed is not None:

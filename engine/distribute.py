@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import numbers
 import sys
 import time
@@ -71,7 +72,7 @@ from mesh.tensors import is_tensor
 from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
 from .choose import (SCHEDULES, Candidate, builtin, candidates, counts_for,
                      kept_buffers, kept_random, microbatch_counts, legend, recomputing,
-                     retimed_said, stage_spans, table, under_load)
+                     retimed_said, stage_spans, table, under_load, yours)
 from .costs import by_type
 from .executor import Pipeline
 from .ir import Schedule
@@ -176,11 +177,24 @@ def load_state(model: Any, state: dict[str, Any]) -> None:
 
 
 def _schedule_named(schedule: Any, microbatches: int | None) -> None:
-    """Refuse a ``schedule=`` that is neither "auto", a built-in's name nor a
-    Schedule (None, a generator not called: "'NoneType' object has no attribute
-    'lower'"), and ``microbatches=`` other than a Schedule's own (which ran
-    with its own count, the one given left unsaid)."""
-    if isinstance(schedule, Schedule):
+    """Refuse a ``schedule=`` that is neither "auto", a built-in's name, a
+    Schedule nor a list of candidates (names, "auto", Schedules: see
+    ``_candidates``) (None, a generator not called: "'NoneType' object has no
+    attribute 'lower'"), and ``microbatches=`` other than a Schedule's own
+    (which ran with its own count, the one given left unsaid)."""
+    if isinstance(schedule, (list, tuple)):
+        if not schedule:
+            raise ValueError("schedule=[]: a list of candidates needs at least one (a name, "
+                             "'auto' for every built-in, or an engine.Schedule)")
+        for k, item in enumerate(schedule):
+            if isinstance(item, (list, tuple)):
+                raise TypeError(f"schedule= candidate {k} is a {type(item).__name__}: a list "
+                                f"of candidates holds names and engine.Schedule objects")
+            try:
+                _schedule_named(item, None)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"schedule= candidate {k}: {e}") from None
+    elif isinstance(schedule, Schedule):
         if microbatches is not None and microbatches != schedule.num_microbatches:
             raise ValueError(f"microbatches={microbatches}, but schedule {schedule.name!r} "
                              f"runs {schedule.num_microbatches}: a Schedule's micro-batches "
@@ -189,7 +203,8 @@ def _schedule_named(schedule: Any, microbatches: int | None) -> None:
     elif not isinstance(schedule, str):
         name = getattr(schedule, "__name__", None) if callable(schedule) else None
         text = repr(schedule)
-        raise TypeError(f"schedule= takes 'auto', a name ({_NAMES}) or an engine.Schedule, "
+        raise TypeError(f"schedule= takes 'auto', a name ({_NAMES}), an engine.Schedule or a "
+                        f"list of them, "
                         + (f"not the function {name}: call it, {name}(p, m)" if name else
                            f"not {text if len(text) <= 60 else type(schedule).__name__}"))
     elif schedule != "auto" and not is_name(schedule):
@@ -199,8 +214,59 @@ def _schedule_named(schedule: Any, microbatches: int | None) -> None:
                          f"build(...); one saved as JSON: engine.Schedule.from_json(text))")
 
 
+def _candidates_said(schedule: Any) -> list[str] | None:
+    """What a rank's list of candidates is, to set beside the other ranks'
+    (``_same_model``): each name as by_name reads it, each Schedule by its
+    name and a digest of its JSON; None for a schedule= that is no list."""
+    if not isinstance(schedule, (list, tuple)):
+        return None
+    said = []
+    for item in schedule:
+        if isinstance(item, Schedule):
+            digest = hashlib.sha1(item.to_json().encode()).hexdigest()[:8]
+            said.append(f"Schedule {item.name!r} #{digest}")
+        else:
+            said.append(repr(str(item).lower().replace("_", "-")))
+    return said
+
+
+def _candidates(given: Sequence[Any], p: int, ms: Sequence[int], chunks: int, L: int,
+                rows: int) -> tuple[list[Schedule], list[tuple[str, int, str]]]:
+    """``schedule=[...]``'s candidates (``["auto"]``: "auto"'s) and the rows
+    of those that cannot run: each name (``"auto"``: every built-in) at
+    each count of ``ms``,
+    each Schedule as it is (its own pp, stages, placement and
+    micro-batches: verified, ``yours``); a schedule of more stages than
+    ``L`` layers, a name that does not take that p and m, or a Schedule
+    of more micro-batches than the sample's ``rows``, is a row saying why."""
+    names: list[str] = []
+    kinds: set[str] = set()         # (a built-in named twice, or by "auto" too: once)
+    for item in given:
+        for name in (SCHEDULES if item == "auto" else [item]) if isinstance(item, str) else []:
+            kind = by_name(name, 1, 1).name.split("(")[0]
+            if kind not in kinds:
+                kinds.add(kind)
+                names.append(name)
+    unrun: list[tuple[str, int, str]] = []
+    scheds = []
+    for sched in builtin(names, p, ms, chunks, unrun) + yours(
+            [s for s in given if isinstance(s, Schedule)], p):
+        m = sched.num_microbatches
+        if m > rows:
+            unrun.append((sched.name, m, f"{m} micro-batches need a batch of at least {m} "
+                                         f"rows; the sample has {rows}"))
+        else:
+            scheds.append(sched)
+    for sched in scheds:
+        if sched.num_stages > L:
+            unrun.append((sched.name, sched.num_microbatches,
+                          f"needs {sched.num_stages} stages, the model has {L} layers"))
+    return [s for s in scheds if s.num_stages <= L], unrun
+
+
 def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None,
-               schedule: str | Schedule = "auto", microbatches: int | None = None,
+               schedule: str | Schedule | Sequence[str | Schedule] = "auto",
+               microbatches: int | None = None,
                balance: Any = "time", sample: Any = None,
                loss_fn: Callable[[Any, Any], Any] | None = None,
                memory_limit: float | None = None, *, chunks: int = 2,
@@ -213,7 +279,13 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
 
     ``schedule``: "auto" (simulate ``engine.choose.SCHEDULES`` at the
     micro-batch counts ``microbatches`` or p, 2p, 4p...; print the
-    candidates on rank 0 when ``verbose``), a name ("1f1b"...) or a Schedule.
+    candidates on rank 0 when ``verbose``), a name ("1f1b"...), a Schedule,
+    or a list of candidates ranked as "auto" ranks the built-ins: names
+    (at those counts; "auto" in it: every built-in) and Schedules of your
+    own (each as it is, its own micro-batches; verified first), the same
+    list on every rank. A candidate that cannot run (more stages than the
+    model has layers, interleaved at ``microbatches % pp``) is a row of
+    the table saying why.
     ``balance``: "time" (measured on ``sample``, this replica's batch;
     replicas' samples of unequal rows are all cut to the fewest, so every
     rank profiles and chooses alike),
@@ -256,6 +328,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
     fault: BaseException | None = None
+    listed: list[str] | None = None     # schedule=[...]: what this rank passed (_same_model)
+    unrun: list[tuple[str, int, str]] = []     # candidates that cannot run, and why
     try:        # this rank's own arguments: raised by every rank (_same_model)
         if microbatches is not None and (isinstance(microbatches, bool) or not isinstance(
                 microbatches, numbers.Integral) or microbatches < 1):
@@ -263,6 +337,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                              "(or None: schedule='auto' tries p, 2p, 4p...)")
         microbatches = None if microbatches is None else int(microbatches)
         _schedule_named(schedule, microbatches)
+        listed = _candidates_said(schedule)
         patterns = () if recompute == "auto" else patterns_of(recompute)
         if not patterns and recompute not in (False, True, "auto"):
             raise ValueError(f"recompute={recompute!r}: True, False, 'auto' or submodule name "
@@ -307,7 +382,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             raise ValueError(f"the model has {L} layers"
                              f"{few(getattr(model, 'traced_from', None), L)}: it cannot fill "
                              f"pp={p} pipeline stages")
-        auto = isinstance(schedule, str) and schedule == "auto"
+        given = list(schedule) if isinstance(schedule, (list, tuple)) else None
+        auto = given is not None or isinstance(schedule, str) and schedule == "auto"
         if (auto or balance == "time" or recompute == "auto") and sample is None:
             what = ("schedule=auto" if auto else "balance=time" if balance == "time"
                     else "recompute=auto")
@@ -333,12 +409,17 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                 raise ValueError(f"{p} micro-batches (one a pipeline rank, the fewest tried at "
                                  f"pp={p}) need a batch of at least {p} rows; the sample has "
                                  f"{rows}")
-            if rows and ms[0] > rows:
+            if rows and ms[0] > rows and given is None:
                 raise ValueError(f"{ms[0]} micro-batches need a batch of at least {ms[0]} "
                                  f"rows; the sample has {rows}")
-            if not auto:
+            if auto:    # each candidate, or the row saying why it cannot run (none timed yet)
+                scheds, unrun = _candidates(given or ["auto"], p, ms, chunks, L, rows)
+                if not scheds:
+                    raise ValueError("no candidate schedule can run:\n" + table([], None, unrun))
+            else:
+                assert isinstance(schedule, str)
                 by_name(schedule, p, ms[0], chunks)       # an unknown name raises here
-            scheds = builtin(SCHEDULES if auto else [schedule], p, ms, chunks)
+                scheds = builtin([schedule], p, ms, chunks)
             if not scheds:
                 raise ValueError(f"no schedule {schedule!r} for pp={p} at micro-batch counts "
                                  f"{ms}")
@@ -359,7 +440,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     except (TypeError, ValueError) as e:
         fault = e
     _same_model(grid, named, is_torch, fault, timeout,
-                None if fault is not None else _held_before(source, len(named)))
+                None if fault is not None else _held_before(source, len(named)), listed)
     assert loss_fn is not None
     # this rank's own error in the work up to the profile (the plan applied: a
     # KeyboardInterrupt), told in its first exchange (or, with nothing measured, the cut's)
@@ -392,7 +473,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         early = e
     runs = _TP_RUNS if plan and tp > 1 else None      # tp peers time a layer together
     cands: list[Candidate] = []
-    skipped: list[tuple[Schedule, str]] = []    # candidates whose layers failed, and why
+    # candidates that cannot run, and why: the unmade, and those whose layers failed
+    skipped: list[tuple[str, int, str]] = list(unrun)
     chosen: Candidate | None = None
     sched = scheds[0]
     cal: Calibration | None = None
@@ -417,9 +499,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             clock = time.thread_time if shared_cores(hosts(grid.comm), p) else time.perf_counter
             profile, broken = _profile(grid, mlayers, sample, sizes, reps, runs, clock, early)
             if broken:      # (alike on every rank) those micro-batch sizes' candidates cannot run
-                skipped = [(sc, f"micro-batches of {size} row{'s' if size > 1 else ''}: "
-                                f"{broken[size]}") for sc in scheds
-                           for size in [-(-rows // sc.num_microbatches)] if size in broken]
+                skipped += [(sc.name, sc.num_microbatches,
+                             f"micro-batches of {size} row{'s' if size > 1 else ''}: "
+                             f"{broken[size]}") for sc in scheds
+                            for size in [-(-rows // sc.num_microbatches)] if size in broken]
                 scheds = [sc for sc in scheds if -(-rows // sc.num_microbatches) not in broken]
                 sizes = [size for size in sizes if size not in broken]
                 if not scheds:

@@ -232,7 +232,8 @@ def _cut(text: str, most: int = 300) -> str:
 
 def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
                 fault: BaseException | None = None, timeout: float | None = None,
-                held: Sequence[int] | None = None) -> None:
+                held: Sequence[int] | None = None, listed: Sequence[str] | None = None
+                ) -> None:
     """Raise on every rank, before anything is measured or cut, unless every
     rank built the same model: as many layers, each of the same make; and,
     within each dp replica (whose pp and tp ranks cut their stages and
@@ -247,14 +248,18 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
     distribute of this model object (``_held_before``): a layer whose
     values there differ from those of a rank that did not take it (trained
     by that job) is refused, naming both (each rank's copy holds its own
-    stages' training only)."""
+    stages' training only). ``listed``: this rank's ``schedule=[...]`` (each
+    candidate in words, engine.distribute's ``_candidates_said``): a list
+    that differs across ranks is refused on every rank, naming them (each
+    would rank, and run, its own)."""
     said: Any = None if fault is None else [type(fault).__name__, str(fault)]
     own: BaseException | None = None
     try:
         prints = [_fingerprint(layer, is_torch) for _, layer in named]
     except BaseException as e:
         own, prints, said = e, [], [type(e).__name__, str(e), True]
-    mine = (_coord(grid, "dp"), prints, said, None if held is None else list(held))
+    mine = (_coord(grid, "dp"), prints, said, None if held is None else list(held),
+            None if listed is None else list(listed))
     everyone = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
     _raised(own)
     if fault is not None:
@@ -283,6 +288,14 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
         keys = list(layer.state_dict()) if is_torch else []    # a traced piece: the model's
         return f"layer {i}" + (f" (with {keys[0]!r})" if keys else "")
     world = range(len(everyone))
+    lists = by(lambda r: repr(everyone[r][4]), world)
+    if len(lists) > 1:
+        raise ValueError(f"rank {grid.comm.rank}: engine.distribute: the schedule candidates "
+                         f"differ across ranks: " + "; ".join(
+                             f"ranks {rs} passed " + (_cut(f"[{', '.join(everyone[rs[0]][4])}]")
+                                                      if everyone[rs[0]][4] is not None
+                                                      else "no list")
+                             for _, rs in lists) + "; pass the same schedule=[...] on every rank")
     sizes = by(lambda r: len(everyone[r][1]), world)
     if len(sizes) > 1:
         raise ValueError(f"{who}: " + ", ".join(f"ranks {rs} built {n} layers"

@@ -47,7 +47,7 @@ class Job(_ModelState, _OptimizerState, _Retiming):
                  timeout: float | None = None, tag_base: int = 0,
                  target: Any = None, keys: list[str] | None = None,
                  aliases: dict[str, str] | None = None,
-                 skipped: Sequence[tuple[Schedule, str]] = (),
+                 skipped: Sequence[tuple[str, int, str]] = (),
                  rest: dict[str, Any] | None = None,
                  expected: dict[str, tuple[int, ...]] | None = None) -> None:
         self.grid = grid
@@ -75,7 +75,7 @@ class Job(_ModelState, _OptimizerState, _Retiming):
         self.chosen = chosen
         self.candidates = cands
         self.profiled_candidates = cands    # the rows as the profile simulated them
-        self.skipped = list(skipped)    # candidates that cannot run (their layers failed), why
+        self.skipped = list(skipped)    # candidates that cannot run: (name, m, why)
         self.schedule: Schedule = pipeline.schedule
         # step() times its steps here against predicted (rank 0 of a verbose job), else None
         self.watched: list[float] | None = None

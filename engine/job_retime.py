@@ -45,7 +45,7 @@ class _Retiming:
     row: Candidate | None
     schedule: Schedule
     sharded: bool
-    skipped: list[tuple[Schedule, str]]
+    skipped: list[tuple[str, int, str]]
     stages: list[Any]
     stretch: list[float] | None
     tp_calls: dict[tuple[int, str], list[int]]

@@ -103,7 +103,7 @@ def test_candidates_best_first_under_the_memory_limit():
     assert capped[0].fits and capped[0].peak_bytes <= limit
     assert [c.fits for c in capped] == sorted((c.fits for c in capped), reverse=True)
     text = choose.table(capped, capped[0])
-    assert "<- chosen" in text and "over memory limit" in text and "pred ms" in text
+    assert "<- chosen" in text and "over the memory limit: " in text and "pred ms" in text
     # what the columns are and why the mark is there: a row under it may show less time
     said = choose.legend(capped)
     assert "bubble: the ranks' idle share of it; peak MB: the most activations" in said
@@ -111,6 +111,79 @@ def test_candidates_best_first_under_the_memory_limit():
     assert choose.legend([replace(capped[0], measured=True)]).endswith(
         "the other rows' figures are from a 1F1B dry run, a lower bound")
     assert "chosen" not in choose.legend(capped, why=False)
+
+
+# README's "1F1B with a deeper warm-up": rank 0 runs three forwards before its first backward
+DEEP = engine.Schedule.build([["0F0", "0F1", "0F2", "0B0", "0F3", "0B1", "0B2", "0B3"],
+                              ["1F0", "1B0", "1F1", "1B1", "1F2", "1B2", "1F3", "1B3"]],
+                             num_microbatches=4, stage_ranks=[0, 1], name="deep")
+
+
+def test_your_own_schedules_are_ranked_beside_the_built_ins_and_no_row_is_left_out():
+    """schedule=[...]: names at their micro-batch counts and Schedules as
+    they are, ranked together; a candidate that cannot run is a row saying
+    why (before, builtin() dropped interleaved at m % p and the cut dropped
+    schedules of more stages than layers, unlisted), as is one over the
+    memory limit, by how much."""
+    from engine.distribute import _candidates, _candidates_said
+    unnamed = DEEP.replace(DEEP.ranks, name="custom")
+    scheds, unrun = _candidates(["gpipe", DEEP, "zb-v", "auto", "interleaved", "Zero_Bubble",
+                                 unnamed], 2, [3], 2, 3, 12)
+    assert [s.name for s in scheds] == ["gpipe(2,3)", "1f1b(2,3)", "zero_bubble_h1(2,3)",
+                                        "zero_bubble_h2(2,3)", "deep", "yours #2"]
+    assert scheds[4] is DEEP and scheds[5].ranks == DEEP.ranks
+    assert unrun == [("interleaved(2,3)", 3, "interleaved 1F1B needs m % p == 0, got m=3, p=2"),
+                     ("zb_v(2,3)", 3, "needs 4 stages, the model has 3 layers")]
+    # a Schedule (or a name at a count) of more micro-batches than the sample has rows
+    assert _candidates([DEEP, "1f1b"], 2, [2, 4], 2, 3, 3)[1] == [
+        ("1f1b(2,4)", 4, "4 micro-batches need a batch of at least 4 rows; the sample has 3"),
+        ("deep", 4, "4 micro-batches need a batch of at least 4 rows; the sample has 3")]
+    layers, rows = [1, 1, 1], 12
+    free = choose.candidates(_profile(rows, [3, 4], layers), [1] * 3, rows, scheds)
+    deep = next(c for c in free if c.schedule is DEEP)
+    assert deep.counts in ((1, 2), (2, 1)) and deep.makespan == pytest.approx(
+        DEEP.simulate(deep.costs).makespan)
+    gpipe = next(c for c in free if c.schedule.name == "gpipe(2,3)")
+    assert gpipe.peak_bytes > deep.peak_bytes
+    limit = (gpipe.peak_bytes + deep.peak_bytes) / 2
+    capped = choose.candidates(_profile(rows, [3, 4], layers), [1] * 3, rows, scheds,
+                               memory_limit=limit)
+    text = choose.table(capped, capped[0], unrun).splitlines()
+    assert len(text) == 1 + len(scheds) + len(unrun), text
+    row = next(line for line in text if line.startswith("gpipe(2,3) "))
+    assert row.endswith(f"  over the memory limit: {choose.in_bytes(gpipe.peak_bytes)} > "
+                        f"{choose.in_bytes(limit)}"), row
+    assert any(line.startswith("deep ") and line.split()[1] == "4" for line in text), text
+    assert text[-2].split()[:2] == ["interleaved(2,3)", "3"] and text[-2].endswith(
+        "cannot run: interleaved 1F1B needs m % p == 0, got m=3, p=2"), text
+    assert text[-1].endswith("cannot run: needs 4 stages, the model has 3 layers"), text
+    assert choose.in_bytes(1.3 * 2**30) == "1.3 GiB" and choose.in_bytes(512) == "512 B"
+    # what each rank passed, set beside the others': a Schedule by its actions too
+    said = _candidates_said(["1F1B", DEEP])
+    assert said[0] == "'1f1b'" and said[1].startswith("Schedule 'deep' #")
+    assert _candidates_said([engine.schedules.one_f_one_b(2, 4).replace(
+        engine.schedules.one_f_one_b(2, 4).ranks, name="deep")])[0] != said[1]
+    assert _candidates_said("auto") is None
+    # a Schedule of other ranks, or broken: an error naming it, before anything is timed
+    with pytest.raises(ValueError, match=re.escape(
+            "schedule 'yours #2' (yours #2) has 3 ranks, the grid's pp axis 2")):
+        choose.yours([DEEP, engine.schedules.one_f_one_b(3, 3).replace(
+            engine.schedules.one_f_one_b(3, 3).ranks, name="custom")], 2)
+    broken = engine.Schedule.build([["0F0", "0F1", "0B0", "0B1"], ["1B0", "1F0", "1F1", "1B1"]],
+                                   num_microbatches=2, stage_ranks=[0, 1], name="mine")
+    with pytest.raises(engine.ScheduleError, match=re.escape(
+            "schedule 'mine' is invalid: rank 1 runs 1B0 before its forward 1F0")):
+        choose.yours([broken], 2)
+    model = Sequential(Linear(3, 4), Tanh(), Linear(4, 2))
+    kw = {"loss_fn": mse_loss, "verbose": False}
+    for given, kind, says in (
+            ([], ValueError, "schedule=[]: a list of candidates needs at least one"),
+            (["1f1b", "mine"], ValueError, "schedule= candidate 1: unknown schedule 'mine'"),
+            ([DEEP, None], TypeError, "schedule= candidate 1: schedule= takes 'auto', a name"),
+            ([["1f1b"]], TypeError, "schedule= candidate 0 is a list: a list of candidates "
+                                    "holds names and engine.Schedule objects")):
+        with pytest.raises(kind, match="^" + re.escape(says)):
+            engine.distribute(model, None, schedule=given, **kw)
 
 
 def test_recompute_keeps_a_stage_input_and_makes_its_activations_again():
@@ -2253,11 +2326,59 @@ def test_a_shared_module_trains_and_saves_under_every_name_the_model_gives_it():
         assert isinstance(err, float) and err < 1e-6, (kind, err)
 
 
+def _yours_model():
+    import torch
+    torch.manual_seed(SEED)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3)).double()
+
+
+def _yours_data(step):
+    import torch
+    gen = torch.Generator().manual_seed(SEED + step)
+    return torch.randn(12, 5, generator=gen).double(), torch.randn(12, 3, generator=gen).double()
+
+
 def _one_row_worker(world):
     """A model with a BatchNorm, 8 rows at pp=2: schedule='auto' tries 8
-    micro-batches of one row, which BatchNorm refuses in training."""
+    micro-batches of one row, which BatchNorm refuses in training. Then a
+    schedule of your own among the candidates (``DEEP``), chosen under a
+    memory limit that gpipe's row is over, trains three SGD steps; a list
+    that differs across ranks, and a broken schedule in it, are refused on
+    every rank."""
     import torch
     torch.set_num_threads(1)
+    mse = torch.nn.functional.mse_loss
+    x, y = _yours_data(0)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        mine = engine.distribute(_yours_model(), mesh.grid(world, pp=2), sample=x,
+                                 schedule=["gpipe", DEEP, "zb-v", "interleaved"],
+                                 microbatches=3, balance="uniform", memory_limit=2000, reps=1,
+                                 loss_fn=mse, timeout=30, tag_base=3 << 20)
+    opt = torch.optim.SGD(mine.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        x, y = _yours_data(step)
+        opt.zero_grad()
+        losses.append(mine.step(x, y))
+        opt.step()
+    state = mine.state_dict()
+    yours = {"schedule": mine.schedule.name, "losses": losses, "table": mine.table(),
+             "printed": out.getvalue(), "counts": list(mine.counts),
+             "state": None if state is None else {k: v.numpy().copy() for k, v in state.items()}}
+    broken = engine.Schedule.build([["0F0", "0F1", "0B0", "0B1"], ["1B0", "1F0", "1F1", "1B1"]],
+                                   num_microbatches=2, stage_ranks=[0, 1], name="mine")
+    other = engine.schedules.one_f_one_b(2, 4)
+    for case, given in (("apart", ["1f1b", DEEP if world.rank == 0 else other.replace(
+                            other.ranks, name="deep")]), ("broken", ["1f1b", broken]),
+                        ("none", ["zb-v", "interleaved"])):
+        try:
+            engine.distribute(_yours_model(), mesh.grid(world, pp=2), sample=x, schedule=given,
+                              loss_fn=mse, timeout=30, reps=1, verbose=False, tag_base=4 << 20)
+            yours[case] = "no error"
+        except ValueError as e:
+            yours[case] = str(e)
 
     def build():
         torch.manual_seed(SEED)
@@ -2289,15 +2410,69 @@ def _one_row_worker(world):
     except ValueError as e:
         empty = str(e)
     return {"m": job.schedule.num_microbatches, "table": job.table(), "error": error,
-            "loss": loss, "last": job.pipeline.last, "empty": empty,
+            "loss": loss, "last": job.pipeline.last, "empty": empty, "yours": yours,
             "warned": [str(w.message) for w in caught if "no parameters" in str(w.message)]}
 
 
-@pytest.mark.timeout(120)
+def _yours_trained_alike(results: list[dict]) -> None:
+    """Your own schedule, chosen: its row, the rows that cannot run, and
+    training one process's (torch's own SGD on the whole batch)."""
+    import torch
+    model = _yours_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        x, y = _yours_data(step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for r, got in enumerate(res["yours"] for res in results):
+        assert got["schedule"] == "deep" and got["counts"] == [1, 2], got
+        rows = {line.split()[0]: line for line in got["table"].splitlines()[1:]}
+        assert rows["deep"].split()[1] == "4" and rows["deep"].endswith("<- chosen"), rows
+        assert "  over the memory limit: " in rows["gpipe(2,3)"] and \
+            rows["gpipe(2,3)"].endswith(" > 1.95 KiB"), rows
+        assert rows["interleaved(2,3)"].endswith("cannot run: interleaved 1F1B needs m % p == 0, "
+                                                 "got m=3, p=2"), rows
+        assert rows["zb_v(2,3)"].endswith("cannot run: needs 4 stages, the model has 3 "
+                                          "layers"), rows
+        assert (got["table"] in got["printed"]) == (r == 0), got["printed"]
+        if r == 0:
+            assert "engine.distribute: deep cuts the model into 2 stages" in got["printed"]
+        np.testing.assert_allclose(got["losses"], losses, rtol=1e-10)
+        assert got["apart"].startswith(
+            f"rank {r}: engine.distribute: the schedule candidates differ across ranks: ranks "
+            f"[0] passed ['1f1b', Schedule 'deep' #"), got["apart"]
+        assert "]; ranks [1] passed ['1f1b', Schedule 'deep' #" in got["apart"] and \
+            got["apart"].endswith("]; pass the same schedule=[...] on every rank"), got["apart"]
+        assert got["broken"].startswith(
+            f"rank {r}: engine.distribute: schedule 'mine' is invalid: rank 1 runs 1B0 before "
+            f"its forward 1F0"), got["broken"]
+        # (the sample's 12 rows: 2, 4 and 8 micro-batches tried)
+        none = got["none"].splitlines()
+        assert none[0] == f"rank {r}: engine.distribute: no candidate schedule can run:", none
+        assert [line.split()[:2] for line in none[2:]] == [
+            [name, f"{m}"] for m in (2, 4, 8)
+            for name in (f"zb_v(2,{m})", f"interleaved_1f1b(2,{m},2)")] and all(
+            line.endswith("cannot run: needs 4 stages, the model has 3 layers")
+            for line in none[2:]), none
+    state = results[0]["yours"]["state"]
+    assert results[1]["yours"]["state"] is None
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(state[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+@pytest.mark.timeout(160)
 def test_auto_skips_the_candidates_whose_layers_fail_and_says_why():
+    """... and ranks a schedule of your own beside the built-ins
+    (``_yours_trained_alike``)."""
     pytest.importorskip("torch")
     said = "ValueError: Expected more than 1 value per channel when training"
-    for r, got in enumerate(mesh.spawn(_one_row_worker, 2, timeout=100, env=PATIENT)):
+    results = mesh.spawn(_one_row_worker, 2, timeout=140, env=PATIENT)
+    _yours_trained_alike(results)
+    for r, got in enumerate(results):
         assert got["m"] in (2, 4), got
         assert isinstance(got["loss"], float), got      # (the step's loss, on every rank)
         skipped = [line for line in got["table"].splitlines() if "cannot run" in line]

@@ -521,7 +521,7 @@ def test_a_schedule_is_asked_for_by_name_where_it_is_given_otherwise():
                            (engine.schedules.zb_v, "not the function zb_v: call it, zb_v(p, m)")):
         with pytest.raises(TypeError, match=re.escape(
                 "schedule= takes 'auto', a name (gpipe, 1f1b, interleaved, zb-h1, zb-h2 or "
-                f"zb-v) or an engine.Schedule, {says}")):
+                f"zb-v), an engine.Schedule or a list of them, {says}")):
             engine.distribute(model, None, schedule=schedule, microbatches=4, **kw)
     with pytest.raises(ValueError, match=re.escape(
             "microbatches=8, but schedule '1f1b(2,4)' runs 4: a Schedule's micro-batches are "
