@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -1174,6 +1175,49 @@ def test_a_rank_that_raises_ends_the_job_at_once(mode: str) -> None:
     failed_at = [float(ln.split()[-1]) for ln in r.stdout.splitlines()
                  if ln.startswith("[2] failing at ")]
     assert failed_at and ended - failed_at[0] < 10, out
+
+
+def test_the_report_leaves_out_an_error_raised_and_handled_inside_mesh() -> None:
+    """An error the user sees, raised inside mesh while it handled one of
+    its own (a collective's link across hosts closed: its private _Closed
+    became the LostPeerError), is cut after the user's last call without
+    the internal one before it ("During handling of the above exception"
+    and link.py's frames: the report showed them); one of the user's own
+    in the chain stays, and --log-dir's whole traceback keeps both. (no
+    process)"""
+    from mesh.launch._bootstrap import brief_traceback
+    inside = {}
+    exec(compile("class _Closed(Exception):\n    pass\n"
+                 "def take():\n    raise _Closed('the link from it closed')\n"
+                 "def recv():\n    try:\n        take()\n    except _Closed as e:\n"
+                 "        if CAUSE:\n            raise RuntimeError('rank 1: lost') from e\n"
+                 "        raise RuntimeError('rank 1: lost peer rank 3')\n"
+                 "def call(fn):\n    try:\n        fn()\n    except ValueError:\n"
+                 "        raise RuntimeError('rank 1: bad op')\n",
+                 str(REPO / "collectives" / "host" / "fake_link.py"), "exec"), inside)
+
+    def user() -> None:
+        inside["recv"]()
+
+    def user_op() -> None:
+        raise ValueError("the user's own")
+
+    for cause in (False, True):     # raised while handling it, and `from` it
+        inside["CAUSE"] = cause
+        try:
+            user()
+        except RuntimeError as e:
+            brief = brief_traceback(e, e.__traceback__)
+            whole = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        assert "_Closed" not in brief and "fake_link.py" not in brief, brief
+        assert brief.count("Traceback (most recent call last)") == 1, brief
+        assert "inside mesh/collectives/engine left out" in brief, brief
+        assert "_Closed: the link from it closed" in whole, whole
+    try:
+        inside["call"](user_op)
+    except RuntimeError as e:
+        brief = brief_traceback(e, e.__traceback__)
+    assert "ValueError: the user's own" in brief and "in user_op" in brief, brief
 
 
 def test_a_rank_that_finishes_late_is_not_reported_lost() -> None:

@@ -71,7 +71,10 @@ def brief_traceback(exc: BaseException, tb: TracebackType | None,
     """The traceback without its last frames inside meshrun's own packages
     (mesh, collectives, engine), below the user's last call; a line says how
     many are left out (and, ``whole``, where the whole one is). Whole when
-    no user frame would remain."""
+    no user frame would remain. An exception it was raised while handling
+    (or from) that was raised and handled inside those packages alone (a
+    closed link's own exception, turned into the LostPeerError the user
+    sees) is left out with them: it says nothing of the user's code."""
     te = traceback.TracebackException(type(exc), exc, tb)
     frames = list(te.stack)
     keep = len(frames)
@@ -81,10 +84,31 @@ def brief_traceback(exc: BaseException, tb: TracebackType | None,
     if keep == 0 or keep == len(frames):
         return text
     te.stack = traceback.StackSummary.from_list(frames[:keep])
+    if _own_only(_chained(te)):
+        te.__cause__ = te.__context__ = None
     text, tail = "".join(te.format()), "".join(te.format_exception_only())
     note = (f"  ... {len(frames) - keep} frames inside mesh/collectives/engine left out "
             f"({whole})\n")
     return text[:len(text) - len(tail)] + note + tail
+
+
+def _chained(te: traceback.TracebackException) -> traceback.TracebackException | None:
+    """The exception ``te`` shows before its own (its cause, or the one it
+    was raised while handling), if any."""
+    return te.__cause__ if te.__cause__ is not None else \
+        None if te.__suppress_context__ else te.__context__
+
+
+def _own_only(te: traceback.TracebackException | None) -> bool:
+    """Whether ``te`` and every exception chained before it were raised in
+    meshrun's own packages alone (False for none)."""
+    if te is None:
+        return False
+    while te is not None:
+        if not te.stack or any(not f.filename.startswith(_OWN) for f in te.stack):
+            return False
+        te = _chained(te)
+    return True
 
 
 def write_error_record(path: str, exc: BaseException, tb_text: str,
