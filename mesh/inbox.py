@@ -461,9 +461,19 @@ class Inbox:
                 self._control(self.peers[r], header)
 
     def relayed(self, reason: str, kind: AbortKind, peer: int) -> str:
-        """An abort's reason as a member sent it, its lost peer (world rank
-        ``peer``) named with its host where that is not this rank's: the
-        sender, on the lost peer's own host, named it bare."""
+        """An abort's reason as a member sent it, the member that aborted
+        (the reason starts with it: ``rank 1 of group world``) and its lost
+        peer (world rank ``peer``) named with their hosts where those are
+        not this rank's: the member named both bare where they were its own
+        host's."""
+        said = _ABORTED_BY.match(reason)
+        if said is not None:
+            world = int(said.group(3) or said.group(1))
+            there = self.peers[world].there if 0 <= world < len(self.peers) else ""
+            if there:
+                notes = f"world rank {world}, {there}" if said.group(3) else there
+                reason = (f"rank {said.group(1)} of group {said.group(2)} ({notes}): "
+                          + reason[said.end():])
         there = self.peers[peer].there if kind == AbortKind.LOST_PEER and \
             0 <= peer < len(self.peers) else ""
         if not there:
@@ -677,6 +687,11 @@ class Inbox:
                 out.fail(self.gone(peer, out.described(self.peers)))
         for handler in list(self.handlers.values()):    # (a window's locks it held go)
             handler.lost(rank)
+
+
+_ABORTED_BY = re.compile(r"rank (\d+) of group (.+?)(?: \(world rank (\d+)\))?: ")
+"""How an abort's reason starts: the member that aborted (mesh.channel's
+``CollectiveChannel._me``), with its world rank in a sub-group."""
 
 
 def abort_error(record: tuple[AbortKind, str, int], text: str) -> MeshError:

@@ -210,6 +210,17 @@ def test_a_peer_on_another_host_is_named_with_its_host_one_on_this_host_as_befor
             said.format(word, f"1 ({there})")
     assert box.relayed(said.format("", 2), AbortKind.LOST_PEER, 2) == said.format("", 2)
     assert box.relayed(said.format("", 1), AbortKind.MISMATCH, -1) == said.format("", 1)
+    # the member that aborted, on rank 1's host, named itself bare: its host here too
+    # (two namespaces, a rank crashed on node 1: "aborted: rank 1 of group world: ...")
+    lost = "barrier #23 on group world: recv from rank 3 failed: peer rank 2 is gone"
+    for group, words in (("world", f"({there})"), ("world/[1, 2]",
+                                                   f"(world rank 1, {there})")):
+        whom = "rank 1" if group == "world" else "rank 0"
+        sub = "" if group == "world" else " (world rank 1)"
+        assert box.relayed(f"{whom} of group {group}{sub}: {lost}", AbortKind.LOST_PEER, 2) == \
+            f"{whom} of group {group} {words}: {lost}"
+    assert box.relayed(f"rank 2 of group world: {lost}", AbortKind.MISMATCH, -1) == \
+        f"rank 2 of group world: {lost}"            # (a member of this rank's host: bare)
 
 
 def test_an_operation_names_its_peer_on_another_host_with_its_host() -> None:
