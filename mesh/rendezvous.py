@@ -104,8 +104,7 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
             if left <= 0:
                 who = (f"ranks {missing} never arrived" if missing is not None
                        else "the service never said whom it waits for" if line.shook
-                       else "the service never answered (not running, wrong address, "
-                            "or a different job secret or MESH_CURVE setting)")
+                       else _unanswered(addr, port))
                 if refused:
                     who += "; it refused meanwhile: " + "; ".join(refused) + (
                         f" ({heard} joins refused in all)" if heard > len(refused) else "")
@@ -178,6 +177,18 @@ def join(ctx: zmq.Context, addr: str, port: int, secret: str, rank: int, size: i
                 odd = _odd(odd, rank, where, f"a word it does not know ({text(msg.get('op'))})")
     finally:
         close_watched(sock, mon)
+
+
+def _unanswered(addr: str, port: int) -> str:
+    """Why a service that never answered did not: its port refusing
+    connections (nothing listens there: not started yet, ended, or another
+    port) told apart from silence (a different secret, or the network)."""
+    if refuses(addr, port, _PROBE_EVERY / 2):
+        return (f"the service never answered, and port {port} of {addr} refuses connections: "
+                f"nothing listens there (node 0's meshrun, or rank 0 under another launcher, "
+                f"not started or ended, or a wrong --master-port / MASTER_PORT)")
+    return ("the service never answered (not running, a wrong address or port, or a "
+            "different job secret or MESH_CURVE setting)")
 
 
 @dataclass

@@ -243,7 +243,9 @@ def test_a_rank_whose_service_never_answers_says_so_before_its_timeout(
     """Nothing listens at the rendezvous address (a node started with a wrong
     --master-port, or before node 0): its host's first rank says so every
     while (at 10 s, then every 30 s; here sooner), where it waited its whole
-    rendezvous timeout (120 s) in silence; the host's other ranks say nothing."""
+    rendezvous timeout (120 s) in silence; the host's other ranks say nothing.
+    At the timeout each says its port refuses connections (a wrong port, or
+    node 0 not started), not only that the service never answered."""
     monkeypatch.setattr(rendezvous, "_NOTE_FIRST", 0.3)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -268,6 +270,9 @@ def test_a_rank_whose_service_never_answers_says_so_before_its_timeout(
     finally:
         ctx.term()
     assert all("the service never answered" in ended.get(r, "") for r in (2, 3)), ended
+    # ... and why: nothing listens at that port (it said "wrong address", never the port)
+    assert all(f"port {port} of 127.0.0.1 refuses connections: nothing listens there" in
+               ended[r] and "--master-port" in ended[r] for r in (2, 3)), ended
     said = [r.getMessage() for r in caplog.records if r.name == "mesh.rendezvous"]
     assert len(said) == 1 and said[0].startswith(
         f"rank 2: rendezvous at tcp://127.0.0.1:{port}: no answer from the service yet"), said
