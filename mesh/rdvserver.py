@@ -167,6 +167,13 @@ class RendezvousServer:
                 "pid": pid if type(pid) is int else 0,
                 "endpoint": f"tcp://{self._from}:0" if self._from else ""}
 
+    def _joined_from(self, host: Any) -> str:
+        """Where a join came from, as a refusal names it: its host name (a
+        host id's, without its network namespace) and the address it came
+        from, which tells apart hosts of one name (network namespaces)."""
+        name = _said(host.split("|", 1)[0] if isinstance(host, str) else host)
+        return f"on host {name}" + (f", from {self._from}" if self._from else "")
+
     def _fail_waiting(self) -> None:
         """Fail every rank that waits, naming the first rank that ended (each
         rank names its host, as it sees it: ``gone_text``)."""
@@ -204,8 +211,9 @@ class RendezvousServer:
             self._send(ident, {"op": "error", "msg": self.tries.closed(rank)})
             return
         if size != self.world_size or not 0 <= rank < size:
-            msg = (f"rank {rank} of world {size} (pid {req.get('pid')} on "
-                   f"{_said(req.get('host'))}) cannot join a job of world size {self.world_size}"
+            msg = (f"rank {rank} of world {size} (pid {req.get('pid')} "
+                   f"{self._joined_from(req.get('host'))}) cannot join a job of world size "
+                   f"{self.world_size}"
                    + (": the launchers disagree on the world size (-n, --nnodes)"
                       if size != self.world_size else ""))
             self.rejected += 1

@@ -82,6 +82,9 @@ def test_nodes_of_another_job_or_world_size_fail_at_once_and_the_job_goes_on() -
         _, err1 = wrong.communicate(timeout=40)
         assert wrong.returncode == 1, err1
         assert "of world 6" in err1 and "cannot join a job of world size 4" in err1, err1
+        # named by its host and the address it came from (it said "on vm|net:[4026532239]")
+        assert re.search(r"rank \d of world 6 \(pid \d+ on host [^|,()]+, from 127\.0\.0\.1\)",
+                         err1), err1
         assert "the launchers disagree on the world size (-n, --nnodes)" in err1, err1
         assert procs[0].stderr is not None
         said = read = ""
