@@ -12,8 +12,8 @@ the ops and constants, datatypes.py the datatypes, the derived ones too;
 buffers.py the buffer specs; p2p.py,
 requests.py and message.py point-to-point; coll.py the buffer
 collectives, objects.py the lowercase ones; comm.py the communicators,
-topo.py their topologies, neighbor.py the neighborhood collectives,
-group.py their groups;
+topo.py their topologies, inter.py and intercoll.py the intercommunicators,
+neighbor.py the neighborhood collectives, group.py their groups;
 win.py the one-sided windows over comm.window; tuples.py keeps the lowercase
 calls' tuples): objects go by msgpack, never pickle, and meshrun's errors
 (MismatchError, MeshTimeoutError, LostPeerError) come through unchanged. It
@@ -32,6 +32,7 @@ import mesh
 from .mpi_compat.file import FILE_ERRORS, MODES, SEEK_CUR, SEEK_END, SEEK_SET, File
 from .mpi_compat.comm import COMM_NULL, COMM_TYPE_SHARED, Comm, Intracomm
 from .mpi_compat.neighbor import Topocomm
+from .mpi_compat.inter import Intercomm
 from .mpi_compat.topo import UNWEIGHTED, WEIGHTS_EMPTY, Cartcomm, Distgraphcomm, Graphcomm
 from .mpi_compat.group import GROUP_EMPTY, GROUP_NULL, Group
 from .mpi_compat.objects import fold, scan_fold
@@ -61,6 +62,7 @@ KEYVAL_INVALID = -1
 MAX_PROCESSOR_NAME = 256
 
 __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "Intracomm",
+           "Intercomm",
            "Topocomm", "Cartcomm", "Graphcomm", "Distgraphcomm", "UNWEIGHTED",
            "WEIGHTS_EMPTY", "Group", "GROUP_EMPTY", "GROUP_NULL", "Status", "Request", "Prequest",
            "Grequest", "Message", "REQUEST_NULL",

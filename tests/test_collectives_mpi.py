@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "tests" / "scripts" / "mpi4py_tutorial.py"
 DATATYPES = ROOT / "tests" / "scripts" / "mpi4py_datatypes.py"
 TOPOLOGIES = ROOT / "tests" / "scripts" / "mpi4py_topologies.py"
+INTERCOMM = ROOT / "tests" / "scripts" / "mpi4py_intercomm.py"
 
 
 def test_object_reductions_fold_in_mpi4pys_order() -> None:
@@ -135,9 +136,8 @@ def test_repeated_neighbours_are_matched_in_order() -> None:
 
 
 def test_what_is_not_provided_names_itself() -> None:
-    """What is not wired in says what it is and what to use: the
-    persistent collectives of derived datatypes (Alltoallw_init), the parts
-    of MPI's RMA that meshrun's windows lack."""
+    """What is not wired in says what it is and what to use: Spawn, the
+    parts of MPI's RMA that meshrun's windows lack."""
     with pytest.raises(NotImplementedError, match="no dynamic windows"):
         MPI.Win.Create_dynamic
     win = object.__new__(MPI.Win)       # PSCW's groups: an MPI.Group's ranks translated
@@ -148,11 +148,10 @@ def test_what_is_not_provided_names_itself() -> None:
     group.Translate_ranks = lambda ranks, to: [1, MPI.UNDEFINED]
     with pytest.raises(ValueError, match=r"Win.Post: group member\(s\) \[1\] are not in"):
         win._group(group, "Post")
-    with pytest.raises(NotImplementedError, match="no w-forms"):
-        MPI.COMM_NULL.Alltoallw_init
-    with pytest.raises(NotImplementedError, match="Iallgather and Ialltoall are provided"):
+    with pytest.raises(NotImplementedError, match="Ialltoall and Ialltoallw are provided"):
         MPI.COMM_NULL.Ialltoallv
-    with pytest.raises(NotImplementedError, match="mesh.spawn"):
+    with pytest.raises(NotImplementedError, match="no processes joining a running mesh .*"
+                                                  "Create_intercomm.*mesh.spawn"):
         MPI.COMM_NULL.Spawn
     with pytest.raises(NotImplementedError, match=r"those of a communicator with a topology: "
                                                   r"make one with Create_cart, Create_graph"):
@@ -591,6 +590,7 @@ def _edges(world: Any) -> str:
     with pytest.raises(NotImplementedError, match="communicator with a topology"):
         comm.Neighbor_alltoall(send, got)
     _graph_errors(comm)
+    _intercomm_errors(comm)
     MPI.Finalize()      # (mesh.spawn's world is left open: spawn closes it)
     assert MPI.Is_finalized() and mesh.world.current() is world
     return "ok"
@@ -660,6 +660,52 @@ def _graph_errors(comm: Any) -> None:
     assert two.tolist() == [(r - 1) % n, (r + 1) % n], two
 
 
+def _intercomm_errors(comm: Any) -> None:
+    """Alltoallw's and intercommunicators' bad input (tests/scripts/
+    mpi4py_intercomm.py has the good): clear errors on the ranks concerned,
+    nothing waiting, and the communicators go on (3 ranks)."""
+    r, n = comm.rank, comm.size
+    w = f"world rank {r}"
+    blocks = [0, 4, 8] if r else [0, 4, 12]     # (rank 0 sends rank 1 two ints, it takes one)
+    with pytest.raises(mesh.MismatchError, match=f"^rank {r}: collectives.MPI Alltoallw, .*"
+                                                 f"bytes differ .*rank 1 expects 4 rows from "
+                                                 f"rank 0, which sends 8"):
+        comm.Alltoallw([np.arange(2 * n, dtype="i"), [1, 2, 1] if r == 0 else [1] * n, blocks,
+                        [MPI.INT] * n], [np.zeros(n, "i"), [1] * n, [0, 4, 8], [MPI.INT] * n])
+    got = np.zeros(n, "i")
+    comm.Alltoallw([np.full(n, r, "i"), [1] * n, [0, 4, 8], [MPI.INT] * n],
+                   [got, [1] * n, [0, 4, 8], [MPI.INT] * n])
+    assert got.tolist() == [0, 1, 2], got
+    with pytest.raises(ValueError, match=f"^rank {r}: collectives.MPI Create_intercomm: the ranks "
+                                         f"of this group disagree on \\(local_leader, remote_"
+                                         f"leader, tag\\): rank 0 \\(0, 0, 0\\), rank 1 "
+                                         f"\\(1, 0, 0\\)"):
+        comm.Create_intercomm(r % 2, comm, 0)
+    with pytest.raises(ValueError, match=r"Create_intercomm: the groups overlap: world ranks "
+                                         r"\[0, 1, 2\] are in both"):
+        comm.Create_intercomm(0, comm, 0)       # (the leader its own remote leader)
+    inter = comm.Split(r % 2, r).Create_intercomm(0, comm, 1 - r % 2)     # ([0, 2] and [1])
+    if r == 2:
+        with pytest.raises(ValueError, match=f"^rank 1 \\({w}\\): collectives.MPI Intercomm."
+                                             f"Send: rank 1 out of range: the remote group has "
+                                             f"1 ranks"):
+            inter.Send(np.zeros(1), 1)
+    with pytest.raises(ValueError, match=f"^rank {inter.rank} \\({w}\\): collectives.MPI "
+                                         f"Intercomm.bcast: ranks \\[0, 1\\] of the root's "
+                                         f"group passed MPI.ROOT"):
+        inter.bcast(r, root=MPI.ROOT if r % 2 == 0 else 0)
+    with pytest.raises(ValueError, match=r"Intercomm.Bcast: the root is rank 0 of the other "
+                                         r"group, which passed root 3 on rank 0"):
+        inter.Bcast(np.zeros(1), root=MPI.ROOT if r == 0 else MPI.PROC_NULL if r == 2 else 3)
+    with pytest.raises(ValueError, match=r"Intercomm.Merge: the ranks of one group passed "
+                                         r"high=\[False, True\]"):
+        inter.Merge(high=r == 2)
+    with pytest.raises(NotImplementedError, match="Allgatherv on an intercommunicator"):
+        inter.Allgatherv(np.zeros(1), [np.zeros(2), [1, 1]])
+    assert inter.allgather(r) == ([1] if r % 2 == 0 else [0, 2])    # (and they go on)
+    assert inter.Merge().allgather(r) == [0, 2, 1]
+
+
 def test_mpi_semantics_where_meshruns_differ() -> None:
     """(3 ranks: every edge case in one spawn)"""
     assert mesh.spawn(_edges, 3, timeout=90, env={"MESH_TIMEOUT": "30"}) == ["ok"] * 3
@@ -675,11 +721,14 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     run in the same job: its layouts, halo columns, subarrays, Scatter and
     Gather of column blocks...) and graph topologies with every
     neighborhood collective (tests/scripts/mpi4py_topologies.py; at 4 ranks
-    below), with ``from mpi4py import MPI`` changed to
+    below), then Alltoallw and intercommunicators of groups of 2 and 1
+    (tests/scripts/mpi4py_intercomm.py: Create_intercomm after Split, point-
+    to-point, every collective with MPI.ROOT, Merge), with ``from mpi4py import MPI`` changed to
     ``from collectives import MPI``, under ``meshrun -n 3 --no-prefix``; the
     same bytes as real mpi4py's under ``mpirun -n 3`` where both are
     installed. (3-5 s)"""
-    texts = [TUTORIAL.read_text(), DATATYPES.read_text(), TOPOLOGIES.read_text()]
+    texts = [TUTORIAL.read_text(), DATATYPES.read_text(), TOPOLOGIES.read_text(),
+             INTERCOMM.read_text()]
     assert all(t.count("from mpi4py import MPI\n") == 1 for t in texts)
     both = tmp_path / "both.py"         # (the two programs, one after the other)
     both.write_text("\n".join(texts))
@@ -689,7 +738,7 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     code, mine = run_in_session([sys.executable, "-m", "mesh.launch", "-n", "3", "--no-prefix",
                                  str(ported)], launch_env(ROOT), 90, cwd=ROOT)
     assert code == 0, mine
-    assert mine.endswith("ALL OK 3\n") and mine.count("ALL OK 3\n") == 3, mine
+    assert mine.endswith("ALL OK 3\n") and mine.count("ALL OK 3\n") == 4, mine
     assert re.search(r"^coll .*\[\[0\.0, 1\.0\], \[6\.0, 7\.0\]", mine, re.M), mine
     assert re.search(r"^pi 1000 3\.14159\d+ 3\.14159\d+ True$", mine, re.M), mine
     if shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None:
@@ -709,18 +758,21 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
 def test_graph_topologies_give_mpi4pys_output_at_4_ranks(tmp_path: Path) -> None:
     """tests/scripts/mpi4py_topologies.py (run at 3 ranks with the tutorial,
     above) at 4: a rank of its graphs with no neighbour, a graph of fewer
-    nodes than ranks, a 2 x 2 grid; real mpi4py's bytes under ``mpirun -n
-    4`` where installed. (2-4 s)"""
+    nodes than ranks, a 2 x 2 grid; then tests/scripts/mpi4py_intercomm.py
+    (Alltoallw, intercommunicators of 2 and 2) in the same job; real mpi4py's
+    bytes under ``mpirun -n 4`` where installed. (2-4 s)"""
+    both = tmp_path / "both.py"         # (and tests/scripts/mpi4py_intercomm.py after it)
+    both.write_text(TOPOLOGIES.read_text() + "\n" + INTERCOMM.read_text())
     ported = tmp_path / "topologies.py"
-    ported.write_text(TOPOLOGIES.read_text().replace("from mpi4py import MPI\n",
-                                                     "from collectives import MPI\n"))
+    ported.write_text(both.read_text().replace("from mpi4py import MPI\n",
+                                               "from collectives import MPI\n"))
     code, mine = run_in_session([sys.executable, "-m", "mesh.launch", "-n", "4", "--no-prefix",
                                  str(ported)], launch_env(ROOT), 90, cwd=ROOT)
-    assert code == 0 and mine.endswith("ALL OK 4\n"), mine
+    assert code == 0 and mine.endswith("ALL OK 4\n") and mine.count("ALL OK 4\n") == 2, mine
     if shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None:
         pytest.skip("Open MPI's mpirun or mpi4py is not installed: compared with nothing")
     code, real = run_in_session(["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
-                                 "self,tcp", "-n", "4", sys.executable, str(TOPOLOGIES)],
+                                 "self,tcp", "-n", "4", sys.executable, str(both)],
                                 launch_env(ROOT), 90, cwd=ROOT)
     assert code == 0, real
     assert mine == real, f"meshrun:\n{mine}\nmpirun:\n{real}"

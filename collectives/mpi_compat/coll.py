@@ -531,6 +531,38 @@ class Collectives:
                        recv_displs=recv.displs, out=recv.view)
         recv.done()
 
+    def Alltoallw(self, sendbuf: Any, recvbuf: Any) -> None:
+        """``[buf, counts, displs, datatypes]`` each side (displacements in
+        bytes; ``[buf, (counts, displs), datatypes]`` too), one entry a
+        rank, a derived datatype's items packed and unpacked; MPI.IN_PLACE:
+        the receive buffer's blocks are sent. A block's bytes must be the
+        same at both ends (MismatchError naming both counts, on the two
+        ranks)."""
+        from .neighbor import Wblocks       # (neighbor.py imports comm.py, which imports this)
+        g = self._g
+        w = Wblocks(g, sendbuf, recvbuf, "Alltoallw")
+        try:
+            got = C.all_to_all_v(g, w.flat, w.sends, w.recvs)
+        except MismatchError as e:
+            raise MismatchError(f"rank {g.rank}: collectives.MPI Alltoallw, group {g.name}: "
+                                f"a block's bytes differ between its sender and its "
+                                f"receiver (counts x datatypes' sizes): {e}") from e
+        w.place(got)
+
+    def Ialltoallw(self, sendbuf: Any, recvbuf: Any) -> Request:
+        from .neighbor import Wblocks
+        w = Wblocks(self._g, sendbuf, recvbuf, "Ialltoallw")
+        return Request(C.all_to_all_v(self._g, w.flat, w.sends, w.recvs, async_op=True),
+                       finish=w.place)
+
+    def Alltoallw_init(self, sendbuf: Any, recvbuf: Any, info: Any = None) -> Prequest:
+        """Each start sends what the send buffer's blocks hold then."""
+        from .neighbor import Wblocks
+        w = Wblocks(self._g, sendbuf, recvbuf, "Alltoallw_init")
+        out = np.empty(sum(w.recvs), np.uint8)
+        req = P.all_to_all_v_init(self._g, w.flat, w.sends, w.recvs, out=out)
+        return Prequest(req, before=w.pack, finish=w.place)
+
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
         g, what = self._g, "Reduce_scatter_block"
         if in_place(sendbuf):

@@ -26,25 +26,21 @@ __all__ = ["Comm", "Intracomm", "COMM_NULL", "COMM_TYPE_SHARED", "not_provided"]
 
 COMM_TYPE_SHARED = 0       # (Open MPI's)
 
-_PERSISTENT = ("Alltoallw_init",)
-
-_NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv", "Ialltoallw",
+_NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv",
                 "Ireduce_scatter", "Ireduce_scatter_block", "Iscan", "Iexscan")
 
 
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
-    if name in _PERSISTENT:
-        why = ("no w-forms (a datatype a rank): Alltoallv_init with one datatype "
-               "(README)")
-    elif name in _NONBLOCKING:
+    if name in _NONBLOCKING:
         why = (f"of the nonblocking collectives Iallreduce, Ibcast, Ibarrier, Ireduce, "
-               f"Igather, Iscatter, Iallgather and Ialltoall are provided: call {name[1:]} "
+               f"Igather, Iscatter, Iallgather, Ialltoall and Ialltoallw are provided: call "
+               f"{name[1:]} "
                f"(blocking), or run it in a thread")
-    elif name in ("Spawn", "Spawn_multiple", "Accept", "Connect", "Create_intercomm",
-                  "Merge", "Get_parent", "Join"):
-        why = ("no intercommunicators and no processes joining a running mesh: "
-               "mesh.spawn(fn, n) runs a function in n new processes of their own mesh")
+    elif name in ("Spawn", "Spawn_multiple", "Accept", "Connect", "Get_parent", "Join"):
+        why = ("no processes joining a running mesh (intercommunicators of a running "
+               "one's processes: Create_intercomm): mesh.spawn(fn, n) runs a function in n "
+               "new processes of their own mesh")
     elif "eighbor_" in name:
         why = ("the neighborhood collectives are those of a communicator with a topology: "
                "make one with Create_cart, Create_graph, Create_dist_graph_adjacent or "
@@ -189,6 +185,14 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
         c = None if color is None or color == UNDEFINED or color < 0 else int(color)
         sub = self._g.split(c, int(key))
         return COMM_NULL if sub is None else Intracomm(sub)
+
+    def Create_intercomm(self, local_leader: int, peer_comm: "Comm", remote_leader: int,
+                         tag: int = 0) -> "Comm":
+        """MPI_Intercomm_create, collective over this communicator: an
+        Intercomm of its processes and the group whose leader is
+        ``remote_leader`` (a rank of ``peer_comm``) (inter.py)."""
+        from .inter import create_intercomm
+        return create_intercomm(self, local_leader, peer_comm, remote_leader, tag)
 
     def Split_type(self, split_type: int, key: int = 0, info: Any = None) -> "Comm":
         if split_type == UNDEFINED:

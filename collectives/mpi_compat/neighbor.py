@@ -23,9 +23,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mesh import Comm as MeshComm
+
 from .. import persistent as P
 from ..runner import Ctx, _name_the_call, start
-from .buffers import _flat, _usable, spec, vspec
+from .buffers import _flat, _usable, in_place, spec, vspec
 from .comm import Intracomm
 from .datatypes import Selection
 from .requests import Prequest, Request
@@ -33,7 +35,7 @@ from .tuples import unwrap, wrap
 from .types import ERR_TRUNCATE, ERR_TYPE, PROC_NULL, Datatype, datatype_of
 from .types import Exception as MPIException
 
-__all__ = ["Topocomm", "occurrences"]
+__all__ = ["Topocomm", "Wblocks", "occurrences"]
 
 Recv = tuple[int, dict]             # (source, the label its message carries)
 Send = tuple[int, int, dict]        # (destination, block, label), in the order posted
@@ -283,11 +285,12 @@ class Topocomm(Intracomm):
         return [None if v is None else unwrap(v) for v in got]
 
 
-def _wblocks(buf: Any, name: str, n: int,
-             side: str) -> list[tuple[Selection | None, np.ndarray]]:
-    """An alltoallw spec's blocks: for each neighbour (a derived datatype's
-    Selection or None, the block's elements: a view of the buffer for a
-    predefined datatype, a packed copy for a derived one)."""
+def _wblocks(buf: Any, name: str, n: int, side: str,
+             each: str = "neighbour") -> list[tuple[Selection | None, np.ndarray]]:
+    """An alltoallw spec's blocks: for each neighbour (Alltoallw's: rank;
+    ``each``) (a derived datatype's Selection or None, the block's
+    elements: a view of the buffer for a predefined datatype, a packed copy
+    for a derived one)."""
     if not isinstance(buf, (list, tuple)) or len(buf) not in (3, 4):
         raise TypeError(f"collectives.MPI {name}: the {side} buffer is [buf, counts, displs, "
                         f"datatypes] or [buf, (counts, displs), datatypes], got {buf!r:.60}")
@@ -301,7 +304,7 @@ def _wblocks(buf: Any, name: str, n: int,
     if not len(counts) == len(displs) == len(types) == n:
         raise ValueError(f"collectives.MPI {name}: {len(counts)} counts, {len(displs)} "
                          f"displacements and {len(types)} datatypes to {side}, for {n} "
-                         f"neighbours")
+                         f"{each}s")
     raw = _flat(data, None, name).view(np.uint8) if n else np.empty(0, np.uint8)
     out: list[tuple[Selection | None, np.ndarray]] = []
     for k, d, t in zip(counts, displs, types):
@@ -313,9 +316,45 @@ def _wblocks(buf: Any, name: str, n: int,
         dt = datatype_of(t, name)
         if dt is None:
             raise TypeError(f"collectives.MPI {name}: the {side} buffer's datatypes: one "
-                            f"a neighbour (MPI.INT, a derived one...), got None")
+                            f"a {each} (MPI.INT, a derived one...), got None")
         if k < 0 or d < 0 or d + k * dt.itemsize > len(raw):
             raise ValueError(f"collectives.MPI {name}: {k} x {dt} from byte {d} overrun a "
                              f"{side} buffer of {len(raw)} bytes")
         out.append((None, raw[d:d + k * dt.itemsize].view(dt)))
     return out
+
+
+class Wblocks:
+    """Alltoallw's buffers (``_wblocks``, a block a rank) as one exchange
+    of bytes by all_to_all_v: ``flat`` the send blocks' bytes in rank order
+    (``pack()`` again at each persistent start: MPI.IN_PLACE's are the
+    receive blocks), ``sends`` and ``recvs`` each block's bytes,
+    ``place(got)`` the received bytes into their blocks (a derived
+    datatype's unpacked)."""
+
+    def __init__(self, g: MeshComm, sendbuf: Any, recvbuf: Any, what: str) -> None:
+        self._recv = _wblocks(recvbuf, what, g.size, "receive", "rank")
+        self._from = self._recv if in_place(sendbuf) else \
+            _wblocks(sendbuf, what, g.size, "send", "rank")
+        self.sends = [v.nbytes for _, v in self._from]
+        self.recvs = [v.nbytes for _, v in self._recv]
+        self.flat = np.empty(sum(self.sends), np.uint8)
+        self.pack()
+
+    def pack(self) -> None:
+        at = 0
+        for sel, view in self._from:
+            v = view if sel is None else sel.get()
+            self.flat[at:at + v.nbytes] = np.ascontiguousarray(v).reshape(-1).view(np.uint8)
+            at += v.nbytes
+
+    def place(self, got: Any) -> None:
+        raw = np.asarray(got).reshape(-1).view(np.uint8)
+        at = 0
+        for (sel, view), k in zip(self._recv, self.recvs):
+            block = raw[at:at + k]
+            at += k
+            if sel is not None:
+                sel.put(block.view(view.dtype))
+            else:
+                view.reshape(-1).view(np.uint8)[:] = block
