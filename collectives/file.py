@@ -403,14 +403,18 @@ class File:
                 f"after {mem} of them (size {at}; partial=True takes what there is)"))})
         return mem // self.etype.itemsize
 
-    def _all(self, call: str, body: Any) -> int:
-        err, n = None, 0
+    def _own(self, body: Any) -> tuple[int, Any]:
+        """A collective call's own part, ``body()``: (its count, None) or
+        (0, this rank's error as the ranks' agreement takes it)."""
         try:
-            n = body()
+            return body(), None
         except FileError as e:
-            err = e.errors[self.group.rank]
+            return 0, e.errors[self.group.rank]
         except (OSError, ValueError, TypeError) as e:
-            err = _said(e)
+            return 0, _said(e)
+
+    def _all(self, call: str, body: Any) -> int:
+        n, err = self._own(body)
         self._agree(call, err)
         return n
 
@@ -441,14 +445,7 @@ class File:
         all_gather, in call order among the group's collectives): the
         Agreement's ``wait()`` returns the count or raises the FileError
         every rank raises (MPI's nonblocking collective I/O)."""
-        err, n = None, 0
-        try:
-            n = body()
-        except FileError as e:
-            err = e.errors[self.group.rank]
-        except (OSError, ValueError, TypeError) as e:
-            err = _said(e)
-        return Agreement(self, call, n, err)
+        return Agreement(self, call, *self._own(body))
 
     def _try(self, fn: Any, doing: str) -> tuple[int, str] | None:
         try:
