@@ -270,7 +270,7 @@ class Comm:
         if status is not None:
             _check_status(status, self, "sendrecv")
         t = self._t
-        deadline = time.monotonic() + (t.timeout if timeout is None else timeout)
+        began = time.monotonic()
         if out is not None and _overlap(obj, out):
             # MPI's Sendrecv_replace: the send reads obj after the receive is posted (a
             # ring copy, the peer's direct read, zero-copy socket frames), and the message
@@ -290,7 +290,7 @@ class Comm:
             if status is not None:
                 _null(status)
             return out
-        value = t.wait(req, max(0.0, deadline - time.monotonic()))
+        value = t.wait(req, t.timeout if timeout is None else timeout, start=began)
         if status is not None:
             self._fill(status, req)
         return value

@@ -9,6 +9,7 @@ import time
 from typing import Any, Sequence
 
 from .errors import MeshTimeoutError
+from .match import Pending, Several
 from .p2pargs import _check_timeout
 from .request import Request
 from .transport import SENT, Outgoing
@@ -54,12 +55,40 @@ def _who(requests: Any) -> str:
 
 def waitall(requests: Sequence[Request], timeout: float | None = None) -> list[Any]:
     """Wait for every request; their results in order (None for sends).
-    ``timeout`` bounds the whole wait; the first request that fails raises
-    (the others stay waitable)."""
+    ``timeout`` bounds the whole wait: once it runs out with some not done,
+    MeshTimeoutError names them (with what their peers last said) and
+    every request stays as it was, none given up, as waitany's timeout
+    leaves them (each wait(timeout) in turn withdrew the first receive not
+    done, whose message then went to the next receive: a waitall tried
+    again raised that stale timeout at once, and never got the message).
+    Without one each request waits as its ``wait()`` does. The first
+    request that fails raises (the others stay waitable)."""
     reqs = _listed(requests, "waitall")
     if timeout is None or not reqs:
         return [r.wait() for r in reqs]
-    deadline = time.monotonic() + _check_timeout(timeout, reqs[0]._c, "waitall")
+    c = reqs[0]._c
+    limit = _check_timeout(timeout, c, "waitall")
+    deadline = time.monotonic() + limit
+    every = _AllDone(reqs)
+    looked = False
+    while not every.is_set():
+        now = time.monotonic()
+        if now >= deadline:
+            if not looked:      # one look at what has come, as a receive's timeout takes
+                looked = True
+                c._t.poke()
+                continue
+            left = [(i, r) for i, r in enumerate(reqs) if not r.done()]
+            raise MeshTimeoutError(_late(c, left, "waitall", limit, len(reqs)))
+        first = reqs[every.at]
+        try:
+            c._t._drive(first._item, deadline, deadline - now, every,
+                        Several("waitall", [(i, r) for i, r in enumerate(reqs)
+                                            if i >= every.at and not r.done()]))
+        except Exception:
+            if not c._t.inbox.closed:
+                raise
+            break       # (the mesh closed under it: each request fails on its own)
     return [r.wait(timeout=max(0.0, deadline - time.monotonic())) for r in reqs]
 
 
@@ -106,6 +135,7 @@ def _waitany(reqs: list[Request], timeout: float | None, what: str) -> tuple[int
     anyone = _AnyDone([r for _, r in live])
     nap = 1e-5
     looked = False
+    doing: Several | None = None     # (what it waits in, made once it waits)
     while True:
         for i, r in live:
             if r.done() and _claim(r):
@@ -119,6 +149,7 @@ def _waitany(reqs: list[Request], timeout: float | None, what: str) -> tuple[int
                                  f"requests was waited for already (its result given by "
                                  f"wait, test or waitany)")
             anyone = _AnyDone([r for _, r in live])
+            doing = None
         now = time.monotonic()
         if now >= deadline and not looked:
             # one look at what has come before timing out, as recv(timeout=0) takes: a
@@ -127,19 +158,46 @@ def _waitany(reqs: list[Request], timeout: float | None, what: str) -> tuple[int
             c._t.poke()
             continue
         if now >= deadline:
-            waits = [r._item.described(c._t.inbox.peers) for _, r in live[:4]]
-            more = f" and {len(live) - 4} more" if len(live) > 4 else ""
-            late = MeshTimeoutError(f"rank {c._t.rank}: {what} on {len(live)} requests timed "
-                                    f"out after {limit:g}s, none done: {'; '.join(waits)}{more}")
+            late = MeshTimeoutError(_late(c, live, what, limit))
             late.none_done = True   # type: ignore[attr-defined]  # (not a request's own error)
             raise late
+        if doing is None:
+            doing = Several(what, live)
         try:
-            c._t._drive(live[0][1]._item, deadline, deadline - now, anyone)
+            c._t._drive(live[0][1]._item, deadline, deadline - now, anyone, doing)
         except Exception:
             if not c._t.inbox.closed:   # (a forked child's refusal: it waited out its timeout)
                 raise
             time.sleep(nap)     # (the mesh closed under it: each request fails on its own)
             nap = min(nap * 2, 2e-3)
+
+
+def _late(c: Any, live: list[tuple[int, Request]], what: str, limit: float,
+          of: int = 0) -> str:
+    """The error of ``what`` (waitany, waitsome; waitall: ``of`` requests)
+    timed out with none of the ``live`` requests done: the first four, each
+    with what its peer (or, from ANY, its group's ranks) last said, as a
+    receive's timeout says it."""
+    if what.startswith("test"):     # (testany, testsome: never shown, made per call)
+        return f"rank {c._t.rank}: {what}: none done"
+    t = c._t
+    waits, said = [], set()
+    for _, r in live[:4]:
+        item = r._item
+        text = item.described(t.inbox.peers)
+        if isinstance(item, (Pending, Outgoing)):
+            note = t.live.peer_note(item)
+            if note not in said:
+                said.add(note)
+                text += note
+        waits.append(text)
+    more = f"; and {len(live) - 4} more" if len(live) > 4 else ""
+    if of:
+        return (f"rank {t.rank}: {what} on {of} request{'s' if of != 1 else ''} timed out "
+                f"after {limit:g}s, {of - len(live)} done; not done: {'; '.join(waits)}{more} "
+                f"(none given up: a later waitall, wait or test completes them)")
+    return (f"rank {t.rank}: {what} on {len(live)} request{'s' if len(live) != 1 else ''} "
+            f"timed out after {limit:g}s, none done: {'; '.join(waits)}{more}")
 
 
 def waitsome(requests: Sequence[Request],
@@ -215,6 +273,36 @@ def _claim(r: Request) -> bool:
         if r._spent:
             return False
         r._spent = True
+        return True
+
+
+class _AllDone:
+    """Set once every one of ``reqs`` is done: the flag ``waitall`` with a
+    timeout drives the reading until. ``at``: the first not done yet (a
+    request once done stays so: each is looked at until it is, then never
+    again, so that a wait for many requests costs no look at all per
+    message read)."""
+
+    __slots__ = ("reqs", "at")
+
+    def __init__(self, reqs: list[Request]) -> None:
+        self.reqs, self.at = reqs, 0
+
+    def is_set(self) -> bool:
+        reqs, at = self.reqs, self.at
+        while at < len(reqs) and reqs[at].done():
+            at += 1
+        self.at = at
+        return at == len(reqs)
+
+    def wait(self, timeout: float) -> bool:
+        """Another thread reads (it completes these too): look again soon."""
+        end = time.monotonic() + timeout
+        while not self.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, 5e-5))
         return True
 
 

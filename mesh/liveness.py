@@ -31,7 +31,7 @@ import zmq
 from . import wire
 from .errors import AbortKind
 from .inbox import Inbox
-from .match import ANY, Pending, describe
+from .match import ANY, Pending, Several, describe
 from .peer import ALIVE, CLOSED, DEAD, STATE_NAMES, Outgoing, Peer, config_float, named
 
 __all__ = ["Liveness", "close_watched", "heartbeat_for", "monitor_event", "refuses",
@@ -180,7 +180,7 @@ class Liveness:
         self._suspects: list[float] = []
         # (its value was checked as the ROUTER was made: mesh.auth.make_server)
         self._shake_limit = config_float("MESH_HANDSHAKE_TIMEOUT", 10.0)
-        self.doing: Pending | Outgoing | str | None = None
+        self.doing: Pending | Outgoing | Several | str | None = None
         self.doing_since = 0.0
         self.last: str | tuple | None = None     # (an item's description)
         self.last_end = 0.0
@@ -197,7 +197,7 @@ class Liveness:
             p.monitor: p for p in peers if p.monitor is not None}
         self.monitors[router_mon] = None
 
-    def _what(self, item: Pending | Outgoing | str | tuple) -> str:
+    def _what(self, item: Pending | Outgoing | Several | str | tuple) -> str:
         # a collective's message names it (mesh.match.describe), its peer with its
         # host where that is not this rank's; a wait outside the transport
         # (collectives.shm.board) says itself what it is
@@ -223,15 +223,25 @@ class Liveness:
         item, since = self.doing, self.doing_since
         return None if item is None else (self._what(item), time.monotonic() - since)
 
-    def stalled_on(self, item: Pending | Outgoing, waited: float, limit: float) -> None:
+    def stalled_on(self, item: Pending | Outgoing | Several, waited: float,
+                   limit: float) -> None:
         """The stall report of a wait for ``item``: it names the peers it needs."""
-        if isinstance(item, Outgoing):
+        if isinstance(item, Several):
+            peers = list(dict.fromkeys(p for it in item.items() for p in self._peers_of(it)))
+        elif isinstance(item, Outgoing):
             peers = [item.dst]
         elif item.src != ANY:
             peers = [item.src]
         else:
             peers = self.groups.get(item.group, ("", []))[1]
         self.stalled(self._what(item), peers, waited, limit)
+
+    def _peers_of(self, item: Pending | Outgoing) -> list[int]:
+        """The world ranks that could complete ``item``: its peer; from
+        ANY, its group's ranks."""
+        if isinstance(item, Outgoing):
+            return [item.dst] if item.dst >= 0 else []     # (a send by ring: done)
+        return [item.src] if item.src != ANY else self.groups.get(item.group, ("", []))[1]
 
     def stalled(self, what: str, peers: Iterable[int], waited: float,
                 limit: float | None = None) -> None:
@@ -244,7 +254,8 @@ class Liveness:
             if r == self.rank:
                 continue
             p = self.peers[r]
-            said = (f"{p.status} (said {now - p.status_at:.1f}s ago)" if p.status
+            said = ("it closed its mesh (it sends nothing more)" if p.state == CLOSED
+                    else f"{p.status} (said {now - p.status_at:.1f}s ago)" if p.status
                     else "no status heard yet")
             notes.append(f"{named(r, p.there)} [{STATE_NAMES[p.state]}, heard from "
                          f"{now - p.last_heard:.1f}s ago]: {said}")
@@ -254,8 +265,12 @@ class Liveness:
                      "; ".join(notes) or "no peer")
 
     def peer_note(self, item: Pending | Outgoing) -> str:
-        """What a timeout's error says of the peer it waited for."""
+        """What a timeout's error says of the peer it waited for; of a
+        receive or probe from ``ANY``, of the group's ranks that could send
+        it (``any_note``)."""
         peer = item.dst if isinstance(item, Outgoing) else item.src
+        if peer == ANY and isinstance(item, Pending):
+            return self.any_note(item)
         if peer == ANY or peer == self.rank:
             return ""
         p = self.peers[peer]
@@ -266,6 +281,43 @@ class Liveness:
         who = "world rank" if type(d) is tuple and len(d) > 4 and d[4] is not None else "rank"
         return (f" ({named(peer, p.there, who)} last heard from "
                 f"{time.monotonic() - p.last_heard:.1f}s ago{said})")
+
+    def any_note(self, item: Pending, shown: int = 3) -> str:
+        """What a timeout's error says of the ranks a receive or probe from
+        ``ANY`` waited for: those of its group that may still send, with
+        what each last said (the first ``shown``), and those that closed
+        their mesh: ``(rank 1 last heard from 0.2s ago; it said: not in a
+        mesh call; last: ...; rank 2 closed its mesh)``. A timeout that named
+        no peer left a coordinator whose workers hang, or wait on another
+        tag, with no clue which one."""
+        ranks = self.groups.get(item.group, ("", []))[1]
+        who = "world rank" if item.group else "rank"
+        now = time.monotonic()
+        notes: list[str] = []
+        left: dict[int, list[str]] = {CLOSED: [], DEAD: []}
+        others = 0
+        for r in ranks:
+            if r == self.rank or not 0 <= r < len(self.peers):
+                continue
+            p = self.peers[r]
+            if p.state != ALIVE:
+                left[p.state].append(named(r, p.there, who))
+            elif len(notes) < shown:
+                said = f"; it said: {p.status}" if p.status else ""
+                notes.append(f"{named(r, p.there, who)} last heard from "
+                             f"{now - p.last_heard:.1f}s ago{said}")
+            else:
+                others += 1
+        if others:
+            notes.append(f"{others} other rank{'s' if others > 1 else ''} alive")
+        for state, gone in left.items():
+            if gone:
+                these = ", ".join(gone[:shown]) + (f" and {len(gone) - shown} more"
+                                                   if len(gone) > shown else "")
+                one = len(gone) == 1
+                notes.append(f"{these} closed {'its' if one else 'their'} mesh"
+                             if state == CLOSED else f"{these} {'is' if one else 'are'} gone")
+        return f" ({'; '.join(notes)})" if notes else ""
 
     def on_bye(self, peer: Peer, reason: str, lost: int = -1, heard: int = -1) -> None:
         """A peer leaves. After a clean close (no reason) it is closed, and

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 __all__ = ["ANY", "ANY_TAG", "Flag", "State", "POSTED", "MATCHED", "DONE", "Pending", "Probe",
-           "Watched", "Arrived", "Matcher", "describe", "named", "got_fields"]
+           "Watched", "Arrived", "Matcher", "Several", "describe", "named", "got_fields"]
 
 ANY = -1
 ANY_TAG = 1 << 63
@@ -76,6 +76,35 @@ def describe(d: Any, peers: Sequence[Any] | None = None) -> str:
     if world is None or peer == ANY:
         return f"{verb} {who} ({tagged}, group {name})"
     return f"{verb} rank {peer} of group {name} ({_also(f'world rank {world}', there)}), {tagged}"
+
+
+class Several:
+    """What a wait for any (or all) of several requests waits in
+    (mesh.completion's waitany, waitsome, waitall): ``live``, its
+    ``(index, request)`` pairs, each request's operation its ``_item``.
+    Heartbeats, stall reports and a stopped rank's word of where it waits
+    name them all, not the first alone::
+
+        waitany on 3 requests: recv from rank 1 (tag 1, group world); ...
+
+    Made per wait that blocks, so it only keeps the caller's list: the
+    descriptions are made when a report asks for them."""
+
+    __slots__ = ("verb", "live")
+
+    def __init__(self, verb: str, live: Sequence[tuple[int, Any]]) -> None:
+        self.verb, self.live = verb, live
+
+    def items(self) -> list[Any]:
+        """The operations waited for (Pending, Outgoing): each request's."""
+        return [it for it in (r._item for _, r in self.live) if hasattr(it, "_desc")]
+
+    def described(self, peers: Sequence[Any] | None = None) -> str:
+        descs = [it._desc for it in self.items()]
+        n = len(descs)
+        shown = "; ".join(describe(d, peers) for d in descs[:4])
+        more = f"; and {n - 4} more" if n > 4 else ""
+        return f"{self.verb} on {n} request{'s' if n != 1 else ''}: {shown}{more}"
 
 
 def got_fields(got: Any) -> tuple:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Protocol
 import zmq
 
 from .liveness import Liveness
-from .match import DONE, Flag
+from .match import DONE, Flag, Several
 from .peer import config_float
 from .reader import Reader
 
@@ -153,11 +153,14 @@ class Progress:
         return held
 
     def drive(self, item: Any, deadline: float, limit: float,
-              flag: Flag | Settles | None = None) -> bool:
+              flag: Flag | Settles | None = None, doing: Several | None = None) -> bool:
         """Wait for ``item`` (a Pending; or until ``flag`` is set: an
         Outgoing's, or mesh.completion.waitany's, set once any of its requests
         is) by reading the ROUTER in this thread (see the module
-        docstring); stall reports every MESH_STALL_WARN. False on timeout."""
+        docstring); stall reports every MESH_STALL_WARN. False on timeout.
+        ``doing``: what the wait is, where it is more than ``item`` (waitany's
+        requests, all of them): what heartbeats, stall reports and a stopped
+        rank's word of where it waits say."""
         with self._want_lock:
             self._want += 1
             if self._progress_reading:
@@ -165,7 +168,8 @@ class Progress:
         live = self._live
         start = deadline - limit
         warn_at = start + live.stall_warn
-        live.doing, live.doing_since = item, start
+        what = item if doing is None else doing
+        live.doing, live.doing_since = what, start
         held = False
         polled = 0.0
         rings = self._rings
@@ -177,7 +181,7 @@ class Progress:
                 if left <= 0:
                     return False
                 if now >= warn_at:
-                    live.stalled_on(item, now - start, deadline - start)
+                    live.stalled_on(what, now - start, deadline - start)
                     warn_at = now + live.stall_warn
                 if not held:
                     held = self._rlock.acquire(timeout=min(left, 0.002))

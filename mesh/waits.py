@@ -78,12 +78,16 @@ class _Waiting:
              f"interrupted (not withdrawn): {got}; the next receive takes the message after it")
 
     def wait(self, item: Pending | Outgoing, timeout: float | None,
-             withdraw: bool = False) -> Any:
+             withdraw: bool = False, start: float | None = None) -> Any:
         """``item``'s value (None for a send) once done. ``withdraw``: a
         send still queued for credit when ``timeout`` runs out is taken off
-        the queue (a blocking send: its caller has the buffer back)."""
+        the queue (a blocking send: its caller has the buffer back).
+        ``start``: when the call began, where this wait is its last part
+        (sendrecv's receive, after its send): ``timeout`` counts from then,
+        and its error says the call's own (``timed out after 1s``, not what
+        was left of it for the receive, ``0.99908s``)."""
         limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
+        deadline = (time.monotonic() if start is None else start) + limit
         if isinstance(item, Pending):
             try:
                 driven = item.state == DONE or self._drive(item, deadline, limit)

@@ -337,6 +337,16 @@ def _stalls(world: mesh.Mesh, tmp: str) -> list[str]:
         with pytest.raises(mesh.MeshTimeoutError) as info:
             world.recv(1, tag=7, timeout=1.5)     # (its report comes after 0.4 s of the 1.5)
         seen.append(f"timeout: {info.value}")
+        # waitany waits for both peers: its report and error named the first request's
+        # alone; a receive from ANY timed out naming no rank at all
+        reqs = [world.irecv(1, tag=7), world.irecv(2, tag=7)]
+        with pytest.raises(mesh.MeshTimeoutError) as info:
+            mesh.waitany(reqs, timeout=1.0)     # (its report comes after 0.4 s)
+        seen.append(f"waitany: {info.value}")
+        assert all(r.cancel() for r in reqs)
+        with pytest.raises(mesh.MeshTimeoutError) as info:
+            world.probe(mesh.ANY, tag=7, timeout=0.2)
+        seen.append(f"any: {info.value}")
     collectives.barrier(world)
     return seen
 
@@ -355,6 +365,18 @@ def test_stall_reports_name_the_late_rank_and_what_it_last_did(tmp_path: Path) -
     assert timeout and "rank 1 last heard from" in timeout[0] and "it said:" in timeout[0], text
     assert "(times out after 1.5s)" in text
     assert not [m for m in logs[2] if "stalled: all_reduce" in m], text
+    # waitany's stall report, and its timeout, name every request and peer it waits for
+    assert _seen_in(logs[0], "stalled: waitany on 2 requests: recv from rank 1 (tag 7, group "
+                    "world); recv from rank 2 (tag 7, group world) has waited",
+                    "for rank 1 [alive", "; rank 2 [alive"), text
+    late = [m for m in logs[0] if m.startswith("waitany: ")]
+    assert late and "recv from rank 1 (tag 7, group world) (rank 1 last heard from " in late[0] \
+        and "recv from rank 2 (tag 7, group world) (rank 2 last heard from " in late[0], text
+    # a probe from ANY names the ranks that could send, with what each last said
+    late = [m for m in logs[0] if m.startswith("any: ")]
+    assert late and late[0].startswith("any: rank 0: probe any rank (tag 7, group world) timed "
+                                       "out after 0.2s (rank 1 last heard from "), text
+    assert "; rank 2 last heard from " in late[0] and "it said: " in late[0], text
 
 
 def _forks(world: mesh.Mesh) -> list[Any]:

@@ -1723,6 +1723,8 @@ def _wait_some(world: mesh.Mesh) -> list:
         world.send("one", 0, tag=1)
         sent = mesh.waitall([world.isend(np.arange(3), 0, tag=4), world.isend("x", 0, tag=5)])
         world.recv(0, tag=10)
+        world.send("p", 0, tag=20)
+        world.send("q", 0, tag=21)
         world.recv(0, tag=17)
         for tag, x in ((11, "a"), (12, "b"), (14, "sync")):
             world.send(x, 0, tag=tag)
@@ -1746,7 +1748,15 @@ def _wait_some(world: mesh.Mesh) -> list:
         timed_out = str(e)
     assert never.cancel()
     got = mesh.waitall([world.irecv(1, tag=4), world.irecv(1, tag=5)])
+    # a waitall that times out gives up none of its requests: tried again, it gets
+    # their messages (it withdrew the first receive, and raised that stale timeout
+    # again at once, its message gone to the next receive)
+    pair = [world.irecv(1, tag=20), world.irecv(1, tag=21)]
+    for _ in range(2):
+        with pytest.raises(mesh.MeshTimeoutError) as stale:
+            mesh.waitall(pair, timeout=0.1)
     world.send("done", 1, tag=10)
+    pair_got = [mesh.waitall(pair, timeout=30), str(stale.value)]
     with pytest.raises(ValueError) as e:
         mesh.waitany([])
     empty = [str(e.value), mesh.waitall([]), mesh.waitall([], timeout=1), mesh.testall([])]
@@ -1775,7 +1785,7 @@ def _wait_some(world: mesh.Mesh) -> list:
     errors.append(str(e.value))
     world.send("done", 1, tag=19)
     return [early, first, rest, late, "timed out" in timed_out, got[0].tolist(), got[1],
-            none_yet, every, empty, idle, some, last, mixed[2:], errors]
+            none_yet, every, empty, idle, some, last, mixed[2:], errors, pair_got]
 
 
 def _not_a_list(world: mesh.Mesh) -> list:
@@ -1825,7 +1835,12 @@ def test_test_waitany_and_waitall_as_mpi4py_has_them() -> None:
                                "rank 0: waitany: no requests (an empty list; mpi4py's waitany "
                                "returns (MPI.UNDEFINED, None) for one, meshrun raises, as once "
                                "every request was waited for)", [], [], (True, [])]]
-    idle, some, last, mixed, errors = res[0][10:]
+    idle, some, last, mixed, errors, (pair, said) = res[0][10:]
+    assert pair == ["p", "q"]
+    assert said.startswith("rank 0: waitall on 2 requests timed out after 0.1s, 0 done; not "
+                           "done: recv from rank 1 (tag 20, group world) (rank 1 last heard "
+                           "from "), said
+    assert said.endswith("(none given up: a later waitall, wait or test completes them)"), said
     assert idle == [(None, False, None), ([], [])] * 2
     assert some == ([0, 1], ["a", "b"]) and last == (2, True, "c")
     assert mixed == [([0], ["self"])]
@@ -1916,8 +1931,10 @@ def test_waitany_called_again_gives_the_next_request_never_the_same_twice() -> N
     assert got == [(0, "m0"), (1, "m1"), (2, "m2"), (3, None), (4, None)]
     assert spent == "rank 1: waitany: each of the 5 requests was waited for already (its " \
                     "result given by wait, test or waitany)"
-    assert timed_out == "rank 1: waitany on 1 requests timed out after 0.1s, none done: recv " \
-                        "from rank 0 (tag 3, group world)"
+    # (with what its peer last said, as a receive's timeout says it)
+    assert timed_out.startswith("rank 1: waitany on 1 request timed out after 0.1s, none "
+                                "done: recv from rank 0 (tag 3, group world) (rank 0 last "
+                                "heard from "), timed_out
 
 
 def _polled_beside_a_blocked_receive(world: mesh.Mesh) -> list:

@@ -231,7 +231,9 @@ def _sendrecv(world: mesh.Mesh) -> str:
     out = np.zeros(2)
     assert world.sendrecv(np.full(2, r * 1.0), r, recvtag=1, sendtag=1, out=out) is out
     assert np.all(out == r)
-    with pytest.raises(mesh.MeshTimeoutError, match=r"sendrecv from rank .* timed out"):
+    # (its error says the call's timeout: it said what its send had left of it, 0.499s)
+    with pytest.raises(mesh.MeshTimeoutError, match=r"sendrecv from rank .* timed out after "
+                       r"0\.5s \("):
         world.sendrecv(None, (r + 1) % n, src=(r + 1) % n, recvtag=77, timeout=0.5)
     world.recv((r - 1) % n, tag=0)                   # the timed-out exchange's message
     assert list(world._t.inbox.matcher.posted()) == []
