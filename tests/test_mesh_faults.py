@@ -566,6 +566,51 @@ def test_a_rank_closes_at_once_after_a_same_host_peer_died(tmp_path: Path) -> No
                           "is gone (it closed its mesh after it lost world rank 1)"), got
 
 
+def _coordinator_goes_on(world: mesh.Mesh, out: str) -> None:
+    """README's work queue that outlives a worker: rank 1 fails; rank 0's
+    receives from ANY fail for good, but an irecv per worker under waitany
+    raises once for the lost one and then gives the others', and ANY on a
+    group of the ranks left works. Rank 0 writes what it saw."""
+    if world.rank == 1:
+        world.recv(0, tag=9, timeout=30)
+        raise RuntimeError("worker bug")
+    if world.rank == 2:
+        world.recv(0, tag=9, timeout=30)
+        left = world.group([0, 2])
+        assert left is not None
+        world.send("by name", 0, tag=1)
+        left.send("from ANY", 0, tag=1)
+        world.recv(0, tag=9, timeout=30)
+        return
+    seen: list[Any] = []
+    reqs = [world.irecv(1, tag=1), world.irecv(2, tag=1)]
+    world.send("go", 1, tag=9)
+    try:
+        mesh.waitany(reqs, timeout=30)
+    except mesh.LostPeerError as e:
+        seen.append(e.peer)
+    for _ in range(2):
+        try:
+            world.recv(mesh.ANY, tag=1, timeout=30)
+        except mesh.LostPeerError as e:
+            seen.append(e.peer)
+    left = world.group([0, 2])
+    assert left is not None
+    world.send("go", 2, tag=9)
+    seen.append(mesh.waitany(reqs, timeout=30))
+    seen.append(left.recv(mesh.ANY, tag=1, timeout=30))
+    world.send("done", 2, tag=9)
+    Path(out, "seen").write_text(json.dumps(seen))
+
+
+def test_a_coordinator_goes_on_without_a_lost_worker(tmp_path: Path) -> None:
+    with pytest.raises(mesh.WorkerError) as err:
+        mesh.spawn(_coordinator_goes_on, 3, str(tmp_path), timeout=60, settle=20)
+    assert err.value.rank == 1
+    assert json.loads(Path(tmp_path, "seen").read_text()) == \
+        [1, 1, 1, [1, "by name"], "from ANY"]
+
+
 def _waits_on_a_peer_dead_unseen(world: mesh.Mesh, out: str) -> None:
     """Rank 1 is SIGKILLed while rank 0 waits to receive from it, rank 0's
     watch blind to its sockets to the peers (their events read and dropped:
