@@ -54,12 +54,74 @@ def encode_payload(obj: Any, desc: Any, rank: int) -> tuple[int, dict, list, Any
         packed = msgpack.packb(obj, use_bin_type=True)
     except Exception as e:
         raise TypeError(f"rank {rank}: {describe(desc)}: {type(obj).__name__} is neither an "
-                        f"array nor msgpack-able ({e})") from None
+                        f"array nor msgpack-able ({e}){_refused(obj)}") from None
     if len(packed) <= wire.FRAME_BYTES:
         return wire.OBJ, {}, [packed], None
     mv = memoryview(packed)     # in frames of FRAME_BYTES, as arrays: none longer (a
     return wire.OBJ, {}, [mv[i:i + wire.FRAME_BYTES]      # worker refuses a longer one)
                           for i in range(0, len(packed), wire.FRAME_BYTES)], packed
+
+
+_PLAIN = (type(None), bool, int, float, str, bytes, bytearray, memoryview)
+
+
+def _refused(obj: Any) -> str:
+    """What an object message's error adds: where in ``obj`` the first
+    value msgpack does not take is, and what to send instead (a parameter
+    server's ``{"step": 3, "grad": array}`` said only "can not serialize
+    'numpy.ndarray' object", and a job number from ``np.arange``, a
+    numpy.int64 in a dict, as much)."""
+    path, bad = _first_refused(obj, "", 0)
+    if bad is _NONE:
+        return ""
+    name = type(bad).__module__ + "." + type(bad).__qualname__ \
+        if type(bad).__module__ not in ("builtins", "__builtin__") else type(bad).__name__
+    if isinstance(bad, np.generic):
+        fix = "x.item() (int(x), float(x)) makes a numpy scalar plain"
+    elif isinstance(bad, np.ndarray) or tensors.is_tensor(bad) or device.is_device(bad):
+        fix = ("an array travels as a message of its own (send it alone, say with a tag "
+               "of its own), or as x.tolist() inside an object")
+    elif isinstance(bad, (set, frozenset)):
+        fix = "send list(x)"
+    elif isinstance(bad, complex):
+        fix = "np.complex128(z) goes as a 0-d array"
+    elif isinstance(bad, int):
+        fix = "an int past 64 bits goes as str(n)"
+    else:
+        fix = ("objects travel by msgpack, never pickle: None, bool, int, float, str, bytes, "
+               "and lists, tuples and dicts of them")
+    where = f"its {path} is" if path else "it is"
+    return f"; {where} {'an' if name[:1] in 'aeiou' else 'a'} {name}: {fix}"
+
+
+_NONE = object()
+
+
+def _first_refused(obj: Any, path: str, depth: int) -> tuple[str, Any]:
+    """(where, value) of the first value in ``obj`` msgpack refuses, by
+    its path of keys and indices (``["grad"]``, ``[2]``), or ("", _NONE)."""
+    if depth > 64:
+        return "", _NONE
+    if type(obj) is int and not -2**63 <= obj < 2**64:
+        return path, obj
+    if isinstance(obj, _PLAIN):     # (np.float64 too: a float)
+        return "", _NONE
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found = _first_refused(v, f"{path}[{i}]", depth + 1)
+            if found[1] is not _NONE:
+                return found
+        return "", _NONE
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found = _first_refused(k, f"{path} key {k!r}"[:80], depth + 1)
+            if found[1] is not _NONE:
+                return found
+            found = _first_refused(v, f"{path}[{k!r}]"[:80], depth + 1)
+            if found[1] is not _NONE:
+                return found
+        return "", _NONE
+    return path, obj
 
 
 def decode_object(packed: Any) -> Any:

@@ -131,6 +131,15 @@ def _out_and_errors(world: mesh.Mesh) -> str:
     with pytest.raises(TypeError, match=r"rank 0: send to rank 1 \(tag 0, group world\): object is "
                                         "neither an array nor msgpack-able"):
         world.send(object(), 1)
+    # where in the object, and what goes instead (it said "can not serialize
+    # 'numpy.ndarray' object" alone: a parameter server's dict of arrays, a job
+    # number from np.arange)
+    with pytest.raises(TypeError, match=r"\(tag 0, group world\): dict is neither an array "
+                       r"nor msgpack-able \(.*\); its \['grad'\] is a numpy.ndarray: an array "
+                       r"travels as a message of its own"):
+        world.send({"step": 3, "grad": np.ones(2)}, 1)
+    with pytest.raises(TypeError, match=r"; its \[1\]\['job'\] is a numpy.int64: x.item\(\)"):
+        world.isend([{"job": 0}, {"job": np.arange(3)[1]}], 1)
     with pytest.raises(TypeError, match=r"rank 0: send to rank 1 \(tag 4, group world\): dtype "
                                         "object cannot be sent"):
         world.isend(np.array(["a"], dtype=object), 1, tag=4)
