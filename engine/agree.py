@@ -312,11 +312,11 @@ class _Called:
         waited for beside the notice."""
         if r in self.gone:
             raise _Ended(self.gone[r])
-        if r not in self.notes or self.g.iprobe(r, tag) is not None:
+        if r not in self.notes or _come(self.g, r, tag):
             try:
                 return self.g.recv(r, tag=tag, timeout=self.timeout)
             except BaseException as e:
-                if not isinstance(e, MeshError) and self.g.iprobe(r, tag) is None:
+                if not isinstance(e, MeshError) and not _come(self.g, r, tag):
                     self.landing = (r, tag, None)   # (come before, taken as it raised)
                 raise
         req = self.g.irecv(r, tag=tag)
@@ -471,6 +471,16 @@ def _drained(call: _Called, r: int, tag: int, count: Callable[[Any], int], at: i
     return True
 
 
+def _come(g: Comm, r: int, tag: int) -> bool:
+    """Whether a message of rank ``r`` with ``tag`` waits here (``iprobe``,
+    whose LostPeerError for a lost ``r`` reads as none: the receive after
+    raises it, where one is made)."""
+    try:
+        return g.iprobe(r, tag) is not None
+    except MeshError:
+        return False
+
+
 def _word(g: Comm, r: int, timeout: float | None, wait: bool = True
           ) -> tuple[int, str | None] | None:
     """Rank ``r``'s word for this call (``_all_called``, on group rank 0):
@@ -489,7 +499,7 @@ def _word(g: Comm, r: int, timeout: float | None, wait: bool = True
     has come."""
     kept = _KEPT.setdefault((g.gid, r), [])
     while True:
-        while g.iprobe(r, _HERE_TAG) is not None:
+        while _come(g, r, _HERE_TAG):
             n, said, gone = g.recv(r, tag=_HERE_TAG, timeout=timeout)
             kept[:] = [w for w in kept if w[0] != int(n)] if gone else kept + [(int(n), said)]
         if kept or not wait:

@@ -320,7 +320,9 @@ class Comm:
         got = self._t.iprobe(self.gid, wsrc, tag)
         if got is None:
             self._t.poke()      # (what has come is read here, as MPI_Iprobe does)
-            got = self._t.iprobe(self.gid, wsrc, tag)
+            # (from a lost source, or ANY with a member lost: LostPeerError, as probe's)
+            got = self._t.iprobe(self.gid, wsrc, tag,
+                                 lambda: self._desc("iprobe", src, wsrc, tag))
         return None if got is None else self._status(Status(), got)
 
     def mprobe(self, src: int = ANY, tag: int = ANY_TAG, timeout: float | None = None,

@@ -25,7 +25,7 @@ from . import tensors, wire
 from .errors import AbortKind, LostPeerError, MeshError, MismatchError, OutMismatchError
 from .match import ANY, MATCHED, POSTED, Arrived, Matcher, Pending, Probe, Watched, describe
 from .payload import fmt_fp, out_problem
-from .peer import ALIVE, DEAD, MSG_COST, Peer, named
+from .peer import ALIVE, CLOSED, DEAD, MSG_COST, Peer, named
 
 __all__ = ["Inbox", "abort_error", "RMA_TAGS"]
 RMA_TAGS = 1 << 62
@@ -154,15 +154,9 @@ class Inbox:
             if msg is not None and not (probe or misfit or msg.granted) and msg.src != self.rank:
                 self.held[msg.src] -= msg.nbytes + MSG_COST    # (taken: consumed below)
             if msg is None and not aborted:
-                lost = src if src != ANY and self.peers[src].state != ALIVE else \
-                    self.dead_member(group) if self.dead and (src == ANY or tag < 0) else None
-                if lost is not None:
+                gone = self._cannot_come(req)
+                if gone is not None:
                     self.matcher.cancel(req)
-                    gone = self.gone(self.peers[lost], req.described(self.peers), group,
-                                     self._unmatched(req) if lost == src else "")
-                elif src == ANY and self.left and tag >= 0 and self.deserted(group):
-                    self.matcher.cancel(req)
-                    gone = self.deserted_error(req)
                 elif src != ANY:
                     if self.held[src]:
                         release = [(src, self._release(src))]
@@ -188,15 +182,52 @@ class Inbox:
             self._grant(r, n)
         return req
 
-    def iprobe(self, group: int, src: int, tag: int) -> tuple | None:
+    def _failed(self, src: int) -> bool:
+        """Whether a poll (iprobe, improbe) finding nothing raises: its
+        source failed (died, or left on an error); from ANY, a rank did.
+        A quick look, under the lock. Not a peer that closed its mesh
+        cleanly (a look for what it left finds nothing), nor once this
+        rank's own mesh is closed (a poll then reads nothing more)."""
+        if self.closed:
+            return False
+        return self.peers[src].state == DEAD if src != ANY else bool(self.dead)
+
+    def _cannot_come(self, req: Pending, failed: bool = False) -> LostPeerError | None:
+        """The error of receive or probe ``req``, which no waiting message
+        matched, where none can come any more: its source lost; from
+        ``ANY``, a member of its group lost, or every other member gone
+        (the lock held). None while one may. ``failed``: a poll's, only
+        where a rank failed (``_failed``)."""
+        group, src, tag = req.group, req.src, req.tag
+        lost = src if src != ANY and self.peers[src].state not in (
+            (ALIVE, CLOSED) if failed else (ALIVE,)) else \
+            self.dead_member(group) if self.dead and (src == ANY or tag < 0) else None
+        if lost is not None:
+            return self.gone(self.peers[lost], req.described(self.peers), group,
+                             self._unmatched(req) if lost == src else "")
+        if not failed and src == ANY and self.left and tag >= 0 and self.deserted(group):
+            return self.deserted_error(req)
+        return None
+
+    def iprobe(self, group: int, src: int, tag: int,
+               desc: Callable[[], Any] | None = None) -> tuple | None:
         """``got`` of the message a receive posted now would take, if any.
         None: the credit of what waits unmatched from ``src`` (from any
         rank: ``ANY``) goes back as for a posted probe (``held``): a loop
         polling iprobe waits as a probe does, and never saw a message
-        queued behind a window full of others."""
+        queued behind a window full of others. ``desc`` (the call's
+        description, made when needed): where none can come any more (its
+        source failed, or from ANY a rank of ``group``: ``_failed``),
+        LostPeerError, as a probe raises (it gave None for ever: a
+        coordinator polling for its workers' word never learnt that one had
+        died)."""
         release: list[tuple[int, int]] = []
         with self.lock:
             msg = self.matcher.waiting(group, src, tag)
+            if msg is None and desc is not None and self._failed(src):
+                gone = self._cannot_come(Probe(group, src, tag, None, None, desc()), True)
+                if gone is not None:
+                    raise gone
             if msg is None and any(self.held):
                 release = [(r, self._release(r, True)) for r in
                            ((src,) if src != ANY else range(len(self.held))) if self.held[r]]
@@ -204,11 +235,13 @@ class Inbox:
             self._grant(r, n)
         return None if msg is None else msg.got
 
-    def take_waiting(self, group: int, src: int, tag: int, desc: Any) -> Pending | None:
+    def take_waiting(self, group: int, src: int, tag: int, desc: Any,
+                     lost: bool = False) -> Pending | None:
         """A receive without ``out=`` completed with the message one posted
         now would take, which leaves the queue; None where none waits, and
         nothing is posted (mesh.mprobe's improbe). Credit goes back as for
-        ``iprobe``, and as for a receive that takes a waiting message."""
+        ``iprobe``, and as for a receive that takes a waiting message.
+        ``lost``: where its source failed, LostPeerError (iprobe's)."""
         release: list[tuple[int, int]] = []
         with self.lock:
             msg = self.matcher.waiting(group, src, tag)
@@ -216,6 +249,9 @@ class Inbox:
                 self.matcher.take(group, msg)
                 if not msg.granted and msg.src != self.rank:
                     self.held[msg.src] -= msg.nbytes + MSG_COST    # (consumed below)
+            elif lost and self._failed(src) and \
+                    (gone := self._cannot_come(Probe(group, src, tag, None, None, desc), True)):
+                raise gone
             elif any(self.held):
                 release = [(r, self._release(r, True)) for r in
                            ((src,) if src != ANY else range(len(self.held))) if self.held[r]]

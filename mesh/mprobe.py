@@ -158,7 +158,7 @@ def improbe(comm: "Comm", src: int, tag: int) -> Message | None:
     req = t.inbox.take_waiting(comm.gid, wsrc, tag, desc)
     if req is None:
         t.poke()
-        req = t.inbox.take_waiting(comm.gid, wsrc, tag, desc)
+        req = t.inbox.take_waiting(comm.gid, wsrc, tag, desc, lost=True)
         if req is None:
             return None
     return Message(comm, req, t.wait(req, None))
