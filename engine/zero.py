@@ -43,18 +43,20 @@ config names them: ``stage3_prefetch_bucket_size`` and
 ``stage3_param_persistence_threshold`` elements at most stays whole on
 every replica, its gradient and state its owner's as under stage 2, and
 ``step()`` broadcasts it.
+
+This module is the optimizer itself; its arguments are checked and agreed
+across the replicas in engine.zero_args.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
 
 import collectives
-from mesh import Comm
 from mesh.tensors import is_tensor
 
+from .zero_args import _agreed, _dp_of, _numel
 from .zero_prefetch import BUCKET, MAX_LIVE, PREFETCH
 
 __all__ = ["ZeroRedundancyOptimizer", "shares"]
@@ -73,84 +75,6 @@ def shares(sizes: list[int], n: int) -> list[int]:
         r = min(range(n), key=lambda r: (held[r], r))
         owner[i], held[r] = r, held[r] + sizes[i]
     return owner
-
-
-def _dp_of(process_group: Any) -> tuple[Comm, float | None]:
-    """The dp group and timeout of a Job, or a mesh group as it is."""
-    grid = getattr(process_group, "grid", None)
-    if grid is not None:
-        if "dp" not in grid.axes:
-            raise ValueError("ZeroRedundancyOptimizer: the job's grid has no dp axis, so "
-                             "there is nothing to shard the optimizer's state over")
-        return grid.group("dp"), getattr(process_group, "_timeout", None)
-    if not hasattr(process_group, "ranks") or not hasattr(process_group, "size"):
-        raise TypeError(f"ZeroRedundancyOptimizer: process_group is a job "
-                        f"(engine.distribute's) or its mesh dp group "
-                        f"(job.grid.group('dp')), not a {type(process_group).__name__}")
-    return process_group, None
-
-
-def _stage_checked(stage: Any, job: Any, g: Comm, where: str) -> None:
-    """Raise ValueError unless ``stage`` is 1, or 2 or 3 over a torch job."""
-    if isinstance(stage, bool) or stage not in (1, 2, 3):
-        raise ValueError(f"{where}: stage={stage!r}: 1 (each replica keeps its share's "
-                         f"optimizer state), 2 (its share's gradients too) or 3 (its share's "
-                         f"parameters too)")
-    if stage in (2, 3) and job is None:
-        raise ValueError(f"{where}: stage={stage} needs process_group=job (engine."
-                         f"distribute's), not the mesh group {g.name}: the job's step reduces "
-                         f"each gradient to the replica that owns it and frees it on the "
-                         f"others, so the job must know the shares (stage=1 takes a mesh group)")
-    if stage == 3 and not getattr(job, "is_torch", False):
-        raise ValueError(f"{where}: stage=3 shards a torch model's parameters; this job's "
-                         f"stages are engine.layers' (numpy)")
-
-
-_KNOBS = {      # stage 3's element counts, as DeepSpeed's config names them
-    "stage3_prefetch_bucket_size": "the elements gathered ahead of the module running and not "
-                                   "yet used, at most (0: none ahead; else the next module's "
-                                   "gathered ahead whatever its size)",
-    "stage3_param_persistence_threshold": "a parameter of at most this many elements kept "
-                                          "whole on every replica (0: none)",
-    "stage3_max_live_parameters": "the gathered elements live at once outside the module "
-                                  "running, at most"}
-
-
-def _elements(where: str, name: str, v: Any) -> int:
-    """``v`` as an element count: an int >= 0, or a float that is one (DeepSpeed's
-    JSON ``5e7``); else TypeError or ValueError naming ``name`` and what it means."""
-    said = f"{where}: {name}={v!r}: {_KNOBS[name]}; an int >= 0"
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(said)
-    if isinstance(v, float) and not v.is_integer():
-        raise ValueError(said)
-    if v < 0:
-        raise ValueError(said)
-    return int(v)
-
-
-def _shape(job: Any, p: Any) -> tuple[int, ...]:
-    """``p``'s shape, whole where the job keeps it on another replica
-    (ZeRO stage 3: empty here between steps)."""
-    kept = getattr(getattr(job, "pipeline", None), "owned_params", None)
-    return tuple(p.shape) if kept is None else kept.shape_of(p)
-
-
-def _numel(job: Any, p: Any) -> int:
-    return math.prod(_shape(job, p))
-
-
-def _in_job(whole: Any, job: Any, where: str, stage: int) -> None:
-    """Raise ValueError where ``whole`` (the optimizer over every
-    parameter) holds a tensor that is not one of ``job``'s parameters."""
-    known = {id(p) for p in job.parameters()}
-    stray = next((p for grp in whole.param_groups for p in grp["params"]
-                  if id(p) not in known), None)
-    if stray is not None:
-        raise ValueError(f"{where}: stage={stage}: the optimizer holds a {tuple(stray.shape)} "
-                         f"tensor that is not in job.parameters(): the job reduces its own "
-                         f"parameters' gradients only (make it of job.parameters() or "
-                         f"job.named_parameters())")
 
 
 class ZeroRedundancyOptimizer(torch.optim.Optimizer):
@@ -190,49 +114,11 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         g = self.group
         self.where = f"rank {g.ranks[g.rank]}: ZeroRedundancyOptimizer on group {g.name}"
         job = process_group if getattr(process_group, "grid", None) is not None else None
-        fault: Exception | None = None
-        try:
-            _stage_checked(stage, job, g, self.where)
-            whole = optimizer_class(params, **defaults)    # (its groups, defaults filled)
-            if stage in (2, 3):
-                _in_job(whole, job, self.where, stage)
-            if not isinstance(stage3_per_layer, bool):
-                raise TypeError(f"{self.where}: stage3_per_layer={stage3_per_layer!r}: True "
-                                f"(a step gathers each module's parameters as it runs) or "
-                                f"False (a stage's whole weights for the step)")
-            ahead = f"{self.where}: stage3_prefetch={stage3_prefetch!r}: the modules " \
-                    f"gathered ahead of the one running, an int >= 0 (0: none)"
-            if isinstance(stage3_prefetch, bool) or not isinstance(stage3_prefetch, int):
-                raise TypeError(ahead)
-            if stage3_prefetch < 0:
-                raise ValueError(ahead)
-            knobs = [stage3_per_layer, stage3_prefetch] + [
-                _elements(self.where, k, v) for k, v in zip(_KNOBS, (
-                    stage3_prefetch_bucket_size, stage3_param_persistence_threshold,
-                    stage3_max_live_parameters))]
-            said: Any = [stage, [[str(p.dtype), list(_shape(job, p))]
-                                 for grp in whole.param_groups for p in grp["params"]], knobs]
-        except (TypeError, ValueError) as e:    # (an empty list: every replica hears of it)
-            fault, said = e, f"{type(e).__name__}: {e}"
-        told = collectives.all_gather_object(g, said, timeout=self.timeout)
-        if fault is not None:
-            raise fault
-        bad = next((r for r, t in enumerate(told) if isinstance(t, str)), None)
-        if bad is not None:
-            raise ValueError(f"{self.where}: not made, rank {g.ranks[bad]} could not: "
-                             f"{told[bad]}")
-        other = next((r for r, t in enumerate(told) if t[0] != stage), None)
-        if other is not None:
-            raise ValueError(f"{self.where}: stage={stage} here but stage={told[other][0]} on "
-                             f"rank {g.ranks[other]}: every replica passes the same")
-        other = next((r for r, t in enumerate(told) if t[2] != knobs), None)
-        if stage == 3 and other is not None:
-            k = next(k for k, (a, b) in enumerate(zip(knobs, told[other][2])) if a != b)
-            name = ["stage3_per_layer", "stage3_prefetch", *_KNOBS][k]
-            raise ValueError(f"{self.where}: {name}={knobs[k]} here but {told[other][2][k]} on "
-                             f"rank {g.ranks[other]}: every replica passes the same (the "
-                             f"gathers pair up)")
-        told = [t[1] for t in told]
+        whole, knobs, told = _agreed(g, self.where, job, self.timeout, params, optimizer_class,
+                                     stage, stage3_per_layer, stage3_prefetch,
+                                     (stage3_prefetch_bucket_size,
+                                      stage3_param_persistence_threshold,
+                                      stage3_max_live_parameters), defaults)
         self.stage = stage
         self.stage3_per_layer = stage3_per_layer
         self.stage3_prefetch = stage3_prefetch

@@ -24,7 +24,7 @@ ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "
          "pipeline_args", "scaled", "step", "rollback", "executor",
          "agree", "calibrate", "given", "layer_timing", "measured_choice", "stage_state",
          "job_retime", "job_state", "job_optim", "job",
-         "distribute", "zero", "show", "bench_torch", "bench_distribute",
+         "distribute", "zero_args", "zero", "show", "bench_torch", "bench_distribute",
          "bench_memory", "bench", "bench_zero"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its

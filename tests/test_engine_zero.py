@@ -19,7 +19,8 @@ import pytest
 import collectives
 import engine
 import mesh
-from engine.zero import _elements, shares
+from engine.zero import shares
+from engine.zero_args import _elements
 
 WIDTHS = [6, 16, 12, 16, 8, 4]       # 5 Linear layers, 9 layers with the Tanh between
 TP_PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
