@@ -47,221 +47,50 @@ traced model's own ``F.cross_entropy``, ``nn.CrossEntropyLoss()``) runs as
 one (engine.per_token_loss).
 
 This module is the call itself; its parts live beside it: engine.given (the
-model, sample and grid checked), engine.layer_timing (the layers timed),
-engine.measured_choice (the schedule chosen on those times), engine.stage_state
-(a rank's pieces' state), engine.job (the ``Job``) and engine.agree (what every
-rank raises or says at once).
+model, sample and grid checked), engine.distribute_schedules (``schedule=``
+checked and resolved into candidates), engine.distribute_measure (the
+measured phase: the layers timed, engine.layer_timing, and the schedule
+chosen on those times, engine.measured_choice), engine.stage_state (a rank's
+pieces' state), engine.job (the ``Job``) and engine.agree (what every rank
+raises or says at once).
 """
 from __future__ import annotations
 
-import copy
 import functools
-import hashlib
-import numbers
-import sys
-import time
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
-import numpy as np
+from mesh import Comm, Grid
 
-import collectives
-from mesh import AbortKind, Comm, Grid
-from mesh.tensors import is_tensor
-
-from .calibrate import Calibration, calibrate, collected, dry_run, hosts, shared_cores
-from .choose import (SCHEDULES, Candidate, builtin, candidates, counts_for,
-                     kept_buffers, kept_random, microbatch_counts, legend, recomputing,
-                     retimed_said, stage_spans, table, under_load, yours)
+from .calibrate import Calibration
+from .choose import Candidate, LayerCost, counts_for, legend, recomputing, retimed_said
 from .costs import by_type
 from .executor import Pipeline
 from .ir import Schedule
-from .pipeline_args import rows_of
-from .schedules import _NAMES, by_name, is_name, one_f_one_b
-from .stagebuild import inputs_of, layer_classes, make_stage, param_count
+from .pipeline_args import _Rows
+from .stagebuild import inputs_of, layer_classes, param_count
 from .tensor_parallel import parallelize
 from .partition import partition
 from .traced import Reshaped, few, given_as_returned, sequential, traceable
-from .torch_stage import TorchStage, patterns_of, torch_loss
+from .torch_stage import patterns_of, torch_loss
 from .tp_layers import refuse_fed_whole
 from .agree import DistributeFailed, GatherFailed, _raised, _told
-from .given import (_agreed_sample, _as_grid, _checkpoint_model, _copied, _cut, _held_before,
-                    _is_torch, _mark_held, _model_layers, _not_sharded, _recompute_names,
-                    _same_model, _size, _takes_two, _valid_balance)
-from .layer_timing import _exchange, _median_act, _profile, _profile_stages, _timing
-from .measured_choice import _grad_bytes, _measured_choice, _stage_grads, _stage_messages
-from .stage_state import (_Temp, _aliases, _materialize, _on_meta, _real_rest, _replica_state,
-                          _rest, _shards_read, _state_shapes)
+from .given import (_agreed_sample, _as_grid, _checkpoint_model, _held_before, _mark_held,
+                    _model_layers, _not_sharded, _recompute_names, _same_model, _size,
+                    _takes_two, _valid_balance)
+from .layer_timing import _exchange, _timing
+from .measured_choice import _grad_bytes, _stage_messages
+from .stage_state import (_aliases, _broadcast_replicas, _materialize, _on_meta, _real_rest,
+                          _replica_state, _rest, _shards_read, _state_shapes, _unfilled)
+from .job_retime import _own_inputs
+from .job_state import load_state
 from .job import IncompatibleKeys, Job, far_off
+from .distribute_schedules import (_candidates_said, _microbatches_checked, _schedule_named,
+                                   _schedules)
+from .distribute_measure import _measured
 
 __all__ = ["distribute", "IncompatibleKeys", "Job", "load_state", "far_off", "DistributeFailed",
            "GatherFailed"]
-
-_TP_RUNS = 10     # runs of each tensor-parallel layer's timing (its peers must run as many)
-
-
-class _Rows:
-    """A batch of several inputs (a tuple: ``(input_ids, attention_mask)``)
-    as one: its length is its rows, a slice of it the tuple of its parts'
-    slices (what the first stage takes)."""
-
-    def __init__(self, parts: tuple[Any, ...]) -> None:
-        self.rows = rows_of(parts)
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return self.rows
-
-    def __getitem__(self, rows: slice) -> tuple[Any, ...]:
-        return tuple(p[rows] for p in self.parts)
-
-
-def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
-    """A target to time the loss on (Job.retime): the model's output on the
-    sample micro-batch itself, a copy, when the loss takes it (a regression
-    loss, a soft-label cross entropy); else, for a torch output, class
-    indices of its leading axes (a cross entropy over the last axis: a
-    language model's); else None (the loss is left out of the prediction)."""
-    tries = [lambda: copy.deepcopy(y)]
-    if is_tensor(y) and y.dim() >= 2:
-        tries.append(lambda: y.new_zeros(y.shape[:-1], dtype=sys.modules["torch"].long))
-    for make in tries:
-        target = make()
-        try:
-            loss_fn(y, target)
-        except Exception:
-            continue
-        return target
-    return None
-
-
-def _broadcast_replicas(grid: Grid, replicas: list[Any], timeout: float | None) -> None:
-    """Replica 0's weights (``replicas``) to every dp replica, a broadcast
-    each. A rank that fails (a KeyboardInterrupt between two broadcasts, or
-    inside one: its peers learn of that one from it) abandons the broadcasts
-    it has not started, so its dp peers raise in them at once naming it (they
-    waited there until their timeout) and every replica numbers the group's
-    calls alike; its own error is told in the word that follows."""
-    dp = grid.group("dp")
-    ch = dp.collective_channel()
-    first = ch.seq
-    try:
-        for arr in replicas:
-            collectives.broadcast(dp, arr, root=0, timeout=timeout)
-    except BaseException as e:
-        for _ in range(len(replicas) - (ch.seq - first)):
-            collectives.abandon(dp, f"engine.distribute failed on rank {grid.comm.rank} (dp "
-                                f"rank {dp.rank}): {type(e).__name__}: {e}"[:400],
-                                AbortKind.of(e))
-        raise
-
-
-def load_state(model: Any, state: dict[str, Any]) -> None:
-    """Load ``Job.state_dict()`` into a single-process copy of the model:
-    torch's ``load_state_dict``, or the numpy layers' arrays in place."""
-    if _is_torch(model):
-        model.load_state_dict(state)
-        return
-    named, _ = _model_layers(model)
-    for name, layer in named:   # all checked first: numpy would broadcast a (1,) bias
-        for j, p in enumerate(layer.params()):
-            if f"{name}.{j}" not in state:
-                raise KeyError(f"load_state: {name}.{j} of the model not in the state given")
-            if tuple(np.shape(state[f"{name}.{j}"])) != p.shape:
-                raise ValueError(f"load_state: {name}.{j} is "
-                                 f"{tuple(np.shape(state[f'{name}.{j}']))} in the state "
-                                 f"given, but {p.shape} in the model")
-    for name, layer in named:
-        for j, p in enumerate(layer.params()):
-            p[...] = state[f"{name}.{j}"]
-
-
-def _schedule_named(schedule: Any, microbatches: int | None) -> None:
-    """Refuse a ``schedule=`` that is neither "auto", a built-in's name, a
-    Schedule nor a list of candidates (names, "auto", Schedules: see
-    ``_candidates``) (None, a generator not called: "'NoneType' object has no
-    attribute 'lower'"), and ``microbatches=`` other than a Schedule's own
-    (which ran with its own count, the one given left unsaid)."""
-    if isinstance(schedule, (list, tuple)):
-        if not schedule:
-            raise ValueError("schedule=[]: a list of candidates needs at least one (a name, "
-                             "'auto' for every built-in, or an engine.Schedule)")
-        for k, item in enumerate(schedule):
-            if isinstance(item, (list, tuple)):
-                raise TypeError(f"schedule= candidate {k} is a {type(item).__name__}: a list "
-                                f"of candidates holds names and engine.Schedule objects")
-            try:
-                _schedule_named(item, None)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"schedule= candidate {k}: {e}") from None
-    elif isinstance(schedule, Schedule):
-        if microbatches is not None and microbatches != schedule.num_microbatches:
-            raise ValueError(f"microbatches={microbatches}, but schedule {schedule.name!r} "
-                             f"runs {schedule.num_microbatches}: a Schedule's micro-batches "
-                             f"are its own (leave microbatches= out, or make it for "
-                             f"{microbatches})")
-    elif not isinstance(schedule, str):
-        name = getattr(schedule, "__name__", None) if callable(schedule) else None
-        text = repr(schedule)
-        raise TypeError(f"schedule= takes 'auto', a name ({_NAMES}), an engine.Schedule or a "
-                        f"list of them, "
-                        + (f"not the function {name}: call it, {name}(p, m)" if name else
-                           f"not {text if len(text) <= 60 else type(schedule).__name__}"))
-    elif schedule != "auto" and not is_name(schedule):
-        text = schedule if len(schedule) <= 40 else schedule[:37] + "..."
-        raise ValueError(f"unknown schedule {text!r}: use {_NAMES}, or 'auto'; a schedule "
-                         f"of your own is passed as the Schedule itself (engine.Schedule."
-                         f"build(...); one saved as JSON: engine.Schedule.from_json(text))")
-
-
-def _candidates_said(schedule: Any) -> list[str] | None:
-    """What a rank's list of candidates is, to set beside the other ranks'
-    (``_same_model``): each name as by_name reads it, each Schedule by its
-    name and a digest of its JSON; None for a schedule= that is no list."""
-    if not isinstance(schedule, (list, tuple)):
-        return None
-    said = []
-    for item in schedule:
-        if isinstance(item, Schedule):
-            digest = hashlib.sha1(item.to_json().encode()).hexdigest()[:8]
-            said.append(f"Schedule {item.name!r} #{digest}")
-        else:
-            said.append(repr(str(item).lower().replace("_", "-")))
-    return said
-
-
-def _candidates(given: Sequence[Any], p: int, ms: Sequence[int], chunks: int, L: int,
-                rows: int) -> tuple[list[Schedule], list[tuple[str, int, str]]]:
-    """``schedule=[...]``'s candidates (``["auto"]``: "auto"'s) and the rows
-    of those that cannot run: each name (``"auto"``: every built-in) at
-    each count of ``ms``,
-    each Schedule as it is (its own pp, stages, placement and
-    micro-batches: verified, ``yours``); a schedule of more stages than
-    ``L`` layers, a name that does not take that p and m, or a Schedule
-    of more micro-batches than the sample's ``rows``, is a row saying why."""
-    names: list[str] = []
-    kinds: set[str] = set()         # (a built-in named twice, or by "auto" too: once)
-    for item in given:
-        for name in (SCHEDULES if item == "auto" else [item]) if isinstance(item, str) else []:
-            kind = by_name(name, 1, 1).name.split("(")[0]
-            if kind not in kinds:
-                kinds.add(kind)
-                names.append(name)
-    unrun: list[tuple[str, int, str]] = []
-    scheds = []
-    for sched in builtin(names, p, ms, chunks, unrun) + yours(
-            [s for s in given if isinstance(s, Schedule)], p):
-        m = sched.num_microbatches
-        if m > rows:
-            unrun.append((sched.name, m, f"{m} micro-batches need a batch of at least {m} "
-                                         f"rows; the sample has {rows}"))
-        else:
-            scheds.append(sched)
-    for sched in scheds:
-        if sched.num_stages > L:
-            unrun.append((sched.name, sched.num_microbatches,
-                          f"needs {sched.num_stages} stages, the model has {L} layers"))
-    return [s for s in scheds if s.num_stages <= L], unrun
 
 
 def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None,
@@ -331,11 +160,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     listed: list[str] | None = None     # schedule=[...]: what this rank passed (_same_model)
     unrun: list[tuple[str, int, str]] = []     # candidates that cannot run, and why
     try:        # this rank's own arguments: raised by every rank (_same_model)
-        if microbatches is not None and (isinstance(microbatches, bool) or not isinstance(
-                microbatches, numbers.Integral) or microbatches < 1):
-            raise ValueError(f"microbatches={microbatches!r}: a whole number of at least 1 "
-                             "(or None: schedule='auto' tries p, 2p, 4p...)")
-        microbatches = None if microbatches is None else int(microbatches)
+        microbatches = _microbatches_checked(microbatches)
         _schedule_named(schedule, microbatches)
         listed = _candidates_said(schedule)
         patterns = () if recompute == "auto" else patterns_of(recompute)
@@ -382,8 +207,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             raise ValueError(f"the model has {L} layers"
                              f"{few(getattr(model, 'traced_from', None), L)}: it cannot fill "
                              f"pp={p} pipeline stages")
-        given = list(schedule) if isinstance(schedule, (list, tuple)) else None
-        auto = given is not None or isinstance(schedule, str) and schedule == "auto"
+        auto = isinstance(schedule, (list, tuple)) or isinstance(schedule, str) and \
+            schedule == "auto"
         if (auto or balance == "time" or recompute == "auto") and sample is None:
             what = ("schedule=auto" if auto else "balance=time" if balance == "time"
                     else "recompute=auto")
@@ -393,44 +218,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sample = _Rows(sample)
         tp = _size(grid, "tp")
 
-        if isinstance(schedule, Schedule):
-            if schedule.num_ranks != p:
-                raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, "
-                                 f"the grid's pp axis {p}")
-            schedule.validate()     # (a ScheduleError: before any layer is timed)
-            scheds = [schedule]
-        else:
-            rows = len(sample) if sample is not None else 0
-            if microbatches is not None:
-                ms = [microbatches]
-            else:
-                ms = microbatch_counts(p, rows) if rows else [2 * p]
-            if not ms:      # fewer rows than pipeline ranks: not even one micro-batch a rank
-                raise ValueError(f"{p} micro-batches (one a pipeline rank, the fewest tried at "
-                                 f"pp={p}) need a batch of at least {p} rows; the sample has "
-                                 f"{rows}")
-            if rows and ms[0] > rows and given is None:
-                raise ValueError(f"{ms[0]} micro-batches need a batch of at least {ms[0]} "
-                                 f"rows; the sample has {rows}")
-            if auto:    # each candidate, or the row saying why it cannot run (none timed yet)
-                scheds, unrun = _candidates(given or ["auto"], p, ms, chunks, L, rows)
-                if not scheds:
-                    raise ValueError("no candidate schedule can run:\n" + table([], None, unrun))
-            else:
-                assert isinstance(schedule, str)
-                by_name(schedule, p, ms[0], chunks)       # an unknown name raises here
-                scheds = builtin([schedule], p, ms, chunks)
-            if not scheds:
-                raise ValueError(f"no schedule {schedule!r} for pp={p} at micro-batch counts "
-                                 f"{ms}")
-        fit = [s for s in scheds if s.num_stages <= L]      # before any layer is timed
-        if not fit:
-            what = "every candidate schedule needs at least" if auto else \
-                f"schedule {scheds[0].name} needs"
-            raise ValueError(f"the model has {L} layers: {what} "
-                             f"{min(s.num_stages for s in scheds)} pipeline stages on pp={p}, "
-                             f"a layer each at least")
-        scheds = fit
+        scheds, unrun = _schedules(schedule, p, L, len(sample) if sample is not None else 0,
+                                   microbatches, chunks)
         _valid_balance(balance, L)
         if isinstance(balance, str) and balance.startswith("type:"):    # (layers' classes)
             balance = by_type(balance, [layer_classes(layer, "module" if is_torch else "layer")
@@ -471,121 +260,21 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         grads = [_grad_bytes(layer) for _, layer in named] if _size(grid, "dp") > 1 else None
     except BaseException as e:
         early = e
-    runs = _TP_RUNS if plan and tp > 1 else None      # tp peers time a layer together
     cands: list[Candidate] = []
     # candidates that cannot run, and why: the unmade, and those whose layers failed
     skipped: list[tuple[str, int, str]] = list(unrun)
     chosen: Candidate | None = None
     sched = scheds[0]
     cal: Calibration | None = None
+    profile: dict[int, dict[int, LayerCost]] = {}
+    mlayers: list[Any] = []     # the layers as timed (a meta model's: real copies)
     if sample is not None:         # measured: the cut by time, the choice, the prediction
-        # no collection of a large heap inside the figures; the random streams and
-        # the layers' buffers put back after (the layers' dropouts draw, and their
-        # BatchNorms count, as often as they are timed)
-        with collected(), kept_random(), kept_buffers(*[layer for _, layer in named]):
-            rows = len(sample)
-            sizes = sorted({-(-rows // s.num_microbatches) for s in scheds})
-            # (a meta model's layers are timed on real copies, one layer at a time)
-            current: list[Any] = [None]
-            mlayers: list[Any] = []
-            try:
-                mlayers = [(_Temp(layer, init, current) if on_meta else TorchStage(layer))
-                           if is_torch else layer for _, layer in named] if early is None else []
-            except BaseException as e:
-                early = e
-            # where the ranks outnumber a host's cores the simulator shares them, so
-            # each layer is timed in its thread's CPU: its wall, every rank timing at
-            # once, held that sharing already (the table ran long twice over)
-            clock = time.thread_time if shared_cores(hosts(grid.comm), p) else time.perf_counter
-            profile, broken = _profile(grid, mlayers, sample, sizes, reps, runs, clock, early)
-            if broken:      # (alike on every rank) those micro-batch sizes' candidates cannot run
-                skipped += [(sc.name, sc.num_microbatches,
-                             f"micro-batches of {size} row{'s' if size > 1 else ''}: "
-                             f"{broken[size]}") for sc in scheds
-                            for size in [-(-rows // sc.num_microbatches)] if size in broken]
-                scheds = [sc for sc in scheds if -(-rows // sc.num_microbatches) not in broken]
-                sizes = [size for size in sizes if size not in broken]
-                if not scheds:
-                    raise ValueError(
-                        f"rank {grid.comm.rank}: engine.distribute: no candidate schedule can "
-                        f"run, its layers fail on micro-batches of every size tried: " + "; ".join(
-                            f"{size} row{'s' if size > 1 else ''}: {_cut(why)}"
-                            for size, why in sorted(broken.items())))
-            # this rank's own error in the work between the exchanges (the dry runs'
-            # figures, the candidates' simulation, the cut: a KeyboardInterrupt), told in
-            # the next one (every rank then raises at once, the others DistributeFailed
-            # naming it)
-            failed: BaseException | None = None
-            cal = Calibration(overhead or 0.0, 0.0)
-            action: float | dict[int, float] = cal.action
-            message: float | dict[int, float] = cal.message
-            receive: float | dict[int, float] = cal.receive
-            if overhead is None:
-                try:
-                    m = max(sc.num_microbatches for sc in scheds)
-                    mid = profile[sizes[len(sizes) // 2]]       # a middle candidate's actions
-                    spin = sum(lc.F + lc.B for lc in mid.values()) / (2 * p)
-                    even = (_stage_grads(grads, counts_for("uniform", p, None, params),
-                                         [grid.coord("pp")]) if grads is not None else None)
-                    on = grid if grads is not None else None
-                    # the executor's costs at each micro-batch count tried (engine.calibrate)
-                    dries = [(k, one_f_one_b(p, k), _median_act(profile[-(-rows // k)]))
-                             for k in sorted({sc.num_microbatches for sc in scheds} - {m})]
-                    first, busy = _median_act(profile[-(-rows // m)]), _median_act(mid)
-                except BaseException as e:
-                    failed = e
-                _told(grid.comm, failed, timeout)     # (no word before the dry runs' first)
-                cal = calibrate(grid.comm, grid.group("pp"), m, first,
-                                tag_base=tag_base, timeout=timeout, spin=min(spin, 0.01),
-                                busy_nbytes=busy, tensors=is_torch, grid=on, grads=even)
-                action, message, receive = {m: cal.action}, {m: cal.message}, {m: cal.receive}
-                for k, dry, nbytes in dries:
-                    d = dry_run(grid.comm, grid.group("pp"), dry, nbytes, tag_base=tag_base,
-                                timeout=timeout, tensors=is_torch, grid=on, grads=even)
-                    action[k], message[k], receive[k] = d.action, d.message, d.receive
-            try:
-                # (a torch stage copies its floating input: the first stage's, a micro-batch's)
-                ins = {size: _copied(sample[:size]) for size in sizes} if is_torch else None
-                cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
-                                   action, message, helper=cal.helper, recv=receive,
-                                   cores=cal.cores, recompute=way, inputs=ins, copies=is_torch,
-                                   layers=is_torch)
-                spans = stage_spans(cands, rows)
-            except BaseException as e:
-                failed, spans = e, {}
-
-            def join(first: int, stop: int) -> Any:
-                stage = make_stage([layer for _, layer in named[first:stop]], first)
-                if on_meta:             # a real copy, for as long as it is timed
-                    stage = copy.deepcopy(stage)
-                    _materialize(stage, init)
-                return TorchStage(stage) if is_torch else stage
-            # the cuts' stages, timed whole: what the steps will pay (an exchange every
-            # rank makes, with no stage to time too: the failure above told there)
-            whole = _profile_stages(grid, mlayers, join, sample, spans, reps, runs, clock,
-                                    failed)
-            if spans:
-                try:
-                    cands = candidates(profile, params, rows, scheds, balance, 1.0,
-                                       memory_limit, action, message, whole, cal.helper,
-                                       receive, cal.cores, way, ins, is_torch, is_torch)
-                except BaseException as e:
-                    failed = e
-                _told(grid.comm, failed, timeout)     # (the choice below rests on them)
-            if not cands:
-                raise ValueError(f"the model has {L} layers: too few for any schedule's stages")
-            if auto and overhead is None:     # the leaders' own dry runs
-                cands = _measured_choice(grid, cands, profile, whole, rows, cal.crowded,
-                                         tag_base, timeout, tensors=is_torch, grads=grads)
-            chosen = cands[0]
-            if not chosen.fits:
-                hint = ("" if way == "auto" or patterns else
-                        "; recompute='auto', or submodule names to recompute "
-                        "(recompute='blocks.*.attn'), may fit" if is_torch else
-                        "; recompute='auto' may fit")
-                raise ValueError(f"no schedule keeps its activations under memory_limit="
-                                 f"{memory_limit:g} bytes{hint}:\n{table(cands, None, skipped)}")
-            sched = chosen.schedule
+        cands, chosen, cal, profile, mlayers, skipped = _measured(
+            grid, named, sample, scheds, skipped, early, is_torch=is_torch, on_meta=on_meta,
+            init=init, reps=reps, tp_runs=bool(plan) and tp > 1, params=params, grads=grads,
+            balance=balance, memory_limit=memory_limit, overhead=overhead, way=way,
+            patterns=patterns, auto=auto, tag_base=tag_base, timeout=timeout)
+        sched = chosen.schedule
     failed = None
     try:        # (this rank's own error told before the Pipeline's exchanges)
         _raised(early if sample is None else None)      # (not told in a profile)
@@ -603,18 +292,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     # several pp ranks its own forward refuses to run)
     _mark_held(source, L, [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))],
                f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
-    if on_meta:
-        bare = [f"stage {s}: {name}" for s in mine for name in made[s][0]]
-        unsaved = [f"stage {s}: {name}" for s in mine for name in made[s][1]]
-        if bare:
-            import warnings
-            warnings.warn(f"engine.distribute: made from the meta device, "
-                          f"{', '.join(bare[:4])}{' ...' if len(bare) > 4 else ''} have no "
-                          f"reset_parameters(): their tensors are zeros until init= or "
-                          f"job.load_state_dict() fills them"
-                          + (f"; but {', '.join(unsaved[:4])}{' ...' if len(unsaved) > 4 else ''}"
-                             " (buffers with persistent=False) are in no state dict: only init= "
-                             "fills them" if unsaved else ""), stacklevel=2)
+    unfilled = _unfilled(made) if on_meta else None
+    if unfilled:
+        import warnings
+        warnings.warn(unfilled, stacklevel=2)
     again = chosen.recompute if chosen is not None else bool(way)
     layered = chosen is not None and chosen.layered
     said = (f"engine.distribute: {sched.name} cuts the model into {cut}"      # (printed below)
@@ -640,21 +321,12 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     if chosen is not None:       # for Job.retime: each own stage's input
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
-        xs = [sample[:size]]
-
-        def own_inputs() -> tuple[dict[int, Any], Any]:
-            with kept_random(), kept_buffers(*[None if isinstance(m, _Temp) else  # (copies)
-                                               getattr(m, "module", None) for m in mlayers]):
-                # (sharded: tp peers pass it through the same layers, collectives alike)
-                while len(xs) <= (L if pipe.last else max(bounds[s] for s in mine)):
-                    xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
-                return ({s: xs[bounds[s]] for s in mine},
-                        _loss_target(wrapped, xs[-1]) if pipe.last else None)
         # (loss_fn: a KeyboardInterrupt; or the Pipeline's, above, told here)
-        made, failed = _timing(grid.comm, tp_group, own_inputs if failed is None else
-                               functools.partial(_raised, failed))
-        _exchange(grid.comm, [], failed, tp_group)
-        inputs, target = made
+        last = failed is None and pipe.last     # (no Pipeline where it failed)
+        inputs, target = _own_inputs(grid.comm, tp_group, mlayers, sample[:size],
+                                     L if last else max(bounds[s] for s in mine),
+                                     {s: bounds[s] for s in mine},
+                                     wrapped if last else None, failed)
         if overhead is None:          # each stage's messages: its output, its input's gradient
             messages = _stage_messages(profile[size], tuple(counts))
     else:
@@ -712,15 +384,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if verbose and grid.comm.rank == 0 and job.predicted is not None:
             job.watched = []        # step() tells a median step far off the prediction, once
         if job.calibration is not None and chosen is not None:
-            # the table simulated with the load the re-time fitted (others' processes
-            # on the shared cores; none where it fitted none): its figures and ranking
-            # those of the host the steps will find, as job.predicted's are
-            job.candidates, job.profiled = under_load(cands, chosen, job.calibration.load)
-            # every row as the re-time corrects the chosen one (its compute, the executor's
-            # own costs, the messages, then the rest to job.predicted): rows compared by
-            # figures 1.5-2.4x low otherwise (BENCHMARKS.md, forty-third session)
-            job.profiled_candidates = job.candidates
-            job._calibrate()
+            job._table_loaded(cands, chosen)    # the table as the host the steps will find
         if verbose and grid.comm.rank == 0:
             # a schedule named too: its row, cut and prediction (it printed nothing, and the
             # user who picked a row by name saw none of them)

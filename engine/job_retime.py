@@ -2,26 +2,78 @@
 times this rank's stages again as the step runs them and the chosen
 schedule on a dry run, and predicts the step again as the machine is now
 (``job.predicted``, ``job.costs``, the table's rows: ``job.table()``);
-``job.write_trace()`` stores the prediction beside a step's trace.
+``job.write_trace()`` stores the prediction beside a step's trace. What
+the re-time runs the stages on is made as the job is built
+(``_own_inputs``: each own stage's input and the loss's target).
 """
 from __future__ import annotations
 
+import copy
+import functools
+import sys
 import time
 from dataclasses import replace
 from typing import Any, Callable
 
-from mesh import Grid
+from mesh import Comm, Grid
+from mesh.tensors import is_tensor
 
 from .calibrate import Calibration, DryRun, collected, dry_run
-from .choose import Candidate, calibrated, kept_buffers, kept_random, retimed, table
+from .choose import (Candidate, calibrated, kept_buffers, kept_random, retimed, table,
+                     under_load)
 from .executor import Pipeline
 from .ir import Schedule
 from .trace import write as _write_trace
 from .traced import Reshaped
-from .agree import _told
-from .layer_timing import _retime
+from .agree import _raised, _told
+from .layer_timing import _exchange, _retime, _timing
 from .measured_choice import _shared_walls, _stretch, _stretched, fitted_load
+from .stage_state import _Temp
 
+
+def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
+    """A target to time the loss on (Job.retime): the model's output on the
+    sample micro-batch itself, a copy, when the loss takes it (a regression
+    loss, a soft-label cross entropy); else, for a torch output, class
+    indices of its leading axes (a cross entropy over the last axis: a
+    language model's); else None (the loss is left out of the prediction)."""
+    tries = [lambda: copy.deepcopy(y)]
+    if is_tensor(y) and y.dim() >= 2:
+        tries.append(lambda: y.new_zeros(y.shape[:-1], dtype=sys.modules["torch"].long))
+    for make in tries:
+        target = make()
+        try:
+            loss_fn(y, target)
+        except Exception:
+            continue
+        return target
+    return None
+
+
+def _own_inputs(comm: Comm, tp_group: Comm | None, mlayers: list[Any], first: Any, upto: int,
+                starts: dict[int, int], loss_fn: Callable[[Any, Any], Any] | None,
+                failed: BaseException | None) -> tuple[dict[int, Any], Any]:
+    """What Job.retime times this rank's stages on: the sample's first
+    micro-batch ``first`` through the layers as they were timed
+    (``mlayers``, up to layer ``upto``), each own stage's input (the input
+    of its first layer, ``starts``), and with the last stage's ``loss_fn``
+    a target for it (``_loss_target``). Run as the layers were timed, then
+    exchanged (sharded: tp peers pass it through the same layers,
+    collectives alike); ``failed``, this rank's own error so far, or one
+    raised here, is told in that exchange, so every rank raises at once."""
+    xs = [first]
+
+    def own() -> tuple[dict[int, Any], Any]:
+        with kept_random(), kept_buffers(*[None if isinstance(m, _Temp) else  # (copies)
+                                           getattr(m, "module", None) for m in mlayers]):
+            while len(xs) <= upto:
+                xs.append(mlayers[len(xs) - 1].forward(xs[-1])[0])
+            return ({s: xs[i] for s, i in starts.items()},
+                    _loss_target(loss_fn, xs[-1]) if loss_fn is not None else None)
+    made, failed = _timing(comm, tp_group, own if failed is None else
+                           functools.partial(_raised, failed))
+    _exchange(comm, [], failed, tp_group)
+    return made
 
 class _Retiming:
     """Job's re-time and what it predicts (engine.job)."""
@@ -111,6 +163,20 @@ class _Retiming:
         if table is not None:       # (distribute's table re-timed: again)
             self.candidates, self.row = table
         return again
+
+    def _table_loaded(self, cands: list[Candidate], chosen: Candidate) -> None:
+        """distribute's table (``cands``, its ``chosen`` row) simulated with
+        the load the job's first re-time fitted (others' processes on the
+        shared cores; none where it fitted none): its figures and ranking
+        those of the host the steps will find, as ``predicted``'s are; then
+        every row as the re-time corrects the chosen one (``_calibrate``: its
+        compute, the executor's own costs, the messages, then the rest to
+        ``predicted``): rows compared by figures 1.5-2.4x low otherwise
+        (BENCHMARKS.md, forty-third session)."""
+        assert self.calibration is not None
+        self.candidates, self.profiled = under_load(cands, chosen, self.calibration.load)
+        self.profiled_candidates = self.candidates
+        self._calibrate()
 
     def _calibrate(self) -> None:
         """The table's rows (``candidates``, its chosen one ``row``) simulated

@@ -2,7 +2,8 @@
 every stage, tp shards whole, on world rank 0, after every rank's word that
 it called it and its own part's failure told to all (engine.agree);
 ``job.load_state_dict()`` loads a whole state into any layout, each rank
-its own entries and shards, every error raised on every rank first.
+its own entries and shards, every error raised on every rank first;
+``load_state`` loads such a state into a single-process copy of the model.
 """
 from __future__ import annotations
 
@@ -22,8 +23,27 @@ from .tensor_parallel import gather_state_dict, load_full_state_dict
 from .tp_layers import full_params, load_full_params
 from .agree import (_STATE_TAG, GatherFailed, _all_called, _Called, _each_part, _raised, _sent,
                     _tp_agreed)
-from .given import _coord, _size
+from .given import _coord, _is_torch, _model_layers, _size
 
+
+def load_state(model: Any, state: dict[str, Any]) -> None:
+    """Load ``Job.state_dict()`` into a single-process copy of the model:
+    torch's ``load_state_dict``, or the numpy layers' arrays in place."""
+    if _is_torch(model):
+        model.load_state_dict(state)
+        return
+    named, _ = _model_layers(model)
+    for name, layer in named:   # all checked first: numpy would broadcast a (1,) bias
+        for j, p in enumerate(layer.params()):
+            if f"{name}.{j}" not in state:
+                raise KeyError(f"load_state: {name}.{j} of the model not in the state given")
+            if tuple(np.shape(state[f"{name}.{j}"])) != p.shape:
+                raise ValueError(f"load_state: {name}.{j} is "
+                                 f"{tuple(np.shape(state[f'{name}.{j}']))} in the state "
+                                 f"given, but {p.shape} in the model")
+    for name, layer in named:
+        for j, p in enumerate(layer.params()):
+            p[...] = state[f"{name}.{j}"]
 
 class IncompatibleKeys(NamedTuple):
     """What ``Job.load_state_dict`` left out, as torch's ``load_state_dict``

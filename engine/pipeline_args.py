@@ -54,6 +54,22 @@ _PAIRED = ("each of the {m} micro-batches of the targets holds those of the inpu
            "micro-batch: as many rows, or c times as many (per-token targets, flattened)")
 
 
+class _Rows:
+    """A batch of several inputs (a tuple: ``(input_ids, attention_mask)``)
+    as one: its length is its rows, a slice of it the tuple of its parts'
+    slices (what the first stage takes)."""
+
+    def __init__(self, parts: tuple[Any, ...]) -> None:
+        self.rows = rows_of(parts)
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, rows: slice) -> tuple[Any, ...]:
+        return tuple(p[rows] for p in self.parts)
+
+
 def _paired(inputs: int, targets: int, m: int) -> bool:
     """Whether ``targets`` rows cut into ``m`` micro-batches pair with
     ``inputs`` rows so cut: as many, or c times as many in every

@@ -1,7 +1,8 @@
 """A rank's pieces of the model and their state: the tp shards read from
 the source model, the rest of its state (buffers, tied names), the state's
 shapes, a model on the meta device made real (``_materialize``, ``_Temp``:
-a layer made real only when timed), and a dp replica's own state.
+a layer made real only when timed), and a dp replica's own state (replica
+0's given to the others when the job is built: ``_broadcast_replicas``).
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import copy
 from collections import OrderedDict
 from typing import Any, Callable
 
-from mesh import Grid
+import collectives
+from mesh import AbortKind, Grid
 
 from .torch_stage import TorchStage, _view
 from .tp_layers import full_shapes
@@ -40,6 +42,27 @@ def _replica_state(stage: Any) -> list[Any]:
 
 # what a shard tells as the whole tensor would (``x.to(self.wte.weight.dtype)``)
 _LIKE_WHOLE = ("dtype", "device", "is_cuda", "requires_grad")
+
+
+def _broadcast_replicas(grid: Grid, replicas: list[Any], timeout: float | None) -> None:
+    """Replica 0's weights (``replicas``) to every dp replica, a broadcast
+    each. A rank that fails (a KeyboardInterrupt between two broadcasts, or
+    inside one: its peers learn of that one from it) abandons the broadcasts
+    it has not started, so its dp peers raise in them at once naming it (they
+    waited there until their timeout) and every replica numbers the group's
+    calls alike; its own error is told in the word that follows."""
+    dp = grid.group("dp")
+    ch = dp.collective_channel()
+    first = ch.seq
+    try:
+        for arr in replicas:
+            collectives.broadcast(dp, arr, root=0, timeout=timeout)
+    except BaseException as e:
+        for _ in range(len(replicas) - (ch.seq - first)):
+            collectives.abandon(dp, f"engine.distribute failed on rank {grid.comm.rank} (dp "
+                                f"rank {dp.rank}): {type(e).__name__}: {e}"[:400],
+                                AbortKind.of(e))
+        raise
 
 
 def _shards_read(grid: Grid, source: Any, pieces: list[Any]) -> None:
@@ -196,6 +219,24 @@ def _materialize(stage: Any, init: Callable[[Any], Any] | None
                         if m._buffers.get(b) is not None]
     return bare, unsaved
 
+
+
+def _unfilled(made: dict[int, tuple[list[str], list[str]]]) -> str | None:
+    """What engine.distribute warns of where it made this rank's stages
+    (``made``: each stage's ``_materialize`` names) from the meta device:
+    the modules left zeros, and the buffers no state dict fills; None where
+    none was left zeros."""
+    bare = [f"stage {s}: {name}" for s in made for name in made[s][0]]
+    unsaved = [f"stage {s}: {name}" for s in made for name in made[s][1]]
+    if not bare:
+        return None
+    return (f"engine.distribute: made from the meta device, "
+            f"{', '.join(bare[:4])}{' ...' if len(bare) > 4 else ''} have no "
+            f"reset_parameters(): their tensors are zeros until init= or "
+            f"job.load_state_dict() fills them"
+            + (f"; but {', '.join(unsaved[:4])}{' ...' if len(unsaved) > 4 else ''}"
+               " (buffers with persistent=False) are in no state dict: only init= "
+               "fills them" if unsaved else ""))
 
 class _Temp:
     """A layer of a meta model, as a stage to time: a real copy of it

@@ -37,7 +37,7 @@ def _interrupt_inside_broadcast(rank):
     collective (as it starts, under its tag: Ctrl-C in its wait)."""
     import collectives
     from collectives import runner
-    here = importlib.import_module("engine.distribute")
+    here = importlib.import_module("engine.stage_state")
     real_t = runner.Tuning
 
     class Interrupted:
@@ -57,7 +57,7 @@ def _interrupt_between_broadcasts(rank):
     """distribute's second dp broadcast raises a KeyboardInterrupt before
     it starts (Ctrl-C between two broadcasts, outside any collective)."""
     import collectives
-    here = importlib.import_module("engine.distribute")
+    here = importlib.import_module("engine.stage_state")
     calls = [0]
 
     def broadcast(*a, **k):

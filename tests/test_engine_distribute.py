@@ -125,7 +125,7 @@ def test_your_own_schedules_are_ranked_beside_the_built_ins_and_no_row_is_left_o
     why (before, builtin() dropped interleaved at m % p and the cut dropped
     schedules of more stages than layers, unlisted), as is one over the
     memory limit, by how much."""
-    from engine.distribute import _candidates, _candidates_said
+    from engine.distribute_schedules import _candidates, _candidates_said
     unnamed = DEEP.replace(DEEP.ranks, name="custom")
     scheds, unrun = _candidates(["gpipe", DEEP, "zb-v", "auto", "interleaved", "Zero_Bubble",
                                  unnamed], 2, [3], 2, 3, 12)
@@ -908,7 +908,7 @@ def test_the_dry_runs_stand_in_gradients_follow_the_cut():
     """With a dp axis the candidates' dry runs average stand-ins of each
     stage's gradients, as the steps will (the step's end in their figures):
     a stage holds its layers' gradients, by bytes, in order."""
-    from engine.distribute import _grad_bytes, _stage_grads
+    from engine.measured_choice import _grad_bytes, _stage_grads
     grads = [[4, 8], [16], [], [32, 64]]
     assert _stage_grads(grads, (1, 2, 1), [0, 1, 2]) == {0: [4, 8], 1: [16], 2: [32, 64]}
     assert _stage_grads(grads, (2, 2), [1]) == {1: [32, 64]}

@@ -24,8 +24,8 @@ ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "
          "pipeline_args", "scaled", "step", "rollback", "executor",
          "agree", "calibrate", "given", "layer_timing", "measured_choice", "stage_state",
          "job_retime", "job_state", "job_optim", "job",
-         "distribute", "zero_args", "zero", "show", "bench_torch", "bench_distribute",
-         "bench_memory", "bench", "bench_zero"]
+         "distribute_schedules", "distribute_measure", "distribute", "zero_args", "zero",
+         "show", "bench_torch", "bench_distribute", "bench_memory", "bench", "bench_zero"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its
 # pass when called; no pass calls them.

@@ -1271,8 +1271,8 @@ def _between_fail_worker(world, cases):
 
 
 # where distribute's own work between its exchanges runs (a negative call: once it returned)
-_BETWEEN = [("engine.distribute", "candidates", 1, {}),      # the candidates' simulation
-            ("engine.distribute", "candidates", 2, {}),      # again, the stages timed whole
+_BETWEEN = [("engine.distribute_measure", "candidates", 1, {}),  # the candidates' simulation
+            ("engine.distribute_measure", "candidates", 2, {}),  # again, the stages timed whole
             ("engine.distribute", "partition", 1, {}),       # the chosen cut
             ("engine.distribute", "Pipeline", -1, {}),       # the job's Pipeline, made
             ("engine.distribute", "Pipeline", -1,            # so, with nothing measured
@@ -1283,8 +1283,8 @@ _BETWEEN = [("engine.distribute", "candidates", 1, {}),      # the candidates' s
             ("engine.distribute", "param_count", 1, {}),     # after the models compared
             ("engine.distribute", "param_count", 1,          # so, with nothing measured
              dict(balance=[3, 3], sample=None)),
-            ("engine.distribute", "_median_act", 1, {}),     # after the profile, before calibrate
-            ("engine.distribute", "under_load", 1, {}),      # after the job's re-time
+            ("engine.distribute_measure", "_median_act", 1, {}),  # profiled, before calibrate
+            ("engine.job_retime", "under_load", 1, {}),      # after the job's re-time
             ("engine.executor", "verify", 1, {}),            # a dry run's Pipeline, made
             ("engine.executor", "verify", 1,                 # the job's, with nothing measured
              dict(balance=[3, 3], sample=None)),

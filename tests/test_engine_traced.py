@@ -563,7 +563,7 @@ def test_the_prediction_times_a_cross_entropy_on_class_indices():
     """Job.retime times the last stage's loss on a stand-in target: a copy of
     the output where the loss takes one, else class indices of its leading
     axes (a language model's loss, the GPT's own as traced)."""
-    from engine.distribute import _loss_target
+    from engine.job_retime import _loss_target
     from engine.torch_stage import torch_loss
     seq = engine.sequential(_gpt(), target=True)
     out = seq(_batch(0)[0]).detach()                      # (rows, positions, vocab)
