@@ -645,3 +645,26 @@ def test_timeline_file_is_a_json_array_after_every_event(tmp_path: Any) -> None:
                                     "B:ALLREDUCE"]
     assert _rows(path)[""] == ["i:CYCLE_START"] * 3
     assert all(e["ts"] >= 0 for e in events if "ts" in e)
+    # settle() (synchronize, step()) returns with every finished call written: also one
+    # whose done-callback, in the lane's thread, has claimed it and not yet written it
+    import threading
+    tl = Timeline(path, mark_cycles=False)
+    claimed, go = threading.Event(), threading.Event()
+
+    class Finished:     # (a meshrun Work that has finished; its lane slow to write it)
+        def done(self) -> bool:
+            return True
+
+        def wait(self) -> Any:
+            claimed.set()
+            assert go.wait(60)
+            return None
+
+        def add_done_callback(self, fn: Any) -> None:
+            threading.Thread(target=fn, args=(self,), daemon=True).start()
+    tl.watch("allreduce.late", "ALLREDUCE", "MESHRUN_ALLREDUCE", now(), Finished())
+    assert claimed.wait(60)
+    threading.Timer(0.2, go.set).start()    # (the lane goes on; settle must wait for it)
+    tl.settle()
+    assert _rows(path)["allreduce.late"] == ["B:ALLREDUCE", "B:MESHRUN_ALLREDUCE", "E", "E"]
+    tl.close()

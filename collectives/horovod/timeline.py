@@ -52,7 +52,7 @@ class Timeline:
     def __init__(self, path: str, mark_cycles: bool) -> None:
         self.path, self.mark_cycles = path, mark_cycles
         self._f: Any = open(path, "wb", buffering=0)    # (OSError: the caller names it)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # (re-entered: _finish writes holding it)
         self._rows: dict[str, int] = {}
         self._pending: dict[object, tuple[Any, Any]] = {}    # watched calls not yet written
         self._end = 0       # the file's length (its last byte the closing "]")
@@ -152,11 +152,13 @@ class Timeline:
 
     def _finish(self, key: object) -> None:
         """An operation's events, once: at its collective's done-callback,
-        or where its waiter got there first (``settle``)."""
+        or where its waiter got there first (``settle``). Claimed and
+        written under the lock: a ``settle`` that finds it claimed by the
+        lane's thread returns only once it is in the file."""
         with self._lock:
             item = self._pending.pop(key, None)
-        if item is not None:
-            item[1](now())
+            if item is not None:
+                item[1](now())
 
     def settle(self) -> None:
         """The operations whose collectives have finished written now (a
