@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 try:
     import fcntl
@@ -71,7 +72,7 @@ def _lock(path: str) -> None:
     fd = -1
     try:
         fd = os.open(os.path.join(path, _LOCK), os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_new(fd)
     except OSError as e:
         if fd >= 0:
             os.close(fd)
@@ -79,6 +80,19 @@ def _lock(path: str) -> None:
         raise OSError(e.errno, f"cannot lock the run folder {path} "
                                f"({e.strerror or e})") from e
     _held_here[path] = fd
+
+
+def _flock_new(fd: int) -> None:
+    """Lock a new run folder's lock file. Another launcher starting at the
+    same moment may hold it for an instant (``_locked``'s look at every
+    folder of the kind, ours included): try again for up to a second."""
+    for _ in range(200):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.005)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _locked(path: str) -> bool:

@@ -204,6 +204,35 @@ def test_a_run_folder_that_cannot_be_locked_is_not_left(
     assert _fds() == fds
 
 
+def test_a_run_folder_whose_lock_a_neighbour_looks_at_is_locked_once_it_lets_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two launchers starting at once (two hosts' meshruns restarting): one
+    looks at every run folder's lock (``_locked``), the other's new one
+    included, holding it an instant; the new folder's lock is tried again,
+    not given up ("cannot lock the run folder ... Resource temporarily
+    unavailable" ended that host's meshrun)."""
+    import errno
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    busy = [3]
+
+    class Fcntl:
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd: int, how: int) -> None:
+            if busy[0]:
+                busy[0] -= 1
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            fcntl.flock(fd, how)
+    monkeypatch.setattr(rdvlaunch, "fcntl", Fcntl)
+    path = run_folder("meshrun")
+    try:
+        assert busy == [0] and rdvlaunch._locked(path)
+    finally:
+        rdvlaunch.remove_run_folder(path)
+
+
 def test_a_service_that_ends_mid_rendezvous_fails_the_waiting_ranks_at_once() -> None:
     """The service's process ends (node 0's meshrun killed) while ranks of
     other hosts wait: they waited their whole rendezvous timeout, then said
