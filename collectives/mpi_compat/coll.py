@@ -190,6 +190,29 @@ def _into(g: mesh.Comm, recv: Buf | None, got: Any, what: str) -> None:
         recv.done()
 
 
+def _now(got: Any, finish: Callable[[Any], Any]) -> None:
+    """A blocking call's result through the finish its nonblocking form runs at its wait."""
+    finish(got)
+
+
+def _request(work: Any, finish: Callable[[Any], Any]) -> Request:
+    return Request(work, finish=finish)
+
+
+def _nothing(_: Any) -> None:
+    pass
+
+
+def _copying_done(out: np.ndarray, recv: Buf, what: str) -> Callable[[Any], None]:
+    """A reduction's result copied into ``out`` (a derived ``recv`` unpacked);
+    None (rank 0's Exscan): the receive buffer left as it was."""
+    def finish(got: Any) -> None:
+        if got is not None:
+            copy_into(out, got, what)
+            recv.done()
+    return finish
+
+
 def _matched(g: mesh.Comm, b: Buf, counts: list[int], what: str) -> None:
     """A root's v-call over a derived datatype, after the call (every rank
     through it): each rank's elements must be its block's, MPI's matching
@@ -477,59 +500,96 @@ class Collectives:
         _into(g, recv, C.all_to_all(g, send.reshape(g.size, -1)), "Alltoall")
 
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        _now(*self._gatherv(sendbuf, recvbuf, root, "Gatherv", False))
+
+    def Igatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        """(the counts are agreed at the call, the blocks move until the wait)"""
+        return _request(*self._gatherv(sendbuf, recvbuf, root, "Igatherv", True))
+
+    def _gatherv(self, sendbuf: Any, recvbuf: Any, root: int, what: str,
+                 async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         g = self._g
-        recv = vspec(recvbuf, "Gatherv", g.size, packs=True) if g.rank == root else None
+        recv = vspec(recvbuf, what, g.size, packs=True) if g.rank == root else None
         if in_place(sendbuf) and recv is not None:
             assert recv.counts is not None and recv.displs is not None
             d, k = recv.displs[root], recv.counts[root]
             send = recv.view[d:d + k].copy()
         else:
-            send = spec(sendbuf, "Gatherv", packs=True).view
+            send = spec(sendbuf, what, packs=True).view
         counts = self._counts(len(send))
         if recv is None:
-            C.gather_v(g, send, counts, root)
-            return
-        C.gather_v(g, send, counts, root, displs=recv.displs, out=recv.view)
-        _matched(g, recv, counts, "Gatherv")
-        recv.done()
+            return C.gather_v(g, send, counts, root, async_op=async_op), _nothing
+        work = C.gather_v(g, send, counts, root, displs=recv.displs, out=recv.view,
+                          async_op=async_op)
+
+        def finish(_: Any) -> None:
+            assert recv is not None
+            _matched(g, recv, counts, what)
+            recv.done()
+        return work, finish
 
     def Scatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+        _now(*self._scatterv(sendbuf, recvbuf, root, "Scatterv", False))
+
+    def Iscatterv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> Request:
+        """(the counts are agreed at the call, the blocks move until the wait)"""
+        return _request(*self._scatterv(sendbuf, recvbuf, root, "Iscatterv", True))
+
+    def _scatterv(self, sendbuf: Any, recvbuf: Any, root: int, what: str,
+                  async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         g = self._g
-        send = vspec(sendbuf, "Scatterv", g.size, packs=True) if g.rank == root else None
-        recv = None if in_place(recvbuf) else spec(recvbuf, "Scatterv", packs=True)
+        send = vspec(sendbuf, what, g.size, packs=True) if g.rank == root else None
+        recv = None if in_place(recvbuf) else spec(recvbuf, what, packs=True)
         if send is not None and recv is None:
             assert send.counts is not None
             mine = send.counts[root]
         else:
             mine = 0 if recv is None else len(recv.view)
         counts = self._counts(mine)
-        got = C.scatter_v(g, None if send is None else send.view, counts, root,
-                          dtype=None if recv is None else recv.view.dtype,
-                          displs=None if send is None else send.displs)
-        _into(g, recv, got, "Scatterv")
-        if send is not None:
-            _matched(g, send, counts, "Scatterv")
+        work = C.scatter_v(g, None if send is None else send.view, counts, root,
+                           dtype=None if recv is None else recv.view.dtype,
+                           displs=None if send is None else send.displs, async_op=async_op)
+
+        def finish(got: Any) -> None:
+            _into(g, recv, got, what)
+            if send is not None:
+                _matched(g, send, counts, what)
+        return work, finish
 
     def Allgatherv(self, sendbuf: Any, recvbuf: Any) -> None:
+        _now(*self._allgatherv(sendbuf, recvbuf, "Allgatherv", False))
+
+    def Iallgatherv(self, sendbuf: Any, recvbuf: Any) -> Request:
+        return _request(*self._allgatherv(sendbuf, recvbuf, "Iallgatherv", True))
+
+    def _allgatherv(self, sendbuf: Any, recvbuf: Any, what: str,
+                    async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         g = self._g
-        recv = vspec(recvbuf, "Allgatherv", g.size, packs=True)
+        recv = vspec(recvbuf, what, g.size, packs=True)
         assert recv.counts is not None and recv.displs is not None
         if in_place(sendbuf):
             d, k = recv.displs[g.rank], recv.counts[g.rank]
             send = recv.view[d:d + k].copy()
         else:
-            send = spec(sendbuf, "Allgatherv", packs=True).view
-        C.all_gather_v(g, send, recv.counts, displs=recv.displs, out=recv.view)
-        recv.done()
+            send = spec(sendbuf, what, packs=True).view
+        return (C.all_gather_v(g, send, recv.counts, displs=recv.displs, out=recv.view,
+                               async_op=async_op), lambda _: recv.done())
 
     def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:
+        _now(*self._alltoallv(sendbuf, recvbuf, "Alltoallv", False))
+
+    def Ialltoallv(self, sendbuf: Any, recvbuf: Any) -> Request:
+        return _request(*self._alltoallv(sendbuf, recvbuf, "Ialltoallv", True))
+
+    def _alltoallv(self, sendbuf: Any, recvbuf: Any, what: str,
+                   async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         g = self._g
-        recv = vspec(recvbuf, "Alltoallv", g.size, packs=True)
-        send = recv if in_place(sendbuf) else vspec(sendbuf, "Alltoallv", g.size, packs=True)
+        recv = vspec(recvbuf, what, g.size, packs=True)
+        send = recv if in_place(sendbuf) else vspec(sendbuf, what, g.size, packs=True)
         flat = send.view.copy() if send is recv else send.view
-        C.all_to_all_v(g, flat, send.counts, recv.counts, send_displs=send.displs,
-                       recv_displs=recv.displs, out=recv.view)
-        recv.done()
+        return (C.all_to_all_v(g, flat, send.counts, recv.counts, send_displs=send.displs,
+                               recv_displs=recv.displs, out=recv.view, async_op=async_op),
+                lambda _: recv.done())
 
     def Alltoallw(self, sendbuf: Any, recvbuf: Any) -> None:
         """``[buf, counts, displs, datatypes]`` each side (displacements in
@@ -564,7 +624,15 @@ class Collectives:
         return Prequest(req, before=w.pack, finish=w.place)
 
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
-        g, what = self._g, "Reduce_scatter_block"
+        _now(*self._reduce_scatter_block(sendbuf, recvbuf, op, "Reduce_scatter_block", False))
+
+    def Ireduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Request:
+        return _request(*self._reduce_scatter_block(sendbuf, recvbuf, op,
+                                                   "Ireduce_scatter_block", True))
+
+    def _reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Op, what: str,
+                              async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
+        g = self._g
         if in_place(sendbuf):
             recv = spec(recvbuf, what, per=g.size, packs=True)
             sent, send = None, recv.view.copy()
@@ -574,21 +642,30 @@ class Collectives:
             sent = spec(sendbuf, what, per=g.size, packs=True)
             send, out = sent.view, recv.view
         with _signatures(g, what, recv, sent):
-            mine = C.reduce_scatter(g, send, _reducing(op, what, recv, sent))
-        copy_into(out, mine, what)
-        recv.done()
+            work = C.reduce_scatter(g, send, _reducing(op, what, recv, sent),
+                                    async_op=async_op)
+        return work, _copying_done(out, recv, what)
 
     def Reduce_scatter(self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None,
                        op: Op = _SUM) -> None:
         """(a derived datatype's ``recvcounts`` in its items)"""
-        g, what = self._g, "Reduce_scatter"
+        _now(*self._reduce_scatter(sendbuf, recvbuf, recvcounts, op, "Reduce_scatter", False))
+
+    def Ireduce_scatter(self, sendbuf: Any, recvbuf: Any, recvcounts: Any = None,
+                        op: Op = _SUM) -> Request:
+        """(``recvcounts`` left out: agreed at the call)"""
+        return _request(*self._reduce_scatter(sendbuf, recvbuf, recvcounts, op,
+                                             "Ireduce_scatter", True))
+
+    def _reduce_scatter(self, sendbuf: Any, recvbuf: Any, recvcounts: Any, op: Op, what: str,
+                        async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
+        g = self._g
         recv = spec(recvbuf, what, packs=True)
         per = recv.datatype.typemap.n if recv.datatype is not None and \
             recv.datatype.typemap is not None else 1
         if in_place(sendbuf):
             if recvcounts is None:
-                raise ValueError("collectives.MPI Reduce_scatter: MPI.IN_PLACE needs "
-                                 "recvcounts")
+                raise ValueError(f"collectives.MPI {what}: MPI.IN_PLACE needs recvcounts")
             counts = [int(k) * per for k in recvcounts]
             sent, send = None, recv.view.copy()[:sum(counts)]
             out = recv.view[:counts[g.rank]]
@@ -598,25 +675,29 @@ class Collectives:
             counts = [int(k) * per for k in recvcounts] if recvcounts is not None \
                 else self._counts(len(out))
         with _signatures(g, what, recv, sent):
-            mine = C.reduce_scatter_v(g, send, counts, _reducing(op, what, recv, sent))
-        copy_into(out, mine, what)
-        recv.done()
+            work = C.reduce_scatter_v(g, send, counts, _reducing(op, what, recv, sent),
+                                      async_op=async_op)
+        return work, _copying_done(out, recv, what)
 
     def Scan(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
-        recv = spec(recvbuf, "Scan", packs=True)
-        sent = None if in_place(sendbuf) else spec(sendbuf, "Scan", packs=True)
-        with _signatures(self._g, "Scan", recv, sent):
-            got = C.scan(self._g, _view(sent, recv), _reducing(op, "Scan", recv, sent))
-        copy_into(recv.view, got, "Scan")
-        recv.done()
+        _now(*self._scan(C.scan, sendbuf, recvbuf, op, "Scan", False))
+
+    def Iscan(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Request:
+        return _request(*self._scan(C.scan, sendbuf, recvbuf, op, "Iscan", True))
 
     def Exscan(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
         """(rank 0's receive buffer is left as it was, as MPI leaves it)"""
-        recv = spec(recvbuf, "Exscan", packs=True)
-        sent = None if in_place(sendbuf) else spec(sendbuf, "Exscan", packs=True)
+        _now(*self._scan(C.exscan, sendbuf, recvbuf, op, "Exscan", False))
+
+    def Iexscan(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Request:
+        """(rank 0's receive buffer is left as it was, as MPI leaves it)"""
+        return _request(*self._scan(C.exscan, sendbuf, recvbuf, op, "Iexscan", True))
+
+    def _scan(self, call: Callable[..., Any], sendbuf: Any, recvbuf: Any, op: Op, what: str,
+              async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
+        recv = spec(recvbuf, what, packs=True)
+        sent = None if in_place(sendbuf) else spec(sendbuf, what, packs=True)
         send = recv.view.copy() if sent is None else sent.view
-        with _signatures(self._g, "Exscan", recv, sent):
-            got = C.exscan(self._g, send, _reducing(op, "Exscan", recv, sent))
-        if got is not None:
-            copy_into(recv.view, got, "Exscan")
-            recv.done()
+        with _signatures(self._g, what, recv, sent):
+            work = call(self._g, send, _reducing(op, what, recv, sent), async_op=async_op)
+        return work, _copying_done(recv.view, recv, what)

@@ -26,18 +26,9 @@ __all__ = ["Comm", "Intracomm", "COMM_NULL", "COMM_TYPE_SHARED", "not_provided"]
 
 COMM_TYPE_SHARED = 0       # (Open MPI's)
 
-_NONBLOCKING = ("Igatherv", "Iscatterv", "Iallgatherv", "Ialltoallv",
-                "Ireduce_scatter", "Ireduce_scatter_block", "Iscan", "Iexscan")
-
-
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
-    if name in _NONBLOCKING:
-        why = (f"of the nonblocking collectives Iallreduce, Ibcast, Ibarrier, Ireduce, "
-               f"Igather, Iscatter, Iallgather, Ialltoall and Ialltoallw are provided: call "
-               f"{name[1:]} "
-               f"(blocking), or run it in a thread")
-    elif name in ("Spawn", "Spawn_multiple", "Accept", "Connect", "Get_parent", "Join"):
+    if name in ("Spawn", "Spawn_multiple", "Accept", "Connect", "Get_parent", "Join"):
         why = ("no processes joining a running mesh (intercommunicators of a running "
                "one's processes: Create_intercomm): mesh.spawn(fn, n) runs a function in n "
                "new processes of their own mesh")

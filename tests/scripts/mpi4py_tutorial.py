@@ -300,6 +300,34 @@ def collectives():
     say("collectives", red, mx, g, ag, at, agv, tab, loc["v"], loc["i"], u,
         type(MPI.Wtime()).__name__, MPI.DOUBLE.Get_size(), MPI.INT.Get_size(),
         MPI.Is_initialized())
+    # their nonblocking forms, two in flight at once, waited for in the reverse order
+    igv = np.full(sum(counts), -1, "i") if r == 0 else None
+    isv = np.empty(r + 1, "d")
+    first = comm.Igatherv(np.full(r + 1, r, "i"),
+                          [igv, counts, displs, MPI.INT] if r == 0 else None, root=0)
+    second = comm.Iscatterv([src, counts, displs, MPI.DOUBLE] if r == 0 else None, isv, root=0)
+    second.Wait()
+    first.Wait()
+    iag = np.zeros(sum(counts), "d")
+    iag[displs[r]:displs[r] + r + 1] = r + 0.5
+    comm.Iallgatherv(MPI.IN_PLACE, [iag, counts, displs, MPI.DOUBLE]).Wait()
+    iat = np.empty((r + 1) * size, "i")
+    comm.Ialltoallv([np.arange(sum(counts), dtype="i") + 100 * r, counts, displs, MPI.INT],
+                    [iat, [r + 1] * size, [i * (r + 1) for i in range(size)],
+                     MPI.INT]).Wait()
+    irsb = np.arange(2 * size, dtype="i") * (r + 1)
+    irs = np.empty(counts[r], "i")
+    isc = np.array([r + 1, 2], "i")
+    iex = np.full(2, -1, "i")
+    reqs = [comm.Ireduce_scatter_block(MPI.IN_PLACE, irsb, op=MPI.SUM),
+            comm.Ireduce_scatter(np.arange(sum(counts), dtype="i"), irs, recvcounts=counts,
+                                 op=MPI.MAX),
+            comm.Iscan(MPI.IN_PLACE, isc, op=MPI.PROD),
+            comm.Iexscan(np.array([r, 1], "i"), iex, op=MPI.SUM)]
+    MPI.Request.Waitall(reqs[::-1])
+    tab = comm.gather([isv.tolist(), iat.tolist(), irsb[:2].tolist(), irs.tolist(),
+                       isc.tolist(), iex.tolist() if r else None], root=0)
+    say("nonblocking v-collectives", igv, iag, tab)
 
 
 def one_sided():
