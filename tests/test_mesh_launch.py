@@ -3,6 +3,7 @@ process outliving the job (workers and their children) after a failure, a
 signal, or the launcher itself being killed."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -641,6 +642,12 @@ def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> Non
      "--standalone places the rendezvous itself (on this host, a free port): drop "
      "--master_addr and --master-port, or --standalone"),
     (("--standalone", "--node-rank", "0", str(WORKER)), "drop --node-rank, or --standalone"),
+    (("--output", "tag,merge-stderr-to-stdout,timestamp", str(WORKER)),
+     "--output tag,merge-stderr-to-stdout,timestamp: meshrun cannot do merge-stderr-to-stdout, "
+     "timestamp (it takes tag"),
+    (("--output", "dir=logs:nocopy", str(WORKER)), "meshrun cannot do dir=logs:nocopy"),
+    (("--merge-stderr-to-stdout", str(WORKER)),
+     "--merge-stderr-to-stdout: meshrun cannot do merge-stderr-to-stdout"),
 ])
 def test_usage_errors(args: tuple[str, ...], message: str, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -669,6 +676,62 @@ def test_the_console_shows_the_streams_torchruns_options_leave_it(tmp_path: Path
     a = p.parse_args(["-n", "2", "--no-prefix", "--tag-output", str(WORKER)])
     _check(p, a)
     assert a.prefix and _shown(a, 1) == ("stdout", "stderr")    # (the last word: prefixed)
+
+
+def test_mpiruns_output_spellings_are_meshruns_options() -> None:
+    """Open MPI 5's --output tag,dir=DIR and 4's --output-filename were
+    "unrecognized arguments": they are --tag-output and --log-dir (the last
+    word wins, as between --no-prefix and --tag-output); the rest are
+    refused by name in test_usage_errors."""
+    from mesh.launch.cli import _check, build_parser
+    p = build_parser()
+    a = p.parse_args(["--no-prefix", "--output", "tag,dir=logs", str(WORKER)])
+    _check(p, a)
+    assert a.prefix and a.log_dir == "logs"
+    a = p.parse_args(["--output", "tag", "--no-prefix", "--output-filename", "out", str(WORKER)])
+    assert not a.prefix and a.log_dir == "out"
+
+
+def test_torchruns_pet_variables_are_the_defaults(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """torchrun takes each option's default from PET_<OPTION> (what
+    Kubeflow's PyTorchJob sets): meshrun ignored them. The command line
+    wins; --standalone, set either way, drops the rendezvous's variables as
+    torchrun does; a bad value is a usage error naming the variable."""
+    from mesh.launch import main
+    from mesh.launch.cli import _check, build_parser, env_defaults
+
+    def parsed(*argv: str) -> argparse.Namespace:
+        p = build_parser()
+        env_defaults(p)
+        a = p.parse_args([*argv, str(WORKER)])
+        _check(p, a)
+        return a
+
+    for name, value in [("PET_NPROC_PER_NODE", "3"), ("PET_MAX_RESTARTS", "2"),
+                        ("PET_MASTER_PORT", "29511"), ("PET_LOG_DIR", "logs"),
+                        ("PET_REDIRECTS", "1"), ("PET_STANDALONE", "0")]:
+        monkeypatch.setenv(name, value)
+    a = parsed()
+    assert (a.nproc, a.max_restarts, a.master_port, a.log_dir, a.standalone) == (
+        3, 2, 29511, "logs", False)
+    assert a.redirects == {0: 1, 1: 1, 2: 1}
+    a = parsed("-n", "2", "--max-restarts", "0", "--master-port", "7")
+    assert (a.nproc, a.max_restarts, a.master_port) == (2, 0, 7)
+    monkeypatch.setenv("PET_STANDALONE", "1")
+    a = parsed()
+    assert a.standalone and a.master_port is None
+    for name, value, message in [
+            ("PET_NNODES", "1:2", "PET_NNODES='1:2' (torchrun's default for --nnodes): a whole "
+                                  "number (meshrun takes no MIN:MAX range of nodes)"),
+            ("PET_STANDALONE", "yes", "PET_STANDALONE='yes' (torchrun's default for "
+                                      "--standalone): a number, 0 false"),
+            ("PET_TEE", "9", "PET_TEE='9' (torchrun's default for --tee): '9': 0-3")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as stop:
+            main([str(WORKER)])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+        monkeypatch.delenv(name)
 
 
 def test_a_torchrun_standalone_command_line_is_taken() -> None:

@@ -17,7 +17,7 @@ from ..cliargs import checked, nonnegative, nonnegative_float, positive_float
 from ..limits import too_many_for_open_files
 from .run import launch
 
-__all__ = ["main", "launch", "build_parser"]
+__all__ = ["main", "launch", "build_parser", "env_defaults"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag-output", dest="prefix", action="store_true", default=True,
                    help="prefix each line with its rank, meshrun's default (mpirun's "
                         "spelling, whose default is no prefix)")
+    p.add_argument("--output", action=_MpiOutput, metavar="WORD,...",
+                   help="Open MPI 5's: tag (--tag-output), dir=DIR (--log-dir DIR); "
+                        "its others (merge-stderr-to-stdout, timestamp, file=...) are refused")
+    p.add_argument("--output-filename", action=_MpiOutput, metavar="DIR",
+                   help="Open MPI 4's: --log-dir DIR (meshrun's file names in it)")
+    p.add_argument("--merge-stderr-to-stdout", action=_MpiOutput, nargs=0,
+                   help="Open MPI's: refused (meshrun relays stderr to its own stderr; "
+                        "give the shell's 2>&1)")
     p.add_argument("--local-ranks-filter", "--local_ranks_filter", dest="local_ranks_filter",
                    type=checked(_local_ranks), default=None, metavar="R,R...",
                    help="show only these local ranks' output (stdout and stderr) on the "
@@ -145,7 +153,84 @@ class _Given(argparse.Action):
         namespace.given = (*getattr(namespace, "given", ()), option_string)
 
 
+# torchrun's options that take their default from PET_<OPTION> (torch's argparse_util
+# env and check_env actions) and meshrun takes too: the variable, and meshrun's dest
+_PET = {"PET_NPROC_PER_NODE": "nproc", "PET_NNODES": "nnodes", "PET_NODE_RANK": "node_rank",
+        "PET_MASTER_ADDR": "master_addr", "PET_MASTER_PORT": "master_port",
+        "PET_STANDALONE": "standalone", "PET_MAX_RESTARTS": "max_restarts",
+        "PET_LOG_DIR": "log_dir", "PET_REDIRECTS": "redirects", "PET_TEE": "tee",
+        "PET_LOCAL_RANKS_FILTER": "local_ranks_filter", "PET_MODULE": "module",
+        "PET_NO_PYTHON": "no_python"}
+_PLACED = ("node_rank", "master_addr", "master_port")     # what --standalone places itself
+
+
+def env_defaults(p: argparse.ArgumentParser) -> None:
+    """Each option's default from torchrun's PET_<OPTION> variable where it is
+    set (the command line wins), as torchrun reads them: a flag's variable is
+    a number, 0 false; a bad value is a usage error naming the variable."""
+    actions = {a.dest: a for a in p._actions}
+    found: dict[str, str] = {}
+    for name, dest in _PET.items():
+        text = os.environ.get(name)
+        if text is None or (text == "" and dest not in ("master_addr", "log_dir")):
+            continue
+        action = actions[dest]
+        try:
+            if action.nargs == 0:           # (a flag: torchrun's check_env, bool(int(text)))
+                value: Any = bool(int(text))
+            else:
+                value = action.type(text) if callable(action.type) else text
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            what = ("a number, 0 false" if action.nargs == 0 else
+                    "a whole number" + (" (meshrun takes no MIN:MAX range of nodes)"
+                                        if ":" in text else "") if action.type is int
+                    else str(e))
+            option = next(s for s in action.option_strings if s.startswith("--"))
+            p.error(f"{name}={text!r} (torchrun's default for {option}): {what}")
+        p.set_defaults(**{dest: value})
+        found[dest] = name
+    p.set_defaults(from_env=found)
+
+
+class _MpiOutput(argparse.Action):
+    """Open MPI's output options, as meshrun's own where it has one: --output
+    (5's: a comma list) tag -> --tag-output, dir=DIR -> --log-dir DIR;
+    --output-filename DIR (4's) -> --log-dir DIR; the rest refused by name."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if option_string == "--output-filename":
+            words = [f"dir={values}"]
+        elif option_string == "--merge-stderr-to-stdout":
+            words = ["merge-stderr-to-stdout"]
+        else:
+            words = [w.strip() for w in str(values).split(",")]
+        refused = []
+        for word in words:
+            key, eq, value = word.partition("=")
+            if word.lower() == "tag":
+                namespace.prefix = True
+            elif key.lower() == "dir" and eq and value and ":" not in value:
+                namespace.log_dir = value
+            else:
+                refused.append(word)
+        if refused:
+            said = option_string if self.nargs == 0 else f"{option_string} {values}"
+            parser.error(f"{said}: meshrun cannot do {', '.join(refused)} "
+                         f"(it takes tag, as --tag-output, and dir=DIR, as --log-dir DIR; "
+                         f"stderr stays apart from stdout: give the shell's 2>&1 to merge "
+                         f"them)")
+
+
 def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    from_env = getattr(a, "from_env", {})
+    if a.standalone:        # (torchrun ignores the rendezvous's variables under it, as its options)
+        given = {act.dest for act in p._actions
+                 if set(act.option_strings) & set(getattr(a, "given", ()))}
+        for dest in _PLACED:
+            if dest in from_env and dest not in given:
+                setattr(a, dest, {"node_rank": 0, "master_addr": "127.0.0.1",
+                                  "master_port": None}[dest])
     if a.nproc < 1:
         p.error("-n must be at least 1")
     if a.nnodes < 1:
@@ -385,6 +470,7 @@ def _split_target(p: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (``meshrun``, ``python -m mesh.launch``)."""
     parser = build_parser()
+    env_defaults(parser)
     head, rest = _split_target(parser, list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(head)
     args.args = rest
