@@ -276,7 +276,27 @@ def _claim(r: Request) -> bool:
         return True
 
 
-class _AllDone:
+class _Polled:
+    """A flag over requests (``is_set``) that another thread's reading may
+    set: ``wait`` looks again soon until it is, or ``timeout`` runs out."""
+
+    __slots__ = ()
+
+    def is_set(self) -> bool:
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> bool:
+        """Another thread reads (it completes these too): look again soon."""
+        end = time.monotonic() + timeout
+        while not self.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, 5e-5))
+        return True
+
+
+class _AllDone(_Polled):
     """Set once every one of ``reqs`` is done: the flag ``waitall`` with a
     timeout drives the reading until. ``at``: the first not done yet (a
     request once done stays so: each is looked at until it is, then never
@@ -295,18 +315,8 @@ class _AllDone:
         self.at = at
         return at == len(reqs)
 
-    def wait(self, timeout: float) -> bool:
-        """Another thread reads (it completes these too): look again soon."""
-        end = time.monotonic() + timeout
-        while not self.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(left, 5e-5))
-        return True
 
-
-class _AnyDone:
+class _AnyDone(_Polled):
     """Set once any of ``reqs`` is done: the flag ``waitany`` drives the
     reading until (mesh.progress.Progress.drive)."""
 
@@ -317,13 +327,3 @@ class _AnyDone:
 
     def is_set(self) -> bool:
         return any(r.done() for r in self.reqs)
-
-    def wait(self, timeout: float) -> bool:
-        """Another thread reads (it completes these too): look again soon."""
-        end = time.monotonic() + timeout
-        while not self.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(left, 5e-5))
-        return True
