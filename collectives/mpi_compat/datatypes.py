@@ -451,11 +451,7 @@ class Datatype(metaclass=_DatatypeMeta):
             raise ValueError(f"collectives.MPI Datatype.{call}: subsizes {sub} from starts "
                              f"{st} do not fit sizes {sz}")
         tm = self._map()
-        axes = list(range(len(sz)))
-        if order == ORDER_F:
-            axes.reverse()      # (the first index fastest)
-        step = {k: math.prod(sz[j] for j in axes[i + 1:]) * tm.extent
-                for i, k in enumerate(axes)}
+        axes, step = _strides(sz, order, tm.extent)
         base = sum(st[k] * step[k] for k in axes)
         block = tm.grid([(sub[k], step[k]) for k in axes], base)
         whole = replace(block, lb=0, ub=math.prod(sz) * tm.extent, sticky=True)
@@ -535,11 +531,7 @@ class Datatype(metaclass=_DatatypeMeta):
         coords.reverse()
         owned = [self._owned(call, *k) for k in zip(g, ds, da, ps, coords)]
         tm = self._map()
-        axes = list(range(len(g)))
-        if order == ORDER_F:
-            axes.reverse()      # (the first index fastest)
-        step = {k: math.prod(g[j] for j in axes[i + 1:]) * tm.extent
-                for i, k in enumerate(axes)}
+        axes, step = _strides(g, order, tm.extent)
         at = np.zeros(1, np.int64)
         for k in axes:
             at = (at[:, None] + owned[k][None, :] * step[k]).reshape(-1)
@@ -580,3 +572,15 @@ class Datatype(metaclass=_DatatypeMeta):
 
 
 DATATYPE_NULL = Datatype("DATATYPE_NULL", "V0")
+
+
+def _strides(sizes: Sequence[int], order: int,
+             extent: int) -> tuple[list[int], dict[int, int]]:
+    """An array of ``sizes`` elements of ``extent`` bytes, ``order``
+    (ORDER_C row-major, ORDER_FORTRAN): its axes slowest first, and each
+    axis' step in bytes (Create_subarray's and Create_darray's layout)."""
+    axes = list(range(len(sizes)))
+    if order == ORDER_F:
+        axes.reverse()      # (the first index fastest)
+    return axes, {k: math.prod(sizes[j] for j in axes[i + 1:]) * extent
+                  for i, k in enumerate(axes)}
