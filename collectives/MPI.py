@@ -13,6 +13,7 @@ buffers.py the buffer specs; p2p.py,
 requests.py and message.py point-to-point; coll.py the buffer
 collectives, objects.py the lowercase ones; comm.py the communicators,
 topo.py their topologies, inter.py and intercoll.py the intercommunicators,
+spawn.py Spawn's (dynamic processes),
 neighbor.py the neighborhood collectives, group.py their groups;
 win.py the one-sided windows over comm.window; tuples.py keeps the lowercase
 calls' tuples): objects go by msgpack, never pickle, and meshrun's errors
@@ -33,6 +34,7 @@ from .mpi_compat.file import FILE_ERRORS, MODES, SEEK_CUR, SEEK_END, SEEK_SET, F
 from .mpi_compat.comm import COMM_NULL, COMM_TYPE_SHARED, Comm, Intracomm
 from .mpi_compat.neighbor import Topocomm
 from .mpi_compat.inter import Intercomm
+from .mpi_compat.spawn import ARGV_NULL, ERR_SPAWN, child_world
 from .mpi_compat.topo import UNWEIGHTED, WEIGHTS_EMPTY, Cartcomm, Distgraphcomm, Graphcomm
 from .mpi_compat.group import GROUP_EMPTY, GROUP_NULL, Group
 from .mpi_compat.objects import fold, scan_fold
@@ -78,9 +80,10 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOPRECEDE", "MODE_NOPUT", "MODE_NOSTORE",
            "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE", "WIN_DISP_UNIT", *DATATYPES, *OPS,
            "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS, *COMBINERS,
-           *DISTRIBUTES]
+           *DISTRIBUTES, "ARGV_NULL", "ERR_SPAWN", "INFO_NULL"]
 
-_state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False}
+_state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False,
+                          "base": None}
 
 
 _init_lock = threading.Lock()
@@ -91,14 +94,16 @@ def _world() -> Comm:
     opened before), else mesh.init()'s, made on first use. Under a lock:
     mpi4py's MPI is initialized at its import, so threads that touch
     COMM_WORLD first at once (its demo/threads) must get one world, where
-    each joined the rendezvous again and was refused as a duplicate."""
+    each joined the rendezvous again and was refused as a duplicate. In a
+    process a Spawn started, the children's group of its bridge
+    (mpi_compat.spawn)."""
     with _init_lock:
         w = mesh.world.current()
         kept = _state["world"]
-        if kept is None or (w is not None and kept.mesh is not w):  # (a forked worker's own)
+        if kept is None or (w is not None and _state["base"] is not w):  # (a forked worker's)
             if w is None:
                 w = _state["opened"] = mesh.init()
-            _state.update(world=Intracomm(w), self=None)
+            _state.update(world=child_world(w) or Intracomm(w), self=None, base=w)
         return _state["world"]
 
 
@@ -163,7 +168,7 @@ def Finalize() -> None:
     """Close the world COMM_WORLD opened (one opened by the caller, or
     mesh.spawn's, is left to it)."""
     w = _state["opened"]
-    _state.update(world=None, self=None, opened=None, finalized=True)
+    _state.update(world=None, self=None, opened=None, finalized=True, base=None)
     if w is not None:
         w.close()
 

@@ -41,6 +41,7 @@ class Mesh(Comm):
         self._ctx, self._auth, self._server, self._ipc_path = ctx, authenticator, server, ipc_path
         self._closed = False
         self._pid = os.getpid()
+        self.aside = False      # held beside the process's own world (a Spawn's bridge)
         _open.add(self)
 
     @property
@@ -228,8 +229,10 @@ def _serve(spec: env.JobSpec, ctx: zmq.Context, curve: bool) -> RendezvousServer
 
 def current() -> Mesh | None:
     """The mesh this process has open (its ``mesh.init()``, or the world
-    ``mesh.spawn`` handed it), or None when it has none or several."""
-    mine = [m for m in list(_open) if m._pid == os.getpid() and not m._closed]
+    ``mesh.spawn`` handed it), or None when it has none or several; a mesh
+    held aside (a Spawn's bridge in its parents) is not counted."""
+    mine = [m for m in list(_open) if m._pid == os.getpid() and not m._closed
+            and not m.aside]
     return mine[0] if len(mine) == 1 else None
 
 

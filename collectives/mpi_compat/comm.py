@@ -28,10 +28,10 @@ COMM_TYPE_SHARED = 0       # (Open MPI's)
 
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
-    if name in ("Spawn", "Spawn_multiple", "Accept", "Connect", "Get_parent", "Join"):
-        why = ("no processes joining a running mesh (intercommunicators of a running "
-               "one's processes: Create_intercomm): mesh.spawn(fn, n) runs a function in n "
-               "new processes of their own mesh")
+    if name in ("Spawn_multiple", "Accept", "Connect", "Join", "Open_port", "Close_port"):
+        why = ("no processes joining a running job but Spawn's children (intercommunicators "
+               "of a running one's processes: Create_intercomm; new processes: Spawn, or "
+               "mesh.spawn(fn, n), which runs a function in n processes of their own mesh)")
     elif "eighbor_" in name:
         why = ("the neighborhood collectives are those of a communicator with a topology: "
                "make one with Create_cart, Create_graph, Create_dist_graph_adjacent or "
@@ -171,6 +171,22 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
 
     def Disconnect(self) -> None:
         pass
+
+    def Spawn(self, command: str, args: Sequence[str] | None = None, maxprocs: int = 1,
+              info: Any = None, root: int = 0, errcodes: list[int] | None = None) -> "Comm":
+        """MPI_Comm_spawn, collective over this communicator: ``maxprocs``
+        processes of ``command`` (``args`` after it) on the root's host, and
+        the Intercomm to them (spawn.py; ``info``: MPI.INFO_NULL, or a
+        mapping of "wdir" alone; ``errcodes``: filled with 0s)."""
+        from .spawn import spawn
+        return spawn(self, command, args, maxprocs, info, root, errcodes)
+
+    @staticmethod
+    def Get_parent() -> "Comm":
+        """A spawned process's Intercomm to its parents; MPI.COMM_NULL in
+        a process not spawned, and after its Disconnect (spawn.py)."""
+        from .spawn import get_parent
+        return get_parent()
 
     def Split(self, color: int = 0, key: int = 0) -> "Comm":
         c = None if color is None or color == UNDEFINED or color < 0 else int(color)

@@ -9,8 +9,9 @@ Its collectives: intercoll.py. ``Intracomm.Create_intercomm`` makes one
 (``create_intercomm``): every rank's leaders checked alike, the leaders'
 groups exchanged over ``peer_comm`` with ``tag``, each broadcast in its
 group. What MPI has on an intercommunicator and this does not (its Split,
-the v- and w-collectives...) raises NotImplementedError; Spawn, Accept
-and Connect (processes joining a running mesh) stay out: mesh.spawn."""
+the v- and w-collectives...) raises NotImplementedError. Spawn's
+intercommunicators (spawn.py) are these, over the bridge's two groups;
+Accept and Connect (two running jobs joined) stay out."""
 from __future__ import annotations
 
 from typing import Any
@@ -54,6 +55,7 @@ class Intercomm(InterCollectives, Comm):
     _nl: int
     _ro: int
     _nr: int
+    _bridge: Any = None     # (a Spawn's: spawn.py)
 
     def __init__(self, union: "MeshComm | Intercomm", lo: int = 0, nl: int = 0, ro: int = 0,
                  nr: int = 0) -> None:
@@ -227,8 +229,16 @@ class Intercomm(InterCollectives, Comm):
         return value
 
 
+    def Disconnect(self) -> None:
+        """MPI_Comm_disconnect, collective over both groups: a barrier; a
+        Spawn's bridge closed in its parents (spawn.py); the handle then
+        MPI.COMM_NULL's equal."""
+        from .spawn import disconnect
+        disconnect(self)
+
+
 _OURS = {n for n in [*vars(Intercomm), *vars(InterCollectives)] if not n.startswith("_")}
-_ANY = {"Get_name", "Set_name", "name", "Free", "Disconnect", "Abort", "Get_attr",
+_ANY = {"Get_name", "Set_name", "name", "Free", "Get_parent", "Abort", "Get_attr",
         "Set_errhandler", "Get_errhandler", "Call_errhandler", "Get_topology", "topology",
         "is_topo", "mesh"}
 
