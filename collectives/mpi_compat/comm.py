@@ -28,7 +28,7 @@ COMM_TYPE_SHARED = 0       # (Open MPI's)
 
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
-    if name in ("Spawn_multiple", "Accept", "Connect", "Join", "Open_port", "Close_port"):
+    if name in ("Accept", "Connect", "Join", "Open_port", "Close_port"):
         why = ("no processes joining a running job but Spawn's children (intercommunicators "
                "of a running one's processes: Create_intercomm; new processes: Spawn, or "
                "mesh.spawn(fn, n), which runs a function in n processes of their own mesh)")
@@ -180,6 +180,14 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
         mapping of "wdir" alone; ``errcodes``: filled with 0s)."""
         from .spawn import spawn
         return spawn(self, command, args, maxprocs, info, root, errcodes)
+
+    def Spawn_multiple(self, command: Sequence[str], args: Sequence[Sequence[str]] | None = None,
+                       maxprocs: Sequence[int] | None = None, info: Any = None, root: int = 0,
+                       errcodes: list[int] | None = None) -> "Comm":
+        """MPI_Comm_spawn_multiple: Spawn of several commands, one item of
+        each list a command (its children in that order), one bridge."""
+        from .spawn import spawn
+        return spawn(self, command, args, maxprocs, info, root, errcodes, multiple=True)
 
     @staticmethod
     def Get_parent() -> "Comm":

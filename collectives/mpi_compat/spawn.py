@@ -1,5 +1,5 @@
-"""MPI's dynamic processes (mpi4py's ``Spawn``, ``Comm.Get_parent``,
-``Disconnect``): ``comm.Spawn(command, args, maxprocs)``, collective over
+"""MPI's dynamic processes (mpi4py's ``Spawn``, ``Spawn_multiple``,
+``Comm.Get_parent``, ``Disconnect``): ``comm.Spawn(command, args, maxprocs)``, collective over
 ``comm``'s P ranks, starts ``maxprocs`` = n processes of ``command`` on the
 root's host and joins them and the P parents in a new mesh, the bridge, of
 P + n ranks (the parents 0..P-1 in ``comm``'s order, the children P..)::
@@ -23,6 +23,7 @@ exit (waiting for them as long as MESH_CLOSE_WAIT, then killing them)."""
 from __future__ import annotations
 
 import atexit
+import numbers
 import os
 import secrets
 import shutil
@@ -31,7 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import mesh
 from mesh import errors as mesh_errors
@@ -70,7 +71,6 @@ class _Bridge:
     parent_side: bool
     procs: list[subprocess.Popen] = field(default_factory=list)
     server: RendezvousServer | None = None
-    command: str = ""
 
     def close(self, error: BaseException | None = None) -> None:
         """The parents' end: the bridge mesh, then the service (nothing of
@@ -85,8 +85,8 @@ _held: list[_Bridge] = []     # the bridges this process opened as a parent (clo
 _child: dict[str, Any] = {"parent": None}
 
 
-def _fail(comm: Comm, what: str) -> str:
-    return f"rank {comm.rank}: collectives.MPI Spawn: {what}"
+def _fail(comm: Comm, call: str, what: str) -> str:
+    return f"rank {comm.rank}: collectives.MPI {call}: {what}"
 
 
 def _argv(command: Any, args: Any) -> list[str]:
@@ -140,21 +140,50 @@ def _env(parents: int, rank: int, size: int, port: int, secret: str,
     return env
 
 
-def _start(argv: list[str], n: int, parents: int, port: int, secret: str,
-           wdir: str | None) -> list[subprocess.Popen]:
-    """The n children, their output the parent's own (meshrun's relay
-    prefixes it as the root's); all stopped if one cannot start."""
-    run_id = secrets.token_hex(8)
+def _start(children: list[tuple[list[str], str | None]], parents: int, port: int,
+           secret: str) -> list[subprocess.Popen]:
+    """The children (each its command line and working directory), their
+    output the parent's own (meshrun's relay prefixes it as the root's);
+    all stopped if one cannot start."""
+    run_id, size = secrets.token_hex(8), parents + len(children)
     procs: list[subprocess.Popen] = []
     try:
-        for i in range(n):
-            procs.append(subprocess.Popen(argv, env=_env(parents, parents + i, parents + n,
-                                                         port, secret, run_id),
+        for i, (argv, wdir) in enumerate(children):
+            procs.append(subprocess.Popen(argv, env=_env(parents, parents + i, size, port,
+                                                         secret, run_id),
                                           cwd=wdir, stdin=subprocess.DEVNULL))
     except OSError:
         _stop(procs)
         raise
     return procs
+
+
+def _children(command: Any, args: Any, maxprocs: Any, info: Any,
+              multiple: bool) -> list[tuple[list[str], str | None]]:
+    """The root's arguments, one (command line, working directory) a child;
+    Spawn_multiple's lists, one item a command (``args`` None: none for
+    any; ``maxprocs`` None: 1 each; ``info`` one for all, or a list)."""
+    if not multiple:
+        command, args, maxprocs, info = [command], [args], [maxprocs], [info]
+    else:
+        if isinstance(command, (str, bytes, os.PathLike)):
+            raise TypeError(f"command is a list of commands, got {command!r:.60}")
+        command = list(command)
+        k = len(command)
+        args = [None] * k if args is None else list(args)
+        maxprocs = [1] * k if maxprocs is None else list(maxprocs)
+        info = [info] * k if info is None or hasattr(info, "items") else list(info)
+        if not k or any(len(x) != k for x in (args, maxprocs, info)):
+            raise ValueError(f"command, args, maxprocs and info are lists of one length (one "
+                             f"item a command), got {k}, {len(args)}, {len(maxprocs)}, "
+                             f"{len(info)}")
+    out: list[tuple[list[str], str | None]] = []
+    for c, a, m, i in zip(command, args, maxprocs, info):
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+            raise ValueError(f"maxprocs must be a whole number of processes, 1 or more, "
+                             f"got {m!r}")
+        out += [(_argv(c, a), _wdir(i))] * int(m)
+    return out
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -198,45 +227,44 @@ _RAISES = {"TypeError": TypeError, "ValueError": ValueError,
            "NotImplementedError": NotImplementedError}
 
 
-def spawn(comm: Comm, command: Any, args: Sequence[str] | None = None, maxprocs: int = 1,
-          info: Any = None, root: int = 0, errcodes: list[int] | None = None) -> Intercomm:
-    """MPI_Comm_spawn, collective over ``comm``: ``command``, ``args``,
-    ``maxprocs`` and ``info`` are the root's (as MPI's); the others wait
-    for the bridge (module docstring). Returns the parents' Intercomm."""
+def spawn(comm: Comm, command: Any, args: Any = None, maxprocs: Any = 1, info: Any = None,
+          root: int = 0, errcodes: list[int] | None = None, multiple: bool = False) -> Intercomm:
+    """MPI_Comm_spawn (``multiple``: MPI_Comm_spawn_multiple), collective
+    over ``comm``: ``command``, ``args``, ``maxprocs`` and ``info`` are the
+    root's (as MPI's); the others wait for the bridge (module docstring).
+    Returns the parents' Intercomm."""
+    what = "Spawn_multiple" if multiple else "Spawn"
     if isinstance(comm, Intercomm) or not comm:
-        raise TypeError("collectives.MPI Spawn: over an intracommunicator (not COMM_NULL, "
-                        "not an intercommunicator)")
+        raise TypeError(f"collectives.MPI {what}: over an intracommunicator (not COMM_NULL, "
+                        f"not an intercommunicator)")
     if not 0 <= int(root) < comm.size:
-        raise ValueError(_fail(comm, f"root {root} out of range (0..{comm.size - 1})"))
+        raise ValueError(_fail(comm, what, f"root {root} out of range (0..{comm.size - 1})"))
     parents = comm.size
     said: Any = None
     procs: list[subprocess.Popen] = []
     server = None
     if comm.rank == root:
         try:
-            if isinstance(maxprocs, bool) or int(maxprocs) != maxprocs or maxprocs < 1:
-                raise ValueError(f"maxprocs must be a whole number of processes, 1 or more, "
-                                 f"got {maxprocs!r}")
-            argv = _argv(command, args)
-            wdir = _wdir(info)
+            children = _children(command, args, maxprocs, info, multiple)
             hosts = _hosts(comm)
             if hosts:
-                raise NotImplementedError(f"the parents are on several hosts ({hosts}): a Spawn "
-                                          f"starts the children on the root's host, where every "
+                raise NotImplementedError(f"the parents are on several hosts ({hosts}): the "
+                                          f"children start on the root's host, where every "
                                           f"parent must be")
             secret = secrets.token_hex(16)
-            server = RendezvousServer(parents + int(maxprocs), secret,
+            server = RendezvousServer(parents + len(children), secret,
                                       curve=curve_wanted()).start()
-            procs = _start(argv, int(maxprocs), parents, server.port, secret, wdir)
-            said = {"port": server.port, "secret": secret, "n": int(maxprocs)}
+            procs = _start(children, parents, server.port, secret)
+            said = {"port": server.port, "secret": secret, "n": len(children),
+                    "command": " ".join(sorted({c[0][0] for c in children}))}
         except (OSError, TypeError, ValueError, NotImplementedError, mesh.MeshError) as e:
             if server is not None:
                 server.close()
-            said = {"error": type(e).__name__, "text": str(e), "command": str(command)}
+            said = {"error": type(e).__name__, "text": str(e)}
     said = comm.bcast(said, root=root)
     if "error" in said:
         kind = _RAISES.get(said["error"])
-        text = _fail(comm, said["text"])
+        text = _fail(comm, what, said["text"])
         if kind is not None:
             raise kind(text)
         raise MPIException(ERR_SPAWN, f"{text} (MPI.ERR_SPAWN)")
@@ -257,15 +285,17 @@ def spawn(comm: Comm, command: Any, args: Sequence[str] | None = None, maxprocs:
             _stop(procs)
             server.close()
         if isinstance(e, mesh_errors.MeshError):
-            raise type(e)(_fail(comm, f"the {n} processes of {str(command)!r} (bridge ranks "
-                                      f"{parents}..{size - 1}) never joined: {e}")) from e
+            raise type(e)(_fail(comm, what, f"the {n} process{'es' if n > 1 else ''} of "
+                                            f"{said['command']!r} (bridge ranks {parents}.."
+                                            f"{size - 1}) never joined: {e}")
+                          ) from e
         raise
     finally:
         done.set()
         if watcher is not None:
             watcher.join()
     bridge.aside = True     # (mesh.world.current(): still this process's own world)
-    held = _Bridge(bridge, True, procs, server, str(command))
+    held = _Bridge(bridge, True, procs, server)
     _held.append(held)
     union = bridge.group(range(size))
     assert union is not None
