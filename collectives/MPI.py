@@ -13,7 +13,7 @@ buffers.py the buffer specs; p2p.py,
 requests.py and message.py point-to-point; coll.py the buffer
 collectives, objects.py the lowercase ones; comm.py the communicators,
 topo.py their topologies, inter.py and intercoll.py the intercommunicators,
-spawn.py Spawn's (dynamic processes),
+spawn.py Spawn's (dynamic processes), ports.py Accept and Connect,
 neighbor.py the neighborhood collectives, group.py their groups;
 win.py the one-sided windows over comm.window; tuples.py keeps the lowercase
 calls' tuples): objects go by msgpack, never pickle, and meshrun's errors
@@ -35,6 +35,7 @@ from .mpi_compat.comm import COMM_NULL, COMM_TYPE_SHARED, Comm, Intracomm
 from .mpi_compat.neighbor import Topocomm
 from .mpi_compat.inter import Intercomm
 from .mpi_compat.spawn import ARGV_NULL, ERR_SPAWN, child_world
+from .mpi_compat.ports import close_port, open_port
 from .mpi_compat.topo import UNWEIGHTED, WEIGHTS_EMPTY, Cartcomm, Distgraphcomm, Graphcomm
 from .mpi_compat.group import GROUP_EMPTY, GROUP_NULL, Group
 from .mpi_compat.objects import fold, scan_fold
@@ -80,7 +81,7 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOPRECEDE", "MODE_NOPUT", "MODE_NOSTORE",
            "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE", "WIN_DISP_UNIT", *DATATYPES, *OPS,
            "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS, *COMBINERS,
-           *DISTRIBUTES, "ARGV_NULL", "ERR_SPAWN", "INFO_NULL"]
+           *DISTRIBUTES, "ARGV_NULL", "ERR_SPAWN", "INFO_NULL", "Open_port", "Close_port"]
 
 _state: dict[str, Any] = {"world": None, "self": None, "opened": None, "finalized": False,
                           "base": None}
@@ -171,6 +172,15 @@ def Finalize() -> None:
     _state.update(world=None, self=None, opened=None, finalized=True, base=None)
     if w is not None:
         w.close()
+
+
+def Open_port(info: Any = None) -> str:
+    """A port for Comm.Accept, named for Comm.Connect (mpi_compat.ports)."""
+    return open_port(info)
+
+
+def Close_port(port_name: str) -> None:
+    close_port(port_name)
 
 
 def Wtime() -> float:

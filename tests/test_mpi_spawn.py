@@ -126,3 +126,54 @@ def test_spawn_faults_and_any_executable_under_mesh_spawn(tmp_path: Path) -> Non
     assert got["echo"] == [[r, 2, 1, "hi"] for r in range(2)] and got["errcodes"] == [0] * 2
     assert got["aside"] and got["held"] == 0, got
     assert got["threads"][0] == got["threads"][1] and got["procs"] == [0, 0], got
+
+
+def _acceptor(world: Any, portfile: str) -> dict[str, Any]:
+    """The accepting job (mesh.spawn of 2): its port's name in ``portfile``."""
+    import os
+    from collectives import MPI
+    comm = MPI.COMM_WORLD
+    port = MPI.Open_port(MPI.INFO_NULL) if comm.rank == 0 else None
+    if port is not None:
+        with open(portfile + ".part", "w") as f:
+            f.write(port)
+        os.replace(portfile + ".part", portfile)
+    inter = comm.Accept(port, root=0)
+    root = MPI.ROOT if comm.rank == 0 else MPI.PROC_NULL
+    inter.bcast("from the acceptor", root=root)
+    got = inter.gather(None, root=root)
+    back = inter.allreduce(comm.rank + 1, op=MPI.SUM)
+    inter.Disconnect()
+    if port is not None:
+        MPI.Close_port(port)
+        try:
+            MPI.Close_port(port)
+        except ValueError as e:
+            got.append(str(e))
+    return {"got": got, "back": back, "null": inter == MPI.COMM_NULL,
+            "current": mesh.world.current() is world}
+
+
+def test_accept_and_connect_join_two_running_jobs(tmp_path: Path) -> None:
+    """Open_port, Accept under mesh.spawn of 2, Connect under meshrun -n 2
+    (its port's name passed in a file), both sides' collectives across,
+    Disconnect on both, Close_port (twice: the second refused). (5-15 s)"""
+    import subprocess
+    portfile = str(tmp_path / "port")
+    client = subprocess.Popen([sys.executable, "-m", "mesh.launch", "-n", "2", "--no-prefix",
+                               str(ROOT / "tests" / "scripts" / "mpi_connect.py"), portfile],
+                              env=launch_env(ROOT), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        got = mesh.spawn(_acceptor, 2, portfile, timeout=100)
+        out, _ = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert client.returncode == 0, out
+    assert got[0]["got"][:2] == [[r, 2, 2, "from the acceptor", 1] for r in range(2)], got
+    assert "Close_port: " in got[0]["got"][2] and "is no port this process opened" in \
+        got[0]["got"][2], got
+    assert all(g["back"] == 30 and g["null"] and g["current"] for g in got), got
+    assert sorted(out.splitlines()) == ["connect side 0: 3 True 2", "connect side 1: 3 True 2"], out

@@ -28,10 +28,10 @@ COMM_TYPE_SHARED = 0       # (Open MPI's)
 
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
-    if name in ("Accept", "Connect", "Join", "Open_port", "Close_port"):
-        why = ("no processes joining a running job but Spawn's children (intercommunicators "
-               "of a running one's processes: Create_intercomm; new processes: Spawn, or "
-               "mesh.spawn(fn, n), which runs a function in n processes of their own mesh)")
+    if name in ("Join", "Publish_name", "Lookup_name", "Unpublish_name"):
+        why = ("no sockets of the caller's joined, no name service: two running jobs join "
+               "by Open_port, Accept and Connect (the port's name passed by hand); new "
+               "processes: Spawn, or mesh.spawn(fn, n)")
     elif "eighbor_" in name:
         why = ("the neighborhood collectives are those of a communicator with a topology: "
                "make one with Create_cart, Create_graph, Create_dist_graph_adjacent or "
@@ -188,6 +188,18 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
         each list a command (its children in that order), one bridge."""
         from .spawn import spawn
         return spawn(self, command, args, maxprocs, info, root, errcodes, multiple=True)
+
+    def Accept(self, port_name: str, info: Any = None, root: int = 0) -> "Comm":
+        """MPI_Comm_accept: the Intercomm to the job that Connects to
+        ``port_name`` (MPI.Open_port's, the root's), collective (ports.py)."""
+        from .ports import accept
+        return accept(self, port_name, info, root)
+
+    def Connect(self, port_name: str, info: Any = None, root: int = 0) -> "Comm":
+        """MPI_Comm_connect: the Intercomm to the job that Accepts on
+        ``port_name``, collective (ports.py)."""
+        from .ports import connect
+        return connect(self, port_name, info, root)
 
     @staticmethod
     def Get_parent() -> "Comm":

@@ -9,9 +9,9 @@ Its collectives: intercoll.py. ``Intracomm.Create_intercomm`` makes one
 (``create_intercomm``): every rank's leaders checked alike, the leaders'
 groups exchanged over ``peer_comm`` with ``tag``, each broadcast in its
 group. What MPI has on an intercommunicator and this does not (its Split,
-the v- and w-collectives...) raises NotImplementedError. Spawn's
-intercommunicators (spawn.py) are these, over the bridge's two groups;
-Accept and Connect (two running jobs joined) stay out."""
+the v- and w-collectives...) raises NotImplementedError. Spawn's, Accept's
+and Connect's intercommunicators (spawn.py, ports.py) are these, over a
+bridge mesh's two groups."""
 from __future__ import annotations
 
 from typing import Any

@@ -46,7 +46,7 @@ from .comm import COMM_NULL, Comm, Intracomm
 from .inter import Intercomm
 from .types import Exception as MPIException
 
-__all__ = ["spawn", "child_world", "get_parent", "ERR_SPAWN", "ARGV_NULL"]
+__all__ = ["spawn", "join", "child_world", "get_parent", "disconnect", "ERR_SPAWN", "ARGV_NULL"]
 
 ERR_SPAWN = 50          # (Open MPI's MPI_ERR_SPAWN)
 ARGV_NULL: list[str] = []
@@ -269,26 +269,45 @@ def spawn(comm: Comm, command: Any, args: Any = None, maxprocs: Any = 1, info: A
             raise kind(text)
         raise MPIException(ERR_SPAWN, f"{text} (MPI.ERR_SPAWN)")
     n, size = said["n"], parents + said["n"]
-    spec = JobSpec(comm.rank, size, comm.rank, size, "127.0.0.1", said["port"], said["secret"],
-                   serve_rendezvous=False, source=f"collectives.MPI Spawn of {n} processes")
+    try:
+        inter = join(what, comm.rank, size, said["port"], said["secret"], 0, parents,
+                     server, procs)
+    except (mesh_errors.LostPeerError, mesh_errors.RendezvousError) as e:
+        text = _fail(comm, what, f"the {n} process{'es' if n > 1 else ''} of "
+                                 f"{said['command']!r} (bridge ranks {parents}.."
+                                 f"{size - 1}) never joined: {e}")
+        if isinstance(e, mesh_errors.LostPeerError):
+            raise mesh_errors.LostPeerError(text, e.peer) from e
+        raise mesh_errors.RendezvousError(text) from e
+    if errcodes is not None:
+        errcodes[:] = [0] * n
+    return inter
+
+
+def join(what: str, rank: int, size: int, port: int, secret: str, lo: int,
+         nl: int, server: RendezvousServer | None = None,
+         procs: list[subprocess.Popen] | None = None) -> Intercomm:
+    """Join a bridge of ``size`` ranks as its rank ``rank`` (the local group
+    ``nl`` ranks from ``lo``, the remote group the rest), held aside; the
+    Intercomm over it. With ``server`` (the bridge's rendezvous service,
+    this rank's) and ``procs`` (the children it started): a child that ends
+    is told to the service while the bridge assembles; on failure they are
+    stopped and the service closed."""
+    spec = JobSpec(rank, size, rank, size, "127.0.0.1", port, secret, serve_rendezvous=False,
+                   source=f"collectives.MPI {what}")
+    procs = procs or []
     done = threading.Event()
     watcher = None
-    if server is not None:
-        watcher = threading.Thread(target=_watch, args=(procs, server, parents, said["secret"],
-                                                        done), name="mpi-spawn-watch",
-                                   daemon=True)
+    if server is not None and procs:
+        watcher = threading.Thread(target=_watch, args=(procs, server, nl, secret, done),
+                                   name="mpi-spawn-watch", daemon=True)
         watcher.start()
     try:
         bridge = mesh.init(spec=spec)
-    except BaseException as e:
+    except BaseException:
+        _stop(procs)
         if server is not None:
-            _stop(procs)
             server.close()
-        if isinstance(e, mesh_errors.MeshError):
-            raise type(e)(_fail(comm, what, f"the {n} process{'es' if n > 1 else ''} of "
-                                            f"{said['command']!r} (bridge ranks {parents}.."
-                                            f"{size - 1}) never joined: {e}")
-                          ) from e
         raise
     finally:
         done.set()
@@ -299,10 +318,9 @@ def spawn(comm: Comm, command: Any, args: Any = None, maxprocs: Any = 1, info: A
     _held.append(held)
     union = bridge.group(range(size))
     assert union is not None
-    inter = Intercomm(union, 0, parents, parents, n)
+    ro = nl if lo == 0 else 0
+    inter = Intercomm(union, lo, nl, ro, size - nl)
     inter._bridge = held
-    if errcodes is not None:
-        errcodes[:] = [0] * n
     return inter
 
 
