@@ -24,6 +24,7 @@ import collectives as C
 import mesh
 from collectives import MPI
 from collectives.mpi_compat.buffers import spec, vspec
+from collectives.mpi_compat.interargs import Sides
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,6 +47,36 @@ def test_object_reductions_fold_in_mpi4pys_order() -> None:
         [None, "a", "(a+b)", "((a+b)+c)", "((a+b)+(c+d))"]
     assert MPI.SUM(2, 3) == 5 and MPI.MAXLOC((1.0, 2), (1.0, 0)) == (1.0, 0)
     assert MPI.MINLOC((1, 5), (0, 9)) == (0, 9) and MPI.LXOR(1, 0) is True
+
+
+def test_intercomm_argument_checks_answer_every_rank_alike() -> None:
+    """What the union's rank 0 answers an intercommunicator call's
+    arguments (interargs.Sides; groups of world ranks [0, 2] and [1], in
+    the union's order), with no process."""
+    s = Sides(2, (0, 2, 1))
+    assert s.across(0) == [(2, 0)] and s.across(2) == [(0, 0), (1, 0)]
+    assert s.roots([[0, 4], [0, 8], [MPI.ROOT, [4, 8]]]) == ("", None)
+    assert s.roots([[0, 4], [0, 4], [MPI.ROOT, [4, 8]]])[0] == \
+        "the root (rank 0) has 8 bytes for rank 1 of the other group (world rank 2), whose " \
+        "buffer has 4 (MPI's counts and datatypes agree at both ends)"
+    assert s.roots([[MPI.ROOT, None], [MPI.ROOT, None], [0, None]])[0].startswith(
+        "ranks [0, 1] of the root's group passed MPI.ROOT")
+    assert s.pairs([[[4], [8]], [[4], [8]], [[8, 8], [4, 4]]]) == ("", None)
+    assert s.pairs([[[4], [8]], [[4], [8]], [[8, 12], [4, 4]]])[0] == \
+        "world rank 1 (rank 0 of its group) sends 12 bytes to rank 1 of the other group, " \
+        "world rank 2 (rank 1 of its group), which expects 8 from it (MPI's counts and " \
+        "datatypes agree at both ends)"
+    assert s.sums([[8, [4, 4]], [8, [4, 4]], [8, [8]]]) == ("", None)
+    assert s.sums([[8, [4, 4]], [8, [4, 4]], [4, [4]]])[0] == \
+        "the groups' recvcounts sum to 8 and 4 bytes: each group's reduction is scattered " \
+        "over the other's"
+    assert s.sums([[8, [4, 4]], [8, [8, 0]], [8, [8]]])[0].startswith(
+        "the ranks of one group passed recvcounts (in bytes) [4, 4] on world rank 0")
+    assert s.lengths([1, 1, 2]) == ("", None) and "passed 1 objects" in s.lengths([1, 1, 1])[0]
+    assert s.colors([[0, 5, True], [-1, 0, True], [0, 1, True]]) == \
+        ("", [[0, 5], [-1, 0], [0, 1]])
+    assert s.subgroups([[2], [2], [1]]) == ("", [[1], [2]])
+    assert "passed different groups" in s.subgroups([[2], [0], [1]])[0]
 
 
 def test_buffer_specs_are_views_of_the_callers_memory() -> None:
@@ -713,10 +744,68 @@ def _intercomm_errors(comm: Any) -> None:
     with pytest.raises(ValueError, match=r"Intercomm.Merge: the ranks of one group passed "
                                          r"high=\[False, True\]"):
         inter.Merge(high=r == 2)
-    with pytest.raises(NotImplementedError, match="Allgatherv on an intercommunicator"):
-        inter.Allgatherv(np.zeros(1), [np.zeros(2), [1, 1]])
+    _intercomm_v_errors(inter, r)
     assert inter.allgather(r) == ([1] if r % 2 == 0 else [0, 2])    # (and they go on)
     assert inter.Merge().allgather(r) == [0, 2, 1]
+
+
+def _intercomm_v_errors(inter: Any, r: int) -> None:
+    """The v-, nonblocking and persistent intercommunicator calls' bad input
+    (groups [0, 2] and [1]): every rank raises the same error, naming the
+    rank and the call, none waits."""
+    w = f"world rank {r}"
+    me = f"^rank {inter.rank} \\({w}\\): collectives.MPI Intercomm"
+    top = r == 1            # (the root: group [1]'s rank 0)
+    # a v-call whose counts disagree with the other group's (world rank 2 sends two ints)
+    with pytest.raises(ValueError, match=f"{me}.Gatherv: the root \\(rank 0\\) has 4 bytes "
+                                         f"for rank 1 of the other group \\(world rank 2\\), "
+                                         f"whose buffer has 8"):
+        inter.Gatherv(np.zeros(2 if r == 2 else 1, "i"),
+                      [np.zeros(4, "i"), [1, 1], [0, 2], MPI.INT] if top else None,
+                      root=MPI.ROOT if top else 0)
+    with pytest.raises(ValueError, match=r"Intercomm.Ialltoallv: world rank 1 \(rank 0 of its "
+                                         r"group\) sends 8 bytes to rank 0 of the other group, "
+                                         r"world rank 0 \(rank 0 of its group\), which expects "
+                                         r"4 from it"):
+        inter.Ialltoallv([np.zeros(4, "i"), [2] * inter.remote_size if top else [1]],
+                         [np.zeros(4, "i"), [1] * inter.remote_size]).Wait()
+    with pytest.raises(ValueError, match=r"Intercomm.Reduce_scatter: the groups' recvcounts sum "
+                                         r"to 8 and 4 bytes"):
+        inter.Reduce_scatter(np.zeros(2 if r != 1 else 1, "i"), np.zeros(1, "i"),
+                             [1] * inter.size)
+    # mismatched roots and two ROOTs, at a nonblocking call's wait and a persistent one's
+    with pytest.raises(ValueError, match=f"{me}.Iscatterv: the root is rank 0 of the other "
+                                         f"group, which passed root 0 on rank 0, root 1 on rank 1"):
+        inter.Iscatterv([np.zeros(2, "i"), [1, 1], MPI.INT] if top else None,
+                        None if top else np.zeros(1, "i"),
+                        root=MPI.ROOT if top else r // 2).Wait()
+    p = inter.Bcast_init(np.zeros(1), root=MPI.ROOT)
+    for _ in range(2):      # (each start)
+        p.Start()
+        with pytest.raises(ValueError, match=f"{me}.Bcast_init: both groups passed MPI.ROOT"):
+            p.Wait()
+    # two nonblocking calls in another order on one side: MismatchError, naming the calls
+    with pytest.raises(mesh.MismatchError, match=r"collective mismatch .* called "
+                                                 r"(Iallgather\(\) but .* called Ibarrier|"
+                                                 r"Ibarrier\(\) but .* called Iallgather)"):
+        calls = [lambda: inter.Iallgather(np.zeros(1), np.zeros(inter.remote_size)),
+                 inter.Ibarrier]
+        reqs = [c() for c in (calls if top else calls[::-1])]
+        MPI.Request.Waitall(reqs)
+    # the same order, waited for in another order on one side: as MPI, fine
+    got = np.zeros(inter.remote_size, "i")
+    reqs = [inter.Iallgather(np.array([r], "i"), got), inter.Ibarrier()]
+    MPI.Request.Waitall(reqs if top else reqs[::-1])
+    assert got.tolist() == ([0, 2] if top else [1]), got
+    with pytest.raises(ValueError, match=r"Intercomm.Split: the color or key of world rank 2 "
+                                         r"\(rank 1 of its group\) is not an int"):
+        inter.Split(0, "x" if r == 2 else 0)
+    with pytest.raises(ValueError, match=r"Intercomm.Create: the group of world ranks \[1\], "
+                                         r"passed by world rank 0 \(rank 0 of its group\), is "
+                                         r"not a subgroup of its group \(world ranks \[0, 2\]\)"):
+        inter.Create(MPI.COMM_WORLD.Get_group().Incl([1]))
+    with pytest.raises(AttributeError, match="Intercomm has no Create_group"):
+        inter.Create_group
 
 
 def test_mpi_semantics_where_meshruns_differ() -> None:
@@ -736,10 +825,12 @@ def test_mpi4py_tutorial_programs_give_mpi4pys_output(tmp_path: Path) -> None:
     neighborhood collective (tests/scripts/mpi4py_topologies.py; at 4 ranks
     below), then Alltoallw and intercommunicators of groups of 2 and 1
     (tests/scripts/mpi4py_intercomm.py: Create_intercomm after Split, point-
-    to-point, every collective with MPI.ROOT, Merge), with ``from mpi4py import MPI`` changed to
+    to-point, every collective with MPI.ROOT, the v- and w-collectives,
+    Reduce_scatter(_block), the nonblocking ones in flight together, the
+    persistent ones, Merge, Split, Create), with ``from mpi4py import MPI`` changed to
     ``from collectives import MPI``, under ``meshrun -n 3 --no-prefix``; the
     same bytes as real mpi4py's under ``mpirun -n 3`` where both are
-    installed. (3-5 s)"""
+    installed. (4-7 s)"""
     texts = [TUTORIAL.read_text(), DATATYPES.read_text(), TOPOLOGIES.read_text(),
              INTERCOMM.read_text()]
     assert all(t.count("from mpi4py import MPI\n") == 1 for t in texts)
@@ -772,8 +863,9 @@ def test_graph_topologies_give_mpi4pys_output_at_4_ranks(tmp_path: Path) -> None
     """tests/scripts/mpi4py_topologies.py (run at 3 ranks with the tutorial,
     above) at 4: a rank of its graphs with no neighbour, a graph of fewer
     nodes than ranks, a 2 x 2 grid; then tests/scripts/mpi4py_intercomm.py
-    (Alltoallw, intercommunicators of 2 and 2) in the same job; real mpi4py's
-    bytes under ``mpirun -n 4`` where installed. (2-4 s)"""
+    (Alltoallw, intercommunicators of 2 and 2: every call of theirs) in the
+    same job; real mpi4py's bytes under ``mpirun -n 4`` where installed.
+    (3-6 s)"""
     both = tmp_path / "both.py"         # (and tests/scripts/mpi4py_intercomm.py after it)
     both.write_text(TOPOLOGIES.read_text() + "\n" + INTERCOMM.read_text())
     ported = tmp_path / "topologies.py"

@@ -8,10 +8,12 @@ union's own context, and a receive's Status names the remote rank again.
 Its collectives: intercoll.py. ``Intracomm.Create_intercomm`` makes one
 (``create_intercomm``): every rank's leaders checked alike, the leaders'
 groups exchanged over ``peer_comm`` with ``tag``, each broadcast in its
-group. What MPI has on an intercommunicator and this does not (its Split,
-the v- and w-collectives...) raises NotImplementedError. Spawn's, Accept's
-and Connect's intercommunicators (spawn.py, ports.py) are these, over a
-bridge mesh's two groups."""
+group; ``Split`` and ``Create`` make more of one (an Intercomm of a
+``group`` of the union each, on its members). Spawn's, Accept's and
+Connect's intercommunicators (spawn.py, ports.py) are these, over a bridge
+mesh's two groups. What an intracommunicator has and MPI has not on an
+intercommunicator (Scan, Exscan, Split_type, the topologies...) raises
+NotImplementedError."""
 from __future__ import annotations
 
 from typing import Any
@@ -22,9 +24,9 @@ import mesh
 from mesh import Comm as MeshComm
 
 from ..runner import Ctx
-from .comm import Comm, Intracomm, not_provided
+from .comm import COMM_NULL, Comm, Intracomm, not_provided
 from .group import Group
-from .intercoll import InterCollectives
+from .interobjects import InterObjects
 from .requests import Request, Status
 from .types import ANY_SOURCE, ANY_TAG, CONGRUENT, IDENT, PROC_NULL, SIMILAR, UNEQUAL
 
@@ -47,7 +49,7 @@ def _back(status: Status | None, ro: int) -> None:
         status.source -= ro
 
 
-class Intercomm(InterCollectives, Comm):
+class Intercomm(InterObjects, Comm):
     """mpi4py's Intercomm over ``union`` (both groups' processes, the
     local group's ``nl`` from ``lo``, the remote's ``nr`` from ``ro``)."""
 
@@ -145,6 +147,76 @@ class Intercomm(InterCollectives, Comm):
         b = list(range(self._first, self._g.size))
         return "", (b + a if first[0] and not second[0] else a + b)
 
+    def Split(self, color: int = 0, key: int = 0) -> Comm:
+        """MPI_Comm_split of an intercommunicator, collective over both
+        groups: an Intercomm whose local group is this group's ranks that
+        passed ``color``, its remote group the remote group's that did, each
+        ranked by ``key`` then by its rank; COMM_NULL where ``color`` is
+        MPI.UNDEFINED (or negative) or no rank of one of the two groups
+        passed it (MPI's). The colors and keys go to every rank (by the
+        union's rank 0), which makes every color's communicator alike."""
+        def whole(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        ok = whole(color) and whole(key)
+        mine = [int(color) if ok and color >= 0 else -1, int(key) if ok else 0, ok]
+
+        def body(ctx: Ctx) -> Any:
+            return self._verdict(ctx, mine, self._sides.colors)
+        table = self._run("Split", body)
+        k, n = self._first, self._g.size
+        made: Intercomm | None = None
+        for c in sorted({row[0] for row in table if row[0] >= 0}):
+            sides = [sorted((u for u in side if table[u][0] == c), key=lambda u: (table[u][1], u))
+                     for side in (range(k), range(k, n))]
+            got = self._made(*sides)
+            made = made if got is None else got
+        return COMM_NULL if made is None else made
+
+    def _made(self, a: list[int], b: list[int]) -> "Intercomm | None":
+        """The Intercomm of the union's ranks ``a`` (of the first group) and
+        ``b`` (of the second), on their members (None on the others, and
+        where either is empty); every rank of the union makes it, in the
+        same order (``group``'s rule)."""
+        if not a or not b:
+            return None
+        w = self._g.ranks
+        first, second = (a, b) if w[a[0]] < w[b[0]] else (b, a)
+        sub = self._g.group(first + second)
+        if sub is None:
+            return None
+        mine = first if self._g.rank in first else second
+        lo, ro = (0, len(first)) if mine is first else (len(first), 0)
+        return Intercomm(sub, lo, len(mine), ro, len(first) + len(second) - len(mine))
+
+    def Create(self, group: Group) -> Comm:
+        """MPI_Comm_create of an intercommunicator, collective over both
+        groups: each group passes one subgroup of itself (every rank of it
+        the same); an Intercomm of the two subgroups, in their order, on
+        their members; COMM_NULL on the others and where either is empty."""
+        if not isinstance(group, Group):
+            raise TypeError(f"{self._me()}: collectives.MPI Intercomm.Create: expecting an "
+                            f"MPI.Group (inter.Get_group().Incl(ranks)...), got "
+                            f"{type(group).__name__}")
+        mine = list(group._live("Intercomm.Create"))
+
+        def body(ctx: Ctx) -> Any:
+            return self._verdict(ctx, mine, self._sides.subgroups)
+        a, b = self._run("Create", body)
+        made = self._made(a, b)
+        return COMM_NULL if made is None else made
+
+    @property
+    def Create_group(self) -> Any:
+        return self.__getattr__("Create_group")
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "Create_group":      # (as mpi4py's Intercomm: none, an AttributeError)
+            raise AttributeError("collectives.MPI: Intercomm has no Create_group (mpi4py's is "
+                                 "Intracomm's; MPI's Comm_create_group takes an "
+                                 "intracommunicator): Create(group), collective over both "
+                                 "groups, or Merge().Create_group(group)")
+        return super().__getattr__(name)
+
     # -- point-to-point: ranks of the remote group ---------------------------------------
     def _to(self, r: int, what: str) -> int:
         if r == PROC_NULL:
@@ -237,7 +309,7 @@ class Intercomm(InterCollectives, Comm):
         disconnect(self)
 
 
-_OURS = {n for n in [*vars(Intercomm), *vars(InterCollectives)] if not n.startswith("_")}
+_OURS = {n for c in Intercomm.__mro__[:3] for n in vars(c) if not n.startswith("_")}
 _ANY = {"Get_name", "Set_name", "name", "Free", "Get_parent", "Abort", "Get_attr",
         "Set_errhandler", "Get_errhandler", "Call_errhandler", "Get_topology", "topology",
         "is_topo", "mesh"}

@@ -1,15 +1,25 @@
-"""MPI's intercommunicator collectives (inter.py's Intercomm): blocks
-move between the two groups as MPI's intercommunicator collectives move
-them, each call one collective of the union of both groups (collectives'
-runner: one tag, deadline and abort on every member). The rooted ones
-(Bcast, Gather, Scatter, Reduce and their lowercase forms) take MPI.ROOT
-on the root, MPI.PROC_NULL on the rest of its group and the root's rank on
-the other group, every rank's argument checked first by the union's rank
-0, which tells every rank what is wrong (``_verdict``: two ROOTs, a root
-out of range), so that every rank raises the same error and none waits;
-Allreduce and allreduce give each group the other group's reduction (by
-its rank 0, in the other group's rank order, as MPI's); Allgather,
-allgather and Alltoall each group the other's blocks."""
+"""MPI's intercommunicator collectives (inter.py's Intercomm), as MPI-4
+moves them (MPI 4.0, 6.2.2): each call one collective of the union of both
+groups (collectives' runner: one tag, deadline and abort on every member).
+A collective's blocking form, its nonblocking I-form (the runner's
+async_op: the union's lane, the result written at the wait, as coll.py's)
+and its persistent _init (collectives.persistent's start: each Start the
+union's next collective) are made alike of one ``build`` of the call's
+buffers (``_forms``), read once, at the call or the init.
+
+The rooted ones (Bcast, Gather, Gatherv, Scatter, Scatterv, Reduce; the
+lowercase bcast, gather, scatter, reduce: interobjects.py) take MPI.ROOT
+on the root, MPI.PROC_NULL on the rest of its group and the root's rank
+on the other group; Allgather(v), Alltoall(v, w) and alltoall give each
+group the other group's blocks; Allreduce and allreduce each group the
+other group's reduction (by its rank 0, in the other group's rank order,
+as MPI's), Reduce_scatter and Reduce_scatter_block each group the other
+group's reduction, scattered by its own counts. Every rank's arguments go
+first to the union's rank 0 (``_verdict``), which checks them all
+(interargs.py: two ROOTs, a root out of range, a block whose bytes differ
+at its two ends, a group's counts) and tells every rank what is wrong, so
+that every rank raises the same error and none waits. MPI.IN_PLACE is
+refused, as MPI refuses it on an intercommunicator."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -18,15 +28,26 @@ import numpy as np
 
 from mesh import Comm as MeshComm
 
+from .. import persistent as P
 from ..runner import Ctx, start
-from .buffers import in_place, spec
+from .buffers import Buf, in_place, spec, vspec
+from .coll import packing, unpacking
+from .interargs import Sides
 from .comm import not_provided
+from .requests import Prequest, Request
 from .tuples import unwrap, wrap
 from .types import OPS, PROC_NULL, ROOT, Op
 
 __all__ = ["InterCollectives"]
 
 _SUM = OPS["SUM"]
+
+Body = Callable[[Ctx], Any]
+Finish = Callable[[Any], Any]
+Plan = tuple[Body, Callable[[Any], Any] | None, Callable[[], None] | None]
+"""A call as ``build`` makes it: (its body, run as the union's collective;
+what its wait does with the body's value; what each persistent start
+does first)."""
 
 _UFUNCS: dict[str, Callable[..., Any]] = {
     "sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum,
@@ -57,6 +78,50 @@ class _Refused(Exception):
     """What the union's rank 0 found wrong with a call's arguments."""
 
 
+class _Refusal:
+    """A ``_verdict`` against a call, as its body returns it (``_settle``
+    raises it, after the call: a rank's error inside it would abort its
+    peers' call before they heard the verdict)."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _role(root: Any) -> str:
+    """A rooted call's rank: 'root' (MPI.ROOT), 'idle' (MPI.PROC_NULL: the
+    root's group's others) or 'leaf' (the other group, naming the root)."""
+    return "root" if root == ROOT else "idle" if root == PROC_NULL else "leaf"
+
+
+def _forms(name: str, build: Callable[..., Plan]) -> tuple[Any, Any, Any]:
+    """``name``'s blocking call, its nonblocking I-form and its persistent
+    _init (MPI-4's; ``info`` taken and not used), each the collective that
+    ``build(self, what, *args)`` makes of the call's arguments."""
+    later, init = "I" + name[0].lower() + name[1:], name + "_init"
+
+    def blocking(self: "InterCollectives", *args: Any, **kw: Any) -> Any:
+        body, finish, _ = build(self, name, *args, **kw)
+        return self._settle(name, self._launch(name, body, False), finish)
+
+    def nonblocking(self: "InterCollectives", *args: Any, **kw: Any) -> Request:
+        body, finish, _ = build(self, later, *args, **kw)
+        work = self._launch(later, body, True)
+        return Request(work, finish=lambda got: self._settle(later, got, finish))
+
+    def persistent(self: "InterCollectives", *args: Any, info: Any = None,
+                   **kw: Any) -> Prequest:
+        body, finish, before = build(self, init, *args, **kw)
+        req = P._init(self._g, f"Intercomm.{init}", lambda: self._launch(init, body, True))
+        return Prequest(req, before=before, finish=lambda got: self._settle(init, got, finish))
+
+    for f, n in ((blocking, name), (nonblocking, later), (persistent, init)):
+        f.__name__ = f.__qualname__ = n
+        f.__doc__ = f"MPI's {n} on an intercommunicator (intercoll.py)."
+    return blocking, nonblocking, persistent
+
+
 class InterCollectives:
     """The collectives of collectives.MPI's Intercomm over ``_g``, the
     union of its groups (the local group's ``_nl`` ranks from ``_lo``, the
@@ -77,32 +142,40 @@ class InterCollectives:
         """The union's first group's size."""
         return self._nl if self._lo == 0 else self._nr
 
-    # -- the collectives ---------------------------------------------------------------
-    def _run(self, name: str, body: Callable[[Ctx], Any]) -> Any:
-        """``body`` as one collective of the union; a ``_verdict`` against
-        the call ends it on every rank alike, then each raises it (not
-        inside the call: a rank's error there would abort its peers' call
-        before they heard the verdict)."""
-        refused: list[str] = []
+    @property
+    def _sides(self) -> Sides:
+        """The union's two groups, as the verdicts' checks take them."""
+        return Sides(self._first, tuple(self._g.ranks))
 
+    # -- running one --------------------------------------------------------------------
+    def _launch(self, name: str, body: Body, async_op: bool) -> Any:
+        """``body`` as one collective of the union (a Work with ``async_op``):
+        its value, or the ``_Refusal`` a ``_verdict`` made."""
         def run(ctx: Ctx) -> Any:
             try:
                 return body(ctx)
             except _Refused as e:
-                refused.append(str(e))
-                return None
-        out = start(self._g, f"Intercomm.{name}", lambda tuning: ({"coll": name}, run), False)
-        if refused:
-            raise ValueError(f"{self._me()}: collectives.MPI Intercomm.{name}: {refused[0]}")
-        return out
+                return _Refusal(str(e))
+        return start(self._g, f"Intercomm.{name}", lambda tuning: ({"coll": name}, run),
+                     async_op)
+
+    def _settle(self, name: str, got: Any, finish: Finish | None) -> Any:
+        """A call's value through ``finish`` (at its wait), or its verdict raised."""
+        if isinstance(got, _Refusal):
+            raise ValueError(f"{self._me()}: collectives.MPI Intercomm.{name}: {got.why}")
+        return got if finish is None else finish(got)
+
+    def _run(self, name: str, body: Body) -> Any:
+        """``body`` as one blocking collective of the union."""
+        return self._settle(name, self._launch(name, body, False), None)
 
     def _verdict(self, ctx: Ctx, mine: Any,
                  judge: Callable[[list[Any]], tuple[str, Any]]) -> Any:
         """Every rank's ``mine`` to the union's rank 0, which ``judge``s them
         all (in union order) and tells every rank (what is wrong, or what
-        they agree on): the rooted calls' and Merge's arguments checked
-        before any block moves, every rank raising the same error
-        (``_Refused``, which ``_run`` raises after the call)."""
+        they agree on): the arguments checked before any block moves, every
+        rank raising the same error (``_Refused``, which ``_settle`` raises
+        after the call)."""
         g = ctx.g
         if g.rank != 0:
             ctx.isend(wrap(mine), 0).wait()
@@ -116,170 +189,72 @@ class InterCollectives:
             raise _Refused(why)
         return value
 
-    def _roots(self, got: list[Any]) -> tuple[str, Any]:
-        """Union rank 0's check of a rooted call's ``root`` arguments: one
-        group MPI.ROOT on one rank and MPI.PROC_NULL on the others, the other
-        group the root's rank, every one of them."""
-        k = self._first
-        sides = [("the first", got[:k], self._g.size - k), ("the second", got[k:], k)]
-        rooted = [s for s in sides if ROOT in s[1]]
-        names = {ROOT: "MPI.ROOT", PROC_NULL: "MPI.PROC_NULL"}
-
-        def said(xs: list[Any]) -> str:
-            return ", ".join(f"root {names.get(x, x)} on rank {i}" for i, x in enumerate(xs))
-        if len(rooted) != 1:
-            return (f"no group has the root (MPI.ROOT): the groups passed root "
-                    f"{said(got[:k])} and {said(got[k:])}" if not rooted else
-                    f"both groups passed MPI.ROOT: {said(got[:k])} and {said(got[k:])}", None)
-        where, theirs, _ = rooted[0]
-        other = sides[1] if rooted[0] is sides[0] else sides[0]
-        roots = [i for i, x in enumerate(theirs) if x == ROOT]
-        if len(roots) > 1 or any(x not in (ROOT, PROC_NULL) for x in theirs):
-            return (f"ranks {roots} of the root's group passed MPI.ROOT: one rank of it "
-                    f"passes MPI.ROOT, the others MPI.PROC_NULL ({said(theirs)})", None)
-        if any(x != roots[0] for x in other[1]):
-            return (f"the root is rank {roots[0]} of the other group, which passed "
-                    f"{said(other[1])}", None)
-        return "", None
-
-    def _rooted(self, ctx: Ctx, root: int) -> str:
-        """'root', 'idle' (PROC_NULL) or 'leaf' (the other group), the
-        arguments checked first on every rank (``_verdict``)."""
-        self._verdict(ctx, int(root), self._roots)
-        return "root" if root == ROOT else "idle" if root == PROC_NULL else "leaf"
+    def _rooted(self, ctx: Ctx, root: int, blocks: Any = None) -> None:
+        """A rooted call's arguments checked first on every rank (``_verdict``);
+        ``blocks``: this rank's bytes, the root's a list (one a remote rank),
+        a leaf's an int."""
+        self._verdict(ctx, [int(root), blocks], self._sides.roots)
 
     def _wait(self, reqs: list[Any]) -> list[Any]:
         return [r.wait() for r in reqs]
 
-    def Barrier(self) -> None:
+    def _plain(self, what: str, *bufs: Any) -> None:
+        if any(in_place(b) for b in bufs):
+            raise ValueError(f"{self._me()}: collectives.MPI Intercomm.{what}: MPI.IN_PLACE "
+                             f"is not allowed on an intercommunicator (MPI's)")
+
+    # -- the bodies ---------------------------------------------------------------------
+    def _collect(self, root: int, role: str, blocks: list[np.ndarray], sent: Buf | None,
+                 recv: Buf | None) -> Plan:
+        """A rooted call that gathers: the root's ``blocks`` (of ``recv``, one a
+        remote rank) filled by the other group's ``sent``."""
         def body(ctx: Ctx) -> None:
-            self._verdict(ctx, 0, lambda got: ("", None))
-        self._run("Barrier", body)
+            self._rooted(ctx, root, [b.nbytes for b in blocks] if role == "root" else
+                         None if sent is None else sent.view.nbytes)
+            if role == "root":
+                self._wait([ctx.irecv(self._ro + j, b) for j, b in enumerate(blocks)])
+            elif sent is not None:
+                ctx.isend(sent.view, self._ro + root).wait()
+        return body, unpacking(recv), packing(sent)
 
-    barrier = Barrier
-
-    def Bcast(self, buf: Any, root: int = 0) -> None:
-        b = spec(buf, "Bcast", packs=True)
-
+    def _deal(self, root: int, role: str, blocks: list[np.ndarray], sent: Buf | None,
+              recv: Buf | None) -> Plan:
+        """A rooted call that scatters: the root's ``blocks`` (of ``sent``, one
+        a remote rank) into the other group's ``recv``."""
         def body(ctx: Ctx) -> None:
-            role = self._rooted(ctx, root)
+            self._rooted(ctx, root, [b.nbytes for b in blocks] if role == "root" else
+                         None if recv is None else recv.view.nbytes)
             if role == "root":
-                self._wait([ctx.isend(b.view, self._ro + j) for j in range(self._nr)])
-            elif role == "leaf":
-                ctx.irecv(self._ro + root, b.view).wait()
-        self._run("Bcast", body)
-        if root not in (ROOT, PROC_NULL):
-            b.done()
+                self._wait([ctx.isend(b, self._ro + j) for j, b in enumerate(blocks)])
+            elif recv is not None:
+                ctx.irecv(self._ro + root, recv.view).wait()
+        return body, unpacking(recv), packing(sent)
 
-    def bcast(self, obj: Any, root: int = 0) -> Any:
-        def body(ctx: Ctx) -> Any:
-            role = self._rooted(ctx, root)
-            if role == "root":
-                self._wait([ctx.isend(wrap(obj), self._ro + j) for j in range(self._nr)])
-            elif role == "leaf":
-                return unwrap(ctx.irecv(self._ro + root).wait())
-            return None
-        return self._run("bcast", body)
-
-    def Gather(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
+    def _swap(self, sends: list[np.ndarray], recvs: list[np.ndarray], sent: Buf | None,
+              recv: Buf | None) -> Plan:
+        """An all-to-all-like call: ``sends[j]`` to remote rank j, ``recvs[j]``
+        from it (their bytes checked first)."""
         def body(ctx: Ctx) -> None:
-            role = self._rooted(ctx, root)
-            if role == "root":
-                r = spec(recvbuf, "Gather", per=max(self._nr, 1), packs=True)
-                rows = r.view.reshape(self._nr, -1) if self._nr else r.view
-                self._wait([ctx.irecv(self._ro + j, rows[j]) for j in range(self._nr)])
-                r.done()
-            elif role == "leaf":
-                ctx.isend(spec(sendbuf, "Gather", packs=True).view, self._ro + root).wait()
-        self._run("Gather", body)
+            self._verdict(ctx, [[b.nbytes for b in sends], [b.nbytes for b in recvs]],
+                          self._sides.pairs)
+            got = [ctx.irecv(self._ro + j, b) for j, b in enumerate(recvs)]
+            self._wait([ctx.isend(b, self._ro + j) for j, b in enumerate(sends)] + got)
+        return body, unpacking(recv), packing(sent)
 
-    def gather(self, sendobj: Any, root: int = 0) -> Any:
-        def body(ctx: Ctx) -> Any:
-            role = self._rooted(ctx, root)
-            if role == "root":
-                return [unwrap(v) for v in self._wait([ctx.irecv(self._ro + j)
-                                                       for j in range(self._nr)])]
-            if role == "leaf":
-                ctx.isend(wrap(sendobj), self._ro + root).wait()
-            return None
-        return self._run("gather", body)
-
-    def Scatter(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:
-        def body(ctx: Ctx) -> None:
-            role = self._rooted(ctx, root)
-            if role == "root":
-                s = spec(sendbuf, "Scatter", per=max(self._nr, 1), packs=True).view
-                rows = s.reshape(self._nr, -1) if self._nr else s
-                self._wait([ctx.isend(rows[j], self._ro + j) for j in range(self._nr)])
-            elif role == "leaf":
-                r = spec(recvbuf, "Scatter", packs=True)
-                ctx.irecv(self._ro + root, r.view).wait()
-                r.done()
-        self._run("Scatter", body)
-
-    def scatter(self, sendobj: Any, root: int = 0) -> Any:
-        def body(ctx: Ctx) -> Any:
-            role = self._rooted(ctx, root)
-            if role == "root":
-                if sendobj is None or len(sendobj) != self._nr:
-                    raise ValueError(f"{self._me()}: collectives.MPI Intercomm.scatter: "
-                                     f"the root passes {self._nr} objects (one a remote "
-                                     f"rank), got {sendobj!r:.60}")
-                self._wait([ctx.isend(wrap(o), self._ro + j) for j, o in enumerate(sendobj)])
-            elif role == "leaf":
-                return unwrap(ctx.irecv(self._ro + root).wait())
-            return None
-        return self._run("scatter", body)
-
-    def Reduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM, root: int = 0) -> None:
-        f = _combine(op, "Reduce")
-
-        def body(ctx: Ctx) -> None:
-            role = self._rooted(ctx, root)
-            if role == "root":
-                r = spec(recvbuf, "Reduce", packs=True)
-                got = self._wait([ctx.irecv(self._ro + j) for j in range(self._nr)])
-                r.view[...] = _fold([np.asarray(v).reshape(r.view.shape) for v in got], f)
-                r.done()
-            elif role == "leaf":
-                ctx.isend(spec(sendbuf, "Reduce", packs=True).view, self._ro + root).wait()
-        self._run("Reduce", body)
-
-    def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
-        """Each group gets the other's reduction (by its rank 0, which
-        sends it to the rest of its group)."""
-        if in_place(sendbuf):
-            raise ValueError(f"{self._me()}: collectives.MPI Intercomm.Allreduce: "
-                             f"MPI.IN_PLACE is not allowed on an intercommunicator (MPI's)")
-        f = _combine(op, "Allreduce")
-        send = spec(sendbuf, "Allreduce", packs=True).view
-        r = spec(recvbuf, "Allreduce", packs=True)
-
-        def body(ctx: Ctx) -> None:
-            self._reduced(ctx, send, lambda got: _fold(
-                [np.asarray(v).reshape(r.view.shape) for v in got], f), r.view)
-        self._run("Allreduce", body)
-        r.done()
-
-    def allreduce(self, sendobj: Any, op: Op = _SUM) -> Any:
-        if not isinstance(op, Op):
-            raise TypeError(f"collectives.MPI Intercomm.allreduce: op must be an MPI.Op, "
-                            f"got {op!r:.60}")
-
-        def body(ctx: Ctx) -> Any:
-            return unwrap(self._reduced(ctx, wrap(sendobj), lambda got: wrap(
-                _fold([unwrap(v) for v in got], op.fold)), None))
-        return self._run("allreduce", body)
-
-    def _reduced(self, ctx: Ctx, mine: Any, fold: Callable[[list[Any]], Any],
-                 out: Any) -> Any:
+    def _reduced(self, ctx: Ctx, mine: Any, fold: Callable[[list[Any]], Any], out: Any,
+                 cut: Callable[[Any, int], Any] | None = None) -> Any:
         """Every rank's ``mine`` to the remote group's rank 0, which folds
-        them (``fold``) and sends the result to its group; into ``out``."""
+        them (``fold``) and sends the result (``cut(result, i)``: rank i's
+        part) to its group; into ``out``."""
         lead = self._lo
+
+        def part(value: Any, i: int) -> Any:
+            return value if cut is None else cut(value, i)
         sent = ctx.isend(mine, self._ro)
         if self._g.rank == self._lo:
             value = fold(self._wait([ctx.irecv(self._ro + j) for j in range(self._nr)]))
-            self._wait([ctx.isend(value, lead + i) for i in range(1, self._nl)])
+            self._wait([ctx.isend(part(value, i), lead + i) for i in range(1, self._nl)])
+            value = part(value, 0)
             if out is not None:
                 out[...] = value
         else:
@@ -287,35 +262,207 @@ class InterCollectives:
         sent.wait()
         return value
 
-    def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:
-        send = spec(sendbuf, "Allgather", packs=True).view
-        r = spec(recvbuf, "Allgather", per=max(self._nr, 1), packs=True)
-        rows = r.view.reshape(self._nr, -1) if self._nr else r.view
+    # -- the calls' builds (what, then the call's arguments) ------------------------------
+    def _build_barrier(self, what: str) -> Plan:
+        def body(ctx: Ctx) -> None:
+            self._verdict(ctx, 0, lambda got: ("", None))
+        return body, None, None
+
+    def _build_bcast(self, what: str, buf: Any, root: int = 0) -> Plan:
+        role = _role(root)
+        b = spec(buf, what, packs=True) if role != "idle" else None
 
         def body(ctx: Ctx) -> None:
-            got = [ctx.irecv(self._ro + j, rows[j]) for j in range(self._nr)]
-            self._wait([ctx.isend(send, self._ro + j) for j in range(self._nr)] + got)
-        self._run("Allgather", body)
-        r.done()
+            n = None if b is None else b.view.nbytes
+            self._rooted(ctx, root, [n] * self._nr if role == "root" else n)
+            if role == "root" and b is not None:
+                self._wait([ctx.isend(b.view, self._ro + j) for j in range(self._nr)])
+            elif role == "leaf" and b is not None:
+                ctx.irecv(self._ro + root, b.view).wait()
+        return body, unpacking(b) if role == "leaf" else None, \
+            packing(b) if role == "root" else None
 
-    def allgather(self, sendobj: Any) -> list[Any]:
-        def body(ctx: Ctx) -> list[Any]:
-            got = [ctx.irecv(self._ro + j) for j in range(self._nr)]
-            self._wait([ctx.isend(wrap(sendobj), self._ro + j) for j in range(self._nr)])
-            return [unwrap(v) for v in self._wait(got)]
-        return self._run("allgather", body)
+    def _build_gather(self, what: str, sendbuf: Any, recvbuf: Any, root: int = 0) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        role, nr = _role(root), self._nr
+        if role == "root":
+            r = spec(recvbuf, what, per=max(nr, 1), packs=True)
+            rows = r.view.reshape(nr, -1) if nr else r.view
+            return self._collect(root, role, [rows[j] for j in range(nr)], None, r)
+        sent = spec(sendbuf, what, packs=True) if role == "leaf" else None
+        return self._collect(root, role, [], sent, None)
 
-    def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
-        s = spec(sendbuf, "Alltoall", per=max(self._nr, 1), packs=True).view
-        r = spec(recvbuf, "Alltoall", per=max(self._nr, 1), packs=True)
-        blocks = s.reshape(self._nr, -1) if self._nr else s
-        rows = r.view.reshape(self._nr, -1) if self._nr else r.view
+    def _build_gatherv(self, what: str, sendbuf: Any, recvbuf: Any, root: int = 0) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        role = _role(root)
+        if role == "root":
+            r = vspec(recvbuf, what, self._nr, packs=True)
+            return self._collect(root, role, _blocks(r), None, r)
+        sent = spec(sendbuf, what, packs=True) if role == "leaf" else None
+        return self._collect(root, role, [], sent, None)
+
+    def _build_scatter(self, what: str, sendbuf: Any, recvbuf: Any, root: int = 0) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        role, nr = _role(root), self._nr
+        if role == "root":
+            s = spec(sendbuf, what, per=max(nr, 1), packs=True)
+            rows = s.view.reshape(nr, -1) if nr else s.view
+            return self._deal(root, role, [rows[j] for j in range(nr)], s, None)
+        recv = spec(recvbuf, what, packs=True) if role == "leaf" else None
+        return self._deal(root, role, [], None, recv)
+
+    def _build_scatterv(self, what: str, sendbuf: Any, recvbuf: Any, root: int = 0) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        role = _role(root)
+        if role == "root":
+            s = vspec(sendbuf, what, self._nr, packs=True)
+            return self._deal(root, role, _blocks(s), s, None)
+        recv = spec(recvbuf, what, packs=True) if role == "leaf" else None
+        return self._deal(root, role, [], None, recv)
+
+    def _build_reduce(self, what: str, sendbuf: Any, recvbuf: Any, op: Op = _SUM,
+                root: int = 0) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        f, role = _combine(op, what), _role(root)
+        r = spec(recvbuf, what, packs=True) if role == "root" else None
+        sent = spec(sendbuf, what, packs=True) if role == "leaf" else None
 
         def body(ctx: Ctx) -> None:
-            got = [ctx.irecv(self._ro + j, rows[j]) for j in range(self._nr)]
-            self._wait([ctx.isend(blocks[j], self._ro + j) for j in range(self._nr)] + got)
-        self._run("Alltoall", body)
-        r.done()
+            self._rooted(ctx, root, [r.view.nbytes] * self._nr if r is not None else
+                         None if sent is None else sent.view.nbytes)
+            if r is not None:
+                got = self._wait([ctx.irecv(self._ro + j) for j in range(self._nr)])
+                r.view[...] = _fold([np.asarray(v).reshape(r.view.shape) for v in got], f)
+            elif sent is not None:
+                ctx.isend(sent.view, self._ro + root).wait()
+        return body, unpacking(r), packing(sent)
+
+    def _build_allreduce(self, what: str, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Plan:
+        """Each group gets the other's reduction (by its rank 0, which sends
+        it to the rest of its group)."""
+        self._plain(what, sendbuf, recvbuf)
+        f = _combine(op, what)
+        sent = spec(sendbuf, what, packs=True)
+        r = spec(recvbuf, what, packs=True)
+        nr, ns = r.view.nbytes, sent.view.nbytes
+
+        def body(ctx: Ctx) -> None:
+            self._verdict(ctx, [[ns] * self._nr, [nr] * self._nr], self._sides.pairs)
+            self._reduced(ctx, sent.view, lambda got: _fold(
+                [np.asarray(v).reshape(r.view.shape) for v in got], f), r.view)
+        return body, unpacking(r), packing(sent)
+
+    def _build_reduce_scatter(self, what: str, sendbuf: Any, recvbuf: Any, recvcounts: Any = None,
+                        op: Op = _SUM) -> Plan:
+        """``recvcounts``: the local group's (one a rank of it, MPI's; a
+        derived datatype's in its items)."""
+        self._plain(what, sendbuf, recvbuf)
+        if recvcounts is None:
+            raise ValueError(f"{self._me()}: collectives.MPI Intercomm.{what}: recvcounts "
+                             f"is needed (one a rank of the local group; mpi4py's too)")
+        recv = spec(recvbuf, what, packs=True)
+        dt = recv.datatype
+        per = dt.typemap.n if dt is not None and dt.typemap is not None else 1
+        return self._scattered(what, spec(sendbuf, what, packs=True), recv,
+                               [int(k) * per for k in recvcounts], op)
+
+    def _build_reduce_scatter_block(self, what: str, sendbuf: Any, recvbuf: Any,
+                              op: Op = _SUM) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        recv = spec(recvbuf, what, packs=True)
+        return self._scattered(what, spec(sendbuf, what, packs=True), recv,
+                               [len(recv.view)] * self._nl, op)
+
+    def _scattered(self, what: str, sent: Buf, recv: Buf, counts: list[int], op: Op) -> Plan:
+        """Reduce_scatter(_block): the other group's reduction, by its rank
+        0, scattered over this group by its ``counts`` (elements)."""
+        if len(counts) != self._nl:
+            raise ValueError(f"{self._me()}: collectives.MPI Intercomm.{what}: {len(counts)} "
+                             f"recvcounts for a local group of {self._nl}")
+        f, me = _combine(op, what), self._g.rank - self._lo
+        if counts[me] > len(recv.view):
+            raise ValueError(f"{self._me()}: collectives.MPI Intercomm.{what}: recvcounts "
+                             f"gives this rank {counts[me]} elements, its buffer holds "
+                             f"{len(recv.view)}")
+        out, size = recv.view[:counts[me]], recv.view.itemsize
+        at = [sum(counts[:i]) for i in range(len(counts))]
+
+        def body(ctx: Ctx) -> None:
+            self._verdict(ctx, [sent.view.nbytes, [k * size for k in counts]], self._sides.sums)
+            self._reduced(ctx, sent.view, lambda got: _fold(
+                [np.asarray(v).reshape(-1) for v in got], f),
+                out, lambda value, i: value[at[i]:at[i] + counts[i]])
+        return body, unpacking(recv), packing(sent)
+
+    def _build_allgather(self, what: str, sendbuf: Any, recvbuf: Any) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        sent = spec(sendbuf, what, packs=True)
+        r = spec(recvbuf, what, per=max(self._nr, 1), packs=True)
+        rows = r.view.reshape(self._nr, -1) if self._nr else r.view
+        return self._swap([sent.view] * self._nr, [rows[j] for j in range(self._nr)], sent, r)
+
+    def _build_allgatherv(self, what: str, sendbuf: Any, recvbuf: Any) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        sent = spec(sendbuf, what, packs=True)
+        r = vspec(recvbuf, what, self._nr, packs=True)
+        return self._swap([sent.view] * self._nr, _blocks(r), sent, r)
+
+    def _build_alltoall(self, what: str, sendbuf: Any, recvbuf: Any) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        nr = max(self._nr, 1)
+        s = spec(sendbuf, what, per=nr, packs=True)
+        r = spec(recvbuf, what, per=nr, packs=True)
+        blocks = s.view.reshape(self._nr, -1) if self._nr else s.view
+        rows = r.view.reshape(self._nr, -1) if self._nr else r.view
+        return self._swap([blocks[j] for j in range(self._nr)],
+                          [rows[j] for j in range(self._nr)], s, r)
+
+    def _build_alltoallv(self, what: str, sendbuf: Any, recvbuf: Any) -> Plan:
+        self._plain(what, sendbuf, recvbuf)
+        s = vspec(sendbuf, what, self._nr, packs=True)
+        r = vspec(recvbuf, what, self._nr, packs=True)
+        return self._swap(_blocks(s), _blocks(r), s, r)
+
+    def _build_alltoallw(self, what: str, sendbuf: Any, recvbuf: Any) -> Plan:
+        """(neighbor.py's Wblocks: each block's bytes, a derived datatype's
+        packed at the call or each start and unpacked at the wait)"""
+        from .neighbor import Wblocks       # (neighbor.py imports comm.py, which imports this)
+        self._plain(what, sendbuf, recvbuf)
+        w = Wblocks(self._g, sendbuf, recvbuf, what, self._nr)
+        raw = np.empty(sum(w.recvs), np.uint8)
+        body, _, _ = self._swap(_cut(w.flat, w.sends), _cut(raw, w.recvs), None, None)
+        return body, lambda _: w.place(raw), w.pack
+
+    Barrier, Ibarrier, Barrier_init = _forms("Barrier", _build_barrier)
+    Bcast, Ibcast, Bcast_init = _forms("Bcast", _build_bcast)
+    Gather, Igather, Gather_init = _forms("Gather", _build_gather)
+    Gatherv, Igatherv, Gatherv_init = _forms("Gatherv", _build_gatherv)
+    Scatter, Iscatter, Scatter_init = _forms("Scatter", _build_scatter)
+    Scatterv, Iscatterv, Scatterv_init = _forms("Scatterv", _build_scatterv)
+    Reduce, Ireduce, Reduce_init = _forms("Reduce", _build_reduce)
+    Allreduce, Iallreduce, Allreduce_init = _forms("Allreduce", _build_allreduce)
+    Reduce_scatter, Ireduce_scatter, Reduce_scatter_init = \
+        _forms("Reduce_scatter", _build_reduce_scatter)
+    Reduce_scatter_block, Ireduce_scatter_block, Reduce_scatter_block_init = \
+        _forms("Reduce_scatter_block", _build_reduce_scatter_block)
+    Allgather, Iallgather, Allgather_init = _forms("Allgather", _build_allgather)
+    Allgatherv, Iallgatherv, Allgatherv_init = _forms("Allgatherv", _build_allgatherv)
+    Alltoall, Ialltoall, Alltoall_init = _forms("Alltoall", _build_alltoall)
+    Alltoallv, Ialltoallv, Alltoallv_init = _forms("Alltoallv", _build_alltoallv)
+    Alltoallw, Ialltoallw, Alltoallw_init = _forms("Alltoallw", _build_alltoallw)
+    barrier = Barrier
+
+
+def _blocks(b: Buf) -> list[np.ndarray]:
+    """A v-spec's blocks, one a rank (views of its ``view``)."""
+    assert b.counts is not None and b.displs is not None
+    return [b.view[d:d + k] for k, d in zip(b.counts, b.displs)]
+
+
+def _cut(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """``flat``'s consecutive blocks of ``sizes``."""
+    at = np.cumsum([0] + sizes).tolist()
+    return [flat[at[i]:at[i + 1]] for i in range(len(sizes))]
 
 
 def _fold(items: list[Any], f: Callable[[Any, Any], Any]) -> Any:

@@ -332,10 +332,14 @@ class Wblocks:
     ``place(got)`` the received bytes into their blocks (a derived
     datatype's unpacked)."""
 
-    def __init__(self, g: MeshComm, sendbuf: Any, recvbuf: Any, what: str) -> None:
-        self._recv = _wblocks(recvbuf, what, g.size, "receive", "rank")
+    def __init__(self, g: MeshComm, sendbuf: Any, recvbuf: Any, what: str,
+                 n: int | None = None) -> None:
+        """(``n``: the blocks each side, ``g.size`` unless given: an
+        intercommunicator's remote group's size)"""
+        n = g.size if n is None else n
+        self._recv = _wblocks(recvbuf, what, n, "receive", "rank")
         self._from = self._recv if in_place(sendbuf) else \
-            _wblocks(sendbuf, what, g.size, "send", "rank")
+            _wblocks(sendbuf, what, n, "send", "rank")
         self.sends = [v.nbytes for _, v in self._from]
         self.recvs = [v.nbytes for _, v in self._recv]
         self.flat = np.empty(sum(self.sends), np.uint8)

@@ -160,7 +160,142 @@ def intercomm():
         c.Free()
 
 
-for prog in (alltoallw, intercomm):
+def intercomm_more():
+    # the v- and w-collectives, Reduce_scatter(_block), alltoall and reduce, the nonblocking
+    # and persistent forms, Split and Create (groups of 2 and 1 at 3 ranks, 2 and 2 at 4)
+    color = rank % 2
+    local = comm.Split(color, rank)
+    inter = local.Create_intercomm(0, comm, 1 - color, tag=8)
+    r, n, rn = inter.Get_rank(), inter.Get_size(), inter.Get_remote_size()
+    roots = (MPI.ROOT if r == 0 else MPI.PROC_NULL) if color == 0 else 0
+    top = roots == MPI.ROOT
+    counts = [j + 1 for j in range(rn)]                 # (remote rank j's: j + 1 ints)
+    displs = [sum(counts[:j]) + j for j in range(rn)]   # (a gap after each block)
+    mine = np.arange(r + 1, dtype="i") + 10 * rank
+
+    def vbuf():
+        return np.full(sum(counts) + rn, -1, "i")
+    gv, sv = vbuf(), np.full(r + 1, -1, "i")
+    inter.Gatherv(None if top else mine, [gv, counts, displs, MPI.INT] if top else None,
+                  root=roots)
+    inter.Scatterv([np.arange(20, dtype="i") * 3, (counts, displs), MPI.INT] if top else None,
+                   None if top or roots == MPI.PROC_NULL else sv, root=roots)
+    say("Gatherv/Scatterv", [gv.tolist(), sv.tolist()])
+    agv = vbuf()
+    inter.Allgatherv(mine, [agv, counts, displs, MPI.INT])
+    sc = [(r + j) % 2 + 1 for j in range(rn)]          # (to remote j; it expects as many)
+    atv = np.full(2 * rn + 1, -1, "d")
+    inter.Alltoallv([np.arange(2 * rn, dtype="d") + rank / 4, sc, [2 * j for j in range(rn)],
+                     MPI.DOUBLE], [atv, (sc, [2 * j + 1 for j in range(rn)]), MPI.DOUBLE])
+    pairs = MPI.INT.Create_vector(2, 1, 2).Commit()     # (two ints, a gap after each)
+    aw = np.full(4 * rn, -1, "i")
+    inter.Alltoallw([np.arange(2 * rn, dtype="i") + 100 * rank, [2] * rn,
+                     [8 * j for j in range(rn)], [MPI.INT] * rn],
+                    [aw, [1] * rn, [16 * j for j in range(rn)], [pairs] * rn])
+    say("Allgatherv/Alltoallv/w", [agv.tolist(), atv.tolist(), aw.tolist()])
+    rc = [6 - 2 * (n - 1)] + [2] * (n - 1)              # (6 ints a group, either size)
+    rs = np.full(rc[r], -1, "l")
+    inter.Reduce_scatter(np.arange(6, dtype="l") * (rank + 1), rs, rc, op=MPI.SUM)
+    rsb = np.full(4 // n, -1, "i")
+    inter.Reduce_scatter_block(np.arange(4, dtype="i") + rank, rsb, op=MPI.MAX)
+    say("Reduce_scatter(_block)", [rs.tolist(), rsb.tolist()])
+    say("alltoall/reduce", [inter.alltoall([(rank, j) for j in range(rn)]),
+                            inter.reduce(rank + 1, op=MPI.SUM, root=roots),
+                            inter.reduce([rank], op=MPI.SUM, root=roots)])
+    # nonblocking, all in flight, waited for in the order other than their calls'; the rooted
+    # ones last (Open MPI 4.1's libnbc leaves an MPI.PROC_NULL rank's tag behind its group's,
+    # and a nonblocking call after one then never matches there)
+    al, iag, iat = np.zeros(2, "i"), np.zeros((rn, 1), "i"), np.zeros(rn, "i")
+    agv2, atv2, aw2 = vbuf(), np.full_like(atv, -1), np.full_like(aw, -1)
+    rs2, rsb2 = np.full_like(rs, -1), np.full_like(rsb, -1)
+    reqs = [inter.Iallreduce(np.array([rank, -rank], "i"), al, op=MPI.MIN),
+            inter.Ibarrier(), inter.Iallgather(np.array([rank], "i"), iag),
+            inter.Ialltoall(np.arange(rn, dtype="i") + 10 * rank, iat),
+            inter.Iallgatherv(mine, [agv2, counts, displs, MPI.INT]),
+            inter.Ialltoallv([np.arange(2 * rn, dtype="d") + rank / 4, sc,
+                              [2 * j for j in range(rn)], MPI.DOUBLE],
+                             [atv2, (sc, [2 * j + 1 for j in range(rn)]), MPI.DOUBLE]),
+            inter.Ialltoallw([np.arange(2 * rn, dtype="i") + 100 * rank, [2] * rn,
+                              [8 * j for j in range(rn)], [MPI.INT] * rn],
+                             [aw2, [1] * rn, [16 * j for j in range(rn)], [pairs] * rn]),
+            inter.Ireduce_scatter(np.arange(6, dtype="l") * (rank + 1), rs2, rc, op=MPI.SUM),
+            inter.Ireduce_scatter_block(np.arange(4, dtype="i") + rank, rsb2, op=MPI.MAX)]
+    MPI.Request.Waitall(reqs[::-1])
+    assert [agv2.tolist(), atv2.tolist(), aw2.tolist(), rs2.tolist(), rsb2.tolist()] == \
+        [agv.tolist(), atv.tolist(), aw.tolist(), rs.tolist(), rsb.tolist()]
+    b = np.arange(3, dtype="d") * (rank + 1)
+    red, ig, isc = np.full(2, -1, "i"), np.full((rn, 2), -1, "i"), np.full(2, -1, "i")
+    gv2, sv2 = vbuf(), np.full(r + 1, -1, "i")
+    leaf = not top and roots != MPI.PROC_NULL
+    reqs = [inter.Ibcast(b, root=roots),
+            inter.Ireduce(np.array([rank, 1], "i"), red, op=MPI.SUM, root=roots),
+            inter.Igather(np.array([rank, 5], "i"), ig if top else None, root=roots),
+            inter.Iscatter(np.arange(2 * rn, dtype="i") + 7 if top else None,
+                           isc if leaf else None, root=roots),
+            inter.Igatherv(None if top else mine, [gv2, counts, displs, MPI.INT] if top
+                           else None, root=roots),
+            inter.Iscatterv([np.arange(20, dtype="i") * 3, (counts, displs), MPI.INT] if top
+                            else None, sv2 if leaf else None, root=roots)]
+    for q in reqs[::-1]:
+        q.Wait()
+    assert [gv2.tolist(), sv2.tolist()] == [gv.tolist(), sv.tolist()]
+    say("Iallreduce/Iallgather/Ialltoall/Ibcast/Ireduce/Igather/Iscatter",
+        [al.tolist(), iag.tolist(), iat.tolist(), b.tolist(), red.tolist(), ig.tolist(),
+         isc.tolist()])
+    # persistent (MPI-4's; Open MPI 4.1 has none: the blocking calls instead), started twice
+    pb, pr, pa = np.zeros(2, "i"), np.full(2, -1, "i"), np.zeros(rn, "i")
+    psend, pg = np.zeros(2, "i"), np.full(sum(counts) + rn, -1, "i")
+    calls = [lambda: inter.Bcast(pb, root=roots),
+             lambda: inter.Allreduce(psend, pr, op=MPI.SUM),
+             lambda: inter.Alltoall(np.arange(rn, dtype="i") * 0 + psend[0], pa),
+             lambda: inter.Gatherv(None if top else mine + psend[0],
+                                   [pg, counts, displs, MPI.INT] if top else None, root=roots),
+             lambda: inter.Barrier()]
+    ab = np.zeros(rn, "i")
+    gsend = np.zeros_like(mine)
+    try:
+        inits = [inter.Bcast_init(pb, root=roots), inter.Allreduce_init(psend, pr, op=MPI.SUM),
+                 inter.Alltoall_init(ab, pa),
+                 inter.Gatherv_init(None if top else gsend,
+                                    [pg, counts, displs, MPI.INT] if top else None, root=roots),
+                 inter.Barrier_init()]
+    except NotImplementedError:
+        inits = None
+    seen = []
+    for k in range(2):
+        psend[:] = [rank + k, k]
+        if top:
+            pb[:] = [k + 1, 2 * k]
+        if inits is None:
+            for c in calls:
+                c()
+        else:
+            ab[:] = psend[0]
+            gsend[:] = mine + psend[0]
+            MPI.Prequest.Startall(inits)
+            MPI.Request.Waitall(inits)
+        seen.append([pb.tolist(), pr.tolist(), pa.tolist(), pg.tolist()])
+    say("persistent", seen)
+    # Split: every rank one color, keys reversed; then the first half's and the second's
+    s = inter.Split(0, -rank)
+    say("Split", [s.Get_rank(), s.Get_size(), s.Get_remote_size(), s.allgather(rank),
+                  s.Get_remote_group().Translate_ranks(list(range(s.Get_remote_size())),
+                                                      comm.Get_group())])
+    h = inter.Split(rank // 2 if rank < 3 else MPI.UNDEFINED, rank)
+    say("Split halves", h == MPI.COMM_NULL or [h.Get_rank(), h.Get_size(),
+                                               h.Get_remote_size(), h.allgather(rank)])
+    # Create: each group's last rank (Open MPI 4.1's intercommunicator of a group in another
+    # order than the local group's never completes its collectives)
+    c = inter.Create(inter.Get_group().Incl([n - 1]))
+    say("Create", c == MPI.COMM_NULL or [c.Get_rank(), c.Get_size(), c.Get_remote_size(),
+                                         c.allgather(rank), c.Is_inter()])
+    pairs.Free()
+    for x in (s, h, c, inter, local):
+        if x != MPI.COMM_NULL:
+            x.Free()
+
+
+for prog in (alltoallw, intercomm, intercomm_more):
     prog()
 if rank == 0:
     print("ALL OK", size, flush=True)
