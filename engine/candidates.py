@@ -13,7 +13,7 @@ engine.profiling.measure_stages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .costs import (KEEPS_INPUT, LayerCost, Span, _starts, as_run, counts_for, helper_charge,
                     layer_by_layer, peak_bytes, stage_costs, stage_held)
@@ -72,16 +72,18 @@ class Candidate:
     limit: float | None = None      # the memory limit ``fits`` was judged by (None: none)
 
 
-def builtin(names: Sequence[str], p: int, ms: Sequence[int], chunks: int = 2,
-            refused: list[Unrun] | None = None) -> list[Schedule]:
-    """Each named schedule for ``p`` ranks at each micro-batch count in ``ms``;
-    those that do not take that p and m (interleaved at ``m % p``) left
-    out, and added to ``refused`` with the reason where it is given."""
+def builtin(names: Sequence[str | Callable[[int, int], Schedule]], p: int, ms: Sequence[int],
+            chunks: int = 2, refused: list[Unrun] | None = None) -> list[Schedule]:
+    """Each named schedule for ``p`` ranks at each micro-batch count in ``ms``
+    (a family of your own, engine.user_schedules' ``Family``, made there
+    as a name is); those that do not take that p and m (interleaved at
+    ``m % p``) left out, and added to ``refused`` with the reason where it
+    is given."""
     out = []
     for m in ms:
         for name in names:
             try:
-                out.append(by_name(name, p, m, chunks))
+                out.append(by_name(name, p, m, chunks) if isinstance(name, str) else name(p, m))
             except ValueError as e:
                 if refused is not None:
                     refused.append((f"{name}({p},{m})", m, str(e)))

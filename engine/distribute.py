@@ -94,7 +94,7 @@ __all__ = ["distribute", "IncompatibleKeys", "Job", "load_state", "far_off", "Di
 
 
 def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None,
-               schedule: str | Schedule | Sequence[str | Schedule] = "auto",
+               schedule: str | Schedule | Sequence[str | Schedule | Callable[..., Any]] = "auto",
                microbatches: int | None = None,
                balance: Any = "time", sample: Any = None,
                loss_fn: Callable[[Any, Any], Any] | None = None,
@@ -110,9 +110,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     micro-batch counts ``microbatches`` or p, 2p, 4p...; print the
     candidates on rank 0 when ``verbose``), a name ("1f1b"...), a Schedule,
     or a list of candidates ranked as "auto" ranks the built-ins: names
-    (at those counts; "auto" in it: every built-in) and Schedules of your
-    own (each as it is, its own micro-batches; verified first), the same
-    list on every rank. A candidate that cannot run (more stages than the
+    (at those counts; "auto" in it: every built-in), Schedules of your
+    own (each as it is, its own micro-batches; verified first) and
+    families of your own (``make(p, m) -> Schedule``, made and verified at
+    those counts), the same list on every rank. A candidate that cannot run (more stages than the
     model has layers, interleaved at ``microbatches % pp``) is a row of
     the table saying why.
     ``balance``: "time" (measured on ``sample``, this replica's batch;

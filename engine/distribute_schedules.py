@@ -2,10 +2,12 @@
 each rank before anything is exchanged (``_schedule_named``), said so the
 ranks' lists of candidates can be compared (``_candidates_said``), and
 resolved into the schedules to cut, time and rank (``_schedules``: a
-Schedule as it is, verified; a name at each micro-batch count; a list of
-candidates, ``_candidates``), with a row saying why for each candidate that
-cannot run (more stages than the model's layers, more micro-batches than
-the sample's rows, a name that does not take that pp and count).
+Schedule as it is, verified; a name, or a family of yours, at each
+micro-batch count; a list of candidates, ``_candidates``), with a row
+saying why for each candidate that cannot run (more stages than the
+model's layers, more micro-batches than the sample's rows, a name that
+does not take that pp and count, a family's that raises or fails
+verification).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any, Sequence
 from .choose import SCHEDULES, builtin, microbatch_counts, table, yours
 from .ir import Schedule
 from .schedules import _NAMES, by_name, is_name
+from .user_schedules import Family, family_or_name
 
 
 def _microbatches_checked(microbatches: Any) -> int | None:
@@ -30,10 +33,11 @@ def _microbatches_checked(microbatches: Any) -> int | None:
 
 def _schedule_named(schedule: Any, microbatches: int | None) -> None:
     """Refuse a ``schedule=`` that is neither "auto", a built-in's name, a
-    Schedule nor a list of candidates (names, "auto", Schedules: see
-    ``_candidates``) (None, a generator not called: "'NoneType' object has no
-    attribute 'lower'"), and ``microbatches=`` other than a Schedule's own
-    (which ran with its own count, the one given left unsaid)."""
+    Schedule nor a list of candidates (names, "auto", Schedules, families:
+    see ``_candidates``) (None, a generator not called: "'NoneType' object
+    has no attribute 'lower'"), and ``microbatches=`` other than a
+    Schedule's own (which ran with its own count, the one given left
+    unsaid)."""
     if isinstance(schedule, (list, tuple)):
         if not schedule:
             raise ValueError("schedule=[]: a list of candidates needs at least one (a name, "
@@ -41,7 +45,10 @@ def _schedule_named(schedule: Any, microbatches: int | None) -> None:
         for k, item in enumerate(schedule):
             if isinstance(item, (list, tuple)):
                 raise TypeError(f"schedule= candidate {k} is a {type(item).__name__}: a list "
-                                f"of candidates holds names and engine.Schedule objects")
+                                f"of candidates holds names, engine.Schedule objects and "
+                                f"families (make(p, m) -> engine.Schedule)")
+            if callable(item) and not isinstance(item, (str, Schedule)):
+                continue        # (a family: made at each count, each result checked)
             try:
                 _schedule_named(item, None)
             except (TypeError, ValueError) as e:
@@ -57,7 +64,8 @@ def _schedule_named(schedule: Any, microbatches: int | None) -> None:
         text = repr(schedule)
         raise TypeError(f"schedule= takes 'auto', a name ({_NAMES}), an engine.Schedule or a "
                         f"list of them, "
-                        + (f"not the function {name}: call it, {name}(p, m)" if name else
+                        + (f"not the function {name}: call it, {name}(p, m), or list it, "
+                           f"schedule=[{name}], to rank it at each micro-batch count" if name else
                            f"not {text if len(text) <= 60 else type(schedule).__name__}"))
     elif schedule != "auto" and not is_name(schedule):
         text = schedule if len(schedule) <= 40 else schedule[:37] + "..."
@@ -66,17 +74,31 @@ def _schedule_named(schedule: Any, microbatches: int | None) -> None:
                          f"build(...); one saved as JSON: engine.Schedule.from_json(text))")
 
 
+def _families(given: Sequence[Any]) -> list[Any]:
+    """``schedule=[...]`` with each callable read (``family_or_name``): a
+    built-in generator as its name, any other a ``Family``."""
+    out: list[Any] = []
+    for item in given:
+        if callable(item) and not isinstance(item, (str, Schedule)):
+            item = family_or_name(item, 1 + sum(isinstance(f, Family) for f in out))
+        out.append(item)
+    return out
+
+
 def _candidates_said(schedule: Any) -> list[str] | None:
     """What a rank's list of candidates is, to set beside the other ranks'
     (``_same_model``): each name as by_name reads it, each Schedule by its
-    name and a digest of its JSON; None for a schedule= that is no list."""
+    name and a digest of its JSON, each family by its name; None for a
+    schedule= that is no list."""
     if not isinstance(schedule, (list, tuple)):
         return None
     said = []
-    for item in schedule:
+    for item in _families(schedule):
         if isinstance(item, Schedule):
             digest = hashlib.sha1(item.to_json().encode()).hexdigest()[:8]
             said.append(f"Schedule {item.name!r} #{digest}")
+        elif isinstance(item, Family):
+            said.append(f"family {item.name!r}")
         else:
             said.append(repr(str(item).lower().replace("_", "-")))
     return said
@@ -85,12 +107,16 @@ def _candidates_said(schedule: Any) -> list[str] | None:
 def _candidates(given: Sequence[Any], p: int, ms: Sequence[int], chunks: int, L: int,
                 rows: int) -> tuple[list[Schedule], list[tuple[str, int, str]]]:
     """``schedule=[...]``'s candidates (``["auto"]``: "auto"'s) and the rows
-    of those that cannot run: each name (``"auto"``: every built-in) at
-    each count of ``ms``,
-    each Schedule as it is (its own pp, stages, placement and
+    of those that cannot run: each name (``"auto"``: every built-in; a
+    built-in generator, ``engine.zb_v``: its name) at each count of
+    ``ms``, each family (``make(p, m)``: engine.user_schedules' ``Family``)
+    at each count as a name is, each result checked and verified, each
+    Schedule as it is (its own pp, stages, placement and
     micro-batches: verified, ``yours``); a schedule of more stages than
-    ``L`` layers, a name that does not take that p and m, or a Schedule
-    of more micro-batches than the sample's ``rows``, is a row saying why."""
+    ``L`` layers, a name that does not take that p and m, a family's
+    that raises or fails verification, or a Schedule of more
+    micro-batches than the sample's ``rows``, is a row saying why."""
+    given = _families(given)
     names: list[str] = []
     kinds: set[str] = set()         # (a built-in named twice, or by "auto" too: once)
     for item in given:
@@ -100,8 +126,13 @@ def _candidates(given: Sequence[Any], p: int, ms: Sequence[int], chunks: int, L:
                 kinds.add(kind)
                 names.append(name)
     unrun: list[tuple[str, int, str]] = []
+    made_here = builtin(names, p, ms, chunks, unrun)
+    families = [f for f in given if isinstance(f, Family)]
+    theirs: list[tuple[str, int, str]] = []
+    own = builtin(families, p, ms, chunks, theirs)
+    unrun.extend(theirs)
     scheds = []
-    for sched in builtin(names, p, ms, chunks, unrun) + yours(
+    for sched in made_here + own + yours(
             [s for s in given if isinstance(s, Schedule)], p):
         m = sched.num_microbatches
         if m > rows:

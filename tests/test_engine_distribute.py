@@ -119,6 +119,25 @@ DEEP = engine.Schedule.build([["0F0", "0F1", "0F2", "0B0", "0F3", "0B1", "0B2", 
                              num_microbatches=4, stage_ranks=[0, 1], name="deep")
 
 
+def deeper(p, m):
+    """README's family: DEEP at any m of at least 3 (2 ranks)."""
+    if m < 3:
+        raise ValueError(f"needs 3 micro-batches, got {m}")
+    first = ["0F0", "0F1", "0F2"] + [a for i in range(m) for a in (
+        [f"0B{i}", f"0F{i + 3}"] if i + 3 < m else [f"0B{i}"])]
+    return engine.Schedule.build([first, [a for i in range(m) for a in (f"1F{i}", f"1B{i}")]],
+                                 num_microbatches=m, stage_ranks=[0, 1], name="deeper")
+
+
+def backwards_first(p, m):
+    """A family that fails verification at m=4 only (its rank 1 runs 1B0 first)."""
+    sched = engine.schedules.one_f_one_b(p, m)
+    if m != 4:
+        return sched
+    return sched.replace([sched.ranks[0], [sched.ranks[1][1], sched.ranks[1][0],
+                                           *sched.ranks[1][2:]]])
+
+
 def test_your_own_schedules_are_ranked_beside_the_built_ins_and_no_row_is_left_out():
     """schedule=[...]: names at their micro-batch counts and Schedules as
     they are, ranked together; a candidate that cannot run is a row saying
@@ -164,6 +183,25 @@ def test_your_own_schedules_are_ranked_beside_the_built_ins_and_no_row_is_left_o
     assert _candidates_said([engine.schedules.one_f_one_b(2, 4).replace(
         engine.schedules.one_f_one_b(2, 4).ranks, name="deep")])[0] != said[1]
     assert _candidates_said("auto") is None
+    # a family, make(p, m), at each count as a name is: each made, checked and verified, its
+    # row named by it; one that raises or fails verification a row saying why; a built-in
+    # generator is its name
+    scheds, unrun = _candidates([deeper, "1f1b", backwards_first, engine.zb_v,
+                                 lambda p, m: engine.schedules.gpipe(p, m + 1)], 2, [2, 4], 2,
+                                3, 12)
+    assert [s.name for s in scheds] == ["1f1b(2,2)", "1f1b(2,4)", "backwards_first(2,2)",
+                                        "deeper(2,4)"]
+    assert scheds[3].ranks == deeper(2, 4).ranks and scheds[2].ranks == scheds[0].ranks
+    assert unrun[:4] == [
+        ("deeper(2,2)", 2, "deeper(2, 2) raised ValueError: needs 3 micro-batches, got 2"),
+        ("family #3(2,2)", 2, "family #3(2, 2) made a schedule of 2 ranks and 3 micro-batches"),
+        ("backwards_first(2,4)", 4, "schedule 'backwards_first(2,4)' is invalid: rank 1 runs "
+                                    "1B0 before its forward 1F0"),
+        ("family #3(2,4)", 4, "family #3(2, 4) made a schedule of 2 ranks and 5 micro-batches")]
+    assert [row[0] for row in unrun[4:]] == ["zb_v(2,2)", "zb_v(2,4)"]
+    assert _candidates_said(["1F1B", deeper, engine.schedules.zb_v]) == [
+        "'1f1b'", "family 'deeper'", "'zb-v'"]
+    assert _candidates([deeper], 2, [4], 2, 3, 12)[0][0].name == "deeper(2,4)"
     # a Schedule of other ranks, or broken: an error naming it, before anything is timed
     with pytest.raises(ValueError, match=re.escape(
             "schedule 'yours #2' (yours #2) has 3 ranks, the grid's pp axis 2")):
@@ -181,7 +219,7 @@ def test_your_own_schedules_are_ranked_beside_the_built_ins_and_no_row_is_left_o
             (["1f1b", "mine"], ValueError, "schedule= candidate 1: unknown schedule 'mine'"),
             ([DEEP, None], TypeError, "schedule= candidate 1: schedule= takes 'auto', a name"),
             ([["1f1b"]], TypeError, "schedule= candidate 0 is a list: a list of candidates "
-                                    "holds names and engine.Schedule objects")):
+                                    "holds names, engine.Schedule objects and families")):
         with pytest.raises(kind, match="^" + re.escape(says)):
             engine.distribute(model, None, schedule=given, **kw)
 
@@ -2379,6 +2417,20 @@ def _one_row_worker(world):
             yours[case] = "no error"
         except ValueError as e:
             yours[case] = str(e)
+    fam = engine.distribute(_yours_model(), mesh.grid(world, pp=2), sample=x, balance="uniform",
+                            schedule=[deeper, backwards_first], microbatches=4, reps=1,
+                            overhead=0.0, loss_fn=mse, timeout=30, verbose=False,
+                            tag_base=5 << 20)
+    opt = torch.optim.SGD(fam.parameters(), lr=LR)
+    yours["family"] = {"schedule": fam.schedule.name, "table": fam.table(), "losses": []}
+    for step in range(STEPS):
+        x, y = _yours_data(step)
+        opt.zero_grad()
+        yours["family"]["losses"].append(fam.step(x, y))
+        opt.step()
+    state = fam.state_dict()
+    yours["family"]["state"] = None if state is None else {
+        k: v.numpy().copy() for k, v in state.items()}
 
     def build():
         torch.manual_seed(SEED)
@@ -2458,10 +2510,21 @@ def _yours_trained_alike(results: list[dict]) -> None:
             for name in (f"zb_v(2,{m})", f"interleaved_1f1b(2,{m},2)")] and all(
             line.endswith("cannot run: needs 4 stages, the model has 3 layers")
             for line in none[2:]), none
-    state = results[0]["yours"]["state"]
-    assert results[1]["yours"]["state"] is None
-    for k, v in model.state_dict().items():
-        np.testing.assert_allclose(state[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
+        # a family of yours, made only at microbatches=4 (a row where it fails verification),
+        # chosen, trains as one process
+        fam = got["family"]
+        assert fam["schedule"] == "deeper(2,4)", fam
+        rows = [line.split()[0] for line in fam["table"].splitlines()[1:]
+                if not line.startswith("(")]
+        assert rows == ["deeper(2,4)", "backwards_first(2,4)"], fam["table"]
+        assert fam["table"].splitlines()[2].endswith(
+            "cannot run: schedule 'backwards_first(2,4)' is invalid: rank 1 runs 1B0 before "
+            "its forward 1F0"), fam["table"]
+        np.testing.assert_allclose(fam["losses"], losses, rtol=1e-10)
+    for trained in (results[0]["yours"]["state"], results[0]["yours"]["family"]["state"]):
+        for k, v in model.state_dict().items():
+            np.testing.assert_allclose(trained[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
+    assert results[1]["yours"]["state"] is None and results[1]["yours"]["family"]["state"] is None
 
 
 @pytest.mark.timeout(160)

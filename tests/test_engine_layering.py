@@ -10,8 +10,8 @@ ENGINE = pathlib.Path(engine.__file__).parent
 
 # ir -> lower -> replay -> verify -> simulate -> render -> executor -> distribute, with the
 # modules beside that chain placed after what they use.
-ORDER = ["ir", "schedules", "lower", "replay", "verify", "simulate", "render", "costs",
-         "profiling", "candidates", "retime", "choose", "trace", "layers", "reports",
+ORDER = ["ir", "schedules", "user_schedules", "lower", "replay", "verify", "simulate", "render",
+         "costs", "profiling", "candidates", "retime", "choose", "trace", "layers", "reports",
          "per_token", "tp_plan", "per_token_loss", "per_token_call",
          "tp_layers", "torch_stage", "tp_comm", "tp_rng", "tp_checks",
          "tp_axes", "tp_loss", "tp_watched_loss", "tp_record", "tp_watch", "tp_forward",
