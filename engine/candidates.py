@@ -19,6 +19,7 @@ from .costs import (KEEPS_INPUT, LayerCost, Span, _starts, as_run, counts_for, h
                     layer_by_layer, peak_bytes, stage_costs, stage_held)
 from .ir import I, Schedule
 from .schedules import by_name
+from .user_schedules import made_entry
 
 __all__ = ["SCHEDULES", "Candidate", "Unrun", "microbatch_counts", "builtin", "yours",
            "candidates", "fewest", "best_first", "stage_spans"]
@@ -90,22 +91,31 @@ def builtin(names: Sequence[str | Callable[[int, int], Schedule]], p: int, ms: S
     return out
 
 
-def yours(scheds: Sequence[Schedule], p: int) -> list[Schedule]:
+def yours(scheds: Sequence[Schedule], p: int, said: list[list[str]] | None = None
+          ) -> list[Schedule]:
     """A user's own schedules as candidates beside the built-ins: each
     verified (``validate``: a ``ScheduleError`` naming it) for ``p``
     pipeline ranks, and one left with Schedule's default name ("custom")
     named "yours #k" (k counting them from 1), so its row and its errors
-    say which it is."""
+    say which it is. ``said``: what became of each, appended
+    (engine.user_schedules' ``made_entry``), the one that raises too."""
     out = []
     for k, sched in enumerate(scheds, 1):
         if not isinstance(sched, Schedule):
             raise TypeError(f"yours #{k} is {type(sched).__name__}, not an engine.Schedule")
         if sched.name in ("", "custom"):
             sched = sched.replace(sched.ranks, name=f"yours #{k}")
-        if sched.num_ranks != p:
-            raise ValueError(f"schedule {sched.name!r} (yours #{k}) has {sched.num_ranks} "
-                             f"ranks, the grid's pp axis {p}")
-        sched.validate()            # (the lowered copy it checked not kept: as given)
+        try:
+            if sched.num_ranks != p:
+                raise ValueError(f"schedule {sched.name!r} (yours #{k}) has {sched.num_ranks} "
+                                 f"ranks, the grid's pp axis {p}")
+            sched.validate()        # (the lowered copy it checked not kept: as given)
+        except ValueError as e:
+            if said is not None:
+                said.append(made_entry(None, repr(sched.name), e))
+            raise
+        if said is not None:
+            said.append(made_entry(sched, repr(sched.name)))
         out.append(sched)
     return out
 

@@ -159,6 +159,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     Collective: every rank of the grid calls it with the same arguments."""
     fault: BaseException | None = None
     listed: list[str] | None = None     # schedule=[...]: what this rank passed (_same_model)
+    mades: list[list[str]] | None = None    # what became of its own schedules (_same_model)
     unrun: list[tuple[str, int, str]] = []     # candidates that cannot run, and why
     try:        # this rank's own arguments: raised by every rank (_same_model)
         microbatches = _microbatches_checked(microbatches)
@@ -219,8 +220,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sample = _Rows(sample)
         tp = _size(grid, "tp")
 
+        mades = []
         scheds, unrun = _schedules(schedule, p, L, len(sample) if sample is not None else 0,
-                                   microbatches, chunks)
+                                   microbatches, chunks, mades)
         _valid_balance(balance, L)
         if isinstance(balance, str) and balance.startswith("type:"):    # (layers' classes)
             balance = by_type(balance, [layer_classes(layer, "module" if is_torch else "layer")
@@ -230,7 +232,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     except (TypeError, ValueError) as e:
         fault = e
     _same_model(grid, named, is_torch, fault, timeout,
-                None if fault is not None else _held_before(source, len(named)), listed)
+                None if fault is not None else _held_before(source, len(named)), listed, mades)
     assert loss_fn is not None
     # this rank's own error in the work up to the profile (the plan applied: a
     # KeyboardInterrupt), told in its first exchange (or, with nothing measured, the cut's)

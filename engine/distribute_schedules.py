@@ -7,7 +7,8 @@ micro-batch count; a list of candidates, ``_candidates``), with a row
 saying why for each candidate that cannot run (more stages than the
 model's layers, more micro-batches than the sample's rows, a name that
 does not take that pp and count, a family's that raises or fails
-verification).
+verification), and what became of each of yours said for the
+ranks to agree on (engine.user_schedules' ``made_agreed``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 from .choose import SCHEDULES, builtin, microbatch_counts, table, yours
 from .ir import Schedule
 from .schedules import _NAMES, by_name, is_name
-from .user_schedules import Family, family_or_name
+from .user_schedules import Family, family_or_name, made_entry
 
 
 def _microbatches_checked(microbatches: Any) -> int | None:
@@ -88,8 +89,9 @@ def _families(given: Sequence[Any]) -> list[Any]:
 def _candidates_said(schedule: Any) -> list[str] | None:
     """What a rank's list of candidates is, to set beside the other ranks'
     (``_same_model``): each name as by_name reads it, each Schedule by its
-    name and a digest of its JSON, each family by its name; None for a
-    schedule= that is no list."""
+    name and a digest of its JSON, each family by its name (what each rank
+    made of it is set beside the others' too: ``_candidates``' ``made``);
+    None for a schedule= that is no list."""
     if not isinstance(schedule, (list, tuple)):
         return None
     said = []
@@ -105,7 +107,8 @@ def _candidates_said(schedule: Any) -> list[str] | None:
 
 
 def _candidates(given: Sequence[Any], p: int, ms: Sequence[int], chunks: int, L: int,
-                rows: int) -> tuple[list[Schedule], list[tuple[str, int, str]]]:
+                rows: int, made: list[list[str]] | None = None
+                ) -> tuple[list[Schedule], list[tuple[str, int, str]]]:
     """``schedule=[...]``'s candidates (``["auto"]``: "auto"'s) and the rows
     of those that cannot run: each name (``"auto"``: every built-in; a
     built-in generator, ``engine.zb_v``: its name) at each count of
@@ -115,7 +118,9 @@ def _candidates(given: Sequence[Any], p: int, ms: Sequence[int], chunks: int, L:
     micro-batches: verified, ``yours``); a schedule of more stages than
     ``L`` layers, a name that does not take that p and m, a family's
     that raises or fails verification, or a Schedule of more
-    micro-batches than the sample's ``rows``, is a row saying why."""
+    micro-batches than the sample's ``rows``, is a row saying why.
+    ``made``: what became of each family's and Schedule's, appended
+    (``made_entry``), for the ranks to agree on."""
     given = _families(given)
     names: list[str] = []
     kinds: set[str] = set()         # (a built-in named twice, or by "auto" too: once)
@@ -130,10 +135,15 @@ def _candidates(given: Sequence[Any], p: int, ms: Sequence[int], chunks: int, L:
     families = [f for f in given if isinstance(f, Family)]
     theirs: list[tuple[str, int, str]] = []
     own = builtin(families, p, ms, chunks, theirs)
+    if made is not None:        # (builtin's order: each count, each family)
+        by = {s.name: s for s in own}
+        why = {name: text for name, _, text in theirs}
+        made.extend(made_entry(by.get(label), label, why.get(label))
+                    for m in ms for label in (f"{f.name}({p},{m})" for f in families))
     unrun.extend(theirs)
     scheds = []
     for sched in made_here + own + yours(
-            [s for s in given if isinstance(s, Schedule)], p):
+            [s for s in given if isinstance(s, Schedule)], p, made):
         m = sched.num_microbatches
         if m > rows:
             unrun.append((sched.name, m, f"{m} micro-batches need a batch of at least {m} "
@@ -148,21 +158,32 @@ def _candidates(given: Sequence[Any], p: int, ms: Sequence[int], chunks: int, L:
 
 
 def _schedules(schedule: Any, p: int, L: int, rows: int, microbatches: int | None,
-               chunks: int) -> tuple[list[Schedule], list[tuple[str, int, str]]]:
+               chunks: int, made: list[list[str]] | None = None
+               ) -> tuple[list[Schedule], list[tuple[str, int, str]]]:
     """The schedules ``schedule=`` (checked by ``_schedule_named``) gives at
     pp=``p`` for a model of ``L`` layers and a sample of ``rows`` (0: none),
     before any layer is timed: a Schedule itself (verified), a name's at
     ``microbatches`` or the counts ``microbatch_counts`` tries, or a list's
     candidates (``_candidates``); and the rows of the candidates that cannot
-    run. A ValueError where none can."""
+    run. A ValueError where none can. ``made``: what became of each
+    Schedule and family of yours (engine.user_schedules' ``made_entry``),
+    appended before any raise, for the ranks to agree on (``_same_model``):
+    one made otherwise on some ranks fails on every rank, naming them."""
     given = list(schedule) if isinstance(schedule, (list, tuple)) else None
     auto = given is not None or isinstance(schedule, str) and schedule == "auto"
     unrun: list[tuple[str, int, str]] = []
     if isinstance(schedule, Schedule):
-        if schedule.num_ranks != p:
-            raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, "
-                             f"the grid's pp axis {p}")
-        schedule.validate()     # (a ScheduleError: before any layer is timed)
+        try:
+            if schedule.num_ranks != p:
+                raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, "
+                                 f"the grid's pp axis {p}")
+            schedule.validate()     # (a ScheduleError: before any layer is timed)
+        except ValueError as e:
+            if made is not None:
+                made.append(made_entry(None, repr(schedule.name), e))
+            raise
+        if made is not None:
+            made.append(made_entry(schedule, repr(schedule.name)))
         scheds = [schedule]
     else:
         if microbatches is not None:
@@ -177,7 +198,7 @@ def _schedules(schedule: Any, p: int, L: int, rows: int, microbatches: int | Non
             raise ValueError(f"{ms[0]} micro-batches need a batch of at least {ms[0]} "
                              f"rows; the sample has {rows}")
         if auto:    # each candidate, or the row saying why it cannot run (none timed yet)
-            scheds, unrun = _candidates(given or ["auto"], p, ms, chunks, L, rows)
+            scheds, unrun = _candidates(given or ["auto"], p, ms, chunks, L, rows, made)
             if not scheds:
                 raise ValueError("no candidate schedule can run:\n" + table([], None, unrun))
         else:

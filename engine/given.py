@@ -25,6 +25,7 @@ from .traced import called_whole, traceable
 from .torch_stage import checkpoint_modules
 from .tp_layers import sharded_layers
 from .tp_plan import digest, named_by
+from .user_schedules import made_agreed
 
 
 _AXES = ("dp", "pp", "tp")
@@ -232,8 +233,8 @@ def _cut(text: str, most: int = 300) -> str:
 
 def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
                 fault: BaseException | None = None, timeout: float | None = None,
-                held: Sequence[int] | None = None, listed: Sequence[str] | None = None
-                ) -> None:
+                held: Sequence[int] | None = None, listed: Sequence[str] | None = None,
+                made: Sequence[Sequence[str]] | None = None) -> None:
     """Raise on every rank, before anything is measured or cut, unless every
     rank built the same model: as many layers, each of the same make; and,
     within each dp replica (whose pp and tp ranks cut their stages and
@@ -251,7 +252,11 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
     stages' training only). ``listed``: this rank's ``schedule=[...]`` (each
     candidate in words, engine.distribute's ``_candidates_said``): a list
     that differs across ranks is refused on every rank, naming them (each
-    would rank, and run, its own)."""
+    would rank, and run, its own). ``made``: what became of this rank's own
+    schedules and families (engine.distribute_schedules' ``_schedules``;
+    None where it failed before them): where ranks made one otherwise
+    (code that depends on the rank), every rank raises the same error
+    naming them, whatever each raised of it (``made_agreed``)."""
     said: Any = None if fault is None else [type(fault).__name__, str(fault)]
     own: BaseException | None = None
     try:
@@ -259,9 +264,13 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
     except BaseException as e:
         own, prints, said = e, [], [type(e).__name__, str(e), True]
     mine = (_coord(grid, "dp"), prints, said, None if held is None else list(held),
-            None if listed is None else list(listed))
+            None if listed is None else list(listed),
+            None if made is None else [list(e) for e in made])
     everyone = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
     _raised(own)
+    if len({repr(t[4]) for t in everyone}) == 1 or any(t[2] is not None for t in everyone):
+        # (other lists, none failing: the lists' error below)
+        made_agreed(grid.comm.rank, [t[5] for t in everyone])
     if fault is not None:
         raise _retold(fault, f"rank {grid.comm.rank}: engine.distribute: {fault}") from fault
     failed = [(r, t[2]) for r, t in enumerate(everyone) if t[2] is not None]

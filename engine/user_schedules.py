@@ -3,17 +3,22 @@
 A schedule family, ``make(p, m) -> Schedule`` (as the built-in generators
 are), is made at each micro-batch count as a built-in's name is
 (``Family``: engine.candidates' ``builtin`` calls it where it looks a name
-up), each one checked and verified, a failure a row saying why.
+up), each one checked and verified, a failure a row saying why. What each
+rank made of its own schedules (``made_entry``: a digest of each, or why
+it could not) is set beside the other ranks' (``made_agreed``): a schedule
+built from code that depends on the rank fails on every rank at once,
+naming the ranks, instead of on some while the others measure.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .ir import Schedule
 from .schedules import is_name
 
-__all__ = ["Family", "family_or_name"]
+__all__ = ["Family", "family_or_name", "made_entry", "made_agreed"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -68,3 +73,37 @@ def family_or_name(make: Callable[..., Any], k: int) -> str | Family:
     if not isinstance(name, str) or not name:
         name = own if isinstance(own, str) and own.isidentifier() else f"family #{k}"
     return Family(make, name)
+
+
+def made_entry(sched: Schedule | None, label: str, why: BaseException | str | None = None
+               ) -> list[str]:
+    """One entry of what a rank made of its own schedules: ``label`` and a
+    digest of ``sched``, or why it could not make or run it."""
+    if why is not None:
+        return [label, f"failed: {why if isinstance(why, str) else _first_line(why)}"]
+    assert sched is not None
+    return [label, "#" + hashlib.sha1(sched.to_json().encode()).hexdigest()[:8]]
+
+
+def made_agreed(rank: int, everyone: Sequence[Sequence[Sequence[str]] | None]) -> None:
+    """Raise the same ValueError on every rank (``rank``: this one) where the
+    ranks made their own schedules otherwise (``everyone``: each rank's
+    ``made_entry`` lists; None where it made none, failing before): the first
+    schedule that differs, each group of ranks with what it made of it or
+    why it failed. Ranks whose entries name other schedules (other lists)
+    are left to the list's own check."""
+    given = [[list(e) for e in m] for m in everyone if m is not None]
+    ranks = [r for r, m in enumerate(everyone) if m is not None]
+    for i in range(min((len(m) for m in given), default=0)):
+        if len({m[i][0] for m in given}) > 1:
+            return
+        groups: dict[str, list[int]] = {}
+        for r, m in zip(ranks, given):
+            groups.setdefault(m[i][1], []).append(r)
+        if len(groups) > 1:
+            raise ValueError(
+                f"rank {rank}: engine.distribute: your schedule {given[0][i][0]} is not the "
+                f"same on every rank: " + "; ".join(
+                    f"ranks {rs} " + (f"made {what}" if what.startswith("#") else what)
+                    for what, rs in groups.items())
+                + "; make your schedules from code that does not depend on the rank")

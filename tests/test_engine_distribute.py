@@ -185,10 +185,11 @@ def test_your_own_schedules_are_ranked_beside_the_built_ins_and_no_row_is_left_o
     assert _candidates_said("auto") is None
     # a family, make(p, m), at each count as a name is: each made, checked and verified, its
     # row named by it; one that raises or fails verification a row saying why; a built-in
-    # generator is its name
+    # generator is its name; what each rank made of each said for the ranks to agree on
+    made: list = []
     scheds, unrun = _candidates([deeper, "1f1b", backwards_first, engine.zb_v,
                                  lambda p, m: engine.schedules.gpipe(p, m + 1)], 2, [2, 4], 2,
-                                3, 12)
+                                3, 12, made)
     assert [s.name for s in scheds] == ["1f1b(2,2)", "1f1b(2,4)", "backwards_first(2,2)",
                                         "deeper(2,4)"]
     assert scheds[3].ranks == deeper(2, 4).ranks and scheds[2].ranks == scheds[0].ranks
@@ -199,9 +200,22 @@ def test_your_own_schedules_are_ranked_beside_the_built_ins_and_no_row_is_left_o
                                     "1B0 before its forward 1F0"),
         ("family #3(2,4)", 4, "family #3(2, 4) made a schedule of 2 ranks and 5 micro-batches")]
     assert [row[0] for row in unrun[4:]] == ["zb_v(2,2)", "zb_v(2,4)"]
+    assert [e[0] for e in made] == ["deeper(2,2)", "backwards_first(2,2)", "family #3(2,2)",
+                                    "deeper(2,4)", "backwards_first(2,4)", "family #3(2,4)"]
+    assert made[0][1] == "failed: " + unrun[0][2] and made[3][1].startswith("#")
     assert _candidates_said(["1F1B", deeper, engine.schedules.zb_v]) == [
         "'1f1b'", "family 'deeper'", "'zb-v'"]
     assert _candidates([deeper], 2, [4], 2, 3, 12)[0][0].name == "deeper(2,4)"
+    from engine.user_schedules import made_agreed
+    other = [list(e) for e in made]
+    other[3][1] = "failed: ValueError: rank 2's own"
+    made_agreed(1, [made, None, made])      # (None: a rank that failed before making them)
+    made_agreed(1, [made, other[1:]])       # (other lists: the lists' own error)
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"rank 1: engine.distribute: your schedule deeper(2,4) is not the same on every "
+            f"rank: ranks [0, 1] made {made[3][1]}; ranks [2] failed: ValueError: rank 2's own; "
+            f"make your schedules from code that does not depend on the rank") + "$"):
+        made_agreed(1, [made, made, other, None])
     # a Schedule of other ranks, or broken: an error naming it, before anything is timed
     with pytest.raises(ValueError, match=re.escape(
             "schedule 'yours #2' (yours #2) has 3 ranks, the grid's pp axis 2")):
@@ -2408,9 +2422,18 @@ def _one_row_worker(world):
     broken = engine.Schedule.build([["0F0", "0F1", "0B0", "0B1"], ["1B0", "1F0", "1F1", "1B1"]],
                                    num_microbatches=2, stage_ranks=[0, 1], name="mine")
     other = engine.schedules.one_f_one_b(2, 4)
+
+    def odd(p, m):      # a family of rank-dependent code: it raises on rank 1 at m=4 only
+        if world.rank == 1 and m == 4:
+            raise RuntimeError("rank 1's own")
+        return engine.schedules.one_f_one_b(p, m)
+    own = DEEP if world.rank == 0 else DEEP.replace(      # broken on rank 1 only
+        [DEEP.ranks[0], [DEEP.ranks[1][1], DEEP.ranks[1][0], *DEEP.ranks[1][2:]]])
     for case, given in (("apart", ["1f1b", DEEP if world.rank == 0 else other.replace(
                             other.ranks, name="deep")]), ("broken", ["1f1b", broken]),
-                        ("none", ["zb-v", "interleaved"])):
+                        ("none", ["zb-v", "interleaved"]), ("odd", ["1f1b", odd]),
+                        ("own", own), ("own apart", DEEP if world.rank == 0 else other.replace(
+                            other.ranks, name="deep"))):
         try:
             engine.distribute(_yours_model(), mesh.grid(world, pp=2), sample=x, schedule=given,
                               loss_fn=mse, timeout=30, reps=1, verbose=False, tag_base=4 << 20)
@@ -2521,6 +2544,21 @@ def _yours_trained_alike(results: list[dict]) -> None:
             "cannot run: schedule 'backwards_first(2,4)' is invalid: rank 1 runs 1B0 before "
             "its forward 1F0"), fam["table"]
         np.testing.assert_allclose(fam["losses"], losses, rtol=1e-10)
+        # a family, or a Schedule, that rank-dependent code makes otherwise on some rank:
+        # the same error on every rank, before anything is timed, naming them and why
+        said = "engine.distribute: your schedule "
+        fix = "; make your schedules from code that does not depend on the rank"
+        assert re.fullmatch(re.escape(f"rank {r}: {said}odd(2,4) is not the same on every "
+                                      f"rank: ranks [0] made #") + "[0-9a-f]{8}" + re.escape(
+            "; ranks [1] failed: odd(2, 4) raised RuntimeError: rank 1's own" + fix),
+            got["odd"]), got["odd"]
+        assert re.fullmatch(re.escape(f"rank {r}: {said}'deep' is not the same on every rank: "
+                                      f"ranks [0] made #") + "[0-9a-f]{8}" + re.escape(
+            "; ranks [1] failed: ScheduleError: schedule 'deep' is invalid: rank 1 runs 1B0 "
+            "before its forward 1F0" + fix), got["own"]), got["own"]
+        assert re.fullmatch(re.escape(f"rank {r}: {said}'deep' is not the same on every rank: "
+                                      f"ranks [0] made #") + "[0-9a-f]{8}; ranks \\[1\\] made #"
+                            "[0-9a-f]{8}" + re.escape(fix), got["own apart"]), got["own apart"]
     for trained in (results[0]["yours"]["state"], results[0]["yours"]["family"]["state"]):
         for k, v in model.state_dict().items():
             np.testing.assert_allclose(trained[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
