@@ -1,0 +1,464 @@
+"""DeepSpeed's training API on meshrun: ``from engine import deepspeed`` in
+place of ``import deepspeed`` runs a data-parallel DeepSpeed script
+unchanged under ``meshrun -n N``, torchrun or ``mesh.spawn``::
+
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config="ds_config.json")
+    for x, y in loader:
+        loss = loss_fn(engine(x), y)
+        engine.backward(loss)       # gradients averaged over dp at the boundary
+        engine.step()               # optimizer and scheduler at the boundary only
+    engine.save_checkpoint(dir, tag); engine.load_checkpoint(dir, tag)
+
+The process group is torch.distributed's on the "meshrun" backend
+(collectives.torchdist). Gradients are averaged by a
+``collectives.GradReducer`` as backward makes them final, on the
+accumulation boundary's backward only (DDP's ``no_sync`` before it). ZeRO
+is ``engine.ZeroRedundancyOptimizer``: stage 1 over the dp group, stages 2
+and 3 over a pp=1 ``engine.distribute`` job of the model (its parameters
+the model's own); under stage 3 the job's ``gathered()`` gives a step's
+forwards and backwards the whole weights (``stage3_per_layer=False``'s
+peak) and drops the others' shares after the step. A checkpoint is one
+whole file (every parameter, the whole optimizer state by index), so it
+loads at any dp size and ZeRO stage (engine.ds_checkpoint). Config:
+engine.ds_config. A ``PipelineModule`` gets engine.ds_pipe's engine
+(``train_batch`` on an ``engine.distribute`` job over dp x pp).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import weakref
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+import collectives
+import mesh
+
+from .ds_checkpoint import load, save
+from .ds_config import (SCHEDULERS, Config, DynamicLossScaler, WarmupCosineLR, WarmupDecayLR,
+                        WarmupLR, optimizer_class, parse)
+from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
+
+__all__ = ["initialize", "init_distributed", "DeepSpeedEngine", "comm", "DeepSpeedConfigError",
+           "zero", "add_config_arguments",
+           "WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "PipelineModule", "LayerSpec",
+           "TiedLayerSpec", "PipelineEngine"]
+
+DeepSpeedConfigError = ValueError
+
+
+def init_distributed(dist_backend: str | None = None, timeout: Any = None,
+                     **_ignored: Any) -> None:
+    """Join the job on torch.distributed's "meshrun" backend (whatever
+    ``dist_backend`` names: "nccl", "gloo" and "ccl" run on meshrun too);
+    nothing where a process group exists."""
+    from collectives import torchdist
+    if not dist.is_initialized():       # (torchdist registered the "meshrun" backend)
+        kw = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(torchdist.BACKEND, **kw)
+
+
+class _Comm:
+    """``deepspeed.comm``'s basics, torch.distributed's on the meshrun group."""
+    get_rank = staticmethod(lambda group=None: dist.get_rank(group))
+    get_world_size = staticmethod(lambda group=None: dist.get_world_size(group))
+    get_local_rank = staticmethod(lambda: int(os.environ.get("LOCAL_RANK", "0")))
+    all_reduce = staticmethod(dist.all_reduce)
+    broadcast = staticmethod(dist.broadcast)
+    all_gather = staticmethod(dist.all_gather)
+    barrier = staticmethod(dist.barrier)
+    is_initialized = staticmethod(dist.is_initialized)
+    ReduceOp = dist.ReduceOp
+    init_distributed = staticmethod(init_distributed)
+
+
+comm = _Comm()
+
+
+class _GatheredParameters:
+    """``deepspeed.zero.GatheredParameters(params)``: under ZeRO 3 the
+    engine's parameters whole for the block (its job's ``gathered()``,
+    collective), read-only: ``modifier_rank`` (DeepSpeed's: that rank's
+    writes broadcast after) is not supported. Outside ZeRO 3, nothing."""
+
+    def __init__(self, params: Any, modifier_rank: int | None = None,
+                 fwd_module: Any = None, enabled: bool = True) -> None:
+        if modifier_rank is not None:
+            raise NotImplementedError(
+                "deepspeed.zero.GatheredParameters(modifier_rank=...): not supported on "
+                "meshrun (read-only); load new values with engine.load_checkpoint")
+        ps = [params] if isinstance(params, torch.Tensor) else list(params)
+        ids = {id(p) for p in ps}
+        self._held: Any = contextlib.nullcontext()
+        for eng in list(_ENGINES) if enabled else []:
+            if any(id(p) in ids for p in eng.module.parameters()):
+                self._held = eng._whole()
+                break
+
+    def __enter__(self) -> None:
+        self._held.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._held.__exit__(*exc)
+
+
+class _Zero:
+    """``deepspeed.zero``: ``Init`` (a model built whole, sharded by
+    ``initialize``: a context that does nothing) and ``GatheredParameters``."""
+    GatheredParameters = _GatheredParameters
+
+    @staticmethod
+    @contextlib.contextmanager
+    def Init(*args: Any, **kwargs: Any) -> Iterator[None]:
+        yield
+
+
+zero = _Zero()
+_ENGINES: "weakref.WeakSet[DeepSpeedEngine]" = weakref.WeakSet()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """DeepSpeed's ``--deepspeed``, ``--deepspeed_config`` (read by
+    ``initialize(args=...)``) and ``--local_rank`` on an argparse parser."""
+    group = parser.add_argument_group("DeepSpeed", "DeepSpeed configurations")
+    group.add_argument("--deepspeed", default=False, action="store_true",
+                       help="Enable DeepSpeed (meshrun's engine.deepspeed)")
+    group.add_argument("--deepspeed_config", default=None, type=str,
+                       help="DeepSpeed json configuration file.")
+    if not any("--local_rank" in a.option_strings for a in parser._actions):
+        group.add_argument("--local_rank", "--local-rank", type=int,
+                           default=int(os.environ.get("LOCAL_RANK", "0")))
+    return parser
+
+
+class DeepSpeedEngine(torch.nn.Module):
+    """The model wrapped for data-parallel training (DeepSpeed's engine:
+    ``module``, ``optimizer``, ``lr_scheduler``, ``global_steps``)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, world: Any,
+                 optimizer: Any, params: Any, lr_scheduler: Any) -> None:
+        super().__init__()
+        self.module = model
+        self.cfg, self.world = cfg, world
+        self.global_rank, self.world_size = world.rank, world.size
+        self.dp_world_size = world.size
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.global_steps = self.global_samples = self.skipped_steps = self.micro_steps = 0
+        self._norm: float | None = None
+        self._held: Any = None          # stage 3: the job's gathered() for the step
+        self.job: Any = None
+        trained = [p for p in model.parameters() if p.requires_grad]
+        stage = cfg.zero_stage
+        if stage >= 2:      # (ZeRO 2 and 3 are a job's: its parameters the model's own)
+            import engine
+            # (one layer, the model: never traced, so any forward runs; the job runs no step)
+            self.job = engine.distribute(
+                torch.nn.Sequential(model), mesh.grid(world, dp=world.size, pp=1),
+                schedule="1f1b",
+                microbatches=1, balance="parameters", loss_fn=lambda y, t: y, verbose=False)
+        # made before stage 3 empties the others' shares: its buckets' shapes are whole
+        self.reducer = collectives.GradReducer(world, trained)
+        self._boundary = [False]
+        for i, p in enumerate(trained):
+            p.register_post_accumulate_grad_hook(
+                lambda p, i=i: self.reducer.ready(i) if self._boundary[0] else None)
+        self.optimizer = self._optimizer(optimizer, params, trained)
+        if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
+            lr_scheduler = lr_scheduler(self.optimizer)     # (DeepSpeed's: a factory)
+        # the user's optimizer, where ZeRO's wraps it: its scheduler sets its groups' lr,
+        # handed on to ZeRO's after each step (_handed)
+        self._client = optimizer if optimizer is not self.optimizer else None
+        self.lr_scheduler = lr_scheduler
+        if cfg.scheduler is not None:
+            if self.optimizer is None:
+                raise ValueError("deepspeed config: scheduler: needs an optimizer")
+            self.lr_scheduler = SCHEDULERS[cfg.scheduler["type"]](
+                self.optimizer, **cfg.scheduler.get("params", {}))
+        f = cfg.fp16
+        self.loss_scaler = None if f is None or f["loss_scale"] else DynamicLossScaler(
+            2.0 ** f["initial_scale_power"], f["loss_scale_window"], f["min_loss_scale"],
+            f["hysteresis"], f["consecutive_hysteresis"])
+        self.dtype = torch.float16 if f is not None else \
+            torch.bfloat16 if cfg.bf16 else None
+
+    def _optimizer(self, given: Any, params: Any, trained: list[Any]) -> Any:
+        cfg = self.cfg
+        if given is not None and cfg.optimizer is not None:
+            raise ValueError("deepspeed config: optimizer: given in the config and as "
+                             "optimizer= too; pass one")
+        if given is None and cfg.optimizer is None:
+            return None
+        if given is not None and cfg.zero_stage == 0:
+            return given
+        if given is not None:
+            cls, hyper = type(given), dict(given.defaults)
+            groups: Any = [dict(g) for g in given.param_groups]
+        else:
+            cls, hyper = optimizer_class(cfg.optimizer or {})
+            groups = trained if params is None else list(params)
+            if cfg.zero_stage == 0:
+                try:
+                    return cls(groups, **hyper)
+                except TypeError as e:
+                    raise ValueError(f"deepspeed config: optimizer.params: {e}") from None
+        if cfg.zero_stage == 0:
+            return cls(groups, **hyper)
+        import engine
+        if cfg.zero_stage == 1:
+            return engine.ZeroRedundancyOptimizer(groups, cls, self.world, stage=1, **hyper)
+        return engine.ZeroRedundancyOptimizer(groups, cls, self.job, stage=cfg.zero_stage,
+                                              stage3_per_layer=False, **cfg.zero_knobs,
+                                              **hyper)
+
+    # ---- DeepSpeed's figures
+
+    def train_batch_size(self) -> int:
+        return self.cfg.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.cfg.micro_batch
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.cfg.gas
+
+    def zero_optimization_stage(self) -> int:
+        return self.cfg.zero_stage
+
+    def fp16_enabled(self) -> bool:
+        return self.cfg.fp16 is not None
+
+    def bfloat16_enabled(self) -> bool:
+        return self.cfg.bf16
+
+    @property
+    def cur_scale(self) -> float:
+        f = self.cfg.fp16
+        if f is None:
+            return 1.0
+        return self.loss_scaler.cur_scale if self.loss_scaler else float(f["loss_scale"])
+
+    loss_scale = cur_scale
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._norm
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.cfg.gas == 0
+
+    # ---- the step
+
+    def _gather(self) -> None:
+        """Stage 3: every parameter whole until the step's end (collective)."""
+        if self.job is not None and self.cfg.zero_stage == 3 and self._held is None:
+            self._held = self.job.gathered()
+            self._held.__enter__()
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._gather()
+        cast = torch.autocast(next(self.module.parameters()).device.type, dtype=self.dtype) \
+            if self.dtype is not None else contextlib.nullcontext()
+        try:
+            with cast:
+                return self.module(*args, **kwargs)
+        finally:
+            if not (self.training and torch.is_grad_enabled()):
+                self._release()     # (an evaluation's forward: no backward to come)
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False,
+                 scale_wrt_gas: bool = True) -> torch.Tensor:
+        """``loss`` (this micro-batch's mean) divided by the accumulation
+        steps and scaled (fp16), backward; on the boundary's micro-batch each
+        gradient is averaged over dp as backward makes it final, all waited
+        for here."""
+        self._boundary[0] = self.is_gradient_accumulation_boundary()
+        scaled = loss / self.cfg.gas if scale_wrt_gas and self.cfg.gas > 1 else loss
+        if self.cfg.fp16 is not None:
+            scaled = scaled.float() * self.cur_scale
+        try:
+            scaled.backward(retain_graph=retain_graph)
+            if self._boundary[0]:
+                self.reducer.wait()
+        finally:    # (the hooks idle outside this engine's backward: another's on the model)
+            self._boundary[0] = False
+        return loss
+
+    def step(self) -> None:
+        """At the boundary: (fp16) skip on an overflow, unscale; clip; step
+        the optimizer and scheduler; zero the gradients. Else nothing but
+        counting the micro-batch."""
+        if self.is_gradient_accumulation_boundary():
+            try:
+                self._boundary_step()
+            finally:
+                self._release()
+            self.global_steps += 1
+            self.global_samples += self.cfg.train_batch_size
+            spp = self.cfg.steps_per_print
+            if spp and self.global_steps % spp == 0 and self.global_rank == 0:
+                mom = [g.get("betas", (g.get("momentum", 0.0),))[0]
+                       for g in self.optimizer.param_groups] if self.optimizer else []
+                print(f"[Rank 0] step={self.global_steps}, skipped={self.skipped_steps}, "
+                      f"lr={self.get_lr()}, mom={mom}", flush=True)
+        self.micro_steps += 1
+
+    def _boundary_step(self) -> None:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if self.cfg.fp16 is not None:
+            # (the gradients are the dp average: every rank finds the same)
+            overflow = any(not bool(torch.isfinite(g).all()) for g in grads)
+            if self.loss_scaler is not None:
+                scale = self.loss_scaler.cur_scale
+                self.loss_scaler.update_scale(overflow)
+            else:
+                scale = float(self.cfg.fp16["loss_scale"])
+            if overflow:
+                self.skipped_steps += 1
+                self.zero_grad()
+                if self.global_rank == 0:       # (DeepSpeed's words)
+                    print(f"[deepspeed] OVERFLOW! Rank 0 Skipping step. Attempted loss scale: "
+                          f"{int(scale)}, reducing to {int(self.cur_scale)}", flush=True)
+                return
+            for g in grads:
+                g.div_(scale)
+        if self.cfg.gradient_clipping > 0:
+            self._norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.module.parameters() if p.grad is not None],
+                self.cfg.gradient_clipping))
+        opt = self.optimizer
+        if self.cfg.zero_stage >= 2 and opt is not None:     # (each keeps its share's)
+            for p in self.module.parameters():
+                if not opt.holds(p):
+                    p.grad = None
+        self._release()
+        if opt is not None:
+            opt.step()
+        if self._client is not None:
+            self._client._opt_called = True     # (torch's schedulers check it was stepped)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self._handed()
+        self.zero_grad()
+
+    def _handed(self, back: bool = False) -> None:
+        """The user's optimizer's hyperparameters (its scheduler's lr) on the
+        ZeRO optimizer that wraps it (``back``: the other way, after a load)."""
+        if self._client is None:
+            return
+        pairs = zip(self._client.param_groups, self.optimizer.param_groups)
+        for a, b in pairs:
+            src, dst = (b, a) if back else (a, b)
+            dst.update({k: v for k, v in src.items() if k != "params"})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
+        for p in self.module.parameters():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    # ---- checkpoints: one whole file, written by rank 0 (engine.ds_checkpoint)
+
+    def _whole(self, fill: bool = True) -> Any:
+        """Stage 3: every parameter's values for a while (collective); else nothing."""
+        return self.job.gathered(fill) if self.job is not None and \
+            self.cfg.zero_stage == 3 else contextlib.nullcontext()
+
+    def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: Any = None,
+                        save_latest: bool = True) -> bool:
+        """``save_dir/tag/mp_rank_00_model_states.pt`` (tag default
+        ``global_step<N>``): the whole model, optimizer, scheduler, loss
+        scale, counters and ``client_state``; ``save_dir/latest`` names the
+        tag. Collective: rank 0 writes."""
+        return save(self, save_dir, tag, client_state, save_latest)
+
+    def load_checkpoint(self, load_dir: str, tag: Any = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False) -> tuple[str | None, Any]:
+        """Load what ``save_checkpoint`` wrote (any dp size, any ZeRO stage):
+        ``(path, client_state)``; ``(None, None)`` where ``tag`` is None and
+        ``load_dir/latest`` is missing, as DeepSpeed's. Every rank reads the file."""
+        return load(self, load_dir, tag, load_module_strict, load_optimizer_states,
+                    load_lr_scheduler_states, load_module_only)
+
+
+def _dataloader(data: Any, cfg: Config, world: Any, collate_fn: Any) -> Any:
+    sampler: Any = torch.utils.data.DistributedSampler(data, num_replicas=world.size,
+                                                  rank=world.rank)
+    return torch.utils.data.DataLoader(data, batch_size=cfg.micro_batch, sampler=sampler,
+                                       collate_fn=collate_fn)
+
+
+def _agreed(world: Any, config: Any, dp: int) -> Config:
+    """``config`` parsed here and compared with every rank's (one
+    all-gather): a rank's error, or another config, raises on every rank
+    naming it (the others went on into collectives it never made)."""
+    fault: Exception | None = None
+    said: Any = None
+    try:
+        cfg = parse(config, dp)
+        said = repr(cfg)
+    except (TypeError, ValueError, OSError) as e:
+        fault, said = e, None
+    told = collectives.all_gather_object(world, [said, None if fault is None else
+                                                 f"{type(fault).__name__}: {fault}"])
+    if fault is not None:
+        raise type(fault)(f"rank {world.rank}: {fault}") from fault
+    bad = next((r for r, (_, e) in enumerate(told) if e is not None), None)
+    if bad is not None:
+        raise ValueError(f"rank {world.rank}: deepspeed.initialize: rank {bad} refused its "
+                         f"config: {told[bad][1]}")
+    other = next((r for r, (c, _) in enumerate(told) if c != said), None)
+    if other is not None:
+        raise ValueError(f"rank {world.rank}: deepspeed.initialize: rank {other}'s config "
+                         f"differs from this rank's: {told[other][0]} and {said}")
+    return cfg
+
+
+def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
+               model_parameters: Iterable[Any] | None = None, training_data: Any = None,
+               lr_scheduler: Any = None, mpu: Any = None, dist_init_required: Any = None,
+               collate_fn: Any = None, config: Any = None, config_params: Any = None
+               ) -> tuple[Any, Any, Any, Any]:
+    """DeepSpeed's ``initialize``: ``(engine, optimizer, training_dataloader,
+    lr_scheduler)``. ``config`` (or ``config_params``, or
+    ``args.deepspeed_config``): a dict or a JSON file's path. Collective."""
+    if model is None:
+        raise ValueError("deepspeed.initialize: model= is required")
+    if mpu is not None:
+        raise ValueError("deepspeed.initialize: mpu= (model parallelism): not supported; "
+                         "engine.distribute takes tensor and pipeline parallelism")
+    config = config if config is not None else config_params
+    if config is None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ValueError("deepspeed.initialize: no config (config=, config_params= or "
+                         "args.deepspeed_config)")
+    init_distributed()
+    from collectives.torchdist import comm_of
+    world = comm_of()
+    pipe = isinstance(model, PipelineModule)
+    cfg = _agreed(world, config, max(1, world.size // model.num_stages) if pipe else world.size)
+    if lr_scheduler is not None and cfg.scheduler is not None:
+        raise ValueError("deepspeed config: scheduler: given in the config and as "
+                         "lr_scheduler= too; pass one")
+    if isinstance(model, PipelineModule):
+        peng = PipelineEngine(model, cfg, world, optimizer, lr_scheduler)
+        return peng, peng.optimizer, None, peng.lr_scheduler
+    eng = DeepSpeedEngine(model, cfg, world, optimizer, model_parameters, lr_scheduler)
+    _ENGINES.add(eng)
+    loader = None if training_data is None else _dataloader(training_data, cfg, world,
+                                                             collate_fn)
+    return eng, eng.optimizer, loader, eng.lr_scheduler

@@ -1,0 +1,101 @@
+"""engine.deepspeed's checkpoints: one whole file that loads at any dp size.
+
+``save`` writes ``save_dir/tag/mp_rank_00_model_states.pt`` on rank 0:
+every parameter (under ZeRO 3 gathered first), the whole optimizer state
+by index (a ZeRO optimizer's shares consolidated on rank 0: torch's
+format, as one optimizer's), the scheduler, the loss scale, the counters
+and the client's own keys, then ``save_dir/latest``. ``load`` reads it on
+every rank; a ZeRO optimizer keeps its own share of the state, so the
+number of ranks and the stage may differ from the saving run's. A rank
+that fails to write or read makes every rank raise, naming it (one
+all-gather), where the others would wait in the next collective.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+import collectives
+
+__all__ = ["save", "load", "FILE"]
+
+FILE = "mp_rank_00_model_states.pt"
+_OWN_KEYS = {"module", "optimizer", "lr_scheduler", "loss_scaler", "global_steps",
+             "global_samples", "skipped_steps", "dp_world_size", "zero_stage", "ds_version"}
+
+
+def _told(eng: Any, error: BaseException | None, what: str) -> None:
+    """Every rank raises where one failed (one all-gather)."""
+    said = None if error is None else f"rank {eng.global_rank}: {type(error).__name__}: {error}"
+    told = [t for t in collectives.all_gather_object(eng.world, said) if t]
+    if error is not None:
+        raise error
+    if told:
+        raise RuntimeError(f"rank {eng.global_rank}: {what} failed on {told[0]}")
+
+
+def save(eng: Any, save_dir: str, tag: Any, client_state: Any, save_latest: bool) -> bool:
+    """``eng.save_checkpoint``: collective, rank 0 writes."""
+    tag = f"global_step{eng.global_steps}" if tag is None else str(tag)
+    with eng._whole():
+        module = {k: v.detach().clone() for k, v in eng.module.state_dict().items()}
+    opt = eng.optimizer
+    if opt is not None and hasattr(opt, "consolidate_state_dict"):
+        opt.consolidate_state_dict(0)
+    error: BaseException | None = None
+    if eng.global_rank == 0:
+        try:
+            state = dict(client_state or {})
+            state.update(
+                module=module, optimizer=None if opt is None else opt.state_dict(),
+                lr_scheduler=None if eng.lr_scheduler is None else eng.lr_scheduler.state_dict(),
+                loss_scaler=None if eng.loss_scaler is None else eng.loss_scaler.state_dict(),
+                global_steps=eng.global_steps, global_samples=eng.global_samples,
+                skipped_steps=eng.skipped_steps, dp_world_size=eng.dp_world_size,
+                zero_stage=eng.cfg.zero_stage, ds_version="meshrun")
+            os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+            torch.save(state, os.path.join(save_dir, tag, FILE))
+            if save_latest:
+                with open(os.path.join(save_dir, "latest"), "w") as f:
+                    f.write(tag)
+        except Exception as e:
+            error = e
+    _told(eng, error, f"save_checkpoint({save_dir!r}, {tag!r})")
+    return True
+
+
+def load(eng: Any, load_dir: str, tag: Any, strict: bool, optimizer_states: bool,
+         scheduler_states: bool, module_only: bool) -> tuple[str | None, Any]:
+    """``eng.load_checkpoint``: ``(path, client_state)``, or ``(None, None)``
+    where no tag is given and ``load_dir/latest`` is missing (DeepSpeed's)."""
+    if tag is None:
+        latest = os.path.join(load_dir, "latest")
+        if not os.path.isfile(latest):
+            return None, None
+        with open(latest) as f:
+            tag = f.read().strip()
+    path = os.path.join(load_dir, str(tag), FILE)
+    error: BaseException | None = None
+    ck: dict[str, Any] = {}
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        error = e
+    _told(eng, error, f"load_checkpoint({path!r})")
+    with eng._whole(fill=False):        # (under ZeRO 3 each rank keeps its share's)
+        eng.module.load_state_dict(ck["module"], strict=strict)
+    if not module_only:
+        if optimizer_states and eng.optimizer is not None and ck["optimizer"]:
+            eng.optimizer.load_state_dict(ck["optimizer"])      # (its lr too)
+        if scheduler_states and eng.lr_scheduler is not None and \
+                ck["lr_scheduler"] is not None:
+            eng.lr_scheduler.load_state_dict(ck["lr_scheduler"])
+        eng._handed(back=True)
+        if eng.loss_scaler is not None and ck["loss_scaler"] is not None:
+            eng.loss_scaler.load_state_dict(ck["loss_scaler"])
+        eng.global_steps = ck["global_steps"]
+        eng.global_samples = ck["global_samples"]
+        eng.skipped_steps = ck["skipped_steps"]
+    return path, {k: v for k, v in ck.items() if k not in _OWN_KEYS}
