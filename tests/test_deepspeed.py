@@ -1,0 +1,386 @@
+"""engine.deepspeed: DeepSpeed's training API over meshrun (one import changed),
+against one process on the full batch."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+import pytest
+
+import mesh
+
+torch = pytest.importorskip("torch")
+
+from engine import deepspeed  # noqa: E402
+from engine.ds_config import (DynamicLossScaler, WarmupCosineLR, WarmupDecayLR,  # noqa: E402
+                              WarmupLR, parse)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GAS, STEPS = 2, 3
+
+
+class _Net(torch.nn.Module):
+    """A forward torch.fx cannot trace (a branch on a value), with a keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, x: Any, *, scale: float = 1.0) -> Any:
+        h = self.a(x)
+        if bool(h.abs().sum() >= 0):
+            h = h.tanh()
+        return self.b(h) * scale
+
+
+def _net() -> Any:
+    torch.manual_seed(0)
+    return _Net()
+
+
+def _data(step: int, rows: int) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(rows, 4, generator=g), torch.randn(rows, 2, generator=g)
+
+
+def _config(stage: int, rows: int, **more: Any) -> dict[str, Any]:
+    cfg = {"train_batch_size": rows, "gradient_accumulation_steps": GAS,
+           "gradient_clipping": 0.05, "steps_per_print": None,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
+           "scheduler": {"type": "WarmupDecayLR", "params": {
+               "warmup_min_lr": 1e-3, "warmup_max_lr": 1e-2, "warmup_num_steps": 2,
+               "total_num_steps": 5, "warmup_type": "linear"}},
+           "zero_optimization": {"stage": stage}}
+    cfg.update(more)
+    return cfg
+
+
+def _train(eng: Any, rank: int, steps: range, rows: int) -> None:
+    """DeepSpeed's loop: this rank's GAS micro-batches of the global batch."""
+    mb = eng.train_micro_batch_size_per_gpu()
+    for s in steps:
+        x, y = _data(s, rows)
+        for k in range(GAS):
+            i = (rank * GAS + k) * mb
+            loss = torch.nn.functional.mse_loss(eng(x[i:i + mb], scale=1.0), y[i:i + mb])
+            eng.backward(loss)
+            eng.step()
+
+
+def _reference(steps: range, rows: int, dtype: Any = None, fp16: Any = None,
+               model: Any = None) -> tuple[Any, int]:
+    """One process, the whole batch a step: the same optimizer, schedule,
+    clipping (and autocast, and fp16's loss scale ``fp16``: its skipped
+    steps. A dp rank's backward, of its own rows' mean, runs at dp times one
+    process's gradients, averaged after it: the same overflows at a scale dp
+    times as high)."""
+    m = model or _net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    sch = WarmupDecayLR(opt, 5, 1e-3, 1e-2, 2, "linear")
+    scaler = None if fp16 is None else DynamicLossScaler(fp16, 1000, 1.0, 1)
+    skipped = 0
+    for s in steps:
+        x, y = _data(s, rows)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.mse_loss(m(x), y)
+        scale = 1.0 if scaler is None else scaler.cur_scale
+        (loss.float() * scale).backward()
+        grads = [p.grad for p in m.parameters()]
+        overflow = any(not bool(torch.isfinite(g).all()) for g in grads)
+        if scaler is not None:
+            scaler.update_scale(overflow)
+        if overflow:
+            skipped += 1
+        else:
+            for g in grads:
+                g.div_(scale)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            opt.step()
+            sch.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in m.parameters()], skipped
+
+
+def _weights(eng: Any) -> list[Any]:
+    with eng._whole():
+        return [p.detach().clone() for p in eng.module.parameters()]
+
+
+def _gap(a: list[Any], b: list[Any]) -> float:
+    return max(float((x.detach().float() - y.detach().float()).abs().max())
+               for x, y in zip(a, b))
+
+
+def _cases(world: Any, ckpt: str) -> dict[str, Any]:
+    rows = 4 * world.size
+    out: dict[str, Any] = {}
+    said = []      # a config refused on rank 1 only, then one rank 1 has another of
+    for more in ({"bogus_key": 1}, {"gradient_clipping": 2.0}):
+        try:
+            deepspeed.initialize(model=_net(), config=_config(
+                0, rows, **(more if world.rank == 1 else {})))
+        except ValueError as e:
+            said.append(str(e))
+    out["refused"] = said
+    for stage in (0, 1, 2, 3):
+        with deepspeed.zero.Init():     # (built whole; initialize shards it)
+            m = _net()
+        eng, opt, _, sch = deepspeed.initialize(model=m, model_parameters=m.parameters(),
+                                                config=_config(stage, rows))
+        assert eng.gradient_accumulation_steps() == GAS and eng.module is m
+        _train(eng, world.rank, range(STEPS), rows)
+        assert eng.global_steps == STEPS and eng.micro_steps == STEPS * GAS
+        out[f"stage {stage}"] = _gap(_weights(eng), _reference(range(STEPS), rows)[0])
+        if stage == 3:      # an evaluation's forward gathers, then drops the others' again
+            r = _net()
+            with torch.no_grad():
+                for a, b in zip(r.parameters(), _weights(eng)):
+                    a.copy_(b)
+            x = _data(99, 3)[0]
+            eng.eval()
+            with torch.no_grad():
+                out["eval"] = _gap([eng(x)], [r(x)])
+            eng.train()
+            out["emptied"] = sum(p.numel() == 0 for p in m.parameters())
+            with deepspeed.zero.GatheredParameters(list(m.parameters())[:1]):
+                out["gathered"] = sum(p.numel() == 0 for p in m.parameters())
+        if stage == 1:      # a second engine on the same model: the first's hooks stay idle
+            again, _, _, _ = deepspeed.initialize(model=m, config=_config(0, rows))
+            _train(again, world.rank, range(1), rows)
+            assert again.global_steps == 1
+        if stage == 2:      # saved at dp=2, stage 2; the continuation for the load's test
+            eng.save_checkpoint(ckpt, client_state={"epoch": 7})
+            _train(eng, world.rank, range(STEPS, STEPS + 2), rows)
+            out["continued"] = _weights(eng)
+    # the user's own optimizer and torch scheduler, under ZeRO 1
+    m = _net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    cfg = _config(1, rows, gradient_clipping=0.0)
+    del cfg["optimizer"], cfg["scheduler"]
+    eng, zopt, _, zsched = deepspeed.initialize(model=m, optimizer=opt, lr_scheduler=sched,
+                                                config=cfg)
+    _train(eng, world.rank, range(STEPS), rows)
+    r = _net()
+    ropt = torch.optim.SGD(r.parameters(), lr=0.1, momentum=0.9)
+    rsched = torch.optim.lr_scheduler.StepLR(ropt, 1, gamma=0.5)
+    for s in range(STEPS):
+        x, y = _data(s, rows)
+        torch.nn.functional.mse_loss(r(x), y).backward()
+        ropt.step()
+        rsched.step()
+        ropt.zero_grad()
+    out["client optimizer"] = _gap(_weights(eng), list(r.parameters()))
+    out["client lr"] = (eng.get_lr(), rsched.get_last_lr())
+    # bf16 (autocast; float32 weights) and fp16 (its dynamic loss scale skips overflows)
+    for name, more, dtype, scale in (("bf16", {"bf16": {"enabled": True}}, torch.bfloat16, None),
+                                     ("fp16", {"fp16": {"enabled": True,
+                                                        "initial_scale_power": 18,
+                                                        "hysteresis": 1}},
+                                      torch.float16, 2 ** 18 * world.size)):
+        m = _net()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)     # (inf - inf in a sum)
+            eng, _, _, _ = deepspeed.initialize(model=m, config=_config(1, rows, **more))
+            _train(eng, world.rank, range(STEPS + 2), rows)
+        want, skipped = _reference(range(STEPS + 2), rows, dtype, scale)
+        out[name] = (_gap(_weights(eng), want), eng.skipped_steps, skipped)
+    c = deepspeed.comm
+    t = torch.tensor([float(c.get_rank())])
+    c.all_reduce(t)
+    c.barrier()
+    out["comm"] = (c.get_world_size(), float(t))
+    return out
+
+
+def _loaded(world: Any, ckpt: str, config: str) -> dict[str, Any]:
+    """The saved run's global batch, at another dp size and stage 3 (its
+    config a JSON file named on the command line, as DeepSpeed's scripts do)."""
+    rows = 4 * 2
+    m = _net()
+    parser = deepspeed.add_config_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--deepspeed", "--deepspeed_config", config])
+    eng, _, _, _ = deepspeed.initialize(args=args, model=m)
+    path, client = eng.load_checkpoint(ckpt)
+    assert eng.train_micro_batch_size_per_gpu() == rows // (GAS * world.size)
+    _train(eng, world.rank, range(STEPS, STEPS + 2), rows)
+    return {"client": client, "steps": eng.global_steps, "weights": _weights(eng),
+            "path": path}
+
+
+def _layers() -> list[Any]:
+    torch.manual_seed(0)
+    return [torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+            lambda x: x.tanh(), deepspeed.LayerSpec(torch.nn.Linear, 16, 2)]
+
+
+def _pipe_step(eng: Any, s: int, rows: int) -> float:
+    """``train_batch`` on this dp replica's GAS micro-batches of step ``s``."""
+    x, y = _data(s, rows)
+    mb, r = eng.train_micro_batch_size_per_gpu(), eng.grid.coord("dp")
+    it = iter([(x[(r * GAS + k) * mb:(r * GAS + k + 1) * mb],
+                y[(r * GAS + k) * mb:(r * GAS + k + 1) * mb]) for k in range(GAS)])
+    return float(eng.train_batch(it))
+
+
+def _pipeline(world: Any, ckpt: str) -> dict[str, Any]:
+    """A PipelineModule at dp=2 x pp=2 under ZeRO 1, saved after two
+    steps, loaded into a new engine: the same third step."""
+    rows = 8
+    cfg = _config(1, rows)
+    net = deepspeed.PipelineModule(layers=_layers(), num_stages=2,
+                                   loss_fn=torch.nn.functional.mse_loss)
+    eng, _, _, _ = deepspeed.initialize(model=net, config=cfg)
+    losses = [_pipe_step(eng, s, rows) for s in range(2)]
+    eng.save_checkpoint(ckpt, client_state={"epoch": 3})
+    losses.append(_pipe_step(eng, 2, rows))
+    whole = eng.job.state_dict()
+    net = deepspeed.PipelineModule(layers=_layers(), num_stages=2,
+                                   loss_fn=torch.nn.functional.mse_loss)
+    again, _, _, _ = deepspeed.initialize(model=net, config=cfg)
+    _, client = again.load_checkpoint(ckpt)
+    return {"losses": losses, "resumed": _pipe_step(again, 2, rows), "client": client,
+            "whole": whole, "again": again.job.state_dict(), "stage": again.stage_id}
+
+
+@pytest.mark.timeout(240)
+def test_zero_stages_precision_and_checkpoint_match_one_process(tmp_path: Any) -> None:
+    """ZeRO 0-3 with accumulation, clipping and a schedule; the client's own
+    optimizer and scheduler; bf16 and fp16 (overflows skipped as one process
+    skips them): one process's weights. A stage-2 checkpoint saved at 2 ranks
+    loads at 4 under stage 3 and continues as the uninterrupted run."""
+    ckpt = str(tmp_path / "ckpt")
+    res = mesh.spawn(_cases, 2, ckpt, timeout=200)
+    for r in res:
+        for stage in range(4):
+            assert r[f"stage {stage}"] < 1e-6, r
+        assert r["client optimizer"] < 1e-6 and r["client lr"][0] == r["client lr"][1], r
+        assert r["bf16"][0] < 2e-2, r
+        gap, skipped, want = r["fp16"]
+        assert skipped == want >= 1 and STEPS + 2 - skipped >= 2 and gap < 2e-3, r
+        assert r["comm"] == (2, 1.0)
+        assert r["eval"] == 0.0 and r["emptied"] > 0 and r["gathered"] == 0, r
+    refused, differs = res[0]["refused"]
+    assert refused == "rank 0: deepspeed.initialize: rank 1 refused its config: ValueError: " \
+        "deepspeed config: bogus_key: not supported", refused
+    assert res[1]["refused"][0] == "rank 1: deepspeed config: bogus_key: not supported"
+    for r in res:
+        assert "deepspeed.initialize: rank 1's config differs" in r["refused"][1] or \
+            "deepspeed.initialize: rank 0's config differs" in r["refused"][1], r["refused"]
+    assert sorted(os.listdir(ckpt)) == ["global_step3", "latest"]
+    config = tmp_path / "ds_config.json"
+    config.write_text(json.dumps(_config(3, 4 * 2)))
+    back = mesh.spawn(_loaded, 4, ckpt, str(config), timeout=200)
+    for b in back:
+        assert b["client"] == {"epoch": 7} and b["steps"] == STEPS + 2, b
+        assert _gap(b["weights"], res[0]["continued"]) < 1e-6
+
+
+@pytest.mark.timeout(240)
+def test_pipeline_module_train_batch_matches_one_process(tmp_path: Any) -> None:
+    """PipelineModule and train_batch on engine.distribute: dp=2 x pp=2,
+    accumulation, clipping, a schedule, ZeRO 1: one process's losses and
+    weights; a checkpoint loaded into a new engine takes the same step."""
+    res = mesh.spawn(_pipeline, 4, str(tmp_path / "pipe"), timeout=200)
+    one = deepspeed.PipelineModule(layers=_layers(), num_stages=2,
+                                   loss_fn=torch.nn.functional.mse_loss)
+    opt = torch.optim.AdamW(one.parameters(), lr=1e-2, weight_decay=0.1)
+    sch = WarmupDecayLR(opt, 5, 1e-3, 1e-2, 2, "linear")
+    losses = []
+    for s in range(3):
+        x, y = _data(s, 8)
+        loss = torch.nn.functional.mse_loss(one(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(one.parameters(), 0.05)
+        opt.step()
+        sch.step()
+        opt.zero_grad()
+    assert sorted(r["stage"] for r in res) == [0, 0, 1, 1]
+    for r in res:
+        assert r["losses"] == pytest.approx(losses, abs=1e-6) and \
+            r["resumed"] == r["losses"][2] and r["client"] == {"epoch": 3}, (r, losses)
+    whole, again = res[0]["whole"], res[0]["again"]
+    assert _gap([whole[k] for k in sorted(whole)],
+                [one.state_dict()[k] for k in sorted(whole)]) < 1e-6
+    assert sorted(whole) == sorted(one.state_dict())
+    assert _gap([whole[k] for k in sorted(whole)], [again[k] for k in sorted(whole)]) == 0.0
+
+
+def test_config_is_checked_naming_the_key() -> None:
+    with pytest.raises(ValueError, match=r"train_batch_size is not equal to micro_batch_per_gpu"
+                                         r" \* gradient_acc_step \* world_size 8 != 2 \* 2 \* 4"):
+        parse({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
+               "gradient_accumulation_steps": 2}, 4)
+    assert parse({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}, 4).gas == 2
+    assert parse({"train_batch_size": 16, "gradient_accumulation_steps": 2}, 4).micro_batch == 2
+    assert parse({"train_micro_batch_size_per_gpu": 3}, 2).train_batch_size == 6
+    with pytest.raises(ValueError, match="Either train_batch_size or"):
+        parse({"gradient_accumulation_steps": 2}, 2)
+    base = {"train_batch_size": 4}
+    for bad, key in (({"activation_checkpointing": {}}, "activation_checkpointing"),
+                     ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
+                     ({"zero_optimization": {"stage": 2, "cpu_offload": True}},
+                      "zero_optimization.cpu_offload"),
+                     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+                      "zero_optimization.offload_param"),
+                     ({"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}},
+                      "fp16.fp16_master_weights_and_grads"),
+                     ({"optimizer": {"type": "Lamb"}}, "optimizer"),
+                     ({"scheduler": {"type": "OneCycle"}}, "scheduler"),
+                     ({"gradient_clipping": -1}, "gradient_clipping"),
+                     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16 and bf16")):
+        with pytest.raises(ValueError, match=f"deepspeed config: {key}"):
+            parse({**base, **bad}, 2)
+    with pytest.warns(UserWarning, match="wall_clock_breakdown: ignored"):
+        cfg = parse({**base, "wall_clock_breakdown": True, "fp16": {"enabled": True}}, 2)
+    assert cfg.fp16 is not None and cfg.fp16["hysteresis"] == 2 and cfg.zero_stage == 0
+
+
+def test_schedules_and_loss_scale_are_deepspeeds() -> None:
+    def lrs(sch: Any, n: int) -> list[float]:
+        out = [sch.optimizer.param_groups[0]["lr"]]
+        for _ in range(n):
+            sch.step()
+            out.append(sch.optimizer.param_groups[0]["lr"])
+        return out
+
+    def opt() -> Any:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    assert lrs(WarmupLR(opt(), 0.0, 1.0, 4, "linear"), 6) == [0, 0, .25, .5, .75, 1, 1]
+    log = lrs(WarmupLR(opt(), 0.0, 1.0, 4), 2)
+    assert log[2] == pytest.approx(0.5)      # log(2) / log(4)
+    assert lrs(WarmupDecayLR(opt(), 6, 0.0, 1.0, 2, "linear"), 7) == pytest.approx(
+        [0, 0, .5, 1, .75, .5, .25, 0])
+    cos = lrs(WarmupCosineLR(opt(), 4, 0.0, 2, 0.0, "linear"), 4)
+    assert cos == pytest.approx([0, 0, .25, .25, 0])     # (the cosine from the warmup's end)
+    s = DynamicLossScaler(2 ** 4, 2, 2.0, 2)
+    seen = []
+    for overflow in (True, True, False, False, False, True, True, True, True):
+        if overflow and s.cur_scale == 2.0 and s.cur_hysteresis == 1:
+            with pytest.raises(FloatingPointError):
+                s.update_scale(overflow)
+            break
+        s.update_scale(overflow)
+        seen.append((s.cur_scale, s.cur_hysteresis))
+    assert seen == [(16, 1), (8, 1), (8, 1), (8, 1), (16, 2), (16, 1), (8, 1), (4, 1),
+                    (2, 1)], seen
+
+
+@pytest.mark.timeout(120)
+def test_deepspeed_example_runs_under_meshrun() -> None:
+    """examples/deepspeed_train.py, a DeepSpeed script with its import changed,
+    under ``meshrun -n 2``: initialize joins the job itself."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "mesh.launch", "-n", "2",
+                        os.path.join(ROOT, "examples", "deepspeed_train.py")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 ranks, ZeRO 2: weights equal single-process full-batch training: True" \
+        in p.stdout, p.stdout
+    assert "[Rank 0] step=10, skipped=0, lr=[0.003], mom=[0.9]" in p.stdout, p.stdout
