@@ -955,7 +955,16 @@ def monitored(world: Any) -> dict[str, str]:
         except RuntimeError as e:
             out[key] = f"{type(e).__name__}: {e}"
     dist.monitored_barrier(sub, timedelta(seconds=30))       # rank 2: not a member, returns
+    three = dist.new_group([0, 1, 2])
     t = torch.ones(1)
+    dist.all_reduce(t, group=three)                           # (its same-host board set up)
+    if r != 1:          # rank 1 skips it: the timeout names rank 1, not rank 2 (in it, waiting)
+        opts = dist.AllreduceOptions()
+        opts.timeout = sec
+        try:
+            three.allreduce([t], opts).wait()
+        except Exception as e:
+            out["skipped"] = f"{type(e).__name__}: {e}"
     dist.all_reduce(t)                                        # the world's calls go on
     out["after"] = str(t.item())
     dist.destroy_process_group()
@@ -966,7 +975,11 @@ def test_monitored_barrier_names_who_did_not_come_in_gloos_words() -> None:
     """torch's own dist.monitored_barrier refuses every backend but "gloo" by
     its name; importing the backend lets it reach meshrun's."""
     out = mesh.spawn(monitored, 3, timeout=90)
-    assert all(o["after"] == "3.0" for o in out), out
+    assert all(o["after"] == "9.0" for o in out), out
+    for r in (0, 2):
+        assert out[r]["skipped"].startswith(f"MeshTimeoutError: rank {r}: all_reduce #"), out[r]
+        assert "world rank 1 has not called it" in out[r]["skipped"], out[r]
+        assert "world rank 2 has not" not in out[r]["skipped"], out[r]
     assert out[0]["one"].startswith("MeshTimeoutError: Rank 1 failed to pass monitoredBarrier "
                                     "in 1000 ms"), out[0]
     assert out[2]["one"].startswith("MeshTimeoutError: Rank 2 successfully reached "

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh import Comm, LostPeerError, MeshError
+from mesh import Comm, LostPeerError, MeshError, MeshTimeoutError
 from mesh.rings import fence
 
 from ..runner import Ctx, caught, named
@@ -99,7 +99,8 @@ class _Waiting:
                 return e
             return Stray(f"{self.where()}: a peer sent a message where none was expected")
         if time.monotonic() > ctx.deadline:
-            raise ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} (same-host board)")
+            raise _late(ctx, ctx.timed_out(f" waiting for {_ranks(ctx, waiting_for)} "
+                                           f"(same-host board)"))
         if not self.told:       # a long wait: the peers' stall reports say where we are
             self.told = True
             ctx.ch.waiting(f"{self.where().split(': ', 1)[1]}: waiting for "
@@ -152,6 +153,16 @@ class _Waiting:
     def close(self) -> None:
         if self.watch is not None and not self.watch.done():
             caught(self.watch, 0)
+
+
+def _late(ctx: Ctx, e: MeshTimeoutError) -> BaseException:
+    """A board wait's timeout ``e``, naming the members that, as their
+    heartbeats last said, have not called the collective (hier.late_named):
+    the peers a wait lists are those whose posts have not come, and a peer
+    in the call may itself be waiting for the one that never came (at 3
+    ranks and more: rank 0 waits for ranks 1 and 2, rank 2 for rank 1)."""
+    from ..host.hier import late_named     # (hier imports this module: at the timeout)
+    return late_named(ctx.g, ctx.tag, e)
 
 
 def _ranks(ctx: Ctx, peers: list[int]) -> str:
