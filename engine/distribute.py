@@ -58,7 +58,8 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
 
 from mesh import Comm, Grid
 
@@ -157,58 +158,148 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     rank cuts its own shards); its layers (and candidate stages) are timed
     on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
+    given = _given_alone(model, grid, schedule, microbatches, recompute, sample, loss_fn)
+    # the stages' recompute (Pipeline's, costed by candidates): none when selective
+    way: bool | str = (recompute if isinstance(recompute, (bool, str)) and not given.patterns
+                       else False)
+    grid = _as_grid(grid)
+    sample = _agreed_sample(grid, sample, timeout)
+    asked = _checked_together(given, grid, plan, schedule, balance, sample, recompute, chunks)
+    _same_model(grid, given.named, given.is_torch, given.fault, timeout,
+                None if given.fault is not None else _held_before(given.source, len(given.named)),
+                given.listed, given.mades)
+    assert asked is not None and given.loss_fn is not None
+    ready = _prepared(given, grid, plan, asked.sample)
+    found = _found(grid, given, asked, ready, way, plan=plan, init=init, reps=reps,
+                   memory_limit=memory_limit, overhead=overhead, tag_base=tag_base,
+                   timeout=timeout)
+    sched = found.sched
+    counts, mine, cut, made = _cut_own(grid, given, found, asked, ready, init, timeout)
+    # (a later distribute of this object refuses layers trained on other ranks only; over
+    # several pp ranks its own forward refuses to run)
+    _mark_held(given.source, asked.layers, _own_layers(counts, mine),
+               f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
+    unfilled = _unfilled(made) if given.on_meta else None
+    if unfilled:
+        import warnings
+        warnings.warn(unfilled, stacklevel=2)
+    again = found.chosen.recompute if found.chosen is not None else bool(way)
+    layered = found.chosen is not None and found.chosen.layered
+    said = _cut_said(sched, cut, again, layered, given.patterns)     # (printed by _retimed)
+    wrapped = torch_loss(given.loss_fn) if given.is_torch else given.loss_fn
+    pipe, stages, replicas, failed = _pipeline(grid, cut, mine, sched, wrapped, again, layered,
+                                               timeout, tag_base)
+    tp_group = grid.group("tp") if _size(grid, "tp") > 1 else None
+    inputs, target, messages = _retime_inputs(grid, tp_group, found, counts, mine, asked,
+                                              wrapped, pipe, failed, overhead, timeout)
+    job, failed = _made_job(grid, given, found, asked, ready, counts, mine, pipe, stages,
+                            replicas, inputs, target, messages, plan=plan, reps=reps,
+                            timeout=timeout, tag_base=tag_base)
+    _retimed(grid, job, failed, found, tp_group, plan=plan, verbose=verbose, auto=asked.auto,
+             layers=asked.layers, said=said, timeout=timeout)
+    assert job is not None
+    return job
+
+
+@dataclass
+class _Given:
+    """The model as distribute cuts it and what this rank's own arguments
+    said, from ``_given_alone`` (updated where a plan traces the sharded
+    model again, ``_prepared``). ``fault``: this rank's own error in its
+    arguments, told to every rank in ``_same_model``."""
+    source: Any                 # the model as given
+    model: Any                  # what is cut: source, or its forward's pieces (engine.traced)
+    loss_fn: Callable[[Any, Any], Any] | None
+    microbatches: int | None
     fault: BaseException | None = None
     listed: list[str] | None = None     # schedule=[...]: what this rank passed (_same_model)
     mades: list[list[str]] | None = None    # what became of its own schedules (_same_model)
-    unrun: list[tuple[str, int, str]] = []     # candidates that cannot run, and why
+    patterns: tuple[str, ...] = ()      # selective recompute's submodule name patterns
+    named: list[tuple[str, Any]] = field(default_factory=list)
+    is_torch: bool = False
+    own_loss: Any = None        # the traced model's own loss, where it is the pipeline's
+    on_meta: bool = False
+    n_inputs: int = 1
+
+
+def _given_alone(model: Any, grid: Grid | Comm, schedule: Any, microbatches: Any,
+                 recompute: Any, sample: Any, loss_fn: Callable[[Any, Any], Any] | None
+                 ) -> _Given:
+    """This rank's own arguments checked, before any rank speaks to another
+    (the grid and sample are not agreed yet), and a plain torch module
+    traced into layers. A TypeError or ValueError is kept as the result's
+    ``fault``, for every rank raises it at once (``_same_model``); without a
+    grid to tell it is raised here."""
+    given = _Given(model, model, loss_fn, microbatches)
     try:        # this rank's own arguments: raised by every rank (_same_model)
-        microbatches = _microbatches_checked(microbatches)
-        _schedule_named(schedule, microbatches)
-        listed = _candidates_said(schedule)
-        patterns = () if recompute == "auto" else patterns_of(recompute)
-        if not patterns and recompute not in (False, True, "auto"):
+        given.microbatches = _microbatches_checked(microbatches)
+        _schedule_named(schedule, given.microbatches)
+        given.listed = _candidates_said(schedule)
+        given.patterns = () if recompute == "auto" else patterns_of(recompute)
+        if not given.patterns and recompute not in (False, True, "auto"):
             raise ValueError(f"recompute={recompute!r}: True, False, 'auto' or submodule name "
                              "patterns (a str or a list of them)")
         _not_sharded(model)         # (an earlier distribute's plan= cut it in place)
-        on_meta = _on_meta(model)
-        source = model
-        own_loss: Any = None        # the traced model's own loss, where it is the pipeline's
-        n_inputs = inputs_of(sample)
+        given.on_meta = _on_meta(model)
+        given.n_inputs = inputs_of(sample)
         if loss_fn is not None:
             _takes_two(loss_fn)
         if traceable(model):        # a plain nn.Module: its forward's pieces (engine.traced)
-            model = sequential(source, target=loss_fn is None, inputs=n_inputs, sample=sample)
-            own_loss = model.loss
-            if loss_fn is not None and model.returned is not None:
-                loss_fn = given_as_returned(loss_fn, model.returned)
-            loss_fn = loss_fn or own_loss
-        named, is_torch = _model_layers(model)
+            given.model = sequential(model, target=loss_fn is None, inputs=given.n_inputs,
+                                     sample=sample)
+            given.own_loss = given.model.loss
+            if loss_fn is not None and given.model.returned is not None:
+                given.loss_fn = given_as_returned(loss_fn, given.model.returned)
+            given.loss_fn = given.loss_fn or given.own_loss
+        given.named, given.is_torch = _model_layers(given.model)
     except (TypeError, ValueError) as e:
         if not isinstance(grid, (Grid, Comm)):
             raise                   # (no grid to tell)
-        fault, patterns, named, is_torch, own_loss = e, (), [], False, None
-    # the stages' recompute (Pipeline's, costed by candidates): none when selective
-    way: bool | str = recompute if isinstance(recompute, (bool, str)) and not patterns else False
-    grid = _as_grid(grid)
-    sample = _agreed_sample(grid, sample, timeout)
+        given.fault, given.patterns, given.named, given.is_torch, given.own_loss = \
+            e, (), [], False, None
+    return given
+
+
+@dataclass
+class _Asked:
+    """What the arguments ask for, checked against the grid and the model
+    (``_checked_together``): the candidate schedules (``unrun``: the rows of
+    those that cannot run, and why), ``balance`` resolved, the sample (its
+    several inputs as one ``_Rows``), the model's layer count, the tp size,
+    and whether the schedule is chosen among candidates (``auto``)."""
+    auto: bool
+    sample: Any
+    layers: int
+    tp: int
+    scheds: list[Schedule]
+    unrun: list[tuple[str, int, str]]
+    balance: Any
+
+
+def _checked_together(given: _Given, grid: Grid, plan: dict[str, str] | None, schedule: Any,
+                      balance: Any, sample: Any, recompute: Any, chunks: int) -> _Asked | None:
+    """The checks that need the grid or the agreed sample: alike on every
+    rank, so a TypeError or ValueError here becomes ``given.fault`` (None
+    returned), told with the rest in ``_same_model``; the schedules to
+    choose among made."""
     try:        # (checked alike on every rank, the sample agreed; told in _same_model)
-        if fault is not None:
-            raise fault             # (no more to check)
-        if patterns and not is_torch:
+        if given.fault is not None:
+            raise given.fault       # (no more to check)
+        if given.patterns and not given.is_torch:
             raise ValueError(f"recompute={recompute!r} (submodules by name) needs a torch "
                              "model: an engine.layers model recomputes whole stages "
                              "(recompute=True or 'auto')")
-        if loss_fn is None:
+        if given.loss_fn is None:
             raise ValueError("no loss_fn= given: pass loss_fn(output, target) -> loss")
         if plan and "tp" not in grid.names:
             raise ValueError(f"a tensor-parallel plan needs a grid with a tp axis, got "
                              f"{grid.axes}")
         p = grid.size("pp")
-        L = len(named)
+        L = len(given.named)
         if p > L:
             raise ValueError(f"the model has {L} layers"
-                             f"{few(getattr(model, 'traced_from', None), L)}: it cannot fill "
-                             f"pp={p} pipeline stages")
+                             f"{few(getattr(given.model, 'traced_from', None), L)}: it cannot "
+                             f"fill pp={p} pipeline stages")
         auto = isinstance(schedule, (list, tuple)) or isinstance(schedule, str) and \
             schedule == "auto"
         if (auto or balance == "time" or recompute == "auto") and sample is None:
@@ -220,160 +311,264 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             sample = _Rows(sample)
         tp = _size(grid, "tp")
 
-        mades = []
+        given.mades = []
         scheds, unrun = _schedules(schedule, p, L, len(sample) if sample is not None else 0,
-                                   microbatches, chunks, mades)
+                                   given.microbatches, chunks, given.mades)
         _valid_balance(balance, L)
         if isinstance(balance, str) and balance.startswith("type:"):    # (layers' classes)
-            balance = by_type(balance, [layer_classes(layer, "module" if is_torch else "layer")
-                                        for _, layer in named])
-        if patterns:
-            _recompute_names(source, patterns, traced=source is not model)
+            balance = by_type(balance, [layer_classes(layer, "module" if given.is_torch
+                                                      else "layer")
+                                        for _, layer in given.named])
+        if given.patterns:
+            _recompute_names(given.source, given.patterns, traced=given.source is not given.model)
     except (TypeError, ValueError) as e:
-        fault = e
-    _same_model(grid, named, is_torch, fault, timeout,
-                None if fault is not None else _held_before(source, len(named)), listed, mades)
-    assert loss_fn is not None
-    # this rank's own error in the work up to the profile (the plan applied: a
-    # KeyboardInterrupt), told in its first exchange (or, with nothing measured, the cut's)
+        given.fault = e
+        return None
+    return _Asked(auto, sample, L, tp, scheds, unrun, balance)
+
+
+@dataclass
+class _Prepared:
+    """The model made ready to be timed (``_prepared``), and what is read
+    off it first. ``early``: this rank's own error there (a
+    KeyboardInterrupt as the plan shards it), told in the first exchange
+    that follows (the profile's, or, with nothing measured, the cut's)."""
     early: BaseException | None = None
-    aliases: dict[str, Any] = {}
-    shapes: dict[str, Any] = {}
-    params: list[int] = []
+    aliases: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, Any] = field(default_factory=dict)
+    params: list[int] = field(default_factory=list)
     grads: list[Any] | None = None
+
+
+def _prepared(given: _Given, grid: Grid, plan: dict[str, str] | None, sample: Any
+              ) -> _Prepared:
+    """The whole model's state names and shapes read (before a plan shards
+    it), the plan applied (a traced model traced again, so its pieces hold
+    the shards), selective recompute set, and each layer's parameter count
+    and, with a dp axis, its gradients' stand-ins for the dry runs."""
+    ready = _Prepared()
+    source, is_torch = given.source, given.is_torch
     try:
-        aliases = _aliases(source) if is_torch else {}    # (before a plan shards the model)
-        shapes = (_state_shapes(named, is_torch) if source is model    # (and whole shapes)
-                  else {k: tuple(v.shape) for k, v in source.state_dict().items()})
+        ready.aliases = _aliases(source) if is_torch else {}   # (before a plan shards the model)
+        ready.shapes = (_state_shapes(given.named, is_torch) if source is given.model
+                        else {k: tuple(v.shape) for k, v in source.state_dict().items()})
         if plan:        # the whole model, so the plan's names are the model's own; then every
             parallelize(source, grid.group("tp"), plan)   # layer timed sharded, collectives in
             if not is_torch:    # (a colwise output into a Linear left whole: known on every rank)
                 refuse_fed_whole(source)
-            if source is not model:       # traced again: the pieces hold the sharded modules
-                model = sequential(source, target=model.loss is not None, inputs=n_inputs,
-                                   sample=sample.parts if isinstance(sample, _Rows) else sample)
+            if source is not given.model:     # traced again: the pieces hold the sharded modules
+                model = given.model = sequential(
+                    source, target=given.model.loss is not None, inputs=given.n_inputs,
+                    sample=sample.parts if isinstance(sample, _Rows) else sample)
                 _shards_read(grid, source, [*model, *([model.loss] if model.loss else [])])
-            named, _ = _model_layers(model)
-        if patterns:    # selective recompute, before any layer is timed: the profile sees it
-            _checkpoint_model(source, patterns, traced=source is not model)
-        params = [param_count(layer, "module" if is_torch else "layer") for _, layer in named]
+            given.named, _ = _model_layers(given.model)
+        if given.patterns:  # selective recompute, before any layer is timed: the profile sees it
+            _checkpoint_model(source, given.patterns, traced=source is not given.model)
+        ready.params = [param_count(layer, "module" if is_torch else "layer")
+                        for _, layer in given.named]
         # with a dp axis, the dry runs average stand-ins of the gradients as the steps
         # will: the step's end (those averages, the loss's and the outcome's
         # all-reduces) is then in the candidates' figures, not only in the re-time's
-        grads = [_grad_bytes(layer) for _, layer in named] if _size(grid, "dp") > 1 else None
+        ready.grads = ([_grad_bytes(layer) for _, layer in given.named]
+                       if _size(grid, "dp") > 1 else None)
     except BaseException as e:
-        early = e
-    cands: list[Candidate] = []
-    # candidates that cannot run, and why: the unmade, and those whose layers failed
-    skipped: list[tuple[str, int, str]] = list(unrun)
-    chosen: Candidate | None = None
-    sched = scheds[0]
-    cal: Calibration | None = None
-    profile: dict[int, dict[int, LayerCost]] = {}
-    mlayers: list[Any] = []     # the layers as timed (a meta model's: real copies)
-    if sample is not None:         # measured: the cut by time, the choice, the prediction
-        cands, chosen, cal, profile, mlayers, skipped = _measured(
-            grid, named, sample, scheds, skipped, early, is_torch=is_torch, on_meta=on_meta,
-            init=init, reps=reps, tp_runs=bool(plan) and tp > 1, params=params, grads=grads,
-            balance=balance, memory_limit=memory_limit, overhead=overhead, way=way,
-            patterns=patterns, auto=auto, tag_base=tag_base, timeout=timeout)
-        sched = chosen.schedule
+        ready.early = e
+    return ready
+
+
+class _Found(NamedTuple):
+    """The schedule to run (``sched``) and what choosing it left
+    (engine.distribute_measure's ``_Measured``): without a sample, nothing
+    measured, and the first candidate."""
+    cands: list[Candidate]
+    chosen: Candidate | None
+    cal: Calibration | None
+    profile: dict[int, dict[int, LayerCost]]
+    mlayers: list[Any]          # the layers as timed (a meta model's: real copies)
+    skipped: list[tuple[str, int, str]]   # candidates that cannot run, and why
+    sched: Schedule
+
+
+def _found(grid: Grid, given: _Given, asked: _Asked, ready: _Prepared, way: bool | str, *,
+           plan: dict[str, str] | None, init: Callable[[Any], Any] | None, reps: int,
+           memory_limit: float | None, overhead: float | None, tag_base: int,
+           timeout: float | None) -> _Found:
+    """The schedule: measured (the cut by time, the choice, the prediction:
+    engine.distribute_measure) where there is a sample, else the one given.
+    ``ready.early`` is told in the measured phase's first exchange."""
+    if asked.sample is None:
+        return _Found([], None, None, {}, [], list(asked.unrun), asked.scheds[0])
+    m = _measured(
+        grid, given.named, asked.sample, asked.scheds, list(asked.unrun), ready.early,
+        is_torch=given.is_torch, on_meta=given.on_meta, init=init, reps=reps,
+        tp_runs=bool(plan) and asked.tp > 1, params=ready.params, grads=ready.grads,
+        balance=asked.balance, memory_limit=memory_limit, overhead=overhead, way=way,
+        patterns=given.patterns, auto=asked.auto, tag_base=tag_base, timeout=timeout)
+    return _Found(m.cands, m.chosen, m.cal, m.profile, m.mlayers, m.skipped, m.chosen.schedule)
+
+
+def _cut_own(grid: Grid, given: _Given, found: _Found, asked: _Asked, ready: _Prepared,
+             init: Callable[[Any], Any] | None, timeout: float | None
+             ) -> tuple[tuple[int, ...], tuple[int, ...], Any, dict[int, Any]]:
+    """The layers per stage (the chosen candidate's, else by ``balance``),
+    this rank's stages, the cut, and (a meta model) this rank's stages
+    made real, the others left without memory. Every rank's error here (or
+    ``ready.early``, where nothing was measured to tell it) is told before
+    any returns, so all raise at once."""
     failed = None
+    sched = found.sched
     try:        # (this rank's own error told before the Pipeline's exchanges)
-        _raised(early if sample is None else None)      # (not told in a profile)
-        counts = (chosen.counts if chosen else
-                  counts_for(balance, sched.num_stages, None, params))
+        _raised(ready.early if asked.sample is None else None)      # (not told in a profile)
+        counts = (found.chosen.counts if found.chosen else
+                  counts_for(asked.balance, sched.num_stages, None, ready.params))
         mine = sched.stages_of(grid.coord("pp"))
-        cut = partition([layer for _, layer in named], sched.num_stages, balance=list(counts),
-                        stages=mine, names=[n for n, _ in named])
+        cut = partition([layer for _, layer in given.named], sched.num_stages,
+                        balance=list(counts), stages=mine, names=[n for n, _ in given.named])
         # this rank's stages only: the others stay without memory
-        made = {s: _materialize(cut[s], init) for s in mine} if on_meta else {}
+        made = {s: _materialize(cut[s], init) for s in mine} if given.on_meta else {}
     except BaseException as e:
         failed = e
     _told(grid.comm, failed, timeout)
-    # (a later distribute of this object refuses layers trained on other ranks only; over
-    # several pp ranks its own forward refuses to run)
-    _mark_held(source, L, [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))],
-               f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
-    unfilled = _unfilled(made) if on_meta else None
-    if unfilled:
-        import warnings
-        warnings.warn(unfilled, stacklevel=2)
-    again = chosen.recompute if chosen is not None else bool(way)
-    layered = chosen is not None and chosen.layered
-    said = (f"engine.distribute: {sched.name} cuts the model into {cut}"      # (printed below)
+    return counts, mine, cut, made
+
+
+def _span(counts: Sequence[int], s: int) -> range:
+    """The layers of stage ``s`` when stages hold ``counts`` layers each."""
+    return range(sum(counts[:s]), sum(counts[:s + 1]))
+
+
+def _own_layers(counts: Sequence[int], mine: Sequence[int]) -> list[int]:
+    """The layers of this rank's stages ``mine``, in order."""
+    return [i for s in mine for i in _span(counts, s)]
+
+
+def _cut_said(sched: Schedule, cut: Any, again: bool | frozenset[int], layered: bool,
+              patterns: tuple[str, ...]) -> str:
+    """The line rank 0 prints under the table: the schedule, the cut and
+    what recomputes."""
+    return (f"engine.distribute: {sched.name} cuts the model into {cut}"
             + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}"
                f"{', layer by layer' if layered else ''}: "
                "its forward again in its backward)" if again else "")
             + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
                if patterns else ""))
-    wrapped = torch_loss(loss_fn) if is_torch else loss_fn
-    replicas: list[Any] = []        # what replica 0 sends the others (_replica_state)
-    try:        # (this rank's own error told in the exchange below, before the dp broadcast)
+
+
+def _pipeline(grid: Grid, cut: Any, mine: Sequence[int], sched: Schedule, wrapped: Any,
+              again: bool | frozenset[int], layered: bool, timeout: float | None,
+              tag_base: int
+              ) -> tuple[Pipeline | None, list[Any], list[Any], BaseException | None]:
+    """This rank's Pipeline over its stages, and, with a dp axis, what
+    replica 0 sends the others (``_replica_state``). This rank's error here
+    is returned, to be told in the next exchange (``_retime_inputs``),
+    before the dp broadcast."""
+    pipe: Pipeline | None = None
+    stages: list[Any] = []
+    replicas: list[Any] = []
+    try:
         pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                         tag_base=tag_base, recompute=again, layered=layered)
         stages = [pipe.stages[s] for s in mine]
         if _size(grid, "dp") > 1:
             replicas = [arr for st in stages for arr in _replica_state(st)]
     except BaseException as e:
-        failed = e
+        return pipe, stages, replicas, e
+    return pipe, stages, replicas, None
+
+
+def _retime_inputs(grid: Grid, tp_group: Comm | None, found: _Found, counts: tuple[int, ...],
+                   mine: Sequence[int], asked: _Asked, wrapped: Any, pipe: Pipeline | None,
+                   failed: BaseException | None, overhead: float | None, timeout: float | None
+                   ) -> tuple[dict[int, Any], Any, list[tuple[int, int]] | None]:
+    """For Job.retime, where a schedule was chosen: each own stage's input
+    (the sample's first micro-batch through the layers before it), the last
+    stage's target, and, where the executor's costs are measured, each
+    stage's messages. ``failed`` (the Pipeline's) is told here either way."""
     inputs: dict[int, Any] = {}
     target: Any = None
     messages: list[tuple[int, int]] | None = None
-    tp_group = grid.group("tp") if _size(grid, "tp") > 1 else None
-    if chosen is not None:       # for Job.retime: each own stage's input
+    if found.chosen is not None:       # for Job.retime: each own stage's input
+        sched, sample = found.sched, asked.sample
         bounds = [sum(counts[:s]) for s in range(len(counts))]
         size = -(-len(sample) // sched.num_microbatches)
         # (loss_fn: a KeyboardInterrupt; or the Pipeline's, above, told here)
-        last = failed is None and pipe.last     # (no Pipeline where it failed)
-        inputs, target = _own_inputs(grid.comm, tp_group, mlayers, sample[:size],
-                                     L if last else max(bounds[s] for s in mine),
+        last = failed is None and pipe is not None and pipe.last   # (none where it failed)
+        inputs, target = _own_inputs(grid.comm, tp_group, found.mlayers, sample[:size],
+                                     asked.layers if last else max(bounds[s] for s in mine),
                                      {s: bounds[s] for s in mine},
                                      wrapped if last else None, failed)
         if overhead is None:          # each stage's messages: its output, its input's gradient
-            messages = _stage_messages(profile[size], tuple(counts))
+            messages = _stage_messages(found.profile[size], tuple(counts))
     else:
         _told(grid.comm, failed, timeout)
-    # this rank's own error in the last stretch (the dp broadcast, the Job made: a
-    # KeyboardInterrupt), told where the others' re-time makes its word (its exchange; the
-    # last word where nothing is re-timed): alone, they waited there until their timeout
-    # (its dp peers in the broadcasts: those it will not make are abandoned, failing on them)
+    return inputs, target, messages
+
+
+def _made_job(grid: Grid, given: _Given, found: _Found, asked: _Asked, ready: _Prepared,
+              counts: tuple[int, ...], mine: Sequence[int], pipe: Pipeline | None,
+              stages: list[Any], replicas: list[Any], inputs: dict[int, Any], target: Any,
+              messages: list[tuple[int, int]] | None, *, plan: dict[str, str] | None,
+              reps: int, timeout: float | None, tag_base: int
+              ) -> tuple[Job | None, BaseException | None]:
+    """Every replica given replica 0's weights, and the Job made (a traced
+    model's state beyond its layers, ``_rest``; with shapes the sample
+    decided, what traces it again at a step's, ``Reshaped``). This rank's
+    error here (a KeyboardInterrupt) is returned (with the Job, where it
+    was made before it), told where the others'
+    re-time makes its word (``_retimed``): alone, they waited there until
+    their timeout (its dp peers in the broadcasts: those it will not make
+    are abandoned, failing on them)."""
+    source, model, named = given.source, given.model, given.named
     job: Job | None = None
     try:
+        assert pipe is not None     # (its failure was told in _retime_inputs)
         if replicas:        # every replica starts from replica 0's weights
             _broadcast_replicas(grid, replicas, timeout)
-        if is_torch and not any(True for st in stages for _ in st.module.parameters()):
+        if given.is_torch and not any(True for st in stages for _ in st.module.parameters()):
             import warnings
             names = [f"{n} ({type(layer).__name__})" for n, layer in named]
             held = "; ".join(f"stage {s}: "
-                             f"{', '.join(names[sum(counts[:s]):sum(counts[:s + 1])])}"
+                             f"{', '.join(names[i] for i in _span(counts, s))}"
                              for s in mine)
             warnings.warn(f"engine.distribute: rank {grid.comm.rank}'s stages hold no "
                           f"parameters ({held}), so job.parameters() is empty there, which "
                           f"torch's optimizers refuse ('optimizer got an empty parameter "
                           f"list'): cut the model elsewhere (balance={list(counts)} now), or "
                           f"make the optimizer only where job.parameters() holds some",
-                          stacklevel=2)
-        rest = _rest(source, model, own_loss, aliases) if source is not model else OrderedDict()
-        if on_meta and rest:
-            rest = _real_rest(source, own_loss, rest)
+                          stacklevel=3)     # (distribute's caller)
+        rest = (_rest(source, model, given.own_loss, ready.aliases) if source is not model
+                else OrderedDict())
+        if given.on_meta and rest:
+            rest = _real_rest(source, given.own_loss, rest)
         keys = list(source.state_dict()) if source is not model else None
-        job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], is_torch, chosen,
-                  cands, bool(plan), cal, inputs, reps, messages, timeout, tag_base, target,
-                  keys, aliases, skipped, rest, shapes)
-        if source is not model and getattr(model, "shaped", False) and sample is not None:
+        job = Job(grid, pipe, stages, tuple(counts), [n for n, _ in named], given.is_torch,
+                  found.chosen, found.cands, bool(plan), found.cal, inputs, reps, messages,
+                  timeout, tag_base, target, keys, ready.aliases, found.skipped, rest,
+                  ready.shapes)
+        if source is not model and getattr(model, "shaped", False) and asked.sample is not None:
             # the pieces hold what the sample's shapes decided: traced again at other shapes
-            own = [i for s in mine for i in range(sum(counts[:s]), sum(counts[:s + 1]))]
             entries = {sum(counts[:s]): inputs[s] for s in mine if s > 0 and s in inputs}
-            job.reshaped = Reshaped(source, model, own, own_loss if pipe.last else None,
-                                    model.loss is not None, n_inputs, sample[:1], entries,
-                                    f"rank {grid.comm.rank} (pp rank {grid.coord('pp')})")
+            job.reshaped = Reshaped(source, model, _own_layers(counts, mine),
+                                    given.own_loss if pipe.last else None,
+                                    model.loss is not None, given.n_inputs, asked.sample[:1],
+                                    entries, f"rank {grid.comm.rank} (pp rank "
+                                    f"{grid.coord('pp')})")
             pipe.reshaped = job.reshaped
     except BaseException as e:
-        failed = e
-    # this rank's own error in what is left (the re-time after its word, the table simulated
-    # again, the print), told in a last word: alone, it left the others with jobs whose
-    # first step waited for it
+        return job, e
+    return job, None
+
+
+def _retimed(grid: Grid, job: Job | None, failed: BaseException | None, found: _Found,
+             tp_group: Comm | None, *, plan: dict[str, str] | None, verbose: bool, auto: bool,
+             layers: int, said: str, timeout: float | None) -> None:
+    """The job re-timed (``job.predicted``: the machine as the steps will
+    find it), the table simulated again on what that measured, and, on rank
+    0 when ``verbose``, the table, the cut and the prediction printed. Where
+    no Job was made (``failed``), this rank still makes the re-time's word,
+    telling its error. Every rank's error here is told in a last word:
+    alone, it left the others with jobs whose first step waited for it."""
+    chosen = found.chosen
     try:
         if job is None:     # (the others' re-time: its exchange, where it times anything)
             if chosen is not None:
@@ -387,7 +582,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         if verbose and grid.comm.rank == 0 and job.predicted is not None:
             job.watched = []        # step() tells a median step far off the prediction, once
         if job.calibration is not None and chosen is not None:
-            job._table_loaded(cands, chosen)    # the table as the host the steps will find
+            job._table_loaded(found.cands, chosen)  # the table as the host the steps will find
         if verbose and grid.comm.rank == 0:
             # a schedule named too: its row, cut and prediction (it printed nothing, and the
             # user who picked a row by name saw none of them)
@@ -397,7 +592,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
             predicted = ("" if job.profiled is None or job.chosen is None else
                          "\nengine.distribute: " + retimed_said(job.profiled, job.chosen))
             if auto or job.candidates:
-                print(f"engine.distribute: {dict(grid.axes)}, {L} layers; "
+                print(f"engine.distribute: {dict(grid.axes)}, {layers} layers; "
                       f"{'candidates' if auto else 'the schedule given'}:\n{job.table()}\n"
                       f"{legend(job.candidates, why=auto)}{predicted}\n{said}", flush=True)
             else:
@@ -405,5 +600,3 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     except BaseException as e:
         failed = e
     _told(grid.comm, failed, timeout)
-    assert job is not None
-    return job

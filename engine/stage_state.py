@@ -135,7 +135,7 @@ def _real_rest(source: Any, loss: Any, rest: dict[str, Any]) -> OrderedDict[str,
     CPU, in the model and its loss alike: zeros, then each module holding
     only such tensors reset (``reset_parameters()``); a warning names those
     left zeros until ``job.load_state_dict`` fills them (a criterion's class
-    weights: the loss reads zeros until then)."""
+    weights: the loss reads zeros until then), at distribute's caller."""
     import warnings
 
     import torch
@@ -172,7 +172,7 @@ def _real_rest(source: Any, loss: Any, rest: dict[str, Any]) -> OrderedDict[str,
         warnings.warn(f"engine.distribute: made from the meta device, "
                       f"{', '.join(bare[:4])}{' ...' if len(bare) > 4 else ''} (in no stage: "
                       f"the loss's, or never read by the forward) are zeros until "
-                      f"job.load_state_dict() fills them", stacklevel=3)
+                      f"job.load_state_dict() fills them", stacklevel=4)
     return real
 
 
