@@ -179,11 +179,7 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
     q_length == kv_length``), which the trace cannot follow, is decided by
     the sample's shapes and checked as each step runs (an AssertionError
     naming the line where a step's inputs decide otherwise)."""
-    import operator
-
-    import torch
-    import torch.fx as fx
-    from torch import _assert as torch_assert, nn
+    from torch import nn
     if hasattr(model, "_orig_mod"):
         raise TypeError(
             f"torch.compile(model) gives an {type(model).__name__}, a compiled whole that "
@@ -193,6 +189,62 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
     what = f"{type(model).__name__}.forward"
     way = ("pass an nn.Sequential, or a list of the model's layers in the order they run "
            "(a layer may be a module or a function of one tensor)")
+    params, tgt_param, traced, concrete = _parameters(model, target, inputs, what, way)
+    shaped = ([] if sample is None else list(sample) if isinstance(sample, tuple)
+              else [sample])
+    decided: list[str] = []             # where a branch was decided by the sample's shapes
+    autocast: list[Any] = []            # nodes made under the forward's own autocast
+    graph, other = _traced(model, _tracers(model, tgt_param, shaped, decided, autocast),
+                           concrete, what, way)
+    _read_mode(graph, other, model.training, what)      # (before nodes are added)
+    _detach_no_grad(graph)
+    baked = _bake_sizes(model, graph, tgt_param, shaped) if shaped else 0
+    if autocast:
+        import warnings
+        warnings.warn(f"engine.sequential: {what} computes part of its output under "
+                      f"torch.autocast, which torch.fx does not record: the pieces compute "
+                      f"it in the dtypes they are given (float32 where the model ran "
+                      f"bfloat16 or float16); cast in the model's code (.to(dtype)) to keep "
+                      f"them", stacklevel=2)
+    nodes = list(graph.nodes)
+    phs = [n for n in nodes if n.op == "placeholder"]
+    by_name = {n.target: n for n in phs}
+    ins = [by_name.get(q.name, phs[i]) for i, q in enumerate(traced)]
+    returned = next(n for n in nodes if n.op == "output").args[0]
+    out = _leaves(returned)
+    loss = None
+    of_loss: set[Any] = set()           # the nodes the forward's own loss computes from
+    if target:
+        assert tgt_param is not None
+        tgt = by_name.get(tgt_param.name, phs[min(len(phs) - 1, params.index(tgt_param))])
+        loss, end, of_loss = _own_loss(model, nodes, out, ins, tgt, tgt_param, traced, what)
+    else:
+        if len(out) != 1:
+            raise TypeError(f"{what} returns {len(out)} tensors (a tuple, a list or a "
+                            f"dict); a pipeline's last stage returns one: make the forward "
+                            f"return the output the loss reads (the loss given as "
+                            f"loss_fn=), or {way}")
+        end = out[0]
+    body = _body(model, nodes, ins, end, of_loss, traced, what, way)
+    seq = nn.Sequential(*_pieces(model, body, _crossings(model, nodes, body, ins)))
+    object.__setattr__(seq, "loss", loss)       # not a submodule: the layers are the pieces
+    object.__setattr__(seq, "traced_from", type(model).__name__)
+    # whether the pieces hold what the sample's shapes decided (sizes, branches): a job
+    # traces the model again for inputs of other shapes (Reshaped)
+    object.__setattr__(seq, "shaped", bool(decided or baked))
+    # without the target: what the forward returns around the output (a dict, a
+    # dataclass...), which a loss_fn written for the model reads (engine.distribute)
+    object.__setattr__(seq, "returned", None if target else _returned(returned, end))
+    return seq
+
+
+def _parameters(model: Any, target: bool | str, inputs: int, what: str, way: str
+                ) -> tuple[list[Any], Any, list[Any], dict[str, Any]]:
+    """The forward's parameters (``inspect.Parameter``s, its ``*args`` and
+    ``**kwargs`` aside), the target's among them (None without ``target``),
+    the ``inputs`` traced, and the rest, each kept at its default
+    (``concrete_args``): a TypeError where the forward's signature cannot
+    give what ``sequential`` was asked to trace."""
     params = [q for q in inspect.signature(model.forward).parameters.values()
               if q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
     if len(params) < inputs:
@@ -223,6 +275,25 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
                             f"inputs: a sample= tuple of them, step((x, {q.name}), ...)): "
                             f"{way}")
         concrete[q.name] = q.default
+    return params, tgt_param, traced, concrete
+
+
+def _tracers(model: Any, tgt_param: Any, shaped: list[Any], decided: list[str],
+             autocast: list[Any]) -> tuple[type, type]:
+    """The torch.fx tracers ``sequential`` traces ``model`` with: the first
+    reads buffers as traced values (a buffer sliced by a traced size), the
+    second, tried where the first fails, reads their values (a flag). Both
+    record augmented and item assignment as the in-place calls they are,
+    call a member of a list of layers whole, decide a branch on a value
+    the sample's ``shaped`` inputs compute (appending where to
+    ``decided``), keep an ``assert`` on a traced value as a check each step
+    runs, and append the nodes made under the forward's own autocast to
+    ``autocast``."""
+    import operator
+
+    import torch
+    import torch.fx as fx
+    from torch import _assert as torch_assert, nn
 
     class Proxy(fx.Proxy):
         """fx's Proxy, with augmented assignment recorded as the in-place
@@ -319,9 +390,6 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
             self.create_proxy("call_function", torch_assert, (obj, f"assert at {where}"), {})
             return True
 
-    shaped = ([] if sample is None else list(sample) if isinstance(sample, tuple)
-              else [sample])
-
     def _by_shapes(node: Any, tracer: Any) -> Any:
         """``node``'s value computed on the sample, where it is a Python
         number or bool (a length compared, not a tensor's values: those,
@@ -339,17 +407,26 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
         proxy_buffer_attributes = False     # a buffer's value read (a flag): its value now
 
     outer_autocast = _autocast(torch)
-    decided: list[str] = []             # where a branch was decided by the sample's shapes
-    autocast: list[Any] = []            # nodes made under the forward's own autocast
+    return Tracer, Baked
+
+
+def _traced(model: Any, tracers: tuple[type, type], concrete: dict[str, Any], what: str,
+            way: str) -> tuple[Any, Any]:
+    """``model``'s forward traced (by the first of ``tracers`` that can),
+    and traced again in the other mode (train or eval; None where that
+    fails), so ``_read_mode`` can tell what reads ``self.training``. A
+    forward no tracer follows is a TypeError saying where it failed and
+    what to pass instead."""
+    import torch
     try:
         with torch.enable_grad():       # (what the forward's own no_grad() is told from)
-            way_in: type = Tracer
+            way_in: type = tracers[0]
             try:
-                graph = Tracer().trace(model, concrete_args=concrete or None)
+                graph = tracers[0]().trace(model, concrete_args=concrete or None)
             except Exception as first:
                 try:
-                    way_in = Baked
-                    graph = Baked().trace(model, concrete_args=concrete or None)
+                    way_in = tracers[1]
+                    graph = tracers[1]().trace(model, concrete_args=concrete or None)
                 except Exception:
                     raise first from None
             modes = [(m, m.training) for m in model.modules()]
@@ -371,95 +448,98 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
                       "be given (transformers: config.use_cache=False, as for training)")
         raise TypeError(f"torch.fx cannot trace {what} ({type(e).__name__}: {e}"
                         f"{_line_of(e)}){fixed}; {way}") from e
-    _read_mode(graph, other, model.training, what)      # (before nodes are added)
-    _detach_no_grad(graph)
-    baked = _bake_sizes(model, graph, tgt_param, shaped) if shaped else 0
-    if autocast:
-        import warnings
-        warnings.warn(f"engine.sequential: {what} computes part of its output under "
-                      f"torch.autocast, which torch.fx does not record: the pieces compute "
-                      f"it in the dtypes they are given (float32 where the model ran "
-                      f"bfloat16 or float16); cast in the model's code (.to(dtype)) to keep "
-                      f"them", stacklevel=2)
-    nodes = list(graph.nodes)
-    phs = [n for n in nodes if n.op == "placeholder"]
-    by_name = {n.target: n for n in phs}
-    ins = [by_name.get(q.name, phs[i]) for i, q in enumerate(traced)]
-    returned = next(n for n in nodes if n.op == "output").args[0]
-    out = _leaves(returned)
-    loss = None
-    if target:
-        assert tgt_param is not None
-        tgt = by_name.get(tgt_param.name, phs[min(len(phs) - 1, params.index(tgt_param))])
-        reads: set[Any] = set()
-        for n in nodes:                 # what depends on the target
-            if n is tgt or any(m in reads for m in _inputs(n)):
-                reads.add(n)
-        found = [n for n in out if n in reads]
-        if len(found) != 1:
-            raise TypeError(f"{what}({', '.join(q.name for q in [*traced, tgt_param])}) "
-                            f"returns {len(found)} values computed from {tgt_param.name!r}, "
-                            "not one loss: pass loss_fn=")
-        needed = _ancestors(found)
-        part = [n for n in nodes if n in needed and n in reads and n is not tgt]
-        # a criterion of the model's own (self.criterion = nn.CrossEntropyLoss()) is part
-        # of the loss; a module with parameters is a layer, which a target must not feed
-        layers = [n.target for n in part if n.op == "call_module"
-                  and _has_params(model, [n])]
-        if layers:
-            raise TypeError(f"{what}: what it computes from {tgt_param.name!r} calls the "
-                            f"model's modules with parameters ({', '.join(layers)}), so it "
-                            "is no loss of the output alone: pass loss_fn=")
-        fed = {m for n in part for m in _inputs(n) if m not in reads and m.op != "get_attr"}
-        # the device of the model's output the loss reads (Hugging Face's
-        # ForCausalLMLoss: labels.to(logits.device)) is the device of what it reads of
-        # the output, not a second value (the loss of one output was refused)
-        about = {m for m in fed if m.op == "call_function" and m.target is getattr
-                 and m.args[1:] == ("device",)}
-        if len(fed - about) == 1 and about:
-            (rest,) = fed - about
-            for m in about:
-                m.args = (rest, "device")
-            fed -= about
-            part = [n for n in nodes if n in about or n in part]
-        if len(fed) != 1 or any(m in fed for m in ins):
-            raise TypeError(f"{what}: its loss reads {len(fed)} values of the model "
-                            f"besides {tgt_param.name!r}, not one output: pass loss_fn=")
-        (end,) = fed
-        end, way_to = _output(model, nodes, out, end, ins)
-        way_to.update(part)
-        part = [n for n in nodes if n in way_to]
-        loss = _piece(model, part, [end], [found[0]], f"{type(model).__name__}Loss", (tgt,))
-    else:
-        if len(out) != 1:
-            raise TypeError(f"{what} returns {len(out)} tensors (a tuple, a list or a "
-                            f"dict); a pipeline's last stage returns one: make the forward "
-                            f"return the output the loss reads (the loss given as "
-                            f"loss_fn=), or {way}")
-        end = out[0]
+    return graph, other
+
+
+def _own_loss(model: Any, nodes: list[Any], out: list[Any], ins: list[Any], tgt: Any,
+              tgt_param: Any, traced: list[Any], what: str) -> tuple[Any, Any, set[Any]]:
+    """The forward's own loss as a piece of its graph (``.loss(output,
+    target)``): the one returned value computed from the target ``tgt``,
+    and the one output of the layers it reads. Returns that piece, the
+    output (where the layers end) and the nodes the loss computes from the
+    target (a TypeError, naming what to pass instead, where the forward's
+    loss is not a function of one output and the target)."""
+    reads: set[Any] = set()
+    for n in nodes:                 # what depends on the target
+        if n is tgt or any(m in reads for m in _inputs(n)):
+            reads.add(n)
+    found = [n for n in out if n in reads]
+    if len(found) != 1:
+        raise TypeError(f"{what}({', '.join(q.name for q in [*traced, tgt_param])}) "
+                        f"returns {len(found)} values computed from {tgt_param.name!r}, "
+                        "not one loss: pass loss_fn=")
+    needed = _ancestors(found)
+    part = [n for n in nodes if n in needed and n in reads and n is not tgt]
+    # a criterion of the model's own (self.criterion = nn.CrossEntropyLoss()) is part
+    # of the loss; a module with parameters is a layer, which a target must not feed
+    layers = [n.target for n in part if n.op == "call_module"
+              and _has_params(model, [n])]
+    if layers:
+        raise TypeError(f"{what}: what it computes from {tgt_param.name!r} calls the "
+                        f"model's modules with parameters ({', '.join(layers)}), so it "
+                        "is no loss of the output alone: pass loss_fn=")
+    fed = {m for n in part for m in _inputs(n) if m not in reads and m.op != "get_attr"}
+    # the device of the model's output the loss reads (Hugging Face's
+    # ForCausalLMLoss: labels.to(logits.device)) is the device of what it reads of
+    # the output, not a second value (the loss of one output was refused)
+    about = {m for m in fed if m.op == "call_function" and m.target is getattr
+             and m.args[1:] == ("device",)}
+    if len(fed - about) == 1 and about:
+        (rest,) = fed - about
+        for m in about:
+            m.args = (rest, "device")
+        fed -= about
+        part = [n for n in nodes if n in about or n in part]
+    if len(fed) != 1 or any(m in fed for m in ins):
+        raise TypeError(f"{what}: its loss reads {len(fed)} values of the model "
+                        f"besides {tgt_param.name!r}, not one output: pass loss_fn=")
+    (end,) = fed
+    end, way_to = _output(model, nodes, out, end, ins)
+    way_to.update(part)
+    part = [n for n in nodes if n in way_to]
+    loss = _piece(model, part, [end], [found[0]], f"{type(model).__name__}Loss", (tgt,))
+    return loss, end, {*reads, *part}
+
+
+def _body(model: Any, nodes: list[Any], ins: list[Any], end: Any, of_loss: set[Any],
+          traced: list[Any], what: str, way: str) -> list[Any]:
+    """The nodes the layers run, in order: what ``end`` (the output) needs,
+    the asserts on what the layers read (nanoGPT's on the input's length),
+    kept where their values are made though nothing reads what they
+    return, and the in-place changes kept (``_kept_changes``; ``of_loss``:
+    the loss's nodes, not the layers'). A TypeError where the layers read
+    an input that is not traced."""
+    from torch import _assert as torch_assert
     needed = _ancestors([end])
-    # the asserts on what the layers read (nanoGPT's on the input's length): kept, where
-    # their values are made, though nothing reads what they return
     checks = [n for n in nodes if n.op == "call_function" and n.target is torch_assert]
     for n in checks:
         up = _ancestors([n])
         if all(u in ins for u in up if u.op == "placeholder"):
             needed |= up
-    needed |= _kept_changes(model, nodes, needed, {*reads, *part} if target else set())
+    needed |= _kept_changes(model, nodes, needed, of_loss)
     body = [n for n in nodes if n in needed and n.op not in ("placeholder", "get_attr")]
     if any(n.op == "placeholder" and n not in ins for n in needed):
         raise TypeError(f"{what}: its layers read an input besides "
                         f"{', '.join(repr(q.name) for q in traced)}: {way}")
+    return body
+
+
+def _crossings(model: Any, nodes: list[Any], body: list[Any], ins: list[Any]
+               ) -> dict[int, list[Any]]:
+    """Where ``body`` may be cut, each cut with the values that cross it
+    (cut 0: the inputs ``ins``).
+
+    A value is live from where it is made (the input: before body[0]) to
+    its last reader in the body. A cut after body[i]: its own output is
+    live, a tensor, and either the only value live or (between two steps
+    of a loop over a ModuleList) the live values are all tensors: they
+    cross the cut as a tuple (the input and a mask every block reads, a
+    U-Net's skips). One pass; no cut between a tensor and its in-place
+    change."""
     pos = {n: i for i, n in enumerate(body)}
     tensors = _tensor_valued(nodes)
     blocks = _loop_steps(model, body, pos)
     held, changed = _changed_spans(model, body, pos)   # no cut between a tensor and its change
-    # a value is live from where it is made (the input: before body[0]) to
-    # its last reader in the body. A cut after body[i]: its own output is
-    # live, a tensor, and either the only value live or (between two steps
-    # of a loop over a ModuleList) the live values are all tensors: they
-    # cross the cut as a tuple (the input and a mask every block reads, a
-    # U-Net's skips). One pass.
     last = {m: max((pos[u] for u in m.users if u in pos), default=-1) for m in [*ins, *body]}
     dies: dict[int, list[Any]] = {}     # values whose last reader is body[i]
     for m, at in last.items():
@@ -475,6 +555,13 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
         if n in live and n in tensors and i + 1 not in held and (len(live) == 1 or (
                 n in blocks and live <= tensors)):
             crossing[i + 1] = sorted(live, key=order.__getitem__)
+    return crossing
+
+
+def _pieces(model: Any, body: list[Any], crossing: dict[int, list[Any]]) -> list[Any]:
+    """``body`` cut at the ``crossing`` cuts into pieces (modules), a piece
+    with no parameters joined to the one before it (a first one, to the
+    next), each named after the modules it calls."""
     cuts = sorted(crossing)[1:]
     merged: list[tuple[int, int]] = []
     for a, b in zip([0, *cuts], [*cuts, len(body)]):
@@ -491,13 +578,4 @@ def sequential(model: Any, target: bool | str = False, inputs: int = 1,
         label = mods[0] if len(mods) == 1 else f"{mods[0]}..{mods[-1]}" if mods else "fn"
         pieces.append(_piece(model, body[a:b], crossing[a], crossing.get(b, [body[-1]]),
                              f"{type(model).__name__}[{label}]"))
-    seq = nn.Sequential(*pieces)
-    object.__setattr__(seq, "loss", loss)       # not a submodule: the layers are the pieces
-    object.__setattr__(seq, "traced_from", type(model).__name__)
-    # whether the pieces hold what the sample's shapes decided (sizes, branches): a job
-    # traces the model again for inputs of other shapes (Reshaped)
-    object.__setattr__(seq, "shaped", bool(decided or baked))
-    # without the target: what the forward returns around the output (a dict, a
-    # dataclass...), which a loss_fn written for the model reads (engine.distribute)
-    object.__setattr__(seq, "returned", None if target else _returned(returned, end))
-    return seq
+    return pieces
