@@ -13,7 +13,7 @@ ENGINE = pathlib.Path(engine.__file__).parent
 ORDER = ["ir", "schedules", "user_schedules", "lower", "replay", "verify", "simulate", "render",
          "costs", "profiling", "candidates", "retime", "choose", "trace", "layers", "reports",
          "per_token", "tp_plan", "per_token_loss", "per_token_call",
-         "tp_layers", "torch_stage", "tp_comm", "tp_rng", "tp_checks",
+         "tp_layers", "torch_loss", "torch_stage", "tp_comm", "tp_rng", "tp_checks",
          "tp_axes", "tp_loss", "tp_watched_loss", "tp_record", "tp_watch", "tp_forward",
          "tp_shard", "tp_state",
          "tensor_parallel", "tied", "tp_sums", "clip", "buffers", "zero_grads", "zero_prefetch",
