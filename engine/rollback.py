@@ -14,6 +14,8 @@ leaves behind.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 import collectives
@@ -27,6 +29,54 @@ from .step import _StepActions
 __all__ = ["StepFailed"]
 
 _REASON_MAX = 400     # abort reasons cross the wire in a header
+
+
+class _Slots(NamedTuple):
+    """Where each word sits in a step's agreement (``_Step.agree``), an
+    all-reduce's maximum of every rank's numbers (``size`` of them)::
+
+        0                       whether some rank's part failed
+        1 ..                    each dp replica's rows of inputs and of targets (+1; 0:
+                                not known here: only the first and last stages know)
+        1 + 2 * replicas ..     each replica's kind of loss: (its count + 1, 0) where
+                                per-token, (0, 1) a mean, (0, 0) not known here
+        said                    the reports' word (engine.reports: 0, 1 or 2)
+        said + 1 ..             each replica's reports' sums, ``span`` numbers each
+        lo ..                   each replica's share of the loss (-inf: not known here)
+        amp - 1                 1 where some rank has a share
+        amp .. amp + 4          a loss scale's four slots (engine.scaled)
+        size - 2, size - 1      whether some rank evaluates (eval_step), some trains
+    """
+    replicas: int
+    said: int
+    span: int
+    lo: int
+    amp: int
+    size: int
+
+
+def _slots(replicas: int, reports: int) -> _Slots:
+    """The agreement's slots for ``replicas`` dp replicas whose reports are
+    ``reports`` numbers each (engine.reports' ``width``)."""
+    said = 1 + 4 * replicas
+    span = 2 * reports
+    size = 9 + 5 * replicas + span * replicas
+    amp = size - 6
+    return _Slots(replicas, said, span, amp - 1 - replicas, amp, size)
+
+
+class _Heard(NamedTuple):
+    """What a step's agreement heard that fails it (``_Step._heard``): the
+    replicas whose input and target rows do not pair, the ranks that
+    evaluate beside training ones, the replicas by kind of loss, why
+    replicas' reports are unlike, each rank's reason (None: none), and the
+    micro-batches a step takes."""
+    wrong: list[tuple[int, int, int]]
+    evals: list[int]
+    kinds: tuple[list[int], list[int]]
+    unlike: str | None
+    reasons: list[str | None]
+    m: int
 
 
 class StepFailed(MeshError):
@@ -144,40 +194,52 @@ class _Step(_StepActions):
             self.counts.agreed(None)
             self.loss = self.share
             return
-        # with it, each dp replica's rows of inputs and of targets (+1; 0: not
-        # known here), which only ranks of the first and the last stage know:
-        # targets of other rows than the inputs pair rows wrongly (the loss of
-        # micro-batch k taken against another one's targets) without a word
-        replicas = pipe.dp.size if pipe.dp is not None else 1
-        # then each replica's kind of loss: (its count + 1, 0) where per-token, (0, 1) a
-        # mean, (0, 0) not known here (float64: a count may be a weighted one);
-        # and last, whether some rank evaluates (eval_step) and some trains (step)
-        # then the reports' word (engine.reports: 0, 1 or 2) and each replica's sums
+        at = _slots(pipe.dp.size if pipe.dp is not None else 1, width(pipe.report_layout))
+        failed = self._word(error, at)
+        heard = self._heard(error, failed, at)
+        if heard is not None:
+            self._verdict(error, heard, bool(failed[0]), at.replicas)
+
+    def _word(self, error: BaseException | None, at: _Slots) -> np.ndarray:
+        """This rank's word in the step's agreement, in the slots ``at``
+        lays out (an all-reduce's maximum merges the ranks' words): whether
+        its part failed, its rows of inputs and targets, its kind of loss
+        and count, its reports, its loss scale, its replica's share of the
+        loss, and whether it evaluates or trains."""
+        pipe = self.pipe
         agreed, reports = pipe.report_layout, self.counts.reports
-        said = 1 + 4 * replicas
-        span = 2 * width(agreed)
-        failed = np.zeros(9 + 5 * replicas + span * replicas, dtype=np.float64)
-        amp = len(failed) - 6   # a loss scale's four slots (engine.scaled), before the last two
-        # before them, each replica's share of the loss (-inf: not known here; known on its
-        # last stage's ranks) and 1 where some rank has one: every rank returns their mean
-        lo = amp - 1 - replicas
-        failed[lo:amp - 1] = -np.inf
+        failed = np.zeros(at.size, dtype=np.float64)
+        failed[at.lo:at.amp - 1] = -np.inf
         failed[0] = 0 if error is None else 1
         failed[1 + 2 * pipe.dp_index:3 + 2 * pipe.dp_index] = (self.in_rows + 1,
                                                                self.target_rows + 1)
         loss_here = error is None and self.counts.kind() is not None
         if error is None:
-            at = 1 + 2 * replicas + 2 * pipe.dp_index
-            failed[at:at + 2] = self.counts.slots()
-            at = said + 1 + span * pipe.dp_index
-            failed[said], failed[at:at + span] = reports.said(agreed, loss_here)
-            failed[amp:amp + 4] = self.scaled.slots(pipe)
+            i = 1 + 2 * at.replicas + 2 * pipe.dp_index
+            failed[i:i + 2] = self.counts.slots()
+            i = at.said + 1 + at.span * pipe.dp_index
+            failed[at.said], failed[i:i + at.span] = reports.said(agreed, loss_here)
+            failed[at.amp:at.amp + 4] = self.scaled.slots(pipe)
             if self.share is not None:
-                failed[lo + pipe.dp_index], failed[amp - 1] = self.share, 1
+                failed[at.lo + pipe.dp_index], failed[at.amp - 1] = self.share, 1
         failed[-2:] = (1, 0) if self.forward_only else (0, 1)
-        wrong: list[tuple[int, int, int]] = []
+        return failed
+
+    def _heard(self, error: BaseException | None, failed: np.ndarray, at: _Slots
+               ) -> _Heard | None:
+        """Every rank's word merged (``failed``, all-reduced in place) and read:
+        the loss scale, the rows that do not pair, the kinds of loss, the
+        reports and the step's loss taken; where some rank failed, evaluates
+        beside training ranks or laid its reports out anew, every rank's
+        reason too (an all-gather, which also realigns the tp groups'
+        collectives). None where ``agree`` is done: the step went well
+        everywhere, or the exchange itself failed with this rank's own
+        error to raise (without one, it is rolled back and raised)."""
+        pipe, whole = self.pipe, self.pipe.whole
+        agreed, reports = pipe.report_layout, self.counts.reports
+        replicas, said, span, lo, amp = at.replicas, at.said, at.span, at.lo, at.amp
+        loss_here = error is None and self.counts.kind() is not None
         evals: list[int] = []
-        kinds: tuple[list[int], list[int]] = ([], [])
         unlike: str | None = None       # replicas reporting other names: why the step fails
         try:
             collectives.all_reduce(whole, failed, op="max", timeout=pipe.timeout)
@@ -197,7 +259,7 @@ class _Step(_StepActions):
             if failed[amp - 1]:     # (the replicas' shares' mean: collectives' avg, alike)
                 self.loss = float(failed[lo:amp - 1].sum() / replicas)
             if not failed[0] and not wrong and not mixed and not all(kinds) and not relaid:
-                return
+                return None
             if not failed[0] and not mixed and not relaid:
                 reasons: list[str | None] = []
             else:
@@ -214,9 +276,21 @@ class _Step(_StepActions):
                         {t[3]: t[4] for t in told if t[4] is not None})
         except Exception:
             if error is not None:
-                return                       # this rank's own error is raised
+                return None                  # this rank's own error is raised
             self.roll_back()                 # a lost peer, a timeout: raised as it is
             raise
+        return _Heard(wrong, evals, kinds, unlike, reasons, m)
+
+    def _verdict(self, error: BaseException | None, heard: _Heard, failed: bool,
+                 replicas: int) -> None:
+        """What every rank raises once it has heard the others (``failed``:
+        whether some rank's part failed), rolled back first where its own
+        part finished: a ValueError for ranks evaluating beside training
+        ones, replicas of both kinds of loss or of other reports, and rows
+        that do not pair; else StepFailed naming the ranks that failed. A
+        rank with its own ``error`` returns, for its caller raises it."""
+        pipe, whole = self.pipe, self.pipe.whole
+        wrong, evals, kinds, unlike, reasons, m = heard
         if evals:
             if error is None:
                 self.roll_back()
@@ -226,7 +300,7 @@ class _Step(_StepActions):
                 f"({pipe.schedule.name}): ranks {evals} of {whole.name} called eval_step() "
                 f"where ranks {steps} called step(): every rank calls the same, as often "
                 "(an evaluation takes a step's tags); rolled back on every rank") from error
-        if all(kinds) and not failed[0]:
+        if all(kinds) and not failed:
             self.roll_back()
             raise ValueError(
                 f"rank {whole.rank} of {whole.name}: pipeline step {self.n} "
@@ -238,7 +312,7 @@ class _Step(_StepActions):
             self.roll_back()
             raise ValueError(f"rank {whole.rank} of {whole.name}: pipeline step {self.n} "
                              f"({pipe.schedule.name}): {unlike}; rolled back on every rank")
-        if not failed[0] and not wrong:     # (the reports laid out anew: the step is done)
+        if not failed and not wrong:     # (the reports laid out anew: the step is done)
             return
         if wrong:
             if error is None:
