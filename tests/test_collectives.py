@@ -323,9 +323,9 @@ def _lane_lingers(C: Any, g: Any) -> None:
     """One lane thread runs consecutive async calls (it waits for the next
     one instead of exiting, and a thread is not started per call), and
     runner.release makes it exit at once."""
-    from collectives import runner
+    from collectives import lane, runner
     runner.release(g)       # the lane of the calls above, with its own linger
-    linger, runner._LINGER_S = runner._LINGER_S, 60.0
+    linger, lane._LINGER_S = lane._LINGER_S, 60.0
     try:
         threads = []
         for _ in range(2):
@@ -336,7 +336,7 @@ def _lane_lingers(C: Any, g: Any) -> None:
         runner.release(g)
         assert not threads[0].is_alive(), "the lane outlived runner.release"
     finally:
-        runner._LINGER_S = linger
+        lane._LINGER_S = linger
 
 
 def _random_cases(C: Any, g: Any, seed: int, count: int = 16) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 import collectives as C
 import mesh
-from collectives import plan, runner
+from collectives import lane, plan
 from collectives.host import columns, hier
 from collectives.host.ring import final_regions
 
@@ -133,7 +133,7 @@ def _every_op(world: Any) -> None:
     # watches none of the user op's messages: rank 1's fingerprint on its host's
     # board says it there (each waited for the other until the deadline); a
     # builtin op too
-    time.sleep(2 * runner._WATCH_S)
+    time.sleep(2 * lane._WATCH_S)
     add = C.Op(np.add, name="add")
     for k, theirs in ((20_000, add), (5, add), (20_000, "max"), (5, "max")):
         with _aborts_read_late(world, 2, 1.0), pytest.raises(mesh.MismatchError):

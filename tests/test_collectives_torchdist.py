@@ -83,10 +83,10 @@ def _reductions(r: int, n: int) -> None:
     # a repeated tiny dist.all_reduce takes collectives.shm.tiny's short way
     # once the first call has settled it, as collectives.all_reduce does
     # (after the watch a rooted call of init_process_group left may be
-    # withdrawn: collectives.runner keeps it _WATCH_S, and until then a call
+    # withdrawn: collectives.lane keeps it _WATCH_S, and until then a call
     # takes the long way, which reports what the watch caught)
-    from collectives import runner, torchexchange, torchgather, torchpg
-    time.sleep(runner._WATCH_S * 1.5)
+    from collectives import lane, torchexchange, torchgather, torchpg
+    time.sleep(lane._WATCH_S * 1.5)
     # (and reduce_scatter_tensor, all_gather_into_tensor, gather, scatter and
     # all_to_all_single: the short ways of theirs)
     where = {"_tiny_all_reduce": torchpg, "_tiny_reduce_scatter": torchexchange,
