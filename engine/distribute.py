@@ -514,7 +514,7 @@ def _made_job(grid: Grid, given: _Given, found: _Found, asked: _Asked, ready: _P
     model's state beyond its layers, ``_rest``; with shapes the sample
     decided, what traces it again at a step's, ``Reshaped``). This rank's
     error here (a KeyboardInterrupt) is returned (with the Job, where it
-    was made before it), told where the others'
+    was made before it: half made, never returned), told where the others'
     re-time makes its word (``_retimed``): alone, they waited there until
     their timeout (its dp peers in the broadcasts: those it will not make
     are abandoned, failing on them)."""
@@ -565,12 +565,14 @@ def _retimed(grid: Grid, job: Job | None, failed: BaseException | None, found: _
     """The job re-timed (``job.predicted``: the machine as the steps will
     find it), the table simulated again on what that measured, and, on rank
     0 when ``verbose``, the table, the cut and the prediction printed. Where
-    no Job was made (``failed``), this rank still makes the re-time's word,
-    telling its error. Every rank's error here is told in a last word:
-    alone, it left the others with jobs whose first step waited for it."""
+    the Job's making ``failed`` (no Job, or one made before the error: its
+    ``Reshaped``), this rank makes the re-time's word in its place, telling
+    its error: re-timed, that Job went back half made and the error was
+    lost. Every rank's error here is told in a last word: alone, it left
+    the others with jobs whose first step waited for it."""
     chosen = found.chosen
     try:
-        if job is None:     # (the others' re-time: its exchange, where it times anything)
+        if failed is not None:  # (the others' re-time: its exchange, where it times anything)
             if chosen is not None:
                 peers = tp_group if plan else None      # (the re-time's: a sharded job's)
                 _exchange(grid.comm, [], _timing(grid.comm, peers, functools.partial(
@@ -578,7 +580,6 @@ def _retimed(grid: Grid, job: Job | None, failed: BaseException | None, found: _
             _raised(failed)
         assert job is not None
         job.retime()
-        failed = None
         if verbose and grid.comm.rank == 0 and job.predicted is not None:
             job.watched = []        # step() tells a median step far off the prediction, once
         if job.calibration is not None and chosen is not None:

@@ -10,6 +10,7 @@ import typing
 import numpy as np
 import pytest
 from test_engine_distribute import _optim_close, trained_alike
+from test_engine_tp_pipeline import interrupt_call
 
 import collectives
 import engine
@@ -1550,15 +1551,28 @@ def test_a_length_whose_trace_cuts_the_model_otherwise_fails_the_step_naming_bot
 
 
 def _retrace_fails_worker(world):
-    """tp=2: a step at a new length whose trace raises on tp rank 1 alone
-    (a KeyboardInterrupt as it traces), then steps at that length and at
-    another; the state trained."""
+    """tp=2: distribute with what traces the model again at a step's shapes
+    (its Reshaped, made after the Job) raising on tp rank 1 alone (what
+    distribute raised); then a job, a step at a new length whose trace
+    raises on tp rank 1 alone (a KeyboardInterrupt as it traces), then
+    steps at that length and at another; the state trained."""
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    job = engine.distribute(_Lengths().double(), mesh.grid(world, pp=1, tp=2), schedule="1f1b",
-                            microbatches=2, balance="uniform", sample=_length_data(0)[0],
-                            plan={"h.*.fc": "colwise", "h.*.out": "rowwise"}, timeout=30,
-                            reps=1, verbose=False, overhead=0.0)     # (DRY)
+
+    def distributed():
+        torch.manual_seed(0)
+        return engine.distribute(_Lengths().double(), mesh.grid(world, pp=1, tp=2),
+                                 schedule="1f1b", microbatches=2, balance="uniform",
+                                 sample=_length_data(0)[0],
+                                 plan={"h.*.fc": "colwise", "h.*.out": "rowwise"}, timeout=30,
+                                 reps=1, verbose=False, overhead=0.0)     # (DRY)
+    if world.rank == 1:
+        interrupt_call("engine.distribute", "Reshaped", 1, "stopped on purpose on rank 1")
+    try:
+        distributed()
+        made = "returned"
+    except BaseException as e:
+        made = f"{type(e).__name__}: {e}"
+    job = distributed()
     opt = torch.optim.SGD(job.parameters(), lr=LR)
     if world.rank == 1:
         real = engine.traced.Reshaped._traced
@@ -1577,7 +1591,7 @@ def _retrace_fails_worker(world):
         except BaseException as e:
             said.append(f"{type(e).__name__}: {e}")
     state = job.state_dict()
-    return said, None if state is None else {k: v.tolist() for k, v in state.items()}
+    return made, said, None if state is None else {k: v.tolist() for k, v in state.items()}
 
 
 @pytest.mark.timeout(120)
@@ -1587,8 +1601,15 @@ def test_a_trace_at_new_shapes_failing_on_one_rank_fails_the_step_on_every_rank(
     rank alone, and its peers ran the step without it, their collectives
     meeting its next step's (a MismatchError), and so on, every step after.
     Now it is the step's own: it fails on every rank, rolled back, and the
-    steps after train as one process."""
-    (said0, state), (said1, _) = mesh.spawn(_retrace_fails_worker, 2, timeout=100)
+    steps after train as one process. An error as distribute makes what
+    traces again (after the Job) was dropped: that rank's distribute
+    returned the Job half made, with no retrace, and its peers' a whole
+    one. Now distribute fails on every rank, the others naming it."""
+    (made0, said0, state), (made1, said1, _) = mesh.spawn(_retrace_fails_worker, 2,
+                                                          timeout=100)
+    assert made1 == "KeyboardInterrupt: stopped on purpose on rank 1", made1
+    assert made0 == ("DistributeFailed: rank 0: engine.distribute failed on rank 1: "
+                     "KeyboardInterrupt: stopped on purpose on rank 1"), made0
     assert said1[0] == "KeyboardInterrupt: ", said1
     assert said0[0].startswith("MeshError: rank 0: all_reduce") and \
         "pipeline step 0 failed on pp rank 0 (tp rank 1): KeyboardInterrupt" in said0[0], said0
