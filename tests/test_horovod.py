@@ -552,6 +552,21 @@ def _check_timeline(rows: dict[str, list[str]], n: int) -> None:
     assert emb == 2 * ["B:ALLREDUCE", "B:MESHRUN_ALLGATHER", "E", "E:float64 [8, 3]"], emb
 
 
+def test_hvd_elastic_is_refused_by_name_saying_what_to_use() -> None:
+    """Horovod's elastic examples (``@hvd.elastic.run``,
+    ``hvd.elastic.TorchState``) failed with a bare AttributeError: module
+    'collectives.horovod' has no attribute 'elastic'."""
+    pytest.importorskip("torch")
+    import collectives.horovod as hvd
+    for name in ("run", "TorchState"):
+        with pytest.raises(NotImplementedError) as e:
+            getattr(hvd.elastic, name)
+        assert str(e.value).startswith(f"hvd.elastic.{name}: Horovod's elastic training is not "
+                                       f"available on meshrun")
+        assert "--max-restarts" in str(e.value) and "mesh.spawn" in str(e.value)
+    assert not hasattr(hvd.elastic, "__path__")     # (the import system's probes: as usual)
+
+
 @pytest.mark.timeout(120)
 def test_horovod_mnist_example_runs_under_meshrun() -> None:
     """examples/horovod_mnist.py, Horovod's script with its import changed,

@@ -10,6 +10,7 @@ under ``meshrun -n N`` (or torchrun, mpirun, srun, ``mesh.spawn``).
     optimizer.py  DistributedOptimizer over collectives.GradReducer; Adasum's delta optimizer
     sync_batch_norm.py  SyncBatchNorm: batch statistics over every rank's batch
     timeline.py   HOROVOD_TIMELINE, start_timeline: rank 0's Chrome trace of the calls
+    elastic.py    hvd.elastic: refused by name (NotImplementedError saying what to use)
 """
 from .basics import (Adasum, Average, Compression, HorovodInternalError, Max, Min, Product,
                      ProcessSet, Sum, add_process_set, ccl_built, cross_rank, cross_size,
@@ -19,6 +20,7 @@ from .basics import (Adasum, Average, Compression, HorovodInternalError, Max, Mi
                      rocm_built, shutdown, size)
 from .functions import (allgather_object, broadcast_object, broadcast_optimizer_state,
                         broadcast_parameters)
+from . import elastic
 from .control import join
 from .mpi_ops import (allgather, allgather_async, allreduce, allreduce_, allreduce_async,
                       allreduce_async_, alltoall, alltoall_async, barrier, broadcast,
@@ -43,4 +45,4 @@ __all__ = ["init", "shutdown", "is_initialized", "rank", "size", "local_rank", "
            "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object",
            "allgather_object", "DistributedOptimizer", "SyncBatchNorm", "mpi_threads_supported",
            "mpi_enabled", "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "ddl_built",
-           "ccl_built", "cuda_built", "rocm_built"]
+           "ccl_built", "cuda_built", "rocm_built", "elastic"]
