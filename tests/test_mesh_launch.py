@@ -648,6 +648,16 @@ def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> Non
     (("--output", "dir=logs:nocopy", str(WORKER)), "meshrun cannot do dir=logs:nocopy"),
     (("--merge-stderr-to-stdout", str(WORKER)),
      "--merge-stderr-to-stdout: meshrun cannot do merge-stderr-to-stdout"),
+    # horovodrun's command line: -np is -n; its `python train.py` and other options say
+    # what to use (were "invalid int value: 'p'", "python: no such file", "unrecognized")
+    (("-np", "2", "python", str(WORKER), "--lr", "1"),
+     f"python {WORKER} --lr 1: meshrun runs the script in its own Python: meshrun -n 2 "
+     f"{WORKER} --lr 1 (horovodrun's and mpirun's `-np 2 python {WORKER} --lr 1`)"),
+    (("-np", "2", "-H", "localhost:2", str(WORKER)),
+     "-H localhost:2 is horovodrun's, not meshrun's: one meshrun a host: meshrun --nnodes K"),
+    (("--timeline-filename", "t.json", str(WORKER)),
+     "--timeline-filename t.json is horovodrun's, not meshrun's: export HOROVOD_TIMELINE=t.json"),
+    (("--gloo", str(WORKER)), "--gloo is horovodrun's, not meshrun's: meshrun's ranks talk"),
 ])
 def test_usage_errors(args: tuple[str, ...], message: str, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -690,6 +700,8 @@ def test_mpiruns_output_spellings_are_meshruns_options() -> None:
     assert a.prefix and a.log_dir == "logs"
     a = p.parse_args(["--output", "tag", "--no-prefix", "--output-filename", "out", str(WORKER)])
     assert not a.prefix and a.log_dir == "out"
+    a = p.parse_args(["-np", "3", str(WORKER)])     # (mpirun's and horovodrun's -np)
+    assert a.nproc == 3
 
 
 def test_torchruns_pet_variables_are_the_defaults(

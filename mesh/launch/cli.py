@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             Python stack, which faulthandler dumps). Rank 0 reads
             meshrun's standard input, the others /dev/null. OMP_NUM_THREADS,
             when unset, becomes cpus/N so that N workers do not oversubscribe the cores."""))
-    p.add_argument("-n", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,
+    p.add_argument("-n", "-np", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int,
                    default=1, metavar="N", help="worker processes on this host (default 1)")
     p.add_argument("--nnodes", type=int, default=1, metavar="K",
                    help="hosts in the job, one meshrun on each (default 1)")
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-python", "--no_python", action="store_true",
                    help="the target is an executable, not a Python script (no traceback "
                         "capture)")
+    for names, nargs in _HOROVODRUN:
+        p.add_argument(*names, action=_Horovodrun, nargs=nargs, help=argparse.SUPPRESS)
     p.add_argument("target", help="script.py, module (with -m) or program (with --no-python)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the target")
     return p
@@ -222,6 +225,35 @@ class _MpiOutput(argparse.Action):
                          f"them)")
 
 
+# horovodrun's options that are not meshrun's, each refused with what to use instead
+# (argparse said "unrecognized arguments"); its -np is meshrun's -n
+_HOROVODRUN: list[tuple[tuple[str, ...], int | None]] = [
+    (("-H", "--hosts", "-hostfile", "--hostfile"), None), (("--timeline-filename",), None),
+    (("--timeline-mark-cycles",), 0), (("--gloo", "--mpi"), 0)]
+_INSTEAD = {
+    "-H": "one meshrun a host: meshrun --nnodes K --node-rank I --master-addr HOST0 "
+          "--master-port P -n N train.py on each (README: Running on a cluster), or mpirun "
+          "-H ... python train.py",
+    "--timeline-filename": "export HOROVOD_TIMELINE={} (hvd.init() reads it, as Horovod's)",
+    "--timeline-mark-cycles": "export HOROVOD_TIMELINE_MARK_CYCLES=1 (hvd.init() reads it)",
+    "--gloo": "meshrun's ranks talk over its own transport: drop it"}
+_INSTEAD.update({"--hosts": _INSTEAD["-H"], "-hostfile": _INSTEAD["-H"],
+                 "--hostfile": _INSTEAD["-H"], "--mpi": _INSTEAD["--gloo"]})
+
+
+class _Horovodrun(argparse.Action):
+    """horovodrun's option, refused naming meshrun's way to the same end."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        said = option_string if self.nargs == 0 else f"{option_string} {values}"
+        parser.error(f"{said} is horovodrun's, not meshrun's: "
+                     f"{_INSTEAD[str(option_string)].format(values)}")
+
+
+_PYTHON = re.compile(r"python[0-9.]*")
+
+
 def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     from_env = getattr(a, "from_env", {})
     if a.standalone:        # (torchrun ignores the rendezvous's variables under it, as its options)
@@ -257,6 +289,12 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.nnodes > 1 and not os.environ.get("MESH_SECRET"):
         p.error("a multi-host job needs the same secret on every host: export "
                 "MESH_SECRET=$(python -c 'import secrets; print(secrets.token_hex(16))')")
+    if not (a.module or a.no_python or os.path.isfile(a.target)) \
+            and _PYTHON.fullmatch(os.path.basename(a.target)):
+        script = " ".join(getattr(a, "args", None) or ["train.py"])
+        p.error(f"{a.target} {script}: meshrun runs the script in its own Python: "
+                f"meshrun -n {a.nproc} {script} (horovodrun's and mpirun's `-np "
+                f"{a.nproc} {a.target} {script}`); --no-python {a.target} runs that program")
     if not (a.module or a.no_python or os.path.isfile(a.target)
             or os.path.isfile(os.path.join(a.target, "__main__.py"))):
         p.error(f"{a.target}: no such file (nor a folder with a __main__.py)")
