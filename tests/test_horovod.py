@@ -1,6 +1,7 @@
 """collectives.horovod: Horovod's torch API over meshrun (one import changed)."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -370,7 +371,11 @@ def _hvd_cases(world: Any, tmp: str) -> dict[str, Any]:
     out["broadcast_"] = b.tolist()
     out["reducescatter"] = hvd.reducescatter(torch.ones(7, 2) * (r + 1), op=hvd.Sum).tolist()
     out["objects"] = (hvd.broadcast_object({"epoch": 5 + r}, root_rank=1),
-                      hvd.allgather_object(r * 2))
+                      hvd.allgather_object(r * 2),      # tuples: tuples on every rank
+                      hvd.broadcast_object({"shape": (2, 3 + r)}, root_rank=1),
+                      hvd.allgather_object((r, [(r,)])),
+                      _raises(lambda: hvd.broadcast_object(argparse.Namespace(lr=r)),
+                              TypeError))
     x = torch.tensor([r + 1.0], requires_grad=True)
     (hvd.allreduce(x, op=hvd.Sum) * (r + 1)).sum().backward()
     out["autograd"] = x.grad.tolist()
@@ -469,7 +474,10 @@ def test_horovod_script_trains_as_one_process_and_collectives_match_horovod(
         assert o["broadcast_"] == [n - 1.0] * 2
         share = [3, 2, 2][r]
         assert o["reducescatter"] == [[6.0, 6.0]] * share
-        assert o["objects"] == ({"epoch": 6}, [0, 2, 4])
+        assert o["objects"][:4] == ({"epoch": 6}, [0, 2, 4], {"shape": (2, 4)},
+                                    [(q, [(q,)]) for q in range(n)]), o["objects"]
+        assert o["objects"][4].startswith(f"TypeError: hvd.broadcast_object: rank {r}: ") and \
+            "type Namespace" in o["objects"][4] and "vars(obj)" in o["objects"][4]
         assert all(e.startswith("NotImplementedError") and "Adasum" in e for e in o["adasum"])
         assert "non-power of 2" in o["adasum"][0] and "non-power of 2" in o["adasum"][1]
         assert o["sync_bn"] == (True, True)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .. import api as C
+from ..mpi_compat.tuples import unwrap, unwrap_state, wrap, wrap_state
 from . import control
 from .basics import ProcessSet, _comm, global_process_set
 
@@ -52,18 +53,34 @@ def broadcast_optimizer_state(optimizer: Any, root_rank: int,
         optimizer.load_state_dict(state)
 
 
+_UNPICKLED = ("(Horovod pickles it; meshrun never unpickles what another rank sends: "
+              "pass plain values, vars(obj) for an argparse.Namespace)")
+
+
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> Any:
     """The root's ``obj`` on every rank: nested dicts, lists and tuples of
-    plain values, tensors and arrays (not pickled: no class instances)."""
+    plain values, tensors and arrays (not pickled: no class instances).
+    Tuples come back tuples on every rank, as Horovod's pickle gives them
+    (collectives.MPI's bcast's packing), but in an object holding arrays."""
     g = _comm(process_set, "broadcast_object")
     control.announce(g, control.OBJECT, "broadcast_object")
-    return C.broadcast_state(g, obj if g.rank == root_rank else None, root=root_rank)
+    try:
+        if g.rank == root_rank:
+            C.broadcast_state(g, wrap_state(obj), root=root_rank)
+            return obj
+        return unwrap_state(C.broadcast_state(g, None, root=root_rank))
+    except TypeError as e:
+        raise TypeError(f"hvd.broadcast_object: {e} {_UNPICKLED}") from None
 
 
 def allgather_object(obj: Any, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> list[Any]:
-    """Every rank's ``obj``, in rank order (plain values: msgpack)."""
+    """Every rank's ``obj``, in rank order (plain values: msgpack; tuples
+    come back tuples, as Horovod's pickle gives them)."""
     g = _comm(process_set, "allgather_object")
     control.announce(g, control.OBJECT, "allgather_object")
-    return list(C.all_gather_object(g, obj))
+    try:
+        return [unwrap(x) for x in C.all_gather_object(g, wrap(obj))]
+    except TypeError as e:
+        raise TypeError(f"hvd.allgather_object: {e} {_UNPICKLED}") from None
