@@ -1540,3 +1540,54 @@ def test_a_rank_of_another_node_that_ddp_names_is_the_root_cause(tmp_path: Path)
     assert "Root cause: rank 3 (node 1, on host 10.77.0.2, pid 103) was lost, a rank of " \
         "another node" in report, report
     assert "  rank       : 0 (node 0, local rank 0, pid 100, host 10.77.0.1)" in report, report
+
+
+_CUT = ("rank {r}: all_reduce (column all_reduce) #136 on group world/column{r}: recv from rank "
+        "1 (world rank {p}, on host 10.77.0.2, pid 4{p}) aborted: ")
+_SAW = "peer world rank 2 (on host 10.77.0.2, pid 42) is gone (silent for 2.0s)"
+
+
+@pytest.mark.parametrize("wrap", ["", "Got the following error when running the callback: "
+                                      "LostPeerError: "], ids=["LostPeerError", "ddp"])
+def test_a_rank_that_saw_a_cut_links_loss_itself_is_the_root_cause_not_one_it_told(
+        wrap: str) -> None:
+    """The link to node 1 cut: rank 1's phase of an all_reduce lost rank 2
+    (its own loss: ``aborted: peer world rank 2 is gone``) and it aborted
+    the call on rank 0, which raised that relayed abort ``aborted: rank 1 of
+    group world: ...`` and recorded it first (rank 1 had more to do before
+    its raise). The table named rank 0, whose error only quotes rank 1's,
+    as the one that reported the loss first; rank 1 is, rank 0 a
+    consequence. Records as two namespaces with their link cut wrote them
+    (so DDP's RuntimeError around them)."""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import cause, format_report, lost_nodes
+    saw = _CUT.format(r=1, p=3) + _SAW
+    told = _CUT.format(r=0, p=2) + "rank 1 of group world: all_reduce #45 failed: " \
+        "LostPeerError: " + saw
+    kind = {"exc_type": "RuntimeError"} if wrap else \
+        {"exc_type": "LostPeerError", "from_abort": True, "peer": 2}
+    records = {0: dict(kind, message=wrap + told, time=33.441),
+               1: dict(kind, message=wrap + saw, time=33.503)}
+    exits = [WorkerExit(0, 0, 100, 1, 33.6, False), WorkerExit(1, 1, 101, 1, 33.7, False)]
+    outcome = JobOutcome("failed", exits)
+    report = format_report(outcome, records, 2)
+    assert "Root cause: rank 2 (node 1) was lost, a rank of another node (its meshrun " \
+        "reports why, unless it is gone too); rank 1 here reported it first:\n  error      : " \
+        f"{kind['exc_type']}: {wrap}{saw}\n  rank       : 1 (node 0, local rank 1" in report, \
+        report
+    assert "\n  rank 0    exit code 1 (failed, a consequence); " in report, report
+    assert lost_nodes(outcome, records, 2) == [1]
+    assert cause(outcome, records)[0].startswith("rank 1 failed (exit code 1): "), report
+    # relayed in a sub-group (its member's world rank said), its own abort quoted (as
+    # before), an engine error telling of rank 1's
+    sub = dict(records[0], message=wrap + _CUT.format(r=0, p=2) + "rank 0 of group g (world "
+               f"rank 1, on host 10.77.0.1, pid 41): {saw}")
+    assert "rank 1 here reported it first" in format_report(
+        JobOutcome("failed", exits), {**records, 0: sub}, 2)
+    own = dict(records[0], message=wrap + _CUT.format(r=0, p=2) + f"rank 0 of group world: {saw}")
+    assert "rank 0 here reported it first" in format_report(
+        JobOutcome("failed", exits), {**records, 0: own}, 2)
+    told = {"exc_type": "DistributeFailed", "from_abort": True, "time": 33.441,
+            "message": f"rank 0: engine.distribute failed on rank 1: LostPeerError: {saw}"}
+    assert "rank 1 here reported it first" in format_report(
+        JobOutcome("failed", exits), {**records, 0: told}, 2)

@@ -76,9 +76,43 @@ def _meant(e: WorkerExit, outcome: JobOutcome, records: dict[int, dict[str, Any]
     return None
 
 
+_RELAYED = re.compile(r" aborted: rank (\d+) of group (.+?)"
+                      r"(?: \(world rank (\d+)[^()]*\)| \(on host [^()]*\))?: ")
+"""How an abort a member sent stands in a rank's error (mesh.inbox's
+``abort_error`` text, the member named as mesh.inbox's ``_ABORTED_BY`` reads
+it, with its host where ``relayed`` added it: its world rank said in a group
+other than the world)."""
+
+
+def _relayed(rank: int, rec: dict[str, Any] | None) -> bool:
+    """Whether rank's error is another rank's failure passed on to it (an
+    abort a member sent, ``rank 1 of group world: ...`` after its first
+    ``aborted: ``; an engine error in its own words, ``engine.distribute
+    failed on rank 1: ...``), not a lost peer it saw itself, which the rank
+    it learnt of the loss from had first hand (a phase of its own call
+    aborted for a peer lost here says ``aborted: peer world rank 2 is
+    gone``: its own loss)."""
+    if not rec or not _secondary(rec):
+        return False
+    said = str(rec.get("message", ""))
+    at = said.find(" aborted: ")
+    found = _RELAYED.match(said, at) if at >= 0 else None
+    if found is not None:
+        world = found.group(3) or (found.group(1) if found.group(2) == "world" else None)
+        if world is None or int(world) != rank:
+            return True
+    return bool(rec.get("from_abort")) and rec.get("exc_type") != "LostPeerError"
+
+
 def _root_cause(outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> WorkerExit | None:
+    """The rank that failed first: an error of its own before a consequence
+    of another's (``_secondary``), and of those a lost peer seen first hand
+    before an abort another rank relayed (``_relayed``: where a link is cut,
+    the rank told of the loss often raises before the one that saw it, its
+    record the earlier); then by the time each rank recorded its error."""
     own = [e for e in outcome.exits if _failed_itself(e, outcome, records)]
     return min(own, key=lambda e: (_secondary(records.get(e.rank)),
+                                   _relayed(e.rank, records.get(e.rank)),
                                    records.get(e.rank, {}).get("time", e.time), e.rank),
                default=None)
 
