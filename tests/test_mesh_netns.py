@@ -433,25 +433,54 @@ def test_a_host_whose_link_comes_up_late_joins(hosts: Hosts, tmp_path: Path) -> 
     """Node 1's link is down as its ranks start (no route to MASTER_ADDR),
     up again moments later: its ranks wait for the route, then bind the
     address they reach MASTER_ADDR from (not loopback, where node 0's
-    ranks would connect to their own host and find node 1 silent)."""
-    secret = secrets.token_hex(16)
-    procs = [hosts.launch(0, 0, tmp_path, secret, False)]
+    ranks would connect to their own host and find node 1 silent).
+    Then, their checks done, the link is cut as they all-reduce (CUT): on
+    each host a rank whose phase of the call lost a rank of the other host
+    aborts the call on its host's other rank, which raises that relayed
+    abort, often before the first one raises its own. Each meshrun's table
+    names the lost rank of the other host as the root cause, reported by a
+    rank of its own that saw the loss itself (its error is no abort another
+    rank sent it: ``aborted: rank 1 of group world: ...``), and the other as
+    a consequence: the table named the relayed one, on one host or both, in
+    each of five runs. (3 s more)"""
+    secret, extra = secrets.token_hex(16), {"CUT": "1", "MESH_PEER_TIMEOUT": "2"}
+    procs = [hosts.launch(0, 0, tmp_path, secret, False, **extra)]
     try:
         port = _node0_port(procs[0])
         hosts.link(1, "down")
-        procs.append(hosts.launch(1, port, tmp_path, secret, False))
+        procs.append(hosts.launch(1, port, tmp_path, secret, False, **extra))
         deadline = time.monotonic() + 5     # (its ranks say they wait for the route)
         while (left := deadline - time.monotonic()) > 0 and procs[1].poll() is None:
             if select.select([procs[1].stderr], [], [], left)[0] and \
                     "cannot reach MASTER_ADDR" in procs[1].stderr.readline():
                 break
         hosts.link(1, "up")
-        for p in procs:
-            _, err = p.communicate(timeout=70)
-            assert p.returncode == 0, err
+        deadline = time.monotonic() + 70
+        while (len(list(tmp_path.glob("*.json"))) < 4 and time.monotonic() < deadline
+               and all(p.poll() is None for p in procs)):
+            time.sleep(0.05)
+        hosts.link(0, "down")
+        errs = [p.communicate(timeout=70)[1] for p in procs]
     finally:
         _stop(procs)
     _check_topology(_reports(tmp_path))
+    for node, err in enumerate(errs):
+        assert procs[node].returncode == 1, err
+        _saw_the_loss(node, err)
+
+
+def _saw_the_loss(node: int, err: str) -> None:
+    """Node ``node``'s table, its link cut: the root cause a lost rank of the
+    other host, reported by a rank here whose error is its own loss, not an
+    abort relayed from its host's other rank, which is a consequence."""
+    head = re.search(r"Root cause: rank (\d) \(node (\d), on host (\S+), pid \d+\) was lost, a "
+                     r"rank of another node .*; rank (\d) here reported it first:\n"
+                     r"  error      : LostPeerError: (.*)\n", err)
+    assert head and int(head[2]) == 1 - node and head[3] == ADDR[1 - node], err
+    assert int(head[4]) // 2 == node, err
+    assert not head[5].partition(" aborted: ")[2].startswith("rank "), err
+    assert re.search(rf"\n  rank {int(head[4]) ^ 1}    exit code 1 \(failed, a consequence\); "
+                     r"LostPeerError: ", err), err
 
 
 def test_a_host_that_cannot_reach_master_addr_says_so(hosts: Hosts, tmp_path: Path) -> None:

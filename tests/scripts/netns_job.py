@@ -2,7 +2,9 @@
 namespace ("host"): it records where it lives and what it connected to,
 checks collectives against numpy (hierarchical across the hosts, the flat
 ring forced, and a user op), times a cross-host round trip, and writes
-OUTDIR/<rank>.json. (netns_torch_job.py runs it too, under torchrun.)
+OUTDIR/<rank>.json. (netns_torch_job.py runs it too, under torchrun.) With
+CUT set, the ranks then all-reduce until the link between the hosts is cut
+(and fail: a lost peer).
 
     netns_job.py OUTDIR
 """
@@ -71,6 +73,9 @@ def main(outdir: str) -> None:
                "curve": curve_wanted(), "streams": stream.stats["links"]}
         with open(os.path.join(outdir, f"{r}.json"), "w") as f:
             json.dump(out, f)
+        while os.environ.get("CUT"):      # (256 KiB: in two levels, a phase a host)
+            collectives.all_reduce(world, np.ones(1 << 16, np.float32))
+            time.sleep(0.01)
 
 
 if __name__ == "__main__":
