@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
 import mesh
 
 from .mpi_compat.file import FILE_ERRORS, MODES, SEEK_CUR, SEEK_END, SEEK_SET, File
@@ -42,22 +44,26 @@ from .mpi_compat.objects import fold, scan_fold
 from .mpi_compat.message import MESSAGE_NO_PROC, MESSAGE_NULL, Message
 from .mpi_compat.requests import REQUEST_NULL, Grequest, Prequest, Request, Status
 from .mpi_compat.win import (LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOPRECEDE,
-                             MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED, WIN_BASE, WIN_DISP_UNIT,
-                             WIN_SIZE, Win)
+                             MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED, WIN_BASE,
+                             WIN_CREATE_FLAVOR, WIN_DISP_UNIT, WIN_FLAVORS, WIN_MODEL, WIN_SIZE,
+                             Win)
 from .mpi_compat.datatypes import (COMBINERS, DATATYPE_NULL, DISTRIBUTES, ORDER_C, ORDER_F,
                                    ORDER_FORTRAN)
 from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DATATYPES,
-                               DIST_GRAPH, ERR_OTHER, ERR_TRUNCATE, ERR_TYPE, GRAPH, IDENT,
+                               DIST_GRAPH, ERRORS, ERR_OTHER, ERR_TRUNCATE, ERR_TYPE, GRAPH, IDENT,
                                IN_PLACE, OPS, PROC_NULL, ROOT, SIMILAR, SUCCESS, TAG_UB,
                                THREAD_FUNNELED, THREAD_MULTIPLE, THREAD_SERIALIZED,
                                THREAD_SINGLE, UNDEFINED, UNEQUAL, Datatype, Exception, Op)
 
 globals().update(DATATYPES)
 globals().update(OPS)
+globals().update(ERRORS)
+globals().update(WIN_FLAVORS)
 globals().update(MODES)
 globals().update(FILE_ERRORS)
 globals().update(COMBINERS)
 globals().update(DISTRIBUTES)
+FILE_NULL = File(None, None, 0)  # type: ignore[arg-type]
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None
 WIN_NULL = None
@@ -72,14 +78,16 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "MESSAGE_NULL", "MESSAGE_NO_PROC", "Datatype", "Op", "Exception", "ANY_SOURCE",
            "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "BOTTOM", "IDENT",
            "CONGRUENT", "SIMILAR", "UNEQUAL", "CART", "GRAPH", "DIST_GRAPH", "SUCCESS",
-           "ERR_TRUNCATE", "ERR_OTHER", "ERR_TYPE", "ORDER_C", "ORDER_FORTRAN", "ORDER_F",
+           "ERR_TRUNCATE", "ERR_OTHER", "ERR_TYPE", *ERRORS, "ORDER_C", "ORDER_FORTRAN", "ORDER_F",
            "DATATYPE_NULL", "TAG_UB", "THREAD_SINGLE", "THREAD_FUNNELED",
            "THREAD_SERIALIZED", "THREAD_MULTIPLE", "Init", "Init_thread", "Finalize",
            "Is_initialized", "Is_finalized", "Query_thread", "Is_thread_main", "Wtime",
-           "Wtick", "Get_processor_name", "Get_version", "Get_library_version",
+           "Wtick", "Get_processor_name", "Get_version", "Get_library_version", "get_vendor",
+           "Alloc_mem", "Free_mem",
            "Compute_dims", "Pcontrol", "fold", "scan_fold", "Win", "WIN_NULL", "LOCK_EXCLUSIVE",
            "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOPRECEDE", "MODE_NOPUT", "MODE_NOSTORE",
-           "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE", "WIN_DISP_UNIT", *DATATYPES, *OPS,
+           "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE", "WIN_DISP_UNIT",
+           "WIN_CREATE_FLAVOR", "WIN_MODEL", *WIN_FLAVORS, "FILE_NULL", *DATATYPES, *OPS,
            "File", "SEEK_SET", "SEEK_CUR", "SEEK_END", *MODES, *FILE_ERRORS, *COMBINERS,
            *DISTRIBUTES, "ARGV_NULL", "ERR_SPAWN", "INFO_NULL", "Open_port", "Close_port"]
 
@@ -104,7 +112,9 @@ def _world() -> Comm:
         if kept is None or (w is not None and _state["base"] is not w):  # (a forked worker's)
             if w is None:
                 w = _state["opened"] = mesh.init()
-            _state.update(world=child_world(w) or Intracomm(w), self=None, base=w)
+            world = child_world(w) or Intracomm(w)
+            world._kept = True
+            _state.update(world=world, self=None, base=w)
         return _state["world"]
 
 
@@ -114,7 +124,9 @@ def __getattr__(name: str) -> Any:
     if name == "COMM_SELF":
         if _state["self"] is None:
             w = _world().mesh
-            _state["self"] = Intracomm(w.group([w.rank]))
+            me = _state["self"] = Intracomm(w.group([w.rank]))
+            me._kept = True
+            me.Set_name("MPI_COMM_SELF")
         return _state["self"]
     if name in ("Info", "Errhandler"):
         return _Absent(name)
@@ -201,6 +213,36 @@ def Get_version() -> tuple[int, int]:
 
 def Get_library_version() -> str:
     return "meshrun (collectives.MPI over mesh and collectives)"
+
+
+def get_vendor() -> tuple[str, tuple[int, int, int]]:
+    """mpi4py's ``MPI.get_vendor()``: the library's name and version (meshrun's)."""
+    return "meshrun", (0, 1, 0)
+
+
+def Alloc_mem(size: int, info: Any = None) -> Any:
+    """MPI_Alloc_mem: ``size`` bytes of zeros, a numpy uint8 array (as
+    mpi4py's MPI.buffer: a buffer that takes ``m[:] = 0``; meshrun's windows
+    and messages need no registered memory); Free_mem drops it."""
+    if int(size) < 0:
+        raise ValueError(f"collectives.MPI Alloc_mem: size {size} (a number of bytes)")
+    return np.zeros(int(size), np.uint8).view(_Memory)
+
+
+class _Memory(np.ndarray):
+    """Alloc_mem's bytes: true as a handle is (mpi4py's ``if mem:``), whatever they hold."""
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        """(what numpy computes of it is a plain array or scalar, its truth its own)"""
+        out = np.asarray(arr).view(np.ndarray)
+        return out[()] if return_scalar else out
+
+
+def Free_mem(mem: Any) -> None:
+    """(the memory goes with its last reference)"""
 
 
 def Pcontrol(level: int) -> None:

@@ -10,6 +10,8 @@ that the call sends or receives into; a receiving call then unpacks it
 (``Buf.done``) into their places, the buffer's other bytes untouched."""
 from __future__ import annotations
 
+import ctypes
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,13 +68,19 @@ def in_place(buf: Any) -> bool:
 def _flat(buf: Any, dtype: np.dtype | None, what: str) -> np.ndarray:
     if isinstance(buf, np.ndarray):
         a = buf
+    elif buf is None:                   # (mpi4py's: an empty message, MPI.BOTTOM of 0 bytes)
+        a = np.empty(0, np.uint8)
     else:
         try:
             a = np.asarray(memoryview(buf))
         except TypeError:
-            raise TypeError(f"collectives.MPI {what}: {type(buf).__name__} is not a buffer "
-                            f"(a numpy array, bytearray or memoryview; objects go by the "
-                            f"lowercase calls: send, recv, bcast...)") from None
+            got = _dlpack(buf, what)
+            if got is None:
+                raise TypeError(f"collectives.MPI {what}: {type(buf).__name__} is not a "
+                                f"buffer (a numpy array, bytearray, memoryview or a CPU "
+                                f"array with __dlpack__; objects go by the lowercase calls: "
+                                f"send, recv, bcast...)") from None
+            a = got
     if not a.flags.c_contiguous:
         raise ValueError(f"collectives.MPI {what}: the buffer is not contiguous (as mpi4py's "
                          f"BufferError): pass a contiguous copy, np.ascontiguousarray(a)")
@@ -83,6 +91,64 @@ def _flat(buf: Any, dtype: np.dtype | None, what: str) -> np.ndarray:
                              f"whole number of {dtype} elements")
         flat = flat.view(np.uint8).view(dtype)
     return flat
+
+
+def _dlpack(buf: Any, what: str) -> np.ndarray | None:
+    """A CPU array's memory by DLPack (mpi4py takes ``__dlpack__`` objects as
+    buffers: a CPU torch tensor, its test suite's DLPack arrays); None for
+    another object. The capsule is read as mpi4py reads it (not consumed:
+    its producer frees the tensor with it, which the array returned keeps),
+    so any element type numpy has goes, a complex one as two float lanes too."""
+    if not hasattr(buf, "__dlpack__"):
+        return None
+    device = buf.__dlpack_device__() if hasattr(buf, "__dlpack_device__") else (1, 0)
+    if int(device[0]) != 1:             # (kDLCPU)
+        raise TypeError(f"collectives.MPI {what}: a device array (DLPack device {device}): "
+                        f"collectives.MPI's buffers are host memory (meshrun's own calls take "
+                        f"GPU arrays: README, GPU arrays)")
+    capsule = buf.__dlpack__()
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    versioned = ctypes.pythonapi.PyCapsule_IsValid(ctypes.py_object(capsule),
+                                                    b"dltensor_versioned")
+    ptr = get(capsule, b"dltensor_versioned" if versioned else b"dltensor")
+    # (DLManagedTensorVersioned: version (2 x uint32), manager_ctx, deleter, flags (uint64),
+    # then the DLTensor; DLManagedTensor: the DLTensor first)
+    t = _DLTensor.from_address(ptr + (32 if versioned else 0))
+    code, bits, lanes = t.code, t.bits, t.lanes
+    if lanes == 2 and code == 2:        # (a complex as two floats)
+        code, bits, lanes = 5, bits * 2, 1
+    kind = {0: "i", 1: "u", 2: "f", 5: "c", 6: "b"}.get(code)
+    if kind is None or lanes != 1:
+        raise TypeError(f"collectives.MPI {what}: a DLPack array of type code {t.code}, "
+                        f"{t.bits} bits, {t.lanes} lanes: no numpy dtype")
+    dtype = np.dtype(np.longdouble if kind == "f" and bits == 8 * np.dtype(np.longdouble).itemsize
+                     and bits > 64 else np.clongdouble if kind == "c" and bits > 128
+                     else f"{kind}{bits // 8}" if kind != "b" else np.bool_)
+    shape = tuple(t.shape[i] for i in range(t.ndim))
+    strides = tuple(t.strides[i] * dtype.itemsize for i in range(t.ndim)) \
+        if t.strides else None
+    size = int(np.prod(shape)) if shape else 1
+    if size == 0 or not t.data:
+        return np.empty(shape, dtype)
+    iface = {"version": 3, "shape": shape, "typestr": dtype.str, "strides": strides,
+             "data": (t.data + t.byte_offset, False)}
+    return np.asarray(_Memory(iface, (buf, capsule)))
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int32),
+                ("device_id", ctypes.c_int32), ("ndim", ctypes.c_int32),
+                ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16),
+                ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+class _Memory:
+    """An array interface over memory ``keep`` owns (kept alive by the array made of it)."""
+
+    def __init__(self, iface: dict[str, Any], keep: Any) -> None:
+        self.__array_interface__, self.keep = iface, keep
 
 
 def _is_dt(x: Any) -> bool:

@@ -8,10 +8,14 @@ What meshrun does not provide raises NotImplementedError naming the call
 and what to use instead."""
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
 import math
 import os
 import sys
-from typing import Any, Sequence
+import weakref
+from typing import Any, Callable, Sequence
 
 import mesh
 from mesh import Comm as MeshComm
@@ -19,12 +23,16 @@ from mesh import Comm as MeshComm
 from .group import Group, comm_ranks
 from .objects import ObjectCollectives
 from .p2p import PointToPoint
-from .types import CONGRUENT, IDENT, SIMILAR, TAG_UB, UNDEFINED, UNEQUAL
+from .types import (CONGRUENT, ERR_COMM, ERR_ROOT, IDENT, SIMILAR, TAG_UB, UNDEFINED, UNEQUAL,
+                    Exception)
 from .vinit import UnevenInits
 
 __all__ = ["Comm", "Intracomm", "COMM_NULL", "COMM_TYPE_SHARED", "not_provided"]
 
 COMM_TYPE_SHARED = 0       # (Open MPI's)
+_HANDLES: "weakref.WeakValueDictionary[int, Comm]" = weakref.WeakValueDictionary()
+"""toint's numbers (the handles kept as long as the program keeps them)."""
+_NUMBERS = itertools.count(1)
 
 def not_provided(name: str) -> NotImplementedError:
     """The error for an mpi4py call collectives.MPI does not provide."""
@@ -83,6 +91,29 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
             raise AttributeError(f"collectives.MPI.Comm has no attribute {name!r}")
         raise not_provided(name)
 
+    def toint(self) -> int:
+        """mpi4py's integer handle: a number of this process's, which
+        ``Comm.fromint`` (and ``f2py``, ``py2f``'s) turns back into this
+        handle; COMM_NULL's is 0."""
+        if self._g is None:
+            return 0
+        got = next((k for k, v in _HANDLES.items() if v is self), None)
+        if got is None:
+            got = next(_NUMBERS)
+            _HANDLES[got] = self
+        return got
+
+    py2f = toint
+
+    @classmethod
+    def fromint(cls, handle: int) -> "Comm":
+        got = _HANDLES.get(int(handle)) if handle else COMM_NULL
+        if got is None:
+            raise ValueError(f"collectives.MPI Comm.fromint({handle}): no such handle")
+        return got
+
+    f2py = fromint
+
     def Get_rank(self) -> int:
         return self._g.rank
 
@@ -98,7 +129,7 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
     def Set_name(self, name: str) -> None:
         self._name = str(name)
 
-    name = property(Get_name)
+    name = property(Get_name, Set_name)
 
     def Is_inter(self) -> bool:
         return False
@@ -158,16 +189,30 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
         assert sub is not None
         return Intracomm(sub)
 
-    def Dup(self) -> "Comm":
+    def Dup(self, info: Any = None) -> "Comm":
+        """(``info`` taken and not used)"""
         return self._like(self._g.dup())
 
-    Clone = Dup
+    def Clone(self) -> "Comm":
+        return self.Dup()
 
     def _like(self, g: MeshComm) -> "Comm":
         return Intracomm(g)
 
+    _kept = False       # COMM_WORLD's and COMM_SELF's handles: Free refuses them
+
     def Free(self) -> None:
-        """(nothing to free: drop it; COMM_NULL's and the world's stay)"""
+        """MPI_Comm_free: this handle becomes COMM_NULL's equal (meshrun's
+        communicator has nothing to free: dropped); COMM_WORLD and COMM_SELF
+        raise MPI.Exception (ERR_COMM), as MPI's."""
+        if self._kept or self._g is None:
+            raise Exception(ERR_COMM, f"collectives.MPI Free: {self._name or 'MPI.COMM_NULL'} "
+                            f"can not be freed")
+        self._g = None      # type: ignore[assignment]
+
+    @classmethod
+    def Join(cls, fd: int) -> "Comm":
+        raise not_provided("Join")
 
     def Disconnect(self) -> None:
         pass
@@ -266,7 +311,9 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
         return self._g.rank if self._g.rank < math.prod(int(d) for d in dims) else UNDEFINED
 
     def Graph_map(self, index: Sequence[int], edges: Sequence[int]) -> int:
-        return self._g.rank if self._g.rank < len(index) else UNDEFINED
+        from .topo import standard_index
+        nodes, _ = standard_index([int(i) for i in index], [int(e) for e in edges])
+        return self._g.rank if self._g.rank < len(nodes) else UNDEFINED
 
     def Abort(self, errorcode: int = 0) -> None:
         """MPI_Abort: this process ends at once with ``errorcode``; meshrun
@@ -291,7 +338,39 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
 
 
 class Intracomm(Comm):
-    """mpi4py's Intracomm (every communicator here is one)."""
+    """mpi4py's Intracomm (every communicator here is one). Its calls that
+    take a ``root`` check it first: one outside the communicator raises
+    MPI.Exception (ERR_ROOT) on every rank, as MPI's (meshrun's own calls:
+    ValueError)."""
+
+    @classmethod
+    def Create_from_group(cls, group: Group, stringtag: str = "", info: Any = None,
+                          errhandler: Any = None) -> "Comm":
+        raise not_provided("Create_from_group (MPI-4's sessions: use comm.Create_group)")
+
+
+def _rooted(fn: Callable[..., Any], at: int, default: int) -> Callable[..., Any]:
+    """``fn`` with its root (positional argument ``at``, after self) checked."""
+    @functools.wraps(fn)
+    def call(self: Comm, *args: Any, **kw: Any) -> Any:
+        root = kw["root"] if "root" in kw else args[at] if len(args) > at else default
+        g = self._g
+        if g is not None and (isinstance(root, bool) or not isinstance(root, int)
+                              and not hasattr(root, "__index__") or not 0 <= root < g.size):
+            raise Exception(ERR_ROOT, f"rank {g.rank}: collectives.MPI {fn.__name__}: root "
+                            f"{root!r} is no rank of the communicator (0..{g.size - 1})")
+        return fn(self, *args, **kw)
+    return call
+
+
+for _name in dir(Comm):
+    _fn = getattr(Comm, _name)
+    if _name[:1].isalpha() and inspect.isfunction(_fn):
+        _params = list(inspect.signature(_fn).parameters.values())[1:]
+        _at = next((i for i, p in enumerate(_params) if p.name == "root"), None)
+        if _at is not None:
+            setattr(Intracomm, _name, _rooted(_fn, _at, _params[_at].default))
 
 
 COMM_NULL = Comm(None)
+COMM_NULL._name = "MPI_COMM_NULL"

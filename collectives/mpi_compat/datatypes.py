@@ -37,7 +37,10 @@ COMBINERS = {"COMBINER_NAMED": 0, "COMBINER_DUP": 1, "COMBINER_CONTIGUOUS": 2,
              "COMBINER_VECTOR": 3, "COMBINER_HVECTOR": 5, "COMBINER_INDEXED": 6,
              "COMBINER_HINDEXED": 8, "COMBINER_INDEXED_BLOCK": 9, "COMBINER_STRUCT": 11,
              "COMBINER_SUBARRAY": 12, "COMBINER_DARRAY": 13, "COMBINER_RESIZED": 17,
-             "COMBINER_HINDEXED_BLOCK": 18}
+             "COMBINER_HINDEXED_BLOCK": 18, "COMBINER_F90_REAL": 14, "COMBINER_F90_COMPLEX": 15,
+             "COMBINER_F90_INTEGER": 16, "COMBINER_VALUE_INDEX": 0}
+"""(Open MPI 4.1's values, as mpi4py has them there: its COMBINER_VALUE_INDEX, MPI-4.1's,
+is 0; the F90 ones name types collectives.MPI does not make, Create_f90_*)"""
 
 
 @dataclass(frozen=True, eq=False)

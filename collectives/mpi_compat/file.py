@@ -130,6 +130,10 @@ class File(Later):
         self._pos = 0       # the individual file pointer, in elements of the view
         self._view: tuple[int, Any, Any] = (0, _BYTE, _BYTE)
 
+    def __bool__(self) -> bool:
+        """(MPI.FILE_NULL, whose file is None: False)"""
+        return self.file is not None
+
     @classmethod
     def Open(cls, comm: Any, filename: Any, amode: int = MODES["MODE_RDONLY"],
              info: Any = None) -> "File":

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .types import IDENT, SIMILAR, UNDEFINED, UNEQUAL
+from .types import IDENT, PROC_NULL, SIMILAR, UNDEFINED, UNEQUAL
 
 __all__ = ["Group", "GROUP_EMPTY", "GROUP_NULL", "comm_ranks"]
 
@@ -69,15 +69,20 @@ class Group:
     size = property(Get_size)
     rank = property(Get_rank)
 
-    def _ranks(self, ranks: Sequence[int], what: str) -> list[int]:
-        """``ranks`` of this group as ints, each in it and none twice."""
+    def _ranks(self, ranks: Sequence[int], what: str, repeat: bool = False) -> list[int]:
+        """``ranks`` of this group as ints, each in it and none twice
+        (``repeat``: Translate_ranks's, where a rank may come again and
+        MPI.PROC_NULL stands for itself)."""
         n = len(self._live(what))
         got: list[int] = []
         for r in ranks:
+            if repeat and r == PROC_NULL:
+                got.append(PROC_NULL)
+                continue
             if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or not 0 <= r < n:
                 raise ValueError(f"collectives.MPI Group.{what}({list(ranks)!r:.100}): {r!r} "
                                  f"is no rank of the group (0..{n - 1})")
-            if int(r) in got:
+            if int(r) in got and not repeat:
                 raise ValueError(f"collectives.MPI Group.{what}({list(ranks)!r:.100}): rank "
                                  f"{r} is given twice")
             got.append(int(r))
@@ -132,13 +137,17 @@ class Group:
     def Translate_ranks(self, ranks: Sequence[int] | None = None,
                         group: "Group | None" = None) -> list[int]:
         """Each of ``ranks`` (all where None) as the rank of that process in
-        ``group`` (the world's where None), MPI.UNDEFINED where not in it."""
+        ``group`` (the world's where None), MPI.UNDEFINED where not in it; a
+        rank may come more than once, and MPI.PROC_NULL gives MPI.PROC_NULL
+        (MPI's rules)."""
         members = self._live("Translate_ranks")
-        picked = range(len(members)) if ranks is None else self._ranks(ranks, "Translate_ranks")
+        picked = range(len(members)) if ranks is None else \
+            self._ranks(ranks, "Translate_ranks", repeat=True)
         if group is None:
-            return [members[r] for r in picked]
+            return [PROC_NULL if r == PROC_NULL else members[r] for r in picked]
         there = group._live("Translate_ranks")
-        return [there.index(members[r]) if members[r] in there else UNDEFINED for r in picked]
+        return [PROC_NULL if r == PROC_NULL else there.index(members[r])
+                if members[r] in there else UNDEFINED for r in picked]
 
     def Compare(self, group: "Group") -> int:
         """MPI.IDENT: the same processes in the same order; MPI.SIMILAR: in

@@ -119,12 +119,13 @@ class Intercomm(InterObjects, Comm):
             return CONGRUENT
         return SIMILAR if [sorted(x) for x in mine] == [sorted(x) for x in theirs] else UNEQUAL
 
-    def Dup(self) -> "Intercomm":
+    def Dup(self, info: Any = None) -> "Intercomm":
         """Collective over both groups (meshrun's ``dup`` of the union: no
-        message)."""
+        message; ``info`` taken and not used)."""
         return Intercomm(self._g.dup(), self._lo, self._nl, self._ro, self._nr)
 
-    Clone = Dup
+    def Clone(self) -> "Intercomm":
+        return self.Dup()
 
     def Merge(self, high: bool = False) -> Intracomm:
         """An Intracomm of both groups: the group that passed ``high=False``

@@ -23,6 +23,18 @@ class Message:
                  g: mesh.Comm | None = None) -> None:
         self._msg, self._what, self._g = msg, what, g
 
+    @classmethod
+    def Probe(cls, comm: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+              status: Any = None) -> "Message":
+        """mpi4py's ``MPI.Message.Probe(comm, ...)``: ``comm.Mprobe(...)``."""
+        return comm.Mprobe(source, tag, status)
+
+    @classmethod
+    def Iprobe(cls, comm: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+               status: Any = None) -> "Message | None":
+        """``comm.Improbe(...)``: None where no message waits."""
+        return comm.Improbe(source, tag, status)
+
     def __bool__(self) -> bool:
         return self._msg is not None
 

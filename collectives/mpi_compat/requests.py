@@ -27,6 +27,9 @@ class Status:
     matched, and whether a cancel withdrew the receive."""
 
     def __init__(self, status: "Status | None" = None) -> None:
+        """(a copy of ``status``'s fields, if given: another Status)"""
+        if status is not None and not isinstance(status, Status):
+            raise TypeError(f"collectives.MPI Status({status!r}): a Status to copy, or nothing")
         self.source, self.tag, self.error = ANY_SOURCE, ANY_TAG, 0
         self.nbytes, self.cancelled = 0, False
         if status is not None:
@@ -65,10 +68,21 @@ class Status:
         if isinstance(datatype, Datatype) and datatype.typemap is not None:
             return self.Get_count(datatype.dtype)
         return self.Get_count(datatype)
-    count = property(lambda self: self.Get_count())
+
+    def Set_elements(self, datatype: Any, count: int) -> None:
+        """MPI_Status_set_elements: the message held ``count`` elements of ``datatype``."""
+        size = datatype.size if isinstance(datatype, Datatype) else np.dtype(datatype).itemsize
+        self.nbytes = int(count) * size
+
+    count = property(lambda self: self.Get_count(),
+                     lambda self, n: self.Set_elements(np.uint8, n))
 
     def Is_cancelled(self) -> bool:
         return self.cancelled
+
+    def tomemory(self) -> Any:
+        raise NotImplementedError("collectives.MPI: Status.tomemory: not provided (a Status "
+                                  "here is a Python object, no MPI_Status's memory)")
 
     def Set_cancelled(self, flag: bool) -> None:
         self.cancelled = bool(flag)
@@ -209,6 +223,8 @@ class Request:
 
     def Get_status(self, status: Status | None = None) -> bool:
         r = self._req
+        if r is None and status is not None:    # (a null request's: the empty status)
+            status.__dict__.update(Status().__dict__)
         if isinstance(r, mesh.Request) and not self._cancelled:
             st = mesh.Status()
             if not r.get_status(st):
@@ -249,6 +265,43 @@ class Request:
         for i, r in enumerate(requests):
             out.append(r._complete(_slot(statuses, i)))
         return out
+
+    @classmethod
+    def Get_status_all(cls, requests: Sequence["Request"],
+                       statuses: Sequence[Any] | None = None) -> bool:
+        """MPI-4.1's: whether every request is done (their statuses filled),
+        none of them completed (freed)."""
+        return all([r.Get_status(_slot(statuses, i)) for i, r in enumerate(requests)])
+
+    get_status_all = Get_status_all
+
+    @classmethod
+    def Get_status_any(cls, requests: Sequence["Request"],
+                       status: Status | None = None) -> tuple[int, bool]:
+        """MPI-4.1's: (the index of a done active request, True), none
+        completed; (UNDEFINED, True) where none is active, (UNDEFINED,
+        False) where none is done."""
+        i = _first_ready(requests, False)
+        if i is None:
+            return UNDEFINED, False
+        if i == UNDEFINED:
+            return UNDEFINED, True
+        requests[i].Get_status(status)
+        return i, True
+
+    get_status_any = Get_status_any
+
+    @classmethod
+    def Get_status_some(cls, requests: Sequence["Request"],
+                        statuses: Sequence[Any] | None = None) -> list[int] | None:
+        """MPI-4.1's: the indices of the done active requests (statuses
+        filled), none completed; None where none is active."""
+        if _first_ready(requests, False) == UNDEFINED:
+            return None
+        return [i for i, r in enumerate(requests)
+                if r._req is not None and r.Get_status(_slot(statuses, i))]
+
+    get_status_some = Get_status_some
 
     @classmethod
     def Waitany(cls, requests: Sequence["Request"], status: Status | None = None) -> int:
@@ -318,11 +371,15 @@ class Request:
         return idx, objs
 
 
-def _slot(statuses: list | None, k: int) -> Status | None:
+def _slot(statuses: Sequence[Any] | None, k: int) -> Status | None:
     """mpi4py's ``statuses`` list: item k, a new Status put there (the list
-    grown) where it holds none."""
+    grown) where it holds none; of a tuple, its item k if a Status (else
+    None: a tuple is filled, never grown)."""
     if statuses is None:
         return None
+    if not isinstance(statuses, list):
+        got = statuses[k] if k < len(statuses) else None
+        return got if isinstance(got, Status) else None
     while len(statuses) <= k:
         statuses.append(None)
     if not isinstance(statuses[k], Status):

@@ -283,7 +283,7 @@ def _bad_weights(w: list[int] | None, n: int, what: str) -> str | None:
     return f"negative {what} {[v for v in w if v < 0]}" if any(v < 0 for v in w) else None
 
 
-def create_cart(comm: Comm, dims: Sequence[int], periods: Sequence[bool] | None) -> Comm:
+def create_cart(comm: Comm, dims: Sequence[int], periods: Sequence[bool] | bool | None) -> Comm:
     """A Cartcomm over the first prod(dims) ranks (row-major, as MPI's
     without reorder); COMM_NULL on the others."""
     g = comm.mesh
@@ -295,15 +295,25 @@ def create_cart(comm: Comm, dims: Sequence[int], periods: Sequence[bool] | None)
     sub = g if n == g.size else g.group(list(range(n)))
     if sub is None:
         return COMM_NULL
-    per = [bool(p) for p in (periods if periods is not None else [False] * len(dims))]
+    if periods is None or isinstance(periods, (bool, int)):     # (mpi4py's: one for every
+        periods = [bool(periods)] * len(dims)                      # dimension)
+    per = [bool(p) for p in periods]
     return Cartcomm(sub, dims, per)
+
+
+def standard_index(index: list[int], edges: list[int]) -> tuple[list[int], list[int]]:
+    """mpi4py's extension: an index that starts at 0 and ends at the edges'
+    count (a "standard" adjacency array, nnodes + 1 offsets) loses its 0."""
+    if len(index) > 1 and index[0] == 0 and index[-1] == len(edges):
+        return index[1:], edges
+    return index, edges
 
 
 def create_graph(comm: Comm, index: Sequence[int], edges: Sequence[int]) -> Comm:
     """A Graphcomm over the first len(index) ranks (every rank passes the
     same graph, so each checks it alone); COMM_NULL on the others."""
     g, name = comm.mesh, "Create_graph"
-    index, edges = _ints(index, "index", name), _ints(edges, "edges", name)
+    index, edges = standard_index(_ints(index, "index", name), _ints(edges, "edges", name))
     nnodes = len(index)
     bad = None
     if nnodes > g.size:
@@ -338,7 +348,8 @@ def create_dist_graph_adjacent(comm: Comm, sources: Sequence[int], destinations:
     where both give them), MPI's rule, which Open MPI leaves unchecked (its
     neighborhood collectives then hang)."""
     g, name = comm.mesh.dup(), "Create_dist_graph_adjacent"
-    srcs, dsts = _ints(sources, "sources", name), _ints(destinations, "destinations", name)
+    srcs = _ints([] if sources is None else sources, "sources", name)   # (None: none,
+    dsts = _ints([] if destinations is None else destinations, "destinations", name)  # as mpi4py)
     sw = _weights(sourceweights, "sourceweights", name)
     dw = _weights(destweights, "destweights", name)
     err = _bad_ranks(srcs, g.size, "sources") or _bad_ranks(dsts, g.size, "destinations") or \

@@ -5,21 +5,29 @@ and programs compare ``allreduce((v, r), op=MAXLOC) == (v, r)`` or key
 dicts by tuples. ``wrap`` turns an object holding a tuple into one msgpack
 ExtType (code TREE) whose bytes pack each tuple as ExtType TUPLE, at any
 depth (in lists, dict values, dict keys); ``unwrap`` undoes it on the other
-end. An object without tuples goes as it is: its check is one strict
+end. Sets, frozensets and Python complex numbers, which msgpack has no
+type for either (and pickle brings back), go the same way (ExtType SET,
+FROZENSET, COMPLEX: the items packed; the real and imaginary parts as two
+little-endian doubles). An object without tuples goes as it is: its check is one strict
 msgpack pack in C (a number, a string, None, bytes or an array: not even
 that)."""
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Any
 
 import msgpack
 import numpy as np
 
-__all__ = ["wrap", "unwrap", "wrap_state", "unwrap_state", "TREE", "TUPLE"]
+__all__ = ["wrap", "unwrap", "wrap_state", "unwrap_state", "TREE", "TUPLE", "SET", "FROZENSET",
+           "COMPLEX"]
 
 TREE = 84          # ('T') an object with tuples in it, packed
 TUPLE = 85         # one tuple's items, packed
+SET = 86           # one set's items, packed
+FROZENSET = 87     # one frozenset's items, packed
+COMPLEX = 88       # a complex: two little-endian doubles
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 _STATE = "__collectives.MPI tuples__"   # bcast's marker: broadcast_state walks tuples
 
@@ -32,6 +40,10 @@ def _ext(o: Any) -> Any:
     _local.seen = True
     if isinstance(o, tuple):            # (a namedtuple too: a tuple on the other end)
         return msgpack.ExtType(TUPLE, _pack(list(o)))
+    if isinstance(o, (set, frozenset)):
+        return msgpack.ExtType(FROZENSET if isinstance(o, frozenset) else SET, _pack(list(o)))
+    if isinstance(o, complex):
+        return msgpack.ExtType(COMPLEX, struct.pack("<dd", o.real, o.imag))
     if isinstance(o, list):
         return list(o)
     if isinstance(o, dict):
@@ -83,6 +95,12 @@ def wrap(obj: Any) -> Any:
 def _hook(code: int, data: bytes) -> Any:
     if code == TUPLE:
         return tuple(_unpack(data))
+    if code == SET:
+        return set(_unpack(data))
+    if code == FROZENSET:
+        return frozenset(_unpack(data))
+    if code == COMPLEX:
+        return complex(*struct.unpack("<dd", data))
     return msgpack.ExtType(code, data)
 
 

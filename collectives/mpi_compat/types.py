@@ -13,12 +13,13 @@ import numpy as np
 import mesh
 
 from ..userop import Op as _UserOp
-from .datatypes import Datatype
+from .datatypes import DATATYPE_NULL, Datatype
 
 __all__ = ["ANY_SOURCE", "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "BOTTOM",
            "THREAD_SINGLE", "THREAD_FUNNELED", "THREAD_SERIALIZED", "THREAD_MULTIPLE",
            "IDENT", "CONGRUENT", "SIMILAR", "UNEQUAL", "CART", "GRAPH", "DIST_GRAPH",
-           "SUCCESS", "ERR_TRUNCATE", "ERR_OTHER", "ERR_TYPE", "TAG_UB", "mesh_tag", "mpi_tag",
+           "SUCCESS", "ERR_TRUNCATE", "ERR_OTHER", "ERR_TYPE", "ERR_COMM", "ERR_RANK",
+           "ERR_ROOT", "ERRORS", "TAG_UB", "mesh_tag", "mpi_tag",
            "Datatype", "Op", "Exception", "DATATYPES", "OPS", "datatype_of", "PACKED_BY"]
 
 ANY_SOURCE: int = mesh.ANY_SOURCE
@@ -30,6 +31,15 @@ THREAD_SINGLE, THREAD_FUNNELED, THREAD_SERIALIZED, THREAD_MULTIPLE = 0, 1, 2, 3
 IDENT, CONGRUENT, SIMILAR, UNEQUAL = 0, 1, 2, 3
 CART, GRAPH, DIST_GRAPH = 1, 2, 3
 SUCCESS, ERR_TYPE, ERR_TRUNCATE, ERR_OTHER = 0, 3, 15, 16
+ERR_COMM, ERR_RANK, ERR_ROOT = 5, 6, 8
+ERRORS = {"ERR_BUFFER": 1, "ERR_COUNT": 2, "ERR_TAG": 4, "ERR_COMM": ERR_COMM,
+          "ERR_RANK": ERR_RANK, "ERR_REQUEST": 7, "ERR_ROOT": ERR_ROOT, "ERR_GROUP": 9,
+          "ERR_OP": 10, "ERR_TOPOLOGY": 11, "ERR_DIMS": 12, "ERR_UNKNOWN": 14, "ERR_INTERN": 17,
+          "ERR_IN_STATUS": 18, "ERR_KEYVAL": 36, "ERR_NO_MEM": 39, "ERR_WIN": 53,
+          "ERR_RMA_SYNC": 47, "ERR_RMA_RANGE": 68, "ERR_DISP": 26, "ERR_INFO": 34,
+          "ERR_LASTCODE": 92}
+"""MPI's error classes that collectives.MPI has beside ERR_TYPE... (Open MPI's values,
+as mpi4py has them there)."""
 TAG_UB = 0                  # (a keyval: comm.Get_attr(MPI.TAG_UB), the largest tag)
 
 
@@ -100,12 +110,47 @@ _NAMES = {
     "C_LONG_DOUBLE_COMPLEX": np.clongdouble, "REAL": np.float32, "DOUBLE_PRECISION": np.float64,
     "INTEGER": np.int32, "LOGICAL": np.int32, "REAL4": np.float32, "REAL8": np.float64,
     "INTEGER4": np.int32, "INTEGER8": np.int64,
+    "FLOAT16_T": np.float16, "FLOAT32_T": np.float32, "FLOAT64_T": np.float64,
+    "SIGNED_SHORT": np.int16, "SIGNED_INT": np.intc, "SIGNED_LONG": np.int_,
+    "SIGNED_LONG_LONG": np.longlong, "SINT8_T": np.int8, "SINT16_T": np.int16,
+    "SINT32_T": np.int32, "SINT64_T": np.int64, "CXX_LONG_DOUBLE_COMPLEX": np.clongdouble,
+    "CHARACTER": np.uint8, "LOGICAL1": np.int8, "LOGICAL2": np.int16, "LOGICAL4": np.int32,
+    "LOGICAL8": np.int64, "INTEGER1": np.int8, "INTEGER2": np.int16, "REAL16": np.longdouble,
+    "COMPLEX8": np.complex64, "COMPLEX16": np.complex128, "COMPLEX32": np.clongdouble,
+    "F_BOOL": np.int32, "F_INT": np.int32, "F_FLOAT": np.float32, "F_DOUBLE": np.float64,
+    "F_COMPLEX": np.complex64, "F_FLOAT_COMPLEX": np.complex64,
+    "F_DOUBLE_COMPLEX": np.complex128,
     "FLOAT_INT": _pair(np.float32, np.intc), "DOUBLE_INT": _pair(np.float64, np.intc),
     "LONG_INT": _pair(np.int_, np.intc), "SHORT_INT": _pair(np.int16, np.intc),
     "TWOINT": _pair(np.intc, np.intc), "INT_INT": _pair(np.intc, np.intc),
     "LONG_DOUBLE_INT": _pair(np.longdouble, np.intc),
 }
 DATATYPES: dict[str, Datatype] = {k: Datatype(k, v) for k, v in _NAMES.items()}
+DATATYPES.update(dict.fromkeys(("BFLOAT16_T", "COMPLEX4", "INTEGER16", "LOGICAL16", "REAL2"),
+                               DATATYPE_NULL))     # (none in Open MPI 4.1: mpi4py's there)
+
+_CODES = {"c": "CHAR", "b": "SIGNED_CHAR", "h": "SHORT", "i": "INT", "l": "LONG",
+          "q": "LONG_LONG", "B": "UNSIGNED_CHAR", "H": "UNSIGNED_SHORT", "I": "UNSIGNED",
+          "L": "UNSIGNED_LONG", "Q": "UNSIGNED_LONG_LONG", "f": "FLOAT", "d": "DOUBLE",
+          "g": "LONG_DOUBLE", "?": "C_BOOL", "F": "C_FLOAT_COMPLEX", "D": "C_DOUBLE_COMPLEX",
+          "G": "C_LONG_DOUBLE_COMPLEX", "i1": "INT8_T", "i2": "INT16_T", "i4": "INT32_T",
+          "i8": "INT64_T", "u1": "UINT8_T", "u2": "UINT16_T", "u4": "UINT32_T", "u8": "UINT64_T",
+          "f4": "FLOAT", "f8": "DOUBLE", "c8": "C_FLOAT_COMPLEX", "c16": "C_DOUBLE_COMPLEX",
+          "p": "AINT", "n": "AINT"}
+"""mpi4py's typecodes (its Datatype.fromcode's), each predefined datatype's name."""
+
+
+def _fromcode(code: str) -> Datatype:
+    """mpi4py's ``MPI.Datatype.fromcode("d")``: the predefined datatype of a
+    typecode (a struct or numpy one: "i", "f8"...); ValueError for another."""
+    name = _CODES.get(str(code).lstrip("=<>|"))
+    if name is None:
+        raise ValueError(f"collectives.MPI Datatype.fromcode: cannot map typecode {code!r} "
+                         f"to a datatype")
+    return DATATYPES[name]
+
+
+Datatype.fromcode = staticmethod(_fromcode)  # type: ignore[attr-defined]
 
 
 PACKED_BY = ("the point-to-point calls (Send, Recv, their I, S, B and R forms, Sendrecv, "
@@ -200,6 +245,8 @@ class Op:
 
     def Is_predefined(self) -> bool:
         return not isinstance(self.coll, _UserOp)
+
+    is_predefined = property(Is_predefined)
 
 
 OPS: dict[str, Op] = {

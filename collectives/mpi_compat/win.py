@@ -41,12 +41,15 @@ from .types import BOTTOM, PROC_NULL, UNDEFINED, Datatype, Op, datatype_of
 
 __all__ = ["Win", "LOCK_EXCLUSIVE", "LOCK_SHARED", "MODE_NOCHECK", "MODE_NOSTORE",
            "MODE_NOPUT", "MODE_NOPRECEDE", "MODE_NOSUCCEED", "WIN_BASE", "WIN_SIZE",
-           "WIN_DISP_UNIT"]
+           "WIN_DISP_UNIT", "WIN_CREATE_FLAVOR", "WIN_MODEL", "WIN_FLAVORS"]
 
 # (Open MPI's values, as mpi4py has them there)
 LOCK_EXCLUSIVE, LOCK_SHARED = 1, 2
 MODE_NOCHECK, MODE_NOPRECEDE, MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED = 1, 2, 4, 8, 16
 WIN_BASE, WIN_SIZE, WIN_DISP_UNIT = 7, 8, 9
+WIN_CREATE_FLAVOR, WIN_MODEL = 10, 11
+WIN_FLAVORS = {"WIN_FLAVOR_CREATE": 1, "WIN_FLAVOR_ALLOCATE": 2, "WIN_FLAVOR_DYNAMIC": 3,
+               "WIN_FLAVOR_SHARED": 4, "WIN_SEPARATE": 1, "WIN_UNIFIED": 0}
 
 _BY_UNIT = {1: np.uint8, 4: np.intc, 8: np.float64}     # Allocate's elements, by disp_unit
 
@@ -101,6 +104,7 @@ class Win(metaclass=_WinType):
             memory = np.empty(0, names[0])
         self._units = [int(u) for _, u in table]
         self._comm = comm
+        self._flavor = WIN_FLAVORS["WIN_FLAVOR_" + what.split(".")[1].split("_")[-1].upper()]
         self.window = g.shared_window(memory.size, memory.dtype) if shared else g.window(memory)
         self._memory = self.window.array
         self._dtype = self.window.dtype
@@ -183,7 +187,17 @@ class Win(metaclass=_WinType):
             return self._units[self.rank]
         if keyval == WIN_BASE:
             return int(self._memory.ctypes.data)
+        if keyval == WIN_CREATE_FLAVOR:
+            return self._flavor
+        if keyval == WIN_MODEL:         # (meshrun's windows: one copy, as MPI's unified model)
+            return WIN_FLAVORS["WIN_UNIFIED"]
         return None
+
+    flavor = property(lambda self: self.Get_attr(WIN_CREATE_FLAVOR))
+    model = property(lambda self: self.Get_attr(WIN_MODEL))
+    attrs = property(lambda self: (self.Get_attr(WIN_BASE), self.Get_attr(WIN_SIZE),
+                                   self.Get_attr(WIN_DISP_UNIT)))
+    group = property(lambda self: self.Get_group())
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name[:1].islower():
