@@ -201,6 +201,7 @@ class TorchStage:
         floats = [t.dtype for t in (*module.parameters(), *module.buffers())
                   if t.is_floating_point()]
         self.dtype = floats[0] if floats else None
+        self._copies_input = _changes_input(module)
         where = [t.device for t in (*module.parameters(), *module.buffers())]
         self.device = where[0] if where else None
         for p in self._params:
@@ -232,7 +233,10 @@ class TorchStage:
             return t, t
         if not fixed:           # (a part no gradient goes back to: no leaf to fill)
             t = _detached(t).clone().requires_grad_(True)
-        return t, (t if self.dtype is None else t.to(self.dtype))
+        fed = t if self.dtype is None else t.to(self.dtype)
+        if self._copies_input and fed is t and t.requires_grad:
+            fed = t.clone()     # (an in-place change to a leaf is refused; to a copy, taken)
+        return t, fed
 
     def forward(self, x: Any) -> tuple[Any, Any]:
         if self.layered:
@@ -565,6 +569,16 @@ def _uncopied(x: Any) -> Any:
     fixed = getattr(x, "fixed", ())
     parts = tuple(kept(v, i in fixed) for i, v in enumerate(x))
     return Parts(parts, fixed) if isinstance(x, Parts) else parts
+
+
+def _changes_input(module: Any) -> bool:
+    """Whether the first layer a stage runs changes its input in place (an
+    ``nn.ReLU(inplace=True)`` where a cut fell, as in torchvision's AlexNet
+    cut by parameters): the stage then feeds it a copy of the input's leaf,
+    as DeepSpeed's pipeline feeds a clone of the received buffer."""
+    first = next((m for m in module.modules() if not any(True for _ in m.children())), None) \
+        if hasattr(module, "modules") else None
+    return bool(getattr(first, "inplace", False))
 
 
 def _leaves(h: Any, changed: bool = False) -> tuple[Any, Any]:

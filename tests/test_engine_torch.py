@@ -583,6 +583,21 @@ def test_split_backward_of_a_stage_without_parameters():
     assert gx.shape == (2, 3) and stage.grads() == []
 
 
+def test_a_stage_whose_first_layer_changes_its_input_in_place():
+    """A cut right before an ``nn.ReLU(inplace=True)`` (torchvision's AlexNet
+    in DeepSpeed's pipeline example, cut by parameters): the stage feeds it
+    a copy of the input's leaf, which an in-place change to would refuse."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    stage = TorchStage(torch.nn.Sequential(torch.nn.ReLU(inplace=True), copy.deepcopy(lin)))
+    x = torch.randn(4, 3)
+    y, ctx = stage.forward(x)
+    gx = stage.backward(ctx, torch.ones_like(y))
+    xr = x.clone().requires_grad_(True)
+    lin(torch.relu(xr)).backward(torch.ones(4, 2))
+    assert torch.equal(gx, xr.grad) and torch.equal(y, lin(torch.relu(x)))
+
+
 def test_default_zero_grad_leaves_grads_usable():
     """torch's zero_grad() sets .grad to None: grads() and backward_weight
     put zeros back in place, and grads() views the current tensors."""
