@@ -38,7 +38,9 @@ import torch.distributed as dist
 import collectives
 import mesh
 
-from .ds_checkpoint import load, save
+from .ds_checkpoint import load, save, save_16bit
+from .ds_compat import (RepeatingLoader, accelerator, checkpointing, get_accelerator, runtime,
+                        set_random_seed, utils)
 from .ds_config import (SCHEDULERS, Config, DynamicLossScaler, WarmupCosineLR, WarmupDecayLR,
                         WarmupLR, optimizer_class, parse)
 from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
@@ -46,9 +48,29 @@ from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
 __all__ = ["initialize", "init_distributed", "DeepSpeedEngine", "comm", "DeepSpeedConfigError",
            "zero", "add_config_arguments",
            "WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "PipelineModule", "LayerSpec",
-           "TiedLayerSpec", "PipelineEngine"]
+           "TiedLayerSpec", "PipelineEngine", "pipe", "checkpointing", "accelerator",
+           "get_accelerator", "utils", "runtime", "RepeatingLoader", "set_random_seed"]
 
 DeepSpeedConfigError = ValueError
+# DeepSpeed's parts with no counterpart here: named, with where to go instead
+_ABSENT = {"moe": "mixture of experts", "ops": "DeepSpeed's fused kernels (torch's run here)",
+           "inference": "init_inference", "init_inference": "inference engines",
+           "sequence": "Ulysses sequence parallelism", "compression": "model compression",
+           "profiling": "the flops profiler", "module_inject": "kernel injection",
+           "autotuning": "the autotuner"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ABSENT:
+        raise AttributeError(f"deepspeed.{name} ({_ABSENT[name]}): not in meshrun's "
+                             f"engine.deepspeed, which takes data parallelism, ZeRO and "
+                             f"PipelineModule; for tensor parallelism see engine.distribute")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ``from deepspeed.pipe import PipelineModule`` becomes ``deepspeed.pipe.PipelineModule``
+pipe = type(utils)(PipelineModule=PipelineModule, LayerSpec=LayerSpec,
+                   TiedLayerSpec=TiedLayerSpec)
 
 
 def init_distributed(dist_backend: str | None = None, timeout: Any = None,
@@ -152,6 +174,13 @@ class DeepSpeedEngine(torch.nn.Module):
         self._held: Any = None          # stage 3: the job's gathered() for the step
         self.job: Any = None
         trained = [p for p in model.parameters() if p.requires_grad]
+        elsewhere = next((p.device for p in model.parameters() if p.device.type != "cpu"),
+                         None)
+        if cfg.offload and elsewhere is not None:
+            raise ValueError(f"rank {world.rank}: deepspeed config: zero_optimization."
+                             f"{cfg.offload[0]}: offload to the CPU of a model on {elsewhere}: "
+                             f"not supported on meshrun (move the model to the CPU, or drop "
+                             f"the offload)")
         stage = cfg.zero_stage
         if stage >= 2:      # (ZeRO 2 and 3 are a job's: its parameters the model's own)
             import engine
@@ -165,7 +194,7 @@ class DeepSpeedEngine(torch.nn.Module):
         self._boundary = [False]
         for i, p in enumerate(trained):
             p.register_post_accumulate_grad_hook(
-                lambda p, i=i: self.reducer.ready(i) if self._boundary[0] else None)
+                lambda p, i=i: self._ready(p, i) if self._boundary[0] else None)
         self.optimizer = self._optimizer(optimizer, params, trained)
         if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
             lr_scheduler = lr_scheduler(self.optimizer)     # (DeepSpeed's: a factory)
@@ -184,6 +213,20 @@ class DeepSpeedEngine(torch.nn.Module):
             f["hysteresis"], f["consecutive_hysteresis"])
         self.dtype = torch.float16 if f is not None else \
             torch.bfloat16 if cfg.bf16 else None
+
+    def _ready(self, p: torch.Tensor, i: int) -> None:
+        """A gradient made final in the boundary's backward: averaged over dp.
+        A sparse one (``nn.Embedding(sparse=True)``, DeepSpeed's
+        ``sparse_gradients``) is made dense first: the same average, and
+        the optimizers here take dense gradients."""
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+        self.reducer.ready(i)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (DeepSpeed's: the rank's accelerator)."""
+        return next(self.module.parameters()).device
 
     def _optimizer(self, given: Any, params: Any, trained: list[Any]) -> Any:
         cfg = self.cfg
@@ -383,6 +426,16 @@ class DeepSpeedEngine(torch.nn.Module):
         tag. Collective: rank 0 writes."""
         return save(self, save_dir, tag, client_state, save_latest)
 
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """``save_dir/save_filename``: the whole module's state_dict (gathered
+        under ZeRO 3), its floating tensors in float16 under fp16, bfloat16
+        under bf16 (DeepSpeed's module dtype), else as they are; rank 0
+        writes. Collective."""
+        return save_16bit(self, save_dir, save_filename, exclude_frozen_parameters)
+
+    save_fp16_model = save_16bit_model
+
     def load_checkpoint(self, load_dir: str, tag: Any = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True,
@@ -394,9 +447,9 @@ class DeepSpeedEngine(torch.nn.Module):
                     load_lr_scheduler_states, load_module_only)
 
 
-def _dataloader(data: Any, cfg: Config, world: Any, collate_fn: Any) -> Any:
-    sampler: Any = torch.utils.data.DistributedSampler(data, num_replicas=world.size,
-                                                  rank=world.rank)
+def _dataloader(data: Any, cfg: Config, replicas: int, replica: int, collate_fn: Any) -> Any:
+    sampler: Any = torch.utils.data.DistributedSampler(data, num_replicas=replicas,
+                                                       rank=replica)
     return torch.utils.data.DataLoader(data, batch_size=cfg.micro_batch, sampler=sampler,
                                        collate_fn=collate_fn)
 
@@ -447,6 +500,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         raise ValueError("deepspeed.initialize: no config (config=, config_params= or "
                          "args.deepspeed_config)")
     init_distributed()
+    if args is not None and hasattr(args, "local_rank") and "LOCAL_RANK" in os.environ:
+        args.local_rank = int(os.environ["LOCAL_RANK"])     # (as DeepSpeed's initialize)
     from collectives.torchdist import comm_of
     world = comm_of()
     pipe = isinstance(model, PipelineModule)
@@ -456,9 +511,12 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                          "lr_scheduler= too; pass one")
     if isinstance(model, PipelineModule):
         peng = PipelineEngine(model, cfg, world, optimizer, lr_scheduler)
-        return peng, peng.optimizer, None, peng.lr_scheduler
+        if training_data is not None:       # this dp replica's share, read by train_batch()
+            peng.training_dataloader = _dataloader(training_data, cfg, peng.dp_world_size,
+                                                   peng.grid.coord("dp"), collate_fn)
+        return peng, peng.optimizer, peng.training_dataloader, peng.lr_scheduler
     eng = DeepSpeedEngine(model, cfg, world, optimizer, model_parameters, lr_scheduler)
     _ENGINES.add(eng)
-    loader = None if training_data is None else _dataloader(training_data, cfg, world,
-                                                             collate_fn)
+    loader = None if training_data is None else _dataloader(
+        training_data, cfg, world.size, world.rank, collate_fn)
     return eng, eng.optimizer, loader, eng.lr_scheduler

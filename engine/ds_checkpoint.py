@@ -19,7 +19,7 @@ import torch
 
 import collectives
 
-__all__ = ["save", "load", "FILE"]
+__all__ = ["save", "load", "save_16bit", "FILE"]
 
 FILE = "mp_rank_00_model_states.pt"
 _OWN_KEYS = {"module", "optimizer", "lr_scheduler", "loss_scaler", "global_steps",
@@ -63,6 +63,28 @@ def save(eng: Any, save_dir: str, tag: Any, client_state: Any, save_latest: bool
         except Exception as e:
             error = e
     _told(eng, error, f"save_checkpoint({save_dir!r}, {tag!r})")
+    return True
+
+
+def save_16bit(eng: Any, save_dir: str, filename: str, exclude_frozen: bool) -> bool:
+    """``eng.save_16bit_model``: the module's whole state_dict in the
+    training's half type (none: as it is), collective, rank 0 writes."""
+    dtype = torch.float16 if eng.fp16_enabled() else \
+        torch.bfloat16 if eng.bfloat16_enabled() else None
+    frozen = {n for n, p in eng.module.named_parameters() if not p.requires_grad} \
+        if exclude_frozen else set()
+    with eng._whole():
+        state = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point()
+                 else v.detach().clone() for k, v in eng.module.state_dict().items()
+                 if k not in frozen}
+    error: BaseException | None = None
+    if eng.global_rank == 0:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            torch.save(state, os.path.join(save_dir, filename))
+        except Exception as e:
+            error = e
+    _told(eng, error, f"save_16bit_model({save_dir!r}, {filename!r})")
     return True
 
 

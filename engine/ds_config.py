@@ -28,7 +28,20 @@ ZERO_TAKEN = {"overlap_comm", "contiguous_gradients", "reduce_scatter", "allgath
               "allgather_bucket_size", "reduce_bucket_size", "round_robin_gradients",
               "stage3_gather_16bit_weights_on_model_save", "load_from_fp32_weights"}
 FP16_KEYS = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window",
-             "hysteresis", "consecutive_hysteresis", "min_loss_scale"}
+             "hysteresis", "consecutive_hysteresis", "min_loss_scale",
+             "fp16_master_weights_and_grads"}
+# top-level keys whose effect this engine has anyway or that tune what it does not make:
+# taken, changing nothing (README's DeepSpeed table gives each one's reason)
+TAKEN = {"prescale_gradients", "gradient_predivide_factor", "communication_data_type",
+         "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+         "activation_checkpointing"}
+# deepspeed.checkpointing's settings: its checkpoint is torch's, so none changes a result
+ACTIVATION_KEYS = {"partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
+                   "number_checkpoints", "synchronize_checkpoint_boundary", "profile"}
+OFFLOAD_KEYS = {"device", "pin_memory", "buffer_count", "buffer_size", "fast_init", "ratio",
+                "max_in_cpu", "nvme_path", "pipeline", "pipeline_read", "pipeline_write"}
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+              "gradient_accumulation_steps")
 OPTIMIZERS = ("Adam", "AdamW", "SGD")
 
 
@@ -47,6 +60,7 @@ class Config:
     fp16: dict[str, Any] | None = None           # FP16_KEYS with DeepSpeed's defaults
     bf16: bool = False
     steps_per_print: int | None = 10
+    offload: tuple[str, ...] = ()       # the zero_optimization keys offloading to "cpu"
 
 
 def _read(config: Any) -> dict[str, Any]:
@@ -70,6 +84,11 @@ def _enabled(key: str, v: Any) -> bool:
     if not isinstance(v, dict):
         raise ValueError(f"deepspeed config: {key}={v!r}: a dict such as {{\"enabled\": true}}")
     return bool(v.get("enabled", False))
+
+
+def _on(v: Any) -> bool:
+    """A monitor's setting asks for something: true, or a dict not disabled."""
+    return bool(v.get("enabled", True)) if isinstance(v, dict) else bool(v)
 
 
 def _batches(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
@@ -109,23 +128,86 @@ def _zero(z: Any) -> tuple[int, dict[str, Any]]:
     stage = z.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed config: zero_optimization.stage={stage!r}: 0, 1, 2 or 3")
-    for k, v in z.items():
-        if k in ("offload_optimizer", "offload_param") and not (
-                isinstance(v, dict) and v.get("device", "none") == "none"):
-            raise ValueError(f"deepspeed config: zero_optimization.{k}: not supported "
-                             f"(no offload on meshrun)")
-        if k not in ZERO_KNOBS | ZERO_TAKEN | {"stage", "offload_optimizer", "offload_param"}:
+    for k in z:
+        if k not in ZERO_KNOBS | ZERO_TAKEN | {"stage", "offload_optimizer", "offload_param",
+                                               "cpu_offload"}:
             raise ValueError(f"deepspeed config: zero_optimization.{k}: not supported")
     return stage, {k: z[k] for k in ZERO_KNOBS if k in z}
+
+
+def _offload(z: dict[str, Any]) -> tuple[str, ...]:
+    """The ``zero_optimization`` keys that offload to the CPU: a CPU model's
+    state is there already (the engine refuses them for a model elsewhere);
+    ``"nvme"`` is refused here, naming the key."""
+    out = []
+    if z.get("cpu_offload", False):     # (DeepSpeed's older spelling of offload_optimizer)
+        out.append("cpu_offload")
+    for k in ("offload_optimizer", "offload_param"):
+        v = z.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, dict) or set(v) - OFFLOAD_KEYS:
+            raise ValueError(f"deepspeed config: zero_optimization.{k}={v!r}: a dict such as "
+                             f"{{\"device\": \"cpu\"}}")
+        device = v.get("device", "none")
+        if device == "cpu":
+            out.append(k)
+        elif device not in ("none", None):
+            raise ValueError(f"deepspeed config: zero_optimization.{k}.device={device!r}: "
+                             f"not supported on meshrun (\"cpu\", where a CPU model's state "
+                             f"is anyway, or \"none\")")
+    return tuple(out)
+
+
+def _activation(a: Any) -> None:
+    """``activation_checkpointing``: deepspeed.checkpointing's settings,
+    checked; none changes a result (its checkpoint is torch's)."""
+    if not isinstance(a, dict):
+        raise ValueError(f"deepspeed config: activation_checkpointing={a!r}: a dict")
+    for k, v in a.items():
+        if k not in ACTIVATION_KEYS:
+            raise ValueError(f"deepspeed config: activation_checkpointing.{k}: not supported")
+        if k == "number_checkpoints":
+            if v is not None:
+                _int(f"activation_checkpointing.{k}", v)
+        elif not isinstance(v, bool):
+            raise ValueError(f"deepspeed config: activation_checkpointing.{k}={v!r}: "
+                             f"true or false")
+
+
+def _autos(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``"auto"`` values (the HF Trainer's, which fills them in before
+    DeepSpeed reads the config): a batch figure's is left for DeepSpeed's
+    resolution from the others, a ZeRO tuning knob's is its default; any
+    other raises naming the key, as nothing here can know the value."""
+    out = {k: v for k, v in cfg.items() if not (k in BATCH_KEYS and v == "auto")}
+    z = out.get("zero_optimization")
+    if isinstance(z, dict):
+        out["zero_optimization"] = {k: v for k, v in z.items() if not (
+            v == "auto" and k in ZERO_KNOBS | ZERO_TAKEN)}
+
+    def walk(v: Any, path: str) -> None:
+        if isinstance(v, dict):
+            for k, w in v.items():
+                walk(w, f"{path}.{k}" if path else str(k))
+        elif isinstance(v, str) and v == "auto":
+            raise ValueError(f"deepspeed config: {path}=\"auto\": only the HF Trainer "
+                             f"fills \"auto\" in (from its own arguments); give the value")
+    walk(out, "")
+    return out
 
 
 def _fp16(f: dict[str, Any]) -> dict[str, Any]:
     bad = sorted(set(f) - FP16_KEYS)
     if bad:
         raise ValueError(f"deepspeed config: fp16.{bad[0]}: not supported")
+    if f.get("fp16_master_weights_and_grads", False):
+        raise ValueError("deepspeed config: fp16.fp16_master_weights_and_grads: not supported "
+                         "(the weights and gradients stay float32 here: leave it false)")
     out = {"loss_scale": 0.0, "initial_scale_power": 16, "loss_scale_window": 1000,
            "hysteresis": 2, "consecutive_hysteresis": False, "min_loss_scale": 1.0}
-    out.update({k: v for k, v in f.items() if k not in ("enabled", "auto_cast")})
+    out.update({k: v for k, v in f.items() if k not in (
+        "enabled", "auto_cast", "fp16_master_weights_and_grads")})
     return out
 
 
@@ -133,17 +215,16 @@ def parse(config: Any, world_size: int) -> Config:
     """``config`` (a dict, or a JSON file's path) checked at ``world_size``
     dp ranks: ValueError naming the first key refused (unknown, or a value
     out of range); a warning for the cosmetic ones (monitors, profilers)."""
-    cfg = _read(config)
+    cfg = _autos(_read(config))
     tb, mb, ga = _batches(cfg, world_size)
     known = {"train_batch_size", "train_micro_batch_size_per_gpu",
              "gradient_accumulation_steps", "optimizer", "scheduler", "gradient_clipping",
-             "zero_optimization", "fp16", "bf16", "bfloat16", "steps_per_print",
-             "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"}
+             "zero_optimization", "fp16", "bf16", "bfloat16", "steps_per_print"} | TAKEN
     for k in cfg:
-        if k in COSMETIC:
+        if k in COSMETIC and _on(cfg[k]):      # (one turned off: nothing to say)
             warnings.warn(f"deepspeed config: {k}: ignored on meshrun (it changes nothing "
                           f"a run computes)", stacklevel=3)
-        elif k not in known:
+        elif k not in known | COSMETIC:
             raise ValueError(f"deepspeed config: {k}: not supported")
     opt = cfg.get("optimizer")
     if opt is not None:
@@ -161,13 +242,31 @@ def parse(config: Any, world_size: int) -> Config:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ValueError(f"deepspeed config: gradient_clipping={clip!r}: a number >= 0")
     stage, knobs = _zero(cfg.get("zero_optimization", {"stage": 0}))
+    offload = _offload(cfg.get("zero_optimization", {}))
+    _activation(cfg.get("activation_checkpointing", {}))
+    _taken(cfg)
     fp16 = _fp16(cfg["fp16"]) if _enabled("fp16", cfg.get("fp16", {})) else None
     bf16 = _enabled("bf16", cfg.get("bf16", cfg.get("bfloat16", {})))
     if fp16 is not None and bf16:
         raise ValueError("deepspeed config: fp16 and bf16: enable one of them, not both")
     spp = cfg.get("steps_per_print", 10)
     return Config(tb, mb, ga, opt, sch, float(clip), stage, knobs, fp16, bf16,
-                  None if spp is None else _int("steps_per_print", spp))
+                  None if spp is None else _int("steps_per_print", spp), offload)
+
+
+def _taken(cfg: dict[str, Any]) -> None:
+    """The values of the keys taken that change nothing, checked as DeepSpeed's."""
+    for k in ("prescale_gradients", "sparse_gradients", "zero_allow_untested_optimizer",
+              "zero_force_ds_cpu_optimizer"):
+        if k in cfg and not isinstance(cfg[k], bool):
+            raise ValueError(f"deepspeed config: {k}={cfg[k]!r}: true or false")
+    f = cfg.get("gradient_predivide_factor", 1.0)
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 0:
+        raise ValueError(f"deepspeed config: gradient_predivide_factor={f!r}: a number > 0")
+    c = cfg.get("communication_data_type")
+    if c not in (None, "fp32", "fp16", "bf16", "bfp16"):
+        raise ValueError(f"deepspeed config: communication_data_type={c!r}: \"fp32\", "
+                         f"\"fp16\" or \"bf16\"")
 
 
 def optimizer_class(spec: dict[str, Any]) -> tuple[type, dict[str, Any]]:

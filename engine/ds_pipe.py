@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -64,6 +65,7 @@ class PipelineModule(torch.nn.Sequential):
     callables) in order, ``num_stages``, ``loss_fn(outputs, labels)``,
     ``partition_method`` ("parameters", "uniform", "type:REGEX"),
     ``activation_checkpoint_interval`` (> 0: each stage recomputes)."""
+    loss_fn: Callable[[Any, Any], Any]
 
     def __init__(self, layers: Iterable[Any], num_stages: int | None = None,
                  topology: Any = None, loss_fn: Callable[[Any, Any], Any] | None = None,
@@ -84,7 +86,9 @@ class PipelineModule(torch.nn.Sequential):
             raise ValueError(f"PipelineModule: partition_method={partition_method!r}: "
                              f"'parameters', 'uniform' or 'type:REGEX'")
         self.num_stages = num_stages
-        self.loss_fn = loss_fn
+        # (not registered: a loss module, torch.nn.CrossEntropyLoss(), is no layer of the
+        # Sequential)
+        self.__dict__["loss_fn"] = loss_fn
         self.partition_method = method if not method.startswith("type:") else partition_method
         self.recompute = activation_checkpoint_interval > 0
 
@@ -134,6 +138,9 @@ class PipelineEngine:
             self.lr_scheduler = SCHEDULERS[cfg.scheduler["type"]](
                 self.optimizer, **cfg.scheduler.get("params", {}))
         self.global_steps = self.global_samples = 0
+        self.training_dataloader: Any = None    # initialize(training_data=...)'s
+        self._data: Any = None
+        self._since = time.perf_counter()   # (steps_per_print's iter time, DeepSpeed's line)
         self.loss_scaler = None
         self.skipped_steps = 0
 
@@ -164,9 +171,22 @@ class PipelineEngine:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.bf16 else \
             contextlib.nullcontext()
 
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
     def train_batch(self, data_iter: Any = None) -> torch.Tensor:
         """One step over the global batch: its mean loss on every rank (as
-        DeepSpeed's, there on the last stage's ranks)."""
+        DeepSpeed's, there on the last stage's ranks). Without ``data_iter``,
+        ``initialize(training_data=...)``'s loader, repeated (DeepSpeed's)."""
+        if data_iter is None:
+            if self.training_dataloader is None:
+                raise ValueError(f"rank {self.world.rank}: train_batch(): no data_iter, and "
+                                 f"initialize had no training_data")
+            if self._data is None:
+                from .ds_compat import RepeatingLoader
+                self._data = RepeatingLoader(self.training_dataloader)
+            data_iter = self._data
         x, y = self._batch(data_iter)
         if self.optimizer is not None:
             self.optimizer.zero_grad()
@@ -180,6 +200,12 @@ class PipelineEngine:
             self.lr_scheduler.step()
         self.global_steps += 1
         self.global_samples += self.cfg.train_batch_size
+        spp = self.cfg.steps_per_print
+        if spp and self.global_steps % spp == 0 and self.world.rank == 0:
+            took = (time.perf_counter() - self._since) / spp
+            self._since = time.perf_counter()
+            print(f"steps: {self.global_steps} loss: {loss:0.4f} iter time (s): {took:0.3f} "
+                  f"samples/sec: {self.cfg.train_batch_size / took:0.3f}", flush=True)
         return torch.tensor(loss)
 
     def eval_batch(self, data_iter: Any, return_logits: bool = False, **_: Any) -> Any:
