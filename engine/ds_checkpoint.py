@@ -13,7 +13,7 @@ all-gather), where the others would wait in the next collective.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,19 +44,25 @@ def save(eng: Any, save_dir: str, tag: Any, client_state: Any, save_latest: bool
     opt = eng.optimizer
     if opt is not None and hasattr(opt, "consolidate_state_dict"):
         opt.consolidate_state_dict(0)
+    return written(eng, save_dir, tag, save_latest, lambda: dict(
+        client_state or {}, module=module, optimizer=None if opt is None else opt.state_dict(),
+        lr_scheduler=None if eng.lr_scheduler is None else eng.lr_scheduler.state_dict(),
+        loss_scaler=None if eng.loss_scaler is None else eng.loss_scaler.state_dict(),
+        global_steps=eng.global_steps, global_samples=eng.global_samples,
+        skipped_steps=eng.skipped_steps, dp_world_size=eng.dp_world_size,
+        zero_stage=eng.cfg.zero_stage, ds_version="meshrun"))
+
+
+def written(eng: Any, save_dir: str, tag: str, save_latest: bool,
+            state: Callable[[], dict[str, Any]]) -> bool:
+    """Rank 0 writes ``state()`` as ``save_dir/tag/FILE`` (and ``latest``
+    naming the tag), every rank raising where it failed (the data-parallel
+    engine's checkpoints and the pipeline engine's: ds_pipe)."""
     error: BaseException | None = None
     if eng.global_rank == 0:
         try:
-            state = dict(client_state or {})
-            state.update(
-                module=module, optimizer=None if opt is None else opt.state_dict(),
-                lr_scheduler=None if eng.lr_scheduler is None else eng.lr_scheduler.state_dict(),
-                loss_scaler=None if eng.loss_scaler is None else eng.loss_scaler.state_dict(),
-                global_steps=eng.global_steps, global_samples=eng.global_samples,
-                skipped_steps=eng.skipped_steps, dp_world_size=eng.dp_world_size,
-                zero_stage=eng.cfg.zero_stage, ds_version="meshrun")
             os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-            torch.save(state, os.path.join(save_dir, tag, FILE))
+            torch.save(state(), os.path.join(save_dir, tag, FILE))
             if save_latest:
                 with open(os.path.join(save_dir, "latest"), "w") as f:
                     f.write(tag)

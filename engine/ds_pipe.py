@@ -222,28 +222,15 @@ class PipelineEngine:
 
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: Any = None,
                         save_latest: bool = True) -> bool:
-        from .ds_checkpoint import FILE, _told
+        from .ds_checkpoint import written
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
         module = self.job.state_dict()
         optim = None if self.optimizer is None else \
             self.job.optimizer_state_dict(self.optimizer)
-        error: BaseException | None = None
-        if self.world.rank == 0:
-            try:
-                state = dict(client_state or {})
-                state.update(module=module, optimizer=optim, global_steps=self.global_steps,
-                             global_samples=self.global_samples,
-                             lr_scheduler=None if self.lr_scheduler is None else
-                             self.lr_scheduler.state_dict(), ds_version="meshrun")
-                os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-                torch.save(state, os.path.join(save_dir, tag, FILE))
-                if save_latest:
-                    with open(os.path.join(save_dir, "latest"), "w") as f:
-                        f.write(tag)
-            except Exception as e:
-                error = e
-        _told(self, error, f"save_checkpoint({save_dir!r}, {tag!r})")
-        return True
+        return written(self, save_dir, tag, save_latest, lambda: dict(
+            client_state or {}, module=module, optimizer=optim, global_steps=self.global_steps,
+            global_samples=self.global_samples, lr_scheduler=None if self.lr_scheduler is None
+            else self.lr_scheduler.state_dict(), ds_version="meshrun"))
 
     @property
     def global_rank(self) -> int:
