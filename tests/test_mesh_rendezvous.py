@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import gc
 import os
 import re
 import select
@@ -195,6 +196,7 @@ def test_a_run_folder_that_cannot_be_locked_is_not_left(
             fcntl.flock(fd, how)
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(rdvlaunch, "fcntl", Fcntl)
+    gc.collect()        # (an earlier test's garbage holding descriptors: not ours)
     fds = _fds()
     said = re.escape(f"cannot lock the run folder {tmp_path}/meshrun-")
     with pytest.raises(OSError, match=said) as e:
