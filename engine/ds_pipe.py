@@ -9,6 +9,11 @@ the ranks dp replicas, one ``job.step`` a batch of
     engine, _, _, _ = deepspeed.initialize(model=net, config=cfg)
     loss = engine.train_batch(data_iter)     # each next(): (inputs, labels) of a micro-batch
 
+As DeepSpeed's, only the first and last stages read the iterator (the
+inputs, the labels); a ``TiedLayerSpec``'s places are one module, kept
+equal across the stages holding it (engine.distribute's ties);
+``partition_method`` cuts as DeepSpeed's ``partition_uniform`` and
+``partition_balanced``, handed to ``distribute`` as layer counts.
 ZeRO 0 and 1 only (DeepSpeed's pipeline refuses 2 and 3 too); bf16, not
 fp16. Checkpoints: the job's whole model and optimizer state by name, one
 file (engine.ds_checkpoint's layout), loadable on another grid.
@@ -41,12 +46,99 @@ class LayerSpec:
 
 
 class TiedLayerSpec(LayerSpec):
-    """Refused: a weight shared between stages is one parameter in both
-    layers here (``head.weight = embed.weight``), README's DeepSpeed table."""
+    """DeepSpeed's tied layer: the layers of one ``key`` are one module,
+    built at the first (an embedding), called again at the others (an
+    output head), there by ``forward_fn(module, x)`` where given
+    (``lambda module, x: x @ module.weight.t()``). Where the cut puts
+    them on two stages, ``engine.distribute`` gives the later one a copy
+    whose parameters it keeps equal, their gradients summed (README "Tied
+    weights"); ``tied_weight_attr`` names the one DeepSpeed ties across
+    stages (here every parameter of the module is tied: the one-process
+    model's)."""
 
-    def __init__(self, key: str, typename: type, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("deepspeed.TiedLayerSpec: not supported; tie the weight "
-                                  "in the layers (one Parameter in both) and pass them built")
+    def __init__(self, key: str, typename: type, *args: Any,
+                 forward_fn: Callable[[Any, Any], Any] | None = None,
+                 tied_weight_attr: str = "weight", **kwargs: Any) -> None:
+        super().__init__(typename, *args, **kwargs)
+        self.key, self.forward_fn, self.tied_weight_attr = key, forward_fn, tied_weight_attr
+
+
+class _TiedCall(torch.nn.Module):
+    """A tied layer called by its ``forward_fn`` (the module a submodule:
+    its parameters this layer's, the tied ones)."""
+
+    def __init__(self, module: torch.nn.Module, fn: Callable[[Any, Any], Any]) -> None:
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, x: Any) -> Any:
+        return self.fn(self.module, x)
+
+
+def _built(layers: Iterable[Any]) -> tuple[list[torch.nn.Module], list[str]]:
+    """The layers as modules (a ``TiedLayerSpec``'s key's module built once)
+    and the class name DeepSpeed's ``type:REGEX`` matches each by (a spec's
+    ``typename``, a module's class, a function's ``__name__``)."""
+    tied: dict[str, torch.nn.Module] = {}
+    out: list[torch.nn.Module] = []
+    names: list[str] = []
+    for x in layers:
+        if isinstance(x, TiedLayerSpec):
+            if x.key not in tied:
+                tied[x.key] = x.build()
+                if not hasattr(tied[x.key], x.tied_weight_attr):
+                    raise ValueError(f"TiedLayerSpec({x.key!r}, {x.typename.__name__}): "
+                                     f"the module has no {x.tied_weight_attr!r} "
+                                     f"(tied_weight_attr)")
+            m = tied[x.key]
+            out.append(m if x.forward_fn is None else _TiedCall(m, x.forward_fn))
+        else:
+            out.append(x.build() if isinstance(x, LayerSpec) else
+                       x if isinstance(x, torch.nn.Module) else _Call(x))
+        names.append(x.typename.__name__ if isinstance(x, LayerSpec) else
+                     type(x).__name__ if isinstance(x, torch.nn.Module) else
+                     getattr(x, "__name__", type(x).__name__))
+    return out, names
+
+
+def _uniform(n: int, parts: int) -> list[int]:
+    """DeepSpeed's ``partition_uniform`` as layer counts: ``n // parts``
+    each, the first ``n % parts`` stages one more."""
+    return [n // parts + (s < n % parts) for s in range(parts)]
+
+
+def _balanced(weights: list[float], parts: int) -> list[int]:
+    """DeepSpeed's ``partition_balanced`` as layer counts: the contiguous
+    cut into ``parts`` non-empty stages whose heaviest and lightest stage
+    differ least (its dynamic program; among equals, the last cut point
+    found, as its ``>=``); uniform where there are no more layers than
+    stages."""
+    n = len(weights)
+    if n <= parts:
+        return _uniform(n, parts)
+    inf = float("inf")
+    pre = [0.0]
+    for w in weights:
+        pre.append(pre[-1] + float(w))
+    # over the first i layers in j stages: the best spread, its max and min, the last cut
+    cost = [[inf] * (parts + 1) for _ in range(n + 1)]
+    hi = [[inf] * (parts + 1) for _ in range(n + 1)]
+    lo = [[inf] * (parts + 1) for _ in range(n + 1)]
+    at = [[0] * (parts + 1) for _ in range(n + 1)]
+    cost[0][0] = hi[0][0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, min(i, parts) + 1):
+            for k in range(i):
+                top = max(hi[k][j - 1], pre[i] - pre[k])
+                low = min(lo[k][j - 1], pre[i] - pre[k])
+                spread = top - low
+                if cost[i][j] >= spread:
+                    cost[i][j], hi[i][j], lo[i][j], at[i][j] = spread, top, low, k
+    cuts = [n]
+    for j in range(parts, 0, -1):
+        cuts.append(at[cuts[-1]][j])
+    cuts.reverse()
+    return [b - a for a, b in zip(cuts, cuts[1:])]
 
 
 class _Call(torch.nn.Module):
@@ -63,17 +155,18 @@ class _Call(torch.nn.Module):
 class PipelineModule(torch.nn.Sequential):
     """DeepSpeed's ``PipelineModule``: its layers (modules, ``LayerSpec``s,
     callables) in order, ``num_stages``, ``loss_fn(outputs, labels)``,
-    ``partition_method`` ("parameters", "uniform", "type:REGEX"),
-    ``activation_checkpoint_interval`` (> 0: each stage recomputes)."""
+    ``partition_method`` ("parameters", "uniform", "type:REGEX": cut as
+    DeepSpeed cuts), ``activation_checkpoint_interval`` (1: each layer
+    recomputes, ``recompute="*"``; more: each stage whole)."""
     loss_fn: Callable[[Any, Any], Any]
 
     def __init__(self, layers: Iterable[Any], num_stages: int | None = None,
                  topology: Any = None, loss_fn: Callable[[Any, Any], Any] | None = None,
                  partition_method: str = "parameters",
                  activation_checkpoint_interval: int = 0, **ignored: Any) -> None:
-        built = [x.build() if isinstance(x, LayerSpec) else
-                 x if isinstance(x, torch.nn.Module) else _Call(x) for x in layers]
+        built, classes = _built(layers)
         super().__init__(*built)
+        self._classes = classes
         if topology is not None:
             raise ValueError("PipelineModule(topology=...): not supported; give num_stages")
         if num_stages is None or num_stages < 1:
@@ -90,7 +183,29 @@ class PipelineModule(torch.nn.Sequential):
         # Sequential)
         self.__dict__["loss_fn"] = loss_fn
         self.partition_method = method if not method.startswith("type:") else partition_method
-        self.recompute = activation_checkpoint_interval > 0
+        n = activation_checkpoint_interval
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"PipelineModule: activation_checkpoint_interval={n!r}: the "
+                             f"layers recomputed together, an int >= 0 (0: none)")
+        # 1: each layer recomputes on its own (DeepSpeed's every layer checkpointed);
+        # more: each stage whole (it keeps only its input: at most DeepSpeed's N-layer runs)
+        self.recompute: bool | str = "*" if n == 1 else n > 1
+
+    def _counts(self) -> list[int]:
+        """Layers per stage by ``partition_method``, as DeepSpeed cuts: "uniform"
+        its ``partition_uniform``; "parameters" its ``partition_balanced`` of
+        each layer's trainable parameters (a tied layer's at each place);
+        "type:REGEX" the same of 1 for each layer whose class matches."""
+        n, method = len(self), self.partition_method
+        if method == "uniform":
+            return _uniform(n, self.num_stages)
+        if method == "parameters":
+            return _balanced([float(sum(p.numel() for p in layer.parameters()
+                                        if p.requires_grad)) for layer in self],
+                             self.num_stages)
+        from .costs import by_type
+        weights = by_type(method, [[c] for c in self._classes]).weights
+        return _balanced([float(w) for w in weights], self.num_stages)
 
 
 class PipelineEngine:
@@ -115,7 +230,7 @@ class PipelineEngine:
         self.grid = mesh.grid(world, dp=world.size // pp, pp=pp)
         self.dp_world_size = world.size // pp
         self.job = engine.distribute(model, self.grid, schedule="1f1b", microbatches=cfg.gas,
-                                     balance=model.partition_method, loss_fn=model.loss_fn,
+                                     balance=model._counts(), loss_fn=model.loss_fn,
                                      recompute=model.recompute, verbose=False)
         self.stage_id = self.grid.coord("pp")
         params = self.job.parameters()
@@ -162,10 +277,28 @@ class PipelineEngine:
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
 
-    def _batch(self, data_iter: Any) -> tuple[Any, Any]:
-        """This replica's ``gradient_accumulation_steps`` micro-batches, joined."""
+    def _batch(self, data_iter: Any, loader: bool = True) -> tuple[Any, Any]:
+        """This replica's ``gradient_accumulation_steps`` micro-batches, joined,
+        read where DeepSpeed reads them: the first stage's inputs, the last
+        stage's labels (None for the other); a middle stage reads nothing,
+        its ``data_iter`` may be None (``engine.distribute``'s job follows
+        the first stage's inputs there)."""
+        first, last = self.is_first_stage(), self.is_last_stage()
+        if not (first or last):
+            return None, None
+        if data_iter is None:
+            if self.training_dataloader is None or not loader:
+                what = "train_batch" if loader else "eval_batch"
+                raise ValueError(f"rank {self.world.rank}: {what}(): no data_iter on pp "
+                                 f"stage {self.stage_id} of {self.module.num_stages} (the "
+                                 f"first stage reads the inputs, the last the labels)"
+                                 + (", and initialize had no training_data" if loader else ""))
+            if self._data is None:
+                from .ds_compat import RepeatingLoader
+                self._data = RepeatingLoader(self.training_dataloader)
+            data_iter = self._data
         xs, ys = zip(*[next(data_iter) for _ in range(self.cfg.gas)])
-        return torch.cat(list(xs)), torch.cat(list(ys))
+        return (torch.cat(list(xs)) if first else None), (torch.cat(list(ys)) if last else None)
 
     def _cast(self) -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.bf16 else \
@@ -177,16 +310,10 @@ class PipelineEngine:
 
     def train_batch(self, data_iter: Any = None) -> torch.Tensor:
         """One step over the global batch: its mean loss on every rank (as
-        DeepSpeed's, there on the last stage's ranks). Without ``data_iter``,
-        ``initialize(training_data=...)``'s loader, repeated (DeepSpeed's)."""
-        if data_iter is None:
-            if self.training_dataloader is None:
-                raise ValueError(f"rank {self.world.rank}: train_batch(): no data_iter, and "
-                                 f"initialize had no training_data")
-            if self._data is None:
-                from .ds_compat import RepeatingLoader
-                self._data = RepeatingLoader(self.training_dataloader)
-            data_iter = self._data
+        DeepSpeed's, there on the last stage's ranks). Read on the first and
+        last stages only (a middle stage's ``data_iter`` may be None); there,
+        without ``data_iter``, ``initialize(training_data=...)``'s loader,
+        repeated (DeepSpeed's)."""
         x, y = self._batch(data_iter)
         if self.optimizer is not None:
             self.optimizer.zero_grad()
@@ -208,10 +335,11 @@ class PipelineEngine:
                   f"samples/sec: {self.cfg.train_batch_size / took:0.3f}", flush=True)
         return torch.tensor(loss)
 
-    def eval_batch(self, data_iter: Any, return_logits: bool = False, **_: Any) -> Any:
+    def eval_batch(self, data_iter: Any = None, return_logits: bool = False, **_: Any) -> Any:
         """The global batch's mean loss (and with ``return_logits`` the last
-        stage's outputs: ``(loss, logits)``), no gradient."""
-        x, y = self._batch(data_iter)
+        stage's outputs: ``(loss, logits)``), no gradient; ``data_iter`` read
+        as ``train_batch`` reads it (None on a middle stage)."""
+        x, y = self._batch(data_iter, loader=False)
         with self._cast():
             out = self.job.eval_step(x, y, outputs=return_logits)
         if return_logits:

@@ -286,15 +286,26 @@ def _loaded(world: Any, ckpt: str, config: str) -> dict[str, Any]:
 
 
 def _layers() -> list[Any]:
+    """An input layer tied to a later one (called there by its forward_fn)."""
     torch.manual_seed(0)
-    return [torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
-            lambda x: x.tanh(), deepspeed.LayerSpec(torch.nn.Linear, 16, 2)]
+    return [deepspeed.TiedLayerSpec("in", torch.nn.Linear, 4, 16), torch.nn.Tanh(),
+            torch.nn.Linear(16, 16), lambda x: x.tanh(),
+            deepspeed.TiedLayerSpec("in", torch.nn.Linear, 4, 16,
+                                    forward_fn=lambda m, h: h @ m.weight),
+            deepspeed.LayerSpec(torch.nn.Linear, 4, 2)]
+
+
+def _tied(eng: Any) -> list[Any]:
+    """This rank's copies of the tied weight (4 x 16), one per place it holds."""
+    return [p.detach().clone() for p in eng.job.parameters() if p.shape == (16, 4)]
 
 
 def _pipe_step(eng: Any, s: int, rows: int) -> float:
     """``train_batch`` on this dp replica's GAS micro-batches of step ``s``."""
     x, y = _data(s, rows)
     mb, r = eng.train_micro_batch_size_per_gpu(), eng.grid.coord("dp")
+    if not (eng.is_first_stage() or eng.is_last_stage()):     # (as DeepSpeed's: no data)
+        return float(eng.train_batch(None))
     it = iter([(x[(r * GAS + k) * mb:(r * GAS + k + 1) * mb],
                 y[(r * GAS + k) * mb:(r * GAS + k + 1) * mb]) for k in range(GAS)])
     return float(eng.train_batch(it))
@@ -320,8 +331,18 @@ def _pipeline(world: Any, ckpt: str) -> dict[str, Any]:
         model=net, config=cfg, training_data=torch.utils.data.TensorDataset(*_data(2, rows)))
     _, client = again.load_checkpoint(ckpt)
     assert len(loader) == GAS
-    return {"losses": losses, "resumed": float(again.train_batch()), "client": client,
-            "whole": whole, "again": again.job.state_dict(), "stage": again.stage_id}
+    resumed = float(again.train_batch())
+    # the dp=2 x pp=2 checkpoint at dp=1 x pp=4, cut uniformly (the tied layers on stages
+    # 0 and 2, a middle one), each layer recomputed: the same third step
+    net = deepspeed.PipelineModule(layers=_layers(), num_stages=4, partition_method="uniform",
+                                   loss_fn=torch.nn.functional.mse_loss,
+                                   activation_checkpoint_interval=1)
+    four, _, _, _ = deepspeed.initialize(model=net, config=cfg)
+    four.load_checkpoint(ckpt)
+    return {"losses": losses, "resumed": resumed, "client": client, "tied": _tied(eng),
+            "whole": whole, "again": again.job.state_dict(), "stage": again.stage_id,
+            "four": (_pipe_step(four, 2, rows), four.stage_id, _tied(four),
+                     four.job.state_dict())}
 
 
 @pytest.mark.timeout(240)
@@ -364,8 +385,11 @@ def test_zero_stages_precision_and_checkpoint_match_one_process(tmp_path: Any) -
 @pytest.mark.timeout(240)
 def test_pipeline_module_train_batch_matches_one_process(tmp_path: Any) -> None:
     """PipelineModule and train_batch on engine.distribute: dp=2 x pp=2,
-    accumulation, clipping, a schedule, ZeRO 1: one process's losses and
-    weights; a checkpoint loaded into a new engine takes the same step."""
+    accumulation, clipping, a schedule, ZeRO 1, a TiedLayerSpec on both
+    stages (one by its forward_fn): one process's losses and weights, the
+    tied weight equal on both stages; a checkpoint loaded into a new engine,
+    and into one at dp=1 x pp=4 (middle stages given no data), takes the
+    same step."""
     res = mesh.spawn(_pipeline, 4, str(tmp_path / "pipe"), timeout=200)
     one = deepspeed.PipelineModule(layers=_layers(), num_stages=2,
                                    loss_fn=torch.nn.functional.mse_loss)
@@ -382,15 +406,61 @@ def test_pipeline_module_train_batch_matches_one_process(tmp_path: Any) -> None:
         sch.step()
         opt.zero_grad()
     assert sorted(r["stage"] for r in res) == [0, 0, 1, 1]
+    assert sorted(r["four"][1] for r in res) == [0, 1, 2, 3]
+    tied = one[0].weight.detach()
     for r in res:
         assert r["losses"] == pytest.approx(losses, abs=1e-6) and \
             r["resumed"] == pytest.approx(r["losses"][2], abs=1e-6) and \
+            r["four"][0] == pytest.approx(r["losses"][2], abs=1e-6) and \
             r["client"] == {"epoch": 3}, (r, losses)
+        # each stage holding a tied place has the weight, equal to one process's
+        assert len(r["tied"]) == 1 and _gap(r["tied"], [tied]) < 1e-6, r["tied"]
+        assert len(r["four"][2]) == (r["four"][1] in (0, 2)), r["four"]
+        assert all(_gap([w], [tied]) < 1e-6 for w in r["four"][2]), r["four"]
     whole, again = res[0]["whole"], res[0]["again"]
     assert _gap([whole[k] for k in sorted(whole)],
                 [one.state_dict()[k] for k in sorted(whole)]) < 1e-6
     assert sorted(whole) == sorted(one.state_dict())
     assert _gap([whole[k] for k in sorted(whole)], [again[k] for k in sorted(whole)]) < 1e-6
+    four = res[0]["four"][3]
+    assert _gap([four[k] for k in sorted(whole)], [whole[k] for k in sorted(whole)]) < 1e-6
+
+
+def test_partition_methods_and_tied_layers_are_deepspeeds() -> None:
+    """partition_method cuts as DeepSpeed's partition_uniform (the first
+    stages the longer) and partition_balanced (the least spread between the
+    heaviest and lightest stage; trainable parameters only, a tied layer's
+    at each place; type:REGEX against a spec's typename, a function's
+    name), where engine.distribute's own balance cuts otherwise; a
+    TiedLayerSpec's places are one module."""
+    def cut(layers: list[Any], n: int, method: str) -> list[int]:
+        return deepspeed.PipelineModule(layers=layers, num_stages=n, partition_method=method,
+                                        loss_fn=torch.nn.functional.mse_loss)._counts()
+
+    assert cut(_layers(), 4, "uniform") == [2, 2, 1, 1]
+    assert cut(_layers()[:5], 2, "uniform") == [3, 2]        # (distribute's: [2, 3])
+    assert cut(_layers(), 2, "parameters") == [4, 2]         # 80 0 272 0 80 10 (distribute's 3 3)
+    assert cut(_layers(), 2, "type:tanh|lambda") == [3, 3]
+    assert cut(_layers(), 2, "type:LINEAR") == [4, 2]
+    frozen = [torch.nn.Linear(4, 4) for _ in range(4)]
+    assert cut(frozen, 2, "parameters") == [2, 2]
+    for layer in frozen[:2]:
+        layer.requires_grad_(False)
+    assert cut(frozen, 2, "parameters") == [3, 1]
+    net = deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss())
+    assert net[4].module is net[0] and len(list(net.parameters())) == 6
+    x = torch.randn(3, 4)
+    assert torch.equal(net(x), net[5](net[1](net[2](net[1](net[0](x)))) @ net[0].weight))
+    assert [deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss(),
+                                     activation_checkpoint_interval=n).recompute
+            for n in (0, 1, 3)] == [False, "*", True]
+    with pytest.raises(ValueError, match=r"activation_checkpoint_interval=-1: the layers "):
+        deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss(),
+                                 activation_checkpoint_interval=-1)
+    with pytest.raises(ValueError, match=r"TiedLayerSpec\('e', Tanh\): the module has no "
+                                         r"'weight' \(tied_weight_attr\)"):
+        deepspeed.PipelineModule(layers=[deepspeed.TiedLayerSpec("e", torch.nn.Tanh)],
+                                 num_stages=1, loss_fn=torch.nn.MSELoss())
 
 
 def test_config_is_checked_naming_the_key() -> None:
