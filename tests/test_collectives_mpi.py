@@ -863,6 +863,25 @@ def _intercomm_v_errors(inter: Any, r: int) -> None:
                                          r"to 8 and 4 bytes"):
         inter.Reduce_scatter(np.zeros(2 if r != 1 else 1, "i"), np.zeros(1, "i"),
                              [1] * inter.size)
+    # a reduction's blocks sent with its arguments, before the check (world rank 2's bigger):
+    # dropped where it fails, and the next call's results are right
+    with pytest.raises(ValueError, match=f"{me}.Reduce: the root \\(rank 0\\) has 8 bytes for "
+                                         f"rank 1 of the other group \\(world rank 2\\), whose "
+                                         f"buffer has 16"):
+        inter.Reduce(np.ones(2 if r == 2 else 1), np.zeros(1) if top else None,
+                     root=MPI.ROOT if top else 0)
+    with pytest.raises(ValueError, match=f"{me}.Allreduce: world rank 2 \\(rank 1 of its group"
+                                         f"\\) sends 16 bytes to rank 0 of the other group, "
+                                         f"world rank 1 \\(rank 0 of its group\\), which "
+                                         f"expects 8 from it"):
+        k = 2 if r == 2 else 1
+        inter.Allreduce(np.ones(k), np.zeros(k))
+    got = np.zeros(1)
+    inter.Allreduce(np.array([r + 1.0]), got)
+    assert got.tolist() == ([2.0] if r % 2 == 0 else [4.0]), got
+    inter.Reduce(np.array([r + 1.0]), got if top else None, root=MPI.ROOT if top else 0)
+    assert not top or got.tolist() == [4.0], got
+    assert inter.bcast(None, root=MPI.ROOT if top else 0) is None     # (None rides it too)
     # mismatched roots and two ROOTs, at a nonblocking call's wait and a persistent one's
     with pytest.raises(ValueError, match=f"{me}.Iscatterv: the root is rank 0 of the other "
                                          f"group, which passed root 0 on rank 0, root 1 on rank 1"):

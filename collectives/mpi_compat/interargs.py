@@ -1,8 +1,9 @@
 """The checks of an intercommunicator call's arguments (intercoll.py's
-``_verdict``): pure functions of every rank's arguments, in the order of
-the union of the two groups, made by the union's rank 0, which tells every
-rank the same answer: ``("", value)``, or what is wrong (naming the ranks,
-by their world ranks and their ranks in their groups) and None."""
+``_checked``): pure functions of every rank's arguments, in the order of
+the union of the two groups, made by every rank of the union alike (by its
+rank 0, which tells the others, above 16 ranks), so that every rank has
+the same answer: ``("", value)``, or what is wrong (naming the ranks, by
+their world ranks and their ranks in their groups) and None."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -15,11 +15,14 @@ group the other group's blocks; Allreduce and allreduce each group the
 other group's reduction (by its rank 0, in the other group's rank order,
 as MPI's), Reduce_scatter and Reduce_scatter_block each group the other
 group's reduction, scattered by its own counts. Every rank's arguments go
-first to the union's rank 0 (``_verdict``), which checks them all
+first to every other rank of the union at once (``_checked``; by its rank 0
+and back above ``_STAR`` ranks), each of which checks them all alike
 (interargs.py: two ROOTs, a root out of range, a block whose bytes differ
-at its two ends, a group's counts) and tells every rank what is wrong, so
-that every rank raises the same error and none waits. MPI.IN_PLACE is
-refused, as MPI refuses it on an intercommunicator."""
+at its two ends, a group's counts), so that every rank raises the same
+error and none waits; Bcast, bcast, Reduce and Allreduce send their data
+right behind their arguments (dropped by its receiver where the check
+fails), the others after the check. MPI.IN_PLACE is refused, as MPI
+refuses it on an intercommunicator."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -41,6 +44,8 @@ from .types import OPS, PROC_NULL, ROOT, Op
 __all__ = ["InterCollectives"]
 
 _SUM = OPS["SUM"]
+_STAR = 16
+"""Above this many ranks in the union, ``_verdict`` goes by its rank 0."""
 
 Body = Callable[[Ctx], Any]
 Finish = Callable[[Any], Any]
@@ -171,11 +176,51 @@ class InterCollectives:
 
     def _verdict(self, ctx: Ctx, mine: Any,
                  judge: Callable[[list[Any]], tuple[str, Any]]) -> Any:
-        """Every rank's ``mine`` to the union's rank 0, which ``judge``s them
-        all (in union order) and tells every rank (what is wrong, or what
-        they agree on): the arguments checked before any block moves, every
+        """``_checked``'s verdict, with no data riding it."""
+        return self._checked(ctx, mine, judge)[0]
+
+    def _checked(self, ctx: Ctx, mine: Any, judge: Callable[[list[Any]], tuple[str, Any]],
+                 eager: list[tuple[int, Any]] | None = None,
+                 drain: Callable[[list[Any]], list[int]] | None = None
+                 ) -> tuple[Any, list[Any] | None]:
+        """Every rank's ``mine`` to every rank of the union, each of which
+        ``judge``s them all (in union order; a pure function, so every rank
+        reaches the same answer: what is wrong, or what they agree on), every
         rank raising the same error (``_Refused``, which ``_settle`` raises
-        after the call)."""
+        after the call). One exchange, all messages at once; above ``_STAR``
+        ranks, by the union's rank 0 (every rank's to it, its answer back:
+        2(n - 1) messages, not n(n - 1)). ``eager``: (union rank, block) this
+        rank sends right behind its arguments, before the verdict (the call's
+        data riding the check's exchange: the body receives it once the
+        verdict is good; ``drain(got)``, the ranks whose eager blocks come
+        here, which a bad verdict receives and drops). Returns the verdict's
+        value and those sends (None with no ``eager``, and above ``_STAR``: the
+        body sends after)."""
+        g = ctx.g
+        n, me = g.size, g.rank
+        if n > _STAR:
+            return self._verdict_by_0(ctx, mine, judge), None
+        sent = wrap(mine)
+        recvs = [ctx.irecv(r) if r != me else None for r in range(n)]
+        sends = [ctx.isend(sent, r) for r in range(n) if r != me]
+        early = None if eager is None else [ctx.isend(block, r) for r, block in eager]
+        got = [mine if q is None else unwrap(q.wait()) for q in recvs]
+        self._wait(sends)
+        why, value = judge(got)
+        if why:
+            if drain is not None:
+                self._wait([ctx.irecv(r) for r in drain(got)])
+            self._wait(early or [])
+            raise _Refused(why)
+        return value, early
+
+    def _from_remote(self, got: list[Any], says: Callable[[Any], bool]) -> list[int]:
+        """The remote group's union ranks whose arguments (in ``got``) ``says``."""
+        return [u for u in range(self._ro, self._ro + self._nr) if says(got[u])]
+
+    def _verdict_by_0(self, ctx: Ctx, mine: Any,
+                      judge: Callable[[list[Any]], tuple[str, Any]]) -> Any:
+        """``_verdict`` by the union's rank 0, which judges and tells the others."""
         g = ctx.g
         if g.rank != 0:
             ctx.isend(wrap(mine), 0).wait()
@@ -194,6 +239,17 @@ class InterCollectives:
         ``blocks``: this rank's bytes, the root's a list (one a remote rank),
         a leaf's an int."""
         self._verdict(ctx, [int(root), blocks], self._sides.roots)
+
+    def _from_root(self, ctx: Ctx, root: int, blocks: Any, block: Any,
+                   sends: bool) -> list[Any] | None:
+        """``_rooted`` for a broadcast: where ``sends`` (the root), its
+        ``block`` (None too: bcast's) sent to every remote rank with its
+        arguments (``_checked``'s eager sends, or None where the root sends
+        after the verdict)."""
+        return self._checked(
+            ctx, [int(root), blocks], self._sides.roots,
+            [(self._ro + j, block) for j in range(self._nr)] if sends else None,
+            lambda got: self._from_remote(got, lambda a: a[0] == ROOT))[1]
 
     def _wait(self, reqs: list[Any]) -> list[Any]:
         return [r.wait() for r in reqs]
@@ -242,15 +298,17 @@ class InterCollectives:
         return body, unpacking(recv), packing(sent)
 
     def _reduced(self, ctx: Ctx, mine: Any, fold: Callable[[list[Any]], Any], out: Any,
-                 cut: Callable[[Any, int], Any] | None = None) -> Any:
+                 cut: Callable[[Any, int], Any] | None = None,
+                 early: list[Any] | None = None) -> Any:
         """Every rank's ``mine`` to the remote group's rank 0, which folds
         them (``fold``) and sends the result (``cut(result, i)``: rank i's
-        part) to its group; into ``out``."""
+        part) to its group; into ``out``. ``early``: the send of ``mine``
+        made already (_checked's eager one)."""
         lead = self._lo
 
         def part(value: Any, i: int) -> Any:
             return value if cut is None else cut(value, i)
-        sent = ctx.isend(mine, self._ro)
+        sent = early[0] if early else ctx.isend(mine, self._ro)
         if self._g.rank == self._lo:
             value = fold(self._wait([ctx.irecv(self._ro + j) for j in range(self._nr)]))
             self._wait([ctx.isend(part(value, i), lead + i) for i in range(1, self._nl)])
@@ -274,9 +332,12 @@ class InterCollectives:
 
         def body(ctx: Ctx) -> None:
             n = None if b is None else b.view.nbytes
-            self._rooted(ctx, root, [n] * self._nr if role == "root" else n)
+            early = self._from_root(ctx, root, [n] * self._nr if role == "root" else n,
+                                    None if b is None else b.view,
+                                    role == "root" and b is not None)
             if role == "root" and b is not None:
-                self._wait([ctx.isend(b.view, self._ro + j) for j in range(self._nr)])
+                self._wait([ctx.isend(b.view, self._ro + j) for j in range(self._nr)]
+                           if early is None else early)
             elif role == "leaf" and b is not None:
                 ctx.irecv(self._ro + root, b.view).wait()
         return body, unpacking(b) if role == "leaf" else None, \
@@ -327,14 +388,22 @@ class InterCollectives:
         r = spec(recvbuf, what, packs=True) if role == "root" else None
         sent = spec(sendbuf, what, packs=True) if role == "leaf" else None
 
+        here = self._g.rank - self._lo
+
         def body(ctx: Ctx) -> None:
-            self._rooted(ctx, root, [r.view.nbytes] * self._nr if r is not None else
-                         None if sent is None else sent.view.nbytes)
+            to = role == "leaf" and sent is not None and 0 <= int(root) < self._nr
+            _, early = self._checked(
+                ctx, [int(root), [r.view.nbytes] * self._nr if r is not None else
+                      None if sent is None else sent.view.nbytes], self._sides.roots,
+                [(self._ro + root, sent.view)] if to and sent is not None else None,
+                lambda got: self._from_remote(got, lambda a: a[0] == here and
+                                              a[1] is not None))
             if r is not None:
                 got = self._wait([ctx.irecv(self._ro + j) for j in range(self._nr)])
                 r.view[...] = _fold([np.asarray(v).reshape(r.view.shape) for v in got], f)
             elif sent is not None:
-                ctx.isend(sent.view, self._ro + root).wait()
+                self._wait(early if early is not None else
+                           [ctx.isend(sent.view, self._ro + root)])
         return body, unpacking(r), packing(sent)
 
     def _build_allreduce(self, what: str, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Plan:
@@ -347,9 +416,12 @@ class InterCollectives:
         nr, ns = r.view.nbytes, sent.view.nbytes
 
         def body(ctx: Ctx) -> None:
-            self._verdict(ctx, [[ns] * self._nr, [nr] * self._nr], self._sides.pairs)
+            _, early = self._checked(
+                ctx, [[ns] * self._nr, [nr] * self._nr], self._sides.pairs,
+                [(self._ro, sent.view)], lambda got: self._from_remote(
+                    got, lambda a: self._g.rank == self._lo))
             self._reduced(ctx, sent.view, lambda got: _fold(
-                [np.asarray(v).reshape(r.view.shape) for v in got], f), r.view)
+                [np.asarray(v).reshape(r.view.shape) for v in got], f), r.view, early=early)
         return body, unpacking(r), packing(sent)
 
     def _build_reduce_scatter(self, what: str, sendbuf: Any, recvbuf: Any, recvcounts: Any = None,

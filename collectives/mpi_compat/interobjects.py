@@ -26,9 +26,11 @@ class InterObjects(InterCollectives):
     def bcast(self, obj: Any, root: int = 0) -> Any:
         def body(ctx: Ctx) -> Any:
             role = _role(root)
-            self._rooted(ctx, root)
+            sent = wrap(obj) if role == "root" else None
+            early = self._from_root(ctx, root, None, sent, role == "root")
             if role == "root":
-                self._wait([ctx.isend(wrap(obj), self._ro + j) for j in range(self._nr)])
+                self._wait([ctx.isend(sent, self._ro + j) for j in range(self._nr)]
+                           if early is None else early)
             elif role == "leaf":
                 return unwrap(ctx.irecv(self._ro + root).wait())
             return None
