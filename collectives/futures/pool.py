@@ -23,6 +23,10 @@ from .server import REPLY, TASK
 
 __all__ = ["Pool", "spawn_workers", "BrokenExecutor"]
 
+_BUSY_WAIT = 0.05
+"""How long the manager's wait for a reply lasts at most while every worker
+is busy (it then looks at the queue and the end again)."""
+
 _WORKER = "import sys; sys.path[:0] = [{!r}]; from collectives.futures.server import main; main()"
 
 
@@ -127,8 +131,11 @@ class Pool:
                 if not sends and not running:
                     self.cond.wait()        # (nothing out: woken by a push or the end)
                     continue
-                if not sends and wait:
+                busy = not sends and not idle       # (no push can go out before a reply)
+                if not sends and wait and not busy:
                     self.cond.wait(wait)
+            if busy and wait:
+                self._await_reply()
             if sends:
                 wait = 0.0
             for w, id_, (data, arrays) in sends:
@@ -136,7 +143,7 @@ class Pool:
                 for a in arrays:
                     self.comm.send(a, dest=w, tag=TASK)
             if not self.comm.Iprobe(source=ANY_SOURCE, tag=REPLY, status=st):
-                wait = min(0.01, max(0.0002, wait * 2))
+                wait = min(0.01, max(0.00002, wait * 2))
                 continue
             wait = 0.0
             w = st.Get_source()
@@ -149,6 +156,19 @@ class Pool:
             else:
                 future.set_exception(codec.exc_in(value))
             del future, value
+
+    def _await_reply(self) -> None:
+        """Every worker busy: block until a reply comes (a probe of the
+        intercommunicator's processes, at most ``_BUSY_WAIT`` s at a time),
+        not sleeps between polls, which kept a reply waiting up to a
+        sleep's length."""
+        g = getattr(self.comm, "mesh", None)
+        if not isinstance(g, mesh.Comm):
+            return
+        try:
+            g.probe(mesh.ANY, REPLY, timeout=_BUSY_WAIT)
+        except mesh.MeshTimeoutError:
+            pass
 
     def _break(self, running: dict[int, tuple[Future, int]], error: BaseException | None) -> None:
         on = sorted({w for _, w in running.values()})
