@@ -16,9 +16,9 @@ The process group is torch.distributed's on the "meshrun" backend
 accumulation boundary's backward only (DDP's ``no_sync`` before it). ZeRO
 is ``engine.ZeroRedundancyOptimizer``: stage 1 over the dp group, stages 2
 and 3 over a pp=1 ``engine.distribute`` job of the model (its parameters
-the model's own); under stage 3 the job's ``gathered()`` gives a step's
-forwards and backwards the whole weights (``stage3_per_layer=False``'s
-peak) and drops the others' shares after the step. A checkpoint is one
+the model's own); under stage 3 the job's gathers run around the user's
+forwards and backwards, each module's parameters gathered just before it
+runs and dropped after, the next ones' posted ahead (engine.ds_zero). A checkpoint is one
 whole file (every parameter, the whole optimizer state by index), so it
 loads at any dp size and ZeRO stage (engine.ds_checkpoint). Config:
 engine.ds_config. A ``PipelineModule`` gets engine.ds_pipe's engine
@@ -26,24 +26,22 @@ engine.ds_config. A ``PipelineModule`` gets engine.ds_pipe's engine
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import weakref
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 
 import collectives
-import mesh
 
 from .ds_checkpoint import load, save, save_16bit
-from .ds_compat import (RepeatingLoader, accelerator, checkpointing, get_accelerator, runtime,
-                        set_random_seed, utils)
+from .ds_compat import (RepeatingLoader, accelerator, add_config_arguments, checkpointing,
+                        comm, get_accelerator, init_distributed, runtime, set_random_seed,
+                        utils)
 from .ds_config import (SCHEDULERS, Config, DynamicLossScaler, WarmupCosineLR, WarmupDecayLR,
-                        WarmupLR, optimizer_class, parse)
+                        WarmupLR, parse)
 from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
+from .ds_zero import ENGINES, Gathers, OwnerReducer, zero, zero_job, zero_optimizer
 
 __all__ = ["initialize", "init_distributed", "DeepSpeedEngine", "comm", "DeepSpeedConfigError",
            "zero", "add_config_arguments",
@@ -73,88 +71,6 @@ pipe = type(utils)(PipelineModule=PipelineModule, LayerSpec=LayerSpec,
                    TiedLayerSpec=TiedLayerSpec)
 
 
-def init_distributed(dist_backend: str | None = None, timeout: Any = None,
-                     **_ignored: Any) -> None:
-    """Join the job on torch.distributed's "meshrun" backend (whatever
-    ``dist_backend`` names: "nccl", "gloo" and "ccl" run on meshrun too);
-    nothing where a process group exists."""
-    from collectives import torchdist
-    if not dist.is_initialized():       # (torchdist registered the "meshrun" backend)
-        kw = {} if timeout is None else {"timeout": timeout}
-        dist.init_process_group(torchdist.BACKEND, **kw)
-
-
-class _Comm:
-    """``deepspeed.comm``'s basics, torch.distributed's on the meshrun group."""
-    get_rank = staticmethod(lambda group=None: dist.get_rank(group))
-    get_world_size = staticmethod(lambda group=None: dist.get_world_size(group))
-    get_local_rank = staticmethod(lambda: int(os.environ.get("LOCAL_RANK", "0")))
-    all_reduce = staticmethod(dist.all_reduce)
-    broadcast = staticmethod(dist.broadcast)
-    all_gather = staticmethod(dist.all_gather)
-    barrier = staticmethod(dist.barrier)
-    is_initialized = staticmethod(dist.is_initialized)
-    ReduceOp = dist.ReduceOp
-    init_distributed = staticmethod(init_distributed)
-
-
-comm = _Comm()
-
-
-class _GatheredParameters:
-    """``deepspeed.zero.GatheredParameters(params)``: under ZeRO 3 the
-    engine's parameters whole for the block (its job's ``gathered()``,
-    collective), read-only: ``modifier_rank`` (DeepSpeed's: that rank's
-    writes broadcast after) is not supported. Outside ZeRO 3, nothing."""
-
-    def __init__(self, params: Any, modifier_rank: int | None = None,
-                 fwd_module: Any = None, enabled: bool = True) -> None:
-        if modifier_rank is not None:
-            raise NotImplementedError(
-                "deepspeed.zero.GatheredParameters(modifier_rank=...): not supported on "
-                "meshrun (read-only); load new values with engine.load_checkpoint")
-        ps = [params] if isinstance(params, torch.Tensor) else list(params)
-        ids = {id(p) for p in ps}
-        self._held: Any = contextlib.nullcontext()
-        for eng in list(_ENGINES) if enabled else []:
-            if any(id(p) in ids for p in eng.module.parameters()):
-                self._held = eng._whole()
-                break
-
-    def __enter__(self) -> None:
-        self._held.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._held.__exit__(*exc)
-
-
-class _Zero:
-    """``deepspeed.zero``: ``Init`` (a model built whole, sharded by
-    ``initialize``: a context that does nothing) and ``GatheredParameters``."""
-    GatheredParameters = _GatheredParameters
-
-    @staticmethod
-    @contextlib.contextmanager
-    def Init(*args: Any, **kwargs: Any) -> Iterator[None]:
-        yield
-
-
-zero = _Zero()
-_ENGINES: "weakref.WeakSet[DeepSpeedEngine]" = weakref.WeakSet()
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """DeepSpeed's ``--deepspeed``, ``--deepspeed_config`` (read by
-    ``initialize(args=...)``) and ``--local_rank`` on an argparse parser."""
-    group = parser.add_argument_group("DeepSpeed", "DeepSpeed configurations")
-    group.add_argument("--deepspeed", default=False, action="store_true",
-                       help="Enable DeepSpeed (meshrun's engine.deepspeed)")
-    group.add_argument("--deepspeed_config", default=None, type=str,
-                       help="DeepSpeed json configuration file.")
-    if not any("--local_rank" in a.option_strings for a in parser._actions):
-        group.add_argument("--local_rank", "--local-rank", type=int,
-                           default=int(os.environ.get("LOCAL_RANK", "0")))
-    return parser
 
 
 class DeepSpeedEngine(torch.nn.Module):
@@ -171,7 +87,6 @@ class DeepSpeedEngine(torch.nn.Module):
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.global_steps = self.global_samples = self.skipped_steps = self.micro_steps = 0
         self._norm: float | None = None
-        self._held: Any = None          # stage 3: the job's gathered() for the step
         self.job: Any = None
         trained = [p for p in model.parameters() if p.requires_grad]
         elsewhere = next((p.device for p in model.parameters() if p.device.type != "cpu"),
@@ -181,21 +96,23 @@ class DeepSpeedEngine(torch.nn.Module):
                              f"{cfg.offload[0]}: offload to the CPU of a model on {elsewhere}: "
                              f"not supported on meshrun (move the model to the CPU, or drop "
                              f"the offload)")
-        stage = cfg.zero_stage
-        if stage >= 2:      # (ZeRO 2 and 3 are a job's: its parameters the model's own)
-            import engine
-            # (one layer, the model: never traced, so any forward runs; the job runs no step)
-            self.job = engine.distribute(
-                torch.nn.Sequential(model), mesh.grid(world, dp=world.size, pp=1),
-                schedule="1f1b",
-                microbatches=1, balance="parameters", loss_fn=lambda y, t: y, verbose=False)
+        self.job = zero_job(model, world, cfg.zero_stage)
         # made before stage 3 empties the others' shares: its buckets' shapes are whole
-        self.reducer = collectives.GradReducer(world, trained)
+        # (ZeRO 2 and 3 with an optimizer: engine.ds_zero.OwnerReducer, below)
+        self.reducer: Any = collectives.GradReducer(world, trained) if self.job is None or (
+            optimizer is None and cfg.optimizer is None) else None
         self._boundary = [False]
         for i, p in enumerate(trained):
             p.register_post_accumulate_grad_hook(
                 lambda p, i=i: self._ready(p, i) if self._boundary[0] else None)
-        self.optimizer = self._optimizer(optimizer, params, trained)
+        self.optimizer = zero_optimizer(cfg, world, self.job, optimizer, params, trained)
+        if self.job is not None and self.optimizer is not None:
+            # ZeRO 2 and 3: each gradient reduced to its owner alone, dropped on the others
+            owner = {id(p): r for p, r in zip(self.optimizer.params, self.optimizer.owner)}
+            self.reducer = OwnerReducer(self.job.grid.group("dp"), trained,
+                                        [owner.get(id(p)) for p in trained])
+        # stage 3: each module's parameters gathered as it runs (engine.ds_zero)
+        self._gathers = Gathers(self.job) if cfg.zero_stage == 3 else None
         if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
             lr_scheduler = lr_scheduler(self.optimizer)     # (DeepSpeed's: a factory)
         # the user's optimizer, where ZeRO's wraps it: its scheduler sets its groups' lr,
@@ -227,35 +144,6 @@ class DeepSpeedEngine(torch.nn.Module):
     def device(self) -> torch.device:
         """Where the model's parameters are (DeepSpeed's: the rank's accelerator)."""
         return next(self.module.parameters()).device
-
-    def _optimizer(self, given: Any, params: Any, trained: list[Any]) -> Any:
-        cfg = self.cfg
-        if given is not None and cfg.optimizer is not None:
-            raise ValueError("deepspeed config: optimizer: given in the config and as "
-                             "optimizer= too; pass one")
-        if given is None and cfg.optimizer is None:
-            return None
-        if given is not None and cfg.zero_stage == 0:
-            return given
-        if given is not None:
-            cls, hyper = type(given), dict(given.defaults)
-            groups: Any = [dict(g) for g in given.param_groups]
-        else:
-            cls, hyper = optimizer_class(cfg.optimizer or {})
-            groups = trained if params is None else list(params)
-            if cfg.zero_stage == 0:
-                try:
-                    return cls(groups, **hyper)
-                except TypeError as e:
-                    raise ValueError(f"deepspeed config: optimizer.params: {e}") from None
-        if cfg.zero_stage == 0:
-            return cls(groups, **hyper)
-        import engine
-        if cfg.zero_stage == 1:
-            return engine.ZeroRedundancyOptimizer(groups, cls, self.world, stage=1, **hyper)
-        return engine.ZeroRedundancyOptimizer(groups, cls, self.job, stage=cfg.zero_stage,
-                                              stage3_per_layer=False, **cfg.zero_knobs,
-                                              **hyper)
 
     # ---- DeepSpeed's figures
 
@@ -297,27 +185,32 @@ class DeepSpeedEngine(torch.nn.Module):
 
     # ---- the step
 
-    def _gather(self) -> None:
-        """Stage 3: every parameter whole until the step's end (collective)."""
-        if self.job is not None and self.cfg.zero_stage == 3 and self._held is None:
-            self._held = self.job.gathered()
-            self._held.__enter__()
+    def _computing(self) -> Any:
+        """Stage 3: a forward's or backward's gathers (engine.ds_zero)."""
+        return self._gathers.computing() if self._gathers is not None else \
+            contextlib.nullcontext()
 
-    def _release(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            held.__exit__(None, None, None)
+    def _release(self, ok: bool = True) -> None:
+        """Stage 3: the step's window closed, the others' values dropped."""
+        if self._gathers is not None:
+            self._gathers.close(ok)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._gather()
+        training = self.training and torch.is_grad_enabled()
+        # (stage 3: a step's window opened by its first forward; an evaluation's forward
+        # outside one opens and closes its own)
+        opened = self._gathers is not None and self._gathers.open(kind=not training)
         cast = torch.autocast(next(self.module.parameters()).device.type, dtype=self.dtype) \
             if self.dtype is not None else contextlib.nullcontext()
+        ok = False
         try:
-            with cast:
-                return self.module(*args, **kwargs)
+            with cast, self._computing():
+                out = self.module(*args, **kwargs)
+            ok = True
+            return out
         finally:
-            if not (self.training and torch.is_grad_enabled()):
-                self._release()     # (an evaluation's forward: no backward to come)
+            if opened and not training or not ok:
+                self._release(ok)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False,
                  scale_wrt_gas: bool = True) -> torch.Tensor:
@@ -329,11 +222,16 @@ class DeepSpeedEngine(torch.nn.Module):
         scaled = loss / self.cfg.gas if scale_wrt_gas and self.cfg.gas > 1 else loss
         if self.cfg.fp16 is not None:
             scaled = scaled.float() * self.cur_scale
+        ok = False
         try:
-            scaled.backward(retain_graph=retain_graph)
+            with self._computing():
+                scaled.backward(retain_graph=retain_graph)
             if self._boundary[0]:
                 self.reducer.wait()
+            ok = True
         finally:    # (the hooks idle outside this engine's backward: another's on the model)
+            if not ok:
+                self._release(False)
             self._boundary[0] = False
         return loss
 
@@ -342,10 +240,12 @@ class DeepSpeedEngine(torch.nn.Module):
         the optimizer and scheduler; zero the gradients. Else nothing but
         counting the micro-batch."""
         if self.is_gradient_accumulation_boundary():
+            ok = False
             try:
                 self._boundary_step()
+                ok = True
             finally:
-                self._release()
+                self._release(ok)
             self.global_steps += 1
             self.global_samples += self.cfg.train_batch_size
             spp = self.cfg.steps_per_print
@@ -359,8 +259,11 @@ class DeepSpeedEngine(torch.nn.Module):
     def _boundary_step(self) -> None:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if self.cfg.fp16 is not None:
-            # (the gradients are the dp average: every rank finds the same)
+            # (the gradients are the dp average: every rank finds the same; under ZeRO 2
+            # and 3 each holds its share's: told to every rank)
             overflow = any(not bool(torch.isfinite(g).all()) for g in grads)
+            if isinstance(self.reducer, OwnerReducer):
+                overflow = bool(self.reducer.summed(float(overflow)))
             if self.loss_scaler is not None:
                 scale = self.loss_scaler.cur_scale
                 self.loss_scaler.update_scale(overflow)
@@ -376,9 +279,10 @@ class DeepSpeedEngine(torch.nn.Module):
             for g in grads:
                 g.div_(scale)
         if self.cfg.gradient_clipping > 0:
-            self._norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.module.parameters() if p.grad is not None],
-                self.cfg.gradient_clipping))
+            held = [p for p in self.module.parameters() if p.grad is not None]
+            self._norm = self.reducer.clip(held, self.cfg.gradient_clipping) \
+                if isinstance(self.reducer, OwnerReducer) else \
+                float(torch.nn.utils.clip_grad_norm_(held, self.cfg.gradient_clipping))
         opt = self.optimizer
         if self.cfg.zero_stage >= 2 and opt is not None:     # (each keeps its share's)
             for p in self.module.parameters():
@@ -415,8 +319,8 @@ class DeepSpeedEngine(torch.nn.Module):
 
     def _whole(self, fill: bool = True) -> Any:
         """Stage 3: every parameter's values for a while (collective); else nothing."""
-        return self.job.gathered(fill) if self.job is not None and \
-            self.cfg.zero_stage == 3 else contextlib.nullcontext()
+        return self._gathers.whole(self.job, fill) if self._gathers is not None else \
+            contextlib.nullcontext()
 
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: Any = None,
                         save_latest: bool = True) -> bool:
@@ -516,7 +420,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
                                                    peng.grid.coord("dp"), collate_fn)
         return peng, peng.optimizer, peng.training_dataloader, peng.lr_scheduler
     eng = DeepSpeedEngine(model, cfg, world, optimizer, model_parameters, lr_scheduler)
-    _ENGINES.add(eng)
+    ENGINES.add(eng)
     loader = None if training_data is None else _dataloader(
         training_data, cfg, world.size, world.rank, collate_fn)
     return eng, eng.optimizer, loader, eng.lr_scheduler

@@ -1,8 +1,10 @@
 """The small DeepSpeed names its scripts import beside ``initialize``, for
 engine.deepspeed: ``deepspeed.checkpointing`` (activation checkpointing:
 torch's), ``deepspeed.accelerator.get_accelerator()`` (the parameters'
-device, here the CPU), ``deepspeed.utils.RepeatingLoader`` and
-``deepspeed.runtime.utils.set_random_seed``.
+device, here the CPU), ``deepspeed.utils.RepeatingLoader``,
+``deepspeed.runtime.utils.set_random_seed``, ``deepspeed.comm`` (torch.
+distributed's basics on the "meshrun" backend), ``init_distributed`` and
+``add_config_arguments``.
 
 A script's ``from deepspeed.X import Y`` becomes ``Y = deepspeed.X.Y`` (or
 ``from engine.deepspeed import Y``): ``engine.deepspeed`` is one module, so
@@ -10,15 +12,19 @@ these are attributes, as ``deepspeed.comm`` is.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import random
 import types
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 
 __all__ = ["checkpointing", "accelerator", "utils", "runtime", "RepeatingLoader",
-           "set_random_seed", "get_accelerator"]
+           "set_random_seed", "get_accelerator", "comm", "init_distributed",
+           "add_config_arguments"]
 
 
 class RepeatingLoader:
@@ -151,3 +157,45 @@ utils = _namespace("deepspeed.utils", RepeatingLoader=RepeatingLoader)
 runtime = _namespace("deepspeed.runtime",
                      utils=_namespace("deepspeed.runtime.utils", RepeatingLoader=RepeatingLoader,
                                       set_random_seed=set_random_seed))
+
+
+def init_distributed(dist_backend: str | None = None, timeout: Any = None,
+                     **_ignored: Any) -> None:
+    """Join the job on torch.distributed's "meshrun" backend (whatever
+    ``dist_backend`` names: "nccl", "gloo" and "ccl" run on meshrun too);
+    nothing where a process group exists."""
+    from collectives import torchdist
+    if not dist.is_initialized():       # (torchdist registered the "meshrun" backend)
+        kw = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(torchdist.BACKEND, **kw)
+
+
+class _Comm:
+    """``deepspeed.comm``'s basics, torch.distributed's on the meshrun group."""
+    get_rank = staticmethod(lambda group=None: dist.get_rank(group))
+    get_world_size = staticmethod(lambda group=None: dist.get_world_size(group))
+    get_local_rank = staticmethod(lambda: int(os.environ.get("LOCAL_RANK", "0")))
+    all_reduce = staticmethod(dist.all_reduce)
+    broadcast = staticmethod(dist.broadcast)
+    all_gather = staticmethod(dist.all_gather)
+    barrier = staticmethod(dist.barrier)
+    is_initialized = staticmethod(dist.is_initialized)
+    ReduceOp = dist.ReduceOp
+    init_distributed = staticmethod(init_distributed)
+
+
+comm = _Comm()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """DeepSpeed's ``--deepspeed``, ``--deepspeed_config`` (read by
+    ``initialize(args=...)``) and ``--local_rank`` on an argparse parser."""
+    group = parser.add_argument_group("DeepSpeed", "DeepSpeed configurations")
+    group.add_argument("--deepspeed", default=False, action="store_true",
+                       help="Enable DeepSpeed (meshrun's engine.deepspeed)")
+    group.add_argument("--deepspeed_config", default=None, type=str,
+                       help="DeepSpeed json configuration file.")
+    if not any("--local_rank" in a.option_strings for a in parser._actions):
+        group.add_argument("--local_rank", "--local-rank", type=int,
+                           default=int(os.environ.get("LOCAL_RANK", "0")))
+    return parser

@@ -183,6 +183,48 @@ def _real(world: Any) -> dict[str, Any]:
             "device": str(eng.device), "batch": eng.train_batch_size()}
 
 
+def _held_peak(world: Any, stage: int) -> int:
+    """The most bytes of parameter values and gradients (distinct storages)
+    this rank held at once in two training steps of a 6-layer MLP, sampled
+    before each module's forward, after it, and as each gradient is final
+    (after the engine's own hooks): deterministic, the same every run (even,
+    and one more where GatheredParameters between the first forward and its
+    backward gave other than the initial weights)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(6)])
+    eng, _, _, _ = deepspeed.initialize(model=m, config={
+        "train_batch_size": 4 * world.size, "steps_per_print": None,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "zero_optimization": {"stage": stage, "stage3_prefetch_bucket_size": 0}})
+    peak = [0]
+
+    def sample(*_: Any) -> None:
+        seen = {}
+        for p in m.parameters():
+            for t in (p.data, p.grad):
+                if t is not None and t.numel() > 1 and t.stride() != (0,) * t.dim():
+                    s = t.untyped_storage()
+                    seen[s.data_ptr()] = s.nbytes()
+        peak[0] = max(peak[0], sum(seen.values()))
+
+    hooks = [h for mod in m for h in (mod.register_forward_pre_hook(sample),
+                                      mod.register_forward_hook(sample))]
+    hooks += [p.register_post_accumulate_grad_hook(sample) for p in m.parameters()]
+    gap = 0.0
+    for k in range(2):
+        loss = eng(torch.randn(4, 32)).square().mean()
+        if k == 0:      # mid-step (stage 3: modules gathered as they run): the whole weights
+            with deepspeed.zero.GatheredParameters(list(m.parameters())):
+                torch.manual_seed(0)
+                gap = _gap(list(m.parameters()), list(torch.nn.Sequential(
+                    *[torch.nn.Linear(32, 32) for _ in range(6)]).parameters()))
+        eng.backward(loss)
+        eng.step()
+    for h in hooks:
+        h.remove()
+    return peak[0] + (gap != 0.0)     # (odd: the weights read were not the whole ones)
+
+
 def _cases(world: Any, ckpt: str) -> dict[str, Any]:
     rows = 4 * world.size
     out: dict[str, Any] = {"real": _real(world)}
@@ -253,7 +295,8 @@ def _cases(world: Any, ckpt: str) -> dict[str, Any]:
         m = _net()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)     # (inf - inf in a sum)
-            eng, _, _, _ = deepspeed.initialize(model=m, config=_config(1, rows, **more))
+            eng, _, _, _ = deepspeed.initialize(model=m, config=_config(
+                2 if name == "fp16" else 1, rows, **more))   # (fp16: overflows told, ZeRO 2)
             _train(eng, world.rank, range(STEPS + 2), rows)
         want, skipped = _reference(range(STEPS + 2), rows, dtype, scale)
         out[name] = (_gap(_weights(eng), want), eng.skipped_steps, skipped)
@@ -267,6 +310,7 @@ def _cases(world: Any, ckpt: str) -> dict[str, Any]:
     c.all_reduce(t)
     c.barrier()
     out["comm"] = (c.get_world_size(), float(t))
+    out["held"] = [_held_peak(world, stage) for stage in (1, 2, 3)]
     return out
 
 
@@ -363,6 +407,10 @@ def test_zero_stages_precision_and_checkpoint_match_one_process(tmp_path: Any) -
         assert r["comm"] == (2, 1.0)
         assert r["eval"] == 0.0 and r["emptied"] > 0 and r["gathered"] == 0, r
         assert r["16bit"] == ({"torch.bfloat16"}, 0.0), r["16bit"]
+        # ZeRO 2 keeps its share's gradients as backward makes them (each reduced to its
+        # owner); ZeRO 3 gathers module by module: each peak below the stage before's
+        one, two, three = r["held"]
+        assert three < two < one and not (one | two | three) & 1, r["held"]
         real = r["real"]
         assert real["gap"] < 1e-6 and real["device"] == "cpu" and real["batch"] == 8, real
         assert real["local_rank"][0] == real["local_rank"][1] == int(real["local_rank"][2])

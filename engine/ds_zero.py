@@ -1,0 +1,270 @@
+"""engine.deepspeed's ZeRO: the optimizer set-up (stage 1 over the dp
+group, stages 2 and 3 over a pp=1 ``engine.distribute`` job whose one
+layer is the model), ``deepspeed.zero`` (``Init``, ``GatheredParameters``)
+and stage 3's gathers around the user's own forward and backward.
+
+Under stage 3 a DeepSpeed script calls ``engine(x)`` and
+``engine.backward(loss)``, never the job's ``step()``; the gathers are
+still the job's (engine.zero_params, engine.zero_layers,
+engine.zero_prefetch): ``Gathers`` opens a window at a step's first
+forward (``ShardedParams.begin``, under a tag of the window's own), runs
+each forward and backward inside ``computing`` (the module hooks gather a
+module's parameters just before its forward and drop them after; its
+backward gathers them again, a module or two at a time, through the saved
+tensors' hooks), and closes it at the accumulation boundary's step, once
+the gradients' all-reduce has completed on every rank (``agreed``: the
+order the next window's gathers are posted ahead by, ``stage3_prefetch_
+bucket_size`` and ``stage3_max_live_parameters`` bounding them), dropping
+the others' values (``free``)::
+
+    forward, backward (x gas):  each module's gathered as it runs, dropped after
+    step():                     the window closed; each replica steps its share
+
+An evaluation's forward outside a window opens one of its own (its own
+gather order) and closes it after.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, Iterator
+
+import torch
+
+import collectives
+import mesh
+
+__all__ = ["zero", "Gathers", "OwnerReducer", "zero_job", "zero_optimizer", "ENGINES"]
+
+ENGINES: "weakref.WeakSet[Any]" = weakref.WeakSet()   # initialize's data-parallel engines
+
+
+def zero_job(model: torch.nn.Module, world: Any, stage: int) -> Any:
+    """ZeRO 2 and 3's job: one layer, the model (its parameters the
+    model's own; never traced, so any forward runs; it runs no step).
+    None for stages 0 and 1."""
+    if stage < 2:
+        return None
+    import engine
+    job = engine.distribute(torch.nn.Sequential(model), mesh.grid(world, dp=world.size, pp=1),
+                            schedule="1f1b", microbatches=1, balance="parameters",
+                            loss_fn=lambda y, t: y, verbose=False)
+    for p in model.parameters():    # (its stage made them zeros: a whole model's more)
+        p.grad = None
+    return job
+
+
+def zero_optimizer(cfg: Any, world: Any, job: Any, given: Any, params: Any,
+                   trained: list[Any]) -> Any:
+    """The engine's optimizer: the user's (``given``) or the config's, made
+    ZeRO's at stages 1-3 (its class and groups the given one's); None where
+    neither names one."""
+    from .ds_config import optimizer_class
+    if given is not None and cfg.optimizer is not None:
+        raise ValueError("deepspeed config: optimizer: given in the config and as "
+                         "optimizer= too; pass one")
+    if given is None and cfg.optimizer is None:
+        return None
+    if given is not None and cfg.zero_stage == 0:
+        return given
+    if given is not None:
+        cls, hyper = type(given), dict(given.defaults)
+        groups: Any = [dict(g) for g in given.param_groups]
+    else:
+        cls, hyper = optimizer_class(cfg.optimizer or {})
+        groups = trained if params is None else list(params)
+        if cfg.zero_stage == 0:
+            try:
+                return cls(groups, **hyper)
+            except TypeError as e:
+                raise ValueError(f"deepspeed config: optimizer.params: {e}") from None
+    if cfg.zero_stage == 0:
+        return cls(groups, **hyper)
+    import engine
+    if cfg.zero_stage == 1:
+        return engine.ZeroRedundancyOptimizer(groups, cls, world, stage=1, **hyper)
+    # (stage 3: each module's gathered as it runs, DeepSpeed's stage 3: Gathers)
+    return engine.ZeroRedundancyOptimizer(groups, cls, job, stage=cfg.zero_stage,
+                                          stage3_per_layer=True, **cfg.zero_knobs, **hyper)
+
+
+class Gathers:
+    """Stage 3's window of gathers over the user's forwards and backwards
+    (see the module docstring): ``job``'s ShardedParams driven as its
+    step drives them."""
+
+    def __init__(self, job: Any) -> None:
+        self.kept = job.pipeline.owned_params
+        self.stage = next(iter(job.pipeline.stages))
+        self.n = 0          # the windows opened so far (each one's tags its own)
+        self.kind: bool | None = None   # the window open (an evaluation's: True), or None
+
+    def open(self, kind: bool = False) -> bool:
+        """Open a window (``kind`` True: an evaluation's) where none is;
+        whether this call opened it."""
+        if self.kind is not None:
+            return False
+        self.kept.begin(self.n, kind)
+        self.n += 1
+        self.kind = kind
+        return True
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """A forward or backward in the window: each module's parameters
+        gathered as it runs (or, gathered whole, waited for)."""
+        if self.kind is None:
+            yield
+            return
+        with self.kept.computing(self.stage):
+            yield
+
+    def close(self, ok: bool = True) -> None:
+        """Close the window (``ok``: it succeeded on every rank, its order
+        the next's to post ahead by): the others' values dropped."""
+        if self.kind is None:
+            return
+        try:
+            if ok:
+                self.kept.agreed()
+        finally:
+            self.kind = None
+            self.kept.free()
+
+    @contextlib.contextmanager
+    def whole(self, job: Any, fill: bool = True) -> Iterator[None]:
+        """Every parameter's values for the block: inside a window each
+        module's gathered at once (one event of the window's), else the
+        job's ``gathered()``. Collective over dp."""
+        layers = self.kept.layers
+        if self.kind is None or not layers.active:
+            with job.gathered(fill):
+                yield
+            return
+        params = list(layers.params)
+        layers.acquire(params)
+        try:
+            yield
+        finally:
+            layers.release(params)
+
+
+class OwnerReducer:
+    """ZeRO 2 and 3's gradient reduction, engine.zero_grads' in a job's
+    step: each of ``params``' gradients reduced to the dp replica that
+    owns it (``collectives.reduce``, op="avg", in flight together) as the
+    boundary's backward makes it final, and dropped on the other replicas
+    at once (the reduce holds it until sent), so no rank holds more than
+    its share's gradients and those in flight, not all of them, as an
+    all-reduce would (stage 1's, collectives.GradReducer). Posted in the
+    parameters' reverse order on every rank (the collectives pair up in
+    order): one made final early waits for those before it; ``wait()``
+    posts the rest (a parameter without a gradient here sends zeros, as
+    DeepSpeed's flat buffers do) and waits. A parameter of no owner
+    (``owner`` None) is averaged on every replica."""
+
+    def __init__(self, g: Any, params: list[Any], owner: list[int | None]) -> None:
+        self.g, self.params, self.owner = g, params, owner
+        self.order = list(reversed(range(len(params))))
+        self.made = [False] * len(params)
+        self.next = 0       # the first of ``order`` not posted
+        self.works: list[Any] = []
+
+    def ready(self, i: int) -> None:
+        """Parameter ``i``'s gradient is final: posted with those before it."""
+        self.made[i] = True
+        while self.next < len(self.order) and self.made[self.order[self.next]]:
+            self._post(self.order[self.next])
+            self.next += 1
+
+    def _post(self, i: int) -> None:
+        p, r = self.params[i], self.owner[i]
+        grad = p.grad if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype,
+                                                             device=p.device)
+        self.works = [w for w in self.works if not w.done()]
+        if r is None:
+            self.works.append(collectives.all_reduce(self.g, grad, op="avg", async_op=True))
+            p.grad = grad
+            return
+        self.works.append(collectives.reduce(self.g, grad, root=r, op="avg", async_op=True))
+        p.grad = grad if r == self.g.rank else None
+
+    def summed(self, x: float) -> float:
+        """``x`` summed over the dp replicas (each holds its share's
+        gradients: what one finds in them, told to all)."""
+        t = torch.tensor([x], dtype=torch.float64)
+        collectives.all_reduce(self.g, t, op="sum")
+        return float(t[0])
+
+    def clip(self, held: list[Any], max_norm: float) -> float:
+        """torch's ``clip_grad_norm_`` over the whole model's gradients (the
+        dp average) where each replica holds its share's (``held``, the
+        parameters with a gradient here): their squares summed over dp,
+        each counted once (on its owner; one of no owner on replica 0),
+        then ``held``'s scaled alike. The norm."""
+        owner = {id(p): r for p, r in zip(self.params, self.owner)}
+        me = self.g.rank
+        sq = 0.0
+        for p in held:
+            r = owner.get(id(p))
+            if (r == me or r is None and me == 0) and p.grad is not None:
+                sq += float(p.grad.detach().double().square().sum())
+        norm = self.summed(sq) ** 0.5
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        for p in held:
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
+        return norm
+
+    def wait(self) -> None:
+        """Post what is left, then wait for every reduce."""
+        try:
+            while self.next < len(self.order):
+                self._post(self.order[self.next])
+                self.next += 1
+            for w in self.works:
+                w.wait()
+        finally:
+            self.works, self.next = [], 0
+            self.made = [False] * len(self.params)
+
+
+class _GatheredParameters:
+    """``deepspeed.zero.GatheredParameters(params)``: under ZeRO 3 the
+    engine's parameters whole for the block (collective), read-only:
+    ``modifier_rank`` (DeepSpeed's: that rank's writes broadcast after) is
+    not supported. Outside ZeRO 3, nothing."""
+
+    def __init__(self, params: Any, modifier_rank: int | None = None,
+                 fwd_module: Any = None, enabled: bool = True) -> None:
+        if modifier_rank is not None:
+            raise NotImplementedError(
+                "deepspeed.zero.GatheredParameters(modifier_rank=...): not supported on "
+                "meshrun (read-only); load new values with engine.load_checkpoint")
+        ps = [params] if isinstance(params, torch.Tensor) else list(params)
+        ids = {id(p) for p in ps}
+        self._held: Any = contextlib.nullcontext()
+        for eng in list(ENGINES) if enabled else []:
+            if any(id(p) in ids for p in eng.module.parameters()):
+                self._held = eng._whole()
+                break
+
+    def __enter__(self) -> None:
+        self._held.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._held.__exit__(*exc)
+
+
+class _Zero:
+    """``deepspeed.zero``: ``Init`` (a model built whole, sharded by
+    ``initialize``: a context that does nothing) and ``GatheredParameters``."""
+    GatheredParameters = _GatheredParameters
+
+    @staticmethod
+    @contextlib.contextmanager
+    def Init(*args: Any, **kwargs: Any) -> Iterator[None]:
+        yield
+
+
+zero = _Zero()
