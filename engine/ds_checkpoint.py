@@ -94,14 +94,15 @@ def save_16bit(eng: Any, save_dir: str, filename: str, exclude_frozen: bool) -> 
     return True
 
 
-def load(eng: Any, load_dir: str, tag: Any, strict: bool, optimizer_states: bool,
-         scheduler_states: bool, module_only: bool) -> tuple[str | None, Any]:
-    """``eng.load_checkpoint``: ``(path, client_state)``, or ``(None, None)``
-    where no tag is given and ``load_dir/latest`` is missing (DeepSpeed's)."""
+def read(eng: Any, load_dir: str, tag: Any) -> tuple[str | None, dict[str, Any]]:
+    """The checkpoint ``load_dir/tag/FILE`` read on every rank (``tag`` None:
+    the one ``load_dir/latest`` names; ``(None, {})`` where it is missing, as
+    DeepSpeed's), every rank raising where one could not read it (the
+    data-parallel engine's checkpoints and the pipeline engine's: ds_pipe)."""
     if tag is None:
         latest = os.path.join(load_dir, "latest")
         if not os.path.isfile(latest):
-            return None, None
+            return None, {}
         with open(latest) as f:
             tag = f.read().strip()
     path = os.path.join(load_dir, str(tag), FILE)
@@ -112,6 +113,16 @@ def load(eng: Any, load_dir: str, tag: Any, strict: bool, optimizer_states: bool
     except Exception as e:
         error = e
     _told(eng, error, f"load_checkpoint({path!r})")
+    return path, ck
+
+
+def load(eng: Any, load_dir: str, tag: Any, strict: bool, optimizer_states: bool,
+         scheduler_states: bool, module_only: bool) -> tuple[str | None, Any]:
+    """``eng.load_checkpoint``: ``(path, client_state)``, or ``(None, None)``
+    where no tag is given and ``load_dir/latest`` is missing (DeepSpeed's)."""
+    path, ck = read(eng, load_dir, tag)
+    if path is None:
+        return None, None
     with eng._whole(fill=False):        # (under ZeRO 3 each rank keeps its share's)
         eng.module.load_state_dict(ck["module"], strict=strict)
     if not module_only:

@@ -21,7 +21,6 @@ file (engine.ds_checkpoint's layout), loadable on another grid.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Any, Callable, Iterable
 
@@ -366,21 +365,10 @@ class PipelineEngine:
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **_: Any
                         ) -> tuple[str | None, Any]:
-        from .ds_checkpoint import _OWN_KEYS, FILE, _told
-        if tag is None:
-            latest = os.path.join(load_dir, "latest")
-            if not os.path.isfile(latest):
-                return None, None
-            with open(latest) as f:
-                tag = f.read().strip()
-        path = os.path.join(load_dir, str(tag), FILE)
-        ck: dict[str, Any] = {}
-        error: BaseException | None = None
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            error = e
-        _told(self, error, f"load_checkpoint({path!r})")
+        from .ds_checkpoint import _OWN_KEYS, read
+        path, ck = read(self, load_dir, tag)
+        if path is None:
+            return None, None
         self.job.load_state_dict(ck["module"])
         if self.optimizer is not None and ck["optimizer"] is not None:
             self.job.load_optimizer_state_dict(self.optimizer, ck["optimizer"])
