@@ -341,6 +341,21 @@ def _edges(world: Any) -> str:
     ex = np.full(1, -5, "i")
     comm.Exscan(np.array([1], "i"), ex)
     assert ex.tolist() == ([-5] if r == 0 else [r])
+    # None where mpi4py reads it as MPI.IN_PLACE (its test_cco_buf): a Scatter's root's
+    # receive buffer, a Gather's root's send buffer, an intracommunicator's send buffer
+    sc = np.full((n, 2), 7, "i") if r == 1 else np.full(2, -1, "i")
+    comm.Scatter(sc if r == 1 else None, None if r == 1 else sc, root=1)
+    comm.Iscatter(sc if r == 1 else None, None if r == 1 else sc, root=1).Wait()
+    assert (sc == 7).all(), sc
+    comm.Gather(None if r == 1 else sc, sc if r == 1 else None, root=1)
+    assert (sc == 7).all(), sc
+    ag = np.zeros((n, 2), "i")
+    ag[r] = r + 1
+    comm.Allgather(None, ag)
+    assert ag.tolist() == [[j + 1] * 2 for j in range(n)], ag
+    ar = np.full(2, r + 1, "i")
+    comm.Allreduce(None, ar)
+    assert ar.tolist() == [n * (n + 1) // 2] * 2, ar
     # displacements not packed
     send = np.arange(2 * n, dtype="i") + 100 * r
     recv = np.full(3 * n, -1, "i")

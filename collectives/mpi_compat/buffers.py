@@ -20,7 +20,7 @@ import numpy as np
 from .datatypes import Blocks, Selection, Typemap
 from .types import ERR_TYPE, IN_PLACE, Datatype, Exception as MPIException, datatype_of
 
-__all__ = ["Buf", "spec", "in_place", "vspec", "copy_into", "check_signature"]
+__all__ = ["Buf", "spec", "in_place", "own_block", "vspec", "copy_into", "check_signature"]
 
 
 @dataclass
@@ -63,6 +63,13 @@ class Buf:
 
 def in_place(buf: Any) -> bool:
     return buf is IN_PLACE
+
+
+def own_block(buf: Any) -> bool:
+    """MPI.IN_PLACE, or None where mpi4py reads None as it (an intracommunicator
+    collective's send buffer; a Scatter's receive buffer on its root): the
+    rank's own block stays where it is."""
+    return buf is IN_PLACE or buf is None
 
 
 def _flat(buf: Any, dtype: np.dtype | None, what: str) -> np.ndarray:

@@ -21,7 +21,7 @@ from mesh.errors import MismatchError
 from .. import api as C
 from .. import persistent as P
 from ..userop import Op as UserOp
-from .buffers import Buf, check_signature, copy_into, in_place, spec, vspec
+from .buffers import Buf, check_signature, copy_into, own_block, spec, vspec
 from .datatypes import Selection, Typemap
 from .requests import Prequest, Request
 from .types import ERR_TYPE, OPS, Datatype, Op
@@ -174,7 +174,7 @@ def _gathering(g: mesh.Comm, sendbuf: Any, recvbuf: Any, what: str,
     own block of the receive buffer, where MPI reads it."""
     own = g.rank if root is None else root
     recv = spec(recvbuf, what, per=g.size, packs=True) if g.rank == own else None
-    if in_place(sendbuf) and recv is not None:
+    if own_block(sendbuf) and recv is not None:
         k = len(recv.view) // g.size
         return recv.view[own * k:(own + 1) * k].copy(), recv
     return spec(sendbuf, what, packs=True).view, recv
@@ -249,7 +249,7 @@ class Collectives:
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM, root: int = 0) -> None:
         g, mine = self._g, self._g.rank == root
         recv = spec(recvbuf, "Reduce", packs=True) if mine else None
-        sent = None if in_place(sendbuf) and recv is not None else \
+        sent = None if own_block(sendbuf) and recv is not None else \
             spec(sendbuf, "Reduce", packs=True)
         send = recv.view if sent is None and recv is not None else _view(sent)
         with _signatures(g, "Reduce", recv, sent):
@@ -267,7 +267,7 @@ class Collectives:
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> None:
         g = self._g
         recv = spec(recvbuf, "Allreduce", packs=True)
-        sent = None if in_place(sendbuf) else spec(sendbuf, "Allreduce", packs=True)
+        sent = None if own_block(sendbuf) else spec(sendbuf, "Allreduce", packs=True)
         with _signatures(g, "Allreduce", recv, sent):
             if _is_loc(op):
                 _loc(g, _view(sent, recv), recv.view, op, "Allreduce")
@@ -284,7 +284,7 @@ class Collectives:
         datatype's elements packed at each start, unpacked at each wait."""
         what = "Allreduce_init"
         recv = spec(recvbuf, what, packs=True)
-        sent = None if in_place(sendbuf) else spec(sendbuf, what, packs=True)
+        sent = None if own_block(sendbuf) else spec(sendbuf, what, packs=True)
         req = P.all_reduce_init(self._g, recv.view, _persistent_op(op, what, recv, sent))
         return Prequest(req, before=_steps(packing(recv if sent is None else sent),
                                            _copying(recv.view, _opt(sent), what)),
@@ -307,7 +307,7 @@ class Collectives:
             return Prequest(P.reduce_init(g, mine.view, root, _persistent_op(op, what, mine)),
                             before=packing(mine))
         recv = spec(recvbuf, what, packs=True)
-        sent = None if in_place(sendbuf) else spec(sendbuf, what, packs=True)
+        sent = None if own_block(sendbuf) else spec(sendbuf, what, packs=True)
         return Prequest(P.reduce_init(g, recv.view, root, _persistent_op(op, what, recv, sent)),
                         before=_steps(packing(recv if sent is None else sent),
                                       _copying(recv.view, _opt(sent), what)),
@@ -317,7 +317,7 @@ class Collectives:
         g, what = self._g, "Allgather_init"
         recv = spec(recvbuf, what, per=g.size, packs=True)
         k = len(recv.view) // g.size
-        if in_place(sendbuf):       # (this rank's block, copied out at each start)
+        if own_block(sendbuf):       # (this rank's block, copied out at each start)
             send = np.empty(k, recv.view.dtype)
             mine = recv.view[g.rank * k:(g.rank + 1) * k]
             before = _steps(packing(recv), lambda: copy_into(send, mine, what))
@@ -333,7 +333,7 @@ class Collectives:
     def Alltoall_init(self, sendbuf: Any, recvbuf: Any) -> Prequest:
         g, what = self._g, "Alltoall_init"
         recv = spec(recvbuf, what, per=g.size, packs=True)
-        if in_place(sendbuf):       # (the receive buffer, copied out at each start)
+        if own_block(sendbuf):       # (the receive buffer, copied out at each start)
             send = np.empty_like(recv.view)
             before = _steps(packing(recv), _copying(send, recv.view, what))
         else:
@@ -348,7 +348,7 @@ class Collectives:
             sent = spec(sendbuf, what, packs=True)
             return Prequest(P.gather_init(g, sent.view, root), before=packing(sent))
         recv = spec(recvbuf, what, per=g.size, packs=True)
-        if in_place(sendbuf):       # (the root's block, copied out at each start)
+        if own_block(sendbuf):       # (the root's block, copied out at each start)
             k = len(recv.view) // g.size
             send = np.empty(k, recv.view.dtype)
             before = _steps(packing(recv),
@@ -363,7 +363,7 @@ class Collectives:
         g, what = self._g, "Scatter_init"
         if g.rank == root:
             sent = spec(sendbuf, what, per=g.size, packs=True)
-            recv = None if in_place(recvbuf) else spec(recvbuf, what, packs=True)
+            recv = None if own_block(recvbuf) else spec(recvbuf, what, packs=True)
             return Prequest(P.scatter_init(g, sent.view.reshape(g.size, -1), root,
                                            out=_opt(recv)),
                             before=packing(sent), finish=unpacking(recv))
@@ -381,7 +381,7 @@ class Collectives:
     def _scan_init(self, init: Callable[..., Any], sendbuf: Any, recvbuf: Any, op: Op,
                    what: str) -> Prequest:
         recv = spec(recvbuf, what, packs=True)
-        sent = None if in_place(sendbuf) else spec(sendbuf, what, packs=True)
+        sent = None if own_block(sendbuf) else spec(sendbuf, what, packs=True)
         if sent is None:            # (the receive buffer, copied out at each start)
             send = np.empty_like(recv.view)
             before = _steps(packing(recv), _copying(send, recv.view, what))
@@ -395,7 +395,7 @@ class Collectives:
         """With IN_PLACE the input is ``recvbuf`` whole, the result its
         first block (MPI's)."""
         g, what = self._g, "Reduce_scatter_block_init"
-        if in_place(sendbuf):
+        if own_block(sendbuf):
             recv = spec(recvbuf, what, per=g.size, packs=True)
             send = np.empty_like(recv.view)
             out = recv.view[:len(recv.view) // g.size]
@@ -409,7 +409,7 @@ class Collectives:
 
     def Iallreduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM) -> Request:
         recv = spec(recvbuf, "Iallreduce", packs=True)
-        sent = None if in_place(sendbuf) else spec(sendbuf, "Iallreduce", packs=True)
+        sent = None if own_block(sendbuf) else spec(sendbuf, "Iallreduce", packs=True)
         if sent is not None:
             copy_into(recv.view, sent.view, "Iallreduce")
         with _signatures(self._g, "Iallreduce", recv, sent):
@@ -428,7 +428,7 @@ class Collectives:
     def Ireduce(self, sendbuf: Any, recvbuf: Any, op: Op = _SUM, root: int = 0) -> Request:
         g = self._g
         recv = spec(recvbuf, "Ireduce", packs=True) if g.rank == root else None
-        sent = None if in_place(sendbuf) and recv is not None else \
+        sent = None if own_block(sendbuf) and recv is not None else \
             spec(sendbuf, "Ireduce", packs=True)
         if recv is not None and sent is not None:
             copy_into(recv.view, sent.view, "Ireduce")
@@ -448,7 +448,7 @@ class Collectives:
         g = self._g
         blocks = spec(sendbuf, "Iscatter", per=g.size, packs=True).view.reshape(g.size, -1) \
             if g.rank == root else None
-        recv = None if in_place(recvbuf) else spec(recvbuf, "Iscatter", packs=True)
+        recv = None if own_block(recvbuf) else spec(recvbuf, "Iscatter", packs=True)
         work = C.scatter(g, blocks, root, async_op=True,
                          dtype=None if recv is None else recv.view.dtype,
                          shape=None if recv is None else recv.view.shape)
@@ -463,7 +463,7 @@ class Collectives:
     def Ialltoall(self, sendbuf: Any, recvbuf: Any) -> Request:
         g = self._g
         recv = spec(recvbuf, "Ialltoall", per=g.size, packs=True)
-        send = recv.view.copy() if in_place(sendbuf) else \
+        send = recv.view.copy() if own_block(sendbuf) else \
             spec(sendbuf, "Ialltoall", per=g.size, packs=True).view
         return Request(C.all_to_all(g, send.reshape(g.size, -1), async_op=True),
                        finish=lambda got: _into(g, recv, got, "Ialltoall"))
@@ -480,7 +480,7 @@ class Collectives:
         if mine:
             send = spec(sendbuf, "Scatter", per=g.size, packs=True).view
             blocks = send.reshape(g.size, -1)
-        if in_place(recvbuf) and blocks is not None:
+        if own_block(recvbuf) and blocks is not None:
             C.scatter(g, blocks, root)
             return
         recv = spec(recvbuf, "Scatter", packs=True)
@@ -495,7 +495,7 @@ class Collectives:
     def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:
         g = self._g
         recv = spec(recvbuf, "Alltoall", per=g.size, packs=True)
-        send = recv.view.copy() if in_place(sendbuf) else \
+        send = recv.view.copy() if own_block(sendbuf) else \
             spec(sendbuf, "Alltoall", per=g.size, packs=True).view
         _into(g, recv, C.all_to_all(g, send.reshape(g.size, -1)), "Alltoall")
 
@@ -510,7 +510,7 @@ class Collectives:
                  async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         g = self._g
         recv = vspec(recvbuf, what, g.size, packs=True) if g.rank == root else None
-        if in_place(sendbuf) and recv is not None:
+        if own_block(sendbuf) and recv is not None:
             assert recv.counts is not None and recv.displs is not None
             d, k = recv.displs[root], recv.counts[root]
             send = recv.view[d:d + k].copy()
@@ -539,7 +539,7 @@ class Collectives:
                   async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         g = self._g
         send = vspec(sendbuf, what, g.size, packs=True) if g.rank == root else None
-        recv = None if in_place(recvbuf) else spec(recvbuf, what, packs=True)
+        recv = None if own_block(recvbuf) else spec(recvbuf, what, packs=True)
         if send is not None and recv is None:
             assert send.counts is not None
             mine = send.counts[root]
@@ -567,7 +567,7 @@ class Collectives:
         g = self._g
         recv = vspec(recvbuf, what, g.size, packs=True)
         assert recv.counts is not None and recv.displs is not None
-        if in_place(sendbuf):
+        if own_block(sendbuf):
             d, k = recv.displs[g.rank], recv.counts[g.rank]
             send = recv.view[d:d + k].copy()
         else:
@@ -585,7 +585,7 @@ class Collectives:
                    async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         g = self._g
         recv = vspec(recvbuf, what, g.size, packs=True)
-        send = recv if in_place(sendbuf) else vspec(sendbuf, what, g.size, packs=True)
+        send = recv if own_block(sendbuf) else vspec(sendbuf, what, g.size, packs=True)
         flat = send.view.copy() if send is recv else send.view
         return (C.all_to_all_v(g, flat, send.counts, recv.counts, send_displs=send.displs,
                                recv_displs=recv.displs, out=recv.view, async_op=async_op),
@@ -633,7 +633,7 @@ class Collectives:
     def _reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Op, what: str,
                               async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         g = self._g
-        if in_place(sendbuf):
+        if own_block(sendbuf):
             recv = spec(recvbuf, what, per=g.size, packs=True)
             sent, send = None, recv.view.copy()
             out = recv.view[:len(recv.view) // g.size]
@@ -663,7 +663,7 @@ class Collectives:
         recv = spec(recvbuf, what, packs=True)
         per = recv.datatype.typemap.n if recv.datatype is not None and \
             recv.datatype.typemap is not None else 1
-        if in_place(sendbuf):
+        if own_block(sendbuf):
             if recvcounts is None:
                 raise ValueError(f"collectives.MPI {what}: MPI.IN_PLACE needs recvcounts")
             counts = [int(k) * per for k in recvcounts]
@@ -696,7 +696,7 @@ class Collectives:
     def _scan(self, call: Callable[..., Any], sendbuf: Any, recvbuf: Any, op: Op, what: str,
               async_op: bool) -> tuple[Any, Callable[[Any], Any]]:
         recv = spec(recvbuf, what, packs=True)
-        sent = None if in_place(sendbuf) else spec(sendbuf, what, packs=True)
+        sent = None if own_block(sendbuf) else spec(sendbuf, what, packs=True)
         send = recv.view.copy() if sent is None else sent.view
         with _signatures(self._g, what, recv, sent):
             work = call(self._g, send, _reducing(op, what, recv, sent), async_op=async_op)

@@ -338,7 +338,8 @@ class Wblocks:
         intercommunicator's remote group's size)"""
         n = g.size if n is None else n
         self._recv = _wblocks(recvbuf, what, n, "receive", "rank")
-        self._from = self._recv if in_place(sendbuf) else \
+        own = in_place(sendbuf) or (sendbuf is None and n is None)    # (mpi4py's None)
+        self._from = self._recv if own else \
             _wblocks(sendbuf, what, n, "send", "rank")
         self.sends = [v.nbytes for _, v in self._from]
         self.recvs = [v.nbytes for _, v in self._recv]

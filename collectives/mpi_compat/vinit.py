@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import persistent as P
-from .buffers import Buf, in_place, spec, vspec
+from .buffers import Buf, own_block, spec, vspec
 from .coll import Collectives, _copying, _matched, _persistent_op, _steps, packing, unpacking
 from .requests import Prequest
 from .types import OPS, Op
@@ -45,7 +45,7 @@ class UnevenInits(Collectives):
         g, what = self._g, "Allgatherv_init"
         recv = vspec(recvbuf, what, g.size, packs=True)
         before: Callable[[], None] | None
-        if in_place(sendbuf):
+        if own_block(sendbuf):
             send, before = _own(recv, g.rank, what)
         else:
             sent = spec(sendbuf, what, packs=True)
@@ -59,7 +59,7 @@ class UnevenInits(Collectives):
         counts and displacements place them (copied out at each start)."""
         g, what = self._g, "Alltoallv_init"
         recv = vspec(recvbuf, what, g.size, packs=True)
-        if in_place(sendbuf):
+        if own_block(sendbuf):
             flat = np.empty_like(recv.view)
             before = _steps(packing(recv), _copying(flat, recv.view, what))
             send = Buf(flat, flat, recv.counts, recv.displs)
@@ -78,7 +78,7 @@ class UnevenInits(Collectives):
         g, what = self._g, "Gatherv_init"
         recv = vspec(recvbuf, what, g.size, packs=True) if g.rank == root else None
         before: Callable[[], None] | None
-        if in_place(sendbuf) and recv is not None:
+        if own_block(sendbuf) and recv is not None:
             send, before = _own(recv, root, what)
         else:
             sent = spec(sendbuf, what, packs=True)
@@ -97,7 +97,7 @@ class UnevenInits(Collectives):
         stays where it is."""
         g, what = self._g, "Scatterv_init"
         send = vspec(sendbuf, what, g.size, packs=True) if g.rank == root else None
-        recv = None if in_place(recvbuf) and send is not None else \
+        recv = None if own_block(recvbuf) and send is not None else \
             spec(recvbuf, what, packs=True)
         if recv is None:
             assert send is not None and send.counts is not None
@@ -124,7 +124,7 @@ class UnevenInits(Collectives):
         dt = recv.datatype
         per = dt.typemap.n if dt is not None and dt.typemap is not None else 1
         sent = None
-        if in_place(sendbuf):
+        if own_block(sendbuf):
             if recvcounts is None:
                 raise ValueError(f"collectives.MPI {what}: MPI.IN_PLACE needs recvcounts")
             counts = [int(k) * per for k in recvcounts]
