@@ -236,6 +236,22 @@ def test_mpi4py_surface_its_own_suite_uses() -> None:
     mem = MPI.Alloc_mem(8)          # (test_rma's: zeroed by mem[:] = 0, freed if mem)
     mem[:] = 0
     assert mem and not (mem != 0).any() and memoryview(mem).nbytes == 8
+    # null handles by their constructors, and a handle's copy
+    assert MPI.Op() == MPI.OP_NULL and not MPI.OP_NULL and MPI.Op(MPI.SUM) == MPI.SUM != MPI.MAX
+    assert MPI.Datatype() == MPI.DATATYPE_NULL and MPI.Datatype(MPI.INT) == MPI.INT
+    assert MPI.Message() == MPI.MESSAGE_NULL != MPI.MESSAGE_NO_PROC
+    # Op.Reduce_local: inoutbuf = inbuf (op) inoutbuf; buffers that differ: ValueError
+    io = np.arange(4, dtype="f")
+    MPI.PROD.Reduce_local(np.arange(1, 5, dtype="f"), io)
+    assert io.tolist() == [0, 2, 6, 12], io
+    pairs = np.array([(1.0, 3), (2.0, 1)], MPI.DOUBLE_INT.dtype)
+    MPI.MAXLOC.Reduce_local(np.array([(1.0, 0), (1.0, 0)], MPI.DOUBLE_INT.dtype), pairs)
+    assert pairs.tolist() == [(1.0, 0), (2.0, 1)], pairs
+    MPI.Op.Create(lambda a, b, t: np.add(a, 10 * b, out=b)).Reduce_local(np.ones(2, "f"), io[:2])
+    assert io[:2].tolist() == [1, 21], io
+    with pytest.raises(ValueError, match="Reduce_local: the buffers differ: 1 x int32 in, "
+                                         "1 x int16"):
+        MPI.SUM.Reduce_local([np.zeros(3, "i"), 1, MPI.INT], [np.zeros(3, "h"), 1, MPI.SHORT])
 
 
 class _DL:
@@ -715,6 +731,10 @@ def _edges(world: Any) -> str:
                             [vgot, [2, 1, 4, 3]])
     assert vgot.tolist() == [10 * left + 1, 10 * left + 2, 10 * right] + \
         [10 * r + k for k in (6, 7, 8, 9, 3, 4, 5)], vgot
+    zero = comm.Create_cart([])     # (0-dimensional: MPI's of one rank, COMM_NULL elsewhere)
+    assert (zero == MPI.COMM_NULL) == (r > 0)
+    assert r > 0 or (zero.dim, zero.coords, zero.Get_cart_rank([]), zero.inoutedges,
+                     zero.Get_size()) == (0, [], 0, ([], []), 1)
     line = comm.Create_cart([n], [False])
     halo = np.full(4, -1.0)
     line.Neighbor_allgather(np.array([r, 0.5]), halo)

@@ -20,6 +20,7 @@ from mesh.errors import MismatchError
 
 from .. import api as C
 from .. import persistent as P
+from ..ops import resolve
 from ..userop import Op as UserOp
 from .buffers import Buf, check_signature, copy_into, own_block, spec, vspec
 from .datatypes import Selection, Typemap
@@ -27,7 +28,7 @@ from .requests import Prequest, Request
 from .types import ERR_TYPE, OPS, Datatype, Op
 from .types import Exception as MPIException
 
-__all__ = ["Collectives", "coll_op"]
+__all__ = ["Collectives", "coll_op", "reduce_local"]
 
 _SUM = OPS["SUM"]
 
@@ -224,6 +225,34 @@ def _matched(g: mesh.Comm, b: Buf, counts: list[int], what: str) -> None:
                                      f"the type signatures differ (MPI_ERR_TYPE): rank {r} "
                                      f"has {counts[r]} x {b.view.dtype}, the root's datatype "
                                      f"block for it {b.counts[r]}")
+
+
+def reduce_local(op: Op, inbuf: Any, inoutbuf: Any) -> None:
+    """Op.Reduce_local: ``inoutbuf = inbuf (op) inoutbuf`` in this process,
+    the two buffers' elements alike in count and type (ValueError, as
+    mpi4py's, where they are not)."""
+    what = f"{op!r}.Reduce_local"
+    a, b = spec(inbuf, what, packs=True), spec(inoutbuf, what, packs=True)
+    x, y = a.view, b.view
+    if x.dtype != y.dtype or x.size != y.size:
+        raise ValueError(f"collectives.MPI {what}: the buffers differ: {x.size} x {x.dtype} "
+                         f"in, {y.size} x {y.dtype} inout")
+    if _is_loc(op):
+        if y.dtype.names != ("v", "i"):
+            raise TypeError(f"collectives.MPI {what}: the buffers must be of a pair type "
+                            f"(MPI.DOUBLE_INT, MPI.TWOINT...), got {y.dtype}")
+        better = x["v"] > y["v"] if op.name == "MAXLOC" else x["v"] < y["v"]
+        take = better | ((x["v"] == y["v"]) & (x["i"] < y["i"]))
+        y[take] = x[take]
+    elif isinstance(name := _reducing(op, what, a, b), UserOp):
+        ro = x.view()
+        ro.flags.writeable = False      # (MPI's invec: fn writes only its second operand)
+        got = name.fn(ro, y, b.datatype) if name._dtype_arg else name.fn(ro, y)
+        if got is not None and got is not y:
+            y[...] = got
+    else:
+        resolve(name, y.dtype).combine(y, x, src_first=True)
+    b.done()
 
 
 class Collectives:

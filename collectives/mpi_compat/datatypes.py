@@ -214,6 +214,19 @@ class _DatatypeMeta(type):
             raise _absent("Datatype", name)
         raise AttributeError(f"collectives.MPI.Datatype has no {name}")
 
+    def __call__(cls, *args: Any, **kw: Any) -> Any:
+        """mpi4py's constructor: ``MPI.Datatype()`` is DATATYPE_NULL,
+        ``MPI.Datatype(dt)`` ``dt`` (a handle of the same type); the
+        module's own calls name the type and its elements."""
+        if cls is Datatype and not kw and len(args) <= 1:
+            if not args:
+                return DATATYPE_NULL
+            if not isinstance(args[0], Datatype):
+                raise TypeError(f"collectives.MPI.Datatype(): expected a Datatype, got "
+                                f"{type(args[0]).__name__}")
+            return args[0]
+        return super().__call__(*args, **kw)
+
 
 def _arguments(combiner: str, p: dict[str, Any]) -> tuple[list[int], list[int]]:
     """The integers and addresses of MPI_Type_get_contents for a type made

@@ -19,9 +19,22 @@ class Message:
     """mpi4py's Message (Mprobe, Improbe): ``Recv(buf)`` / ``Irecv(buf)`` /
     ``recv()`` / ``irecv()`` over meshrun's matched probe."""
 
-    def __init__(self, msg: mesh.Message | None, what: str = "Mprobe",
+    def __init__(self, msg: "mesh.Message | Message | None" = None, what: str = "Mprobe",
                  g: mesh.Comm | None = None) -> None:
-        self._msg, self._what, self._g = msg, what, g
+        """(mpi4py's ``MPI.Message()``: MESSAGE_NULL; ``MPI.Message(m)``: ``m``'s handle)"""
+        of = msg if isinstance(msg, Message) else None
+        self._msg: mesh.Message | None = of._msg if of is not None else \
+            msg if not isinstance(msg, Message) else None
+        self._what: str = of._what if of is not None else what
+        self._g: mesh.Comm | None = of._g if of is not None else g
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Message):
+            return self._msg is other._msg and (self._msg is not None or
+                                                self._what == other._what)
+        return NotImplemented
+
+    __hash__ = object.__hash__
 
     @classmethod
     def Probe(cls, comm: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG,

@@ -50,7 +50,9 @@ class Cartcomm(Topocomm):
                             "make one with comm.Create_cart(dims, periods)")
         super().__init__(g)
         self.dims, self.periods = list(dims), [int(bool(p)) for p in periods]
-        self._grid = grid or mesh.grid(self._g, **{f"d{i}": d for i, d in enumerate(dims)})
+        # (a 0-dimensional one, MPI's of one rank: a grid of one axis of 1, its coordinates [])
+        self._grid = grid or mesh.grid(self._g, **({f"d{i}": d for i, d in enumerate(dims)}
+                                                    or {"d0": 1}))
 
     def _like(self, g: MeshComm) -> "Comm":
         return Cartcomm(g, self.dims, self.periods)
@@ -66,7 +68,7 @@ class Cartcomm(Topocomm):
     ndim = dim = property(Get_dim)
 
     def Get_coords(self, rank: int) -> list[int]:
-        return list(self._grid.coords(rank).values())
+        return list(self._grid.coords(rank).values())[:len(self.dims)]
 
     @property
     def coords(self) -> list[int]:
@@ -78,6 +80,8 @@ class Cartcomm(Topocomm):
     topo = property(Get_topo)
 
     def Get_cart_rank(self, coords: Sequence[int]) -> int:
+        if not self.dims:
+            return 0
         at = {}
         for i, (c, d, p) in enumerate(zip(coords, self.dims, self.periods)):
             at[f"d{i}"] = int(c) % d if p else int(c)

@@ -216,11 +216,32 @@ class Op:
     Python function (mpi4py's lowercase calls fold objects with it), or
     ``Op.Create(fn, commute)``'s collectives.Op."""
 
-    def __init__(self, name: str, fold: Callable[[Any, Any], Any], coll: Any) -> None:
-        self.name, self.fold, self.coll = name, fold, coll
+    def __init__(self, name: "str | Op" = "OP_NULL",
+                 fold: Callable[[Any, Any], Any] | None = None, coll: Any = "op_null") -> None:
+        """(mpi4py's ``MPI.Op()``: OP_NULL; ``MPI.Op(op)``: a handle of ``op``)"""
+        if isinstance(name, Op):
+            fold, coll, name = name.fold, name.coll, name.name
+        if not isinstance(name, str):
+            raise TypeError(f"collectives.MPI.Op(): expected an Op, got {type(name).__name__}")
+        self.name: str = name
+        self.fold: Callable[[Any, Any], Any] = fold or (lambda x, y: x)
+        self.coll: Any = coll
 
     def __repr__(self) -> str:
         return f"MPI.{self.name}"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Op):
+            return self.name == other.name and (self.coll is other.coll or
+                                                isinstance(self.coll, str) and
+                                                self.coll == other.coll)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __bool__(self) -> bool:
+        return self.name != "OP_NULL"
 
     def __call__(self, x: Any, y: Any) -> Any:
         return self.fold(x, y)
@@ -237,6 +258,12 @@ class Op:
 
     def Free(self) -> None:
         pass
+
+    def Reduce_local(self, inbuf: Any, inoutbuf: Any) -> None:
+        """``inoutbuf = inbuf (op) inoutbuf``, elementwise, in this process
+        (MPI_Reduce_local; coll.reduce_local)."""
+        from .coll import reduce_local      # (coll.py imports this module)
+        reduce_local(self, inbuf, inoutbuf)
 
     def Is_commutative(self) -> bool:
         return self.coll.commute if isinstance(self.coll, _UserOp) else True
