@@ -85,6 +85,17 @@ def test_buffer_specs_are_views_of_the_callers_memory() -> None:
     assert spec([a, MPI.DOUBLE], "t").view.tolist() == a.tolist()
     assert spec([a, 3, MPI.DOUBLE], "t").view.tolist() == [0.0, 1.0, 2.0]
     assert spec([a, (2, 1), "d"], "t").view.tolist() == [1.0, 2.0]
+    # mpi4py's test_msgspec forms: [buf, count, displ, dt], Nones (an inferred count, a
+    # displacement of 0, the datatype inferred)
+    assert spec([a, 2, 1, "d"], "t").view.tolist() == [1.0, 2.0]
+    assert spec([a, 2, None, None], "t").view.tolist() == [0.0, 1.0]
+    assert spec([a, (2, None), MPI.DOUBLE], "t").view.tolist() == [0.0, 1.0]
+    assert spec([a, None, 4, MPI.DOUBLE], "t").view.tolist() == [4.0, 5.0]
+    assert spec([a, None], "t").view.tolist() == a.tolist()
+    with pytest.raises(ValueError, match="negative displacement"):
+        spec([a, 0, -1, "d"], "t")
+    with pytest.raises(ValueError, match="got 5 items"):
+        spec([a, 0, 0, "d", None], "t")
     assert len(spec([a, MPI.INT], "t").view) == 12      # (its bytes as MPI reads them)
     assert len(spec(bytearray(5), "t").view) == 5
     assert len(spec(a, "t", per=4).view) == 4           # (whole blocks of a collective's)

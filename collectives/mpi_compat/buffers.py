@@ -174,25 +174,37 @@ def _parts(buf: Any, what: str) -> tuple[Any, list[Any], Any]:
     """(the buffer, the middle items, the datatype) of a spec."""
     if isinstance(buf, (list, tuple)) and buf and not isinstance(buf[0], (int, float)):
         items = list(buf)
-        dt = items.pop() if len(items) > 1 and _is_dt(items[-1]) else None
+        # (a datatype of None: inferred from the buffer, as a spec without one)
+        dt = items.pop() if len(items) > 1 and (_is_dt(items[-1]) or items[-1] is None) \
+            else None
         if len(items) > 3:
-            raise TypeError(f"collectives.MPI {what}: a buffer spec is [buf, datatype], "
+            raise ValueError(f"collectives.MPI {what}: a buffer spec is [buf, datatype], "
                             f"[buf, count, datatype] or [buf, counts, displs, datatype], got "
                             f"{len(buf)} items")
         return items[0], items[1:], dt
     return buf, [], None
 
 
-def _count(mid: list[Any], what: str, per: int) -> tuple[int, int] | None:
-    """A spec's (count, displacement), counts times ``per``; None: not given."""
+def _count(mid: list[Any], what: str, per: int) -> tuple[int | None, int] | None:
+    """A spec's (count, displacement), counts times ``per``; None: neither
+    given. mpi4py's forms: ``[buf, count, dt]``, ``[buf, (count, displ),
+    dt]``, ``[buf, count, displ, dt]``, a count of None inferred from the
+    buffer (spec's), a displacement of None 0."""
     if not mid:
         return None
-    if len(mid) > 1:
-        raise TypeError(f"collectives.MPI {what}: [buf, count, datatype] takes one count")
-    c = mid[0]
-    if isinstance(c, (tuple, list)) and len(c) == 2:
-        return int(c[0]) * per, int(c[1])
-    return int(c) * per, 0
+    c, d = (mid[0], None) if len(mid) == 1 else mid
+    if len(mid) == 1 and isinstance(c, (tuple, list)):
+        if len(c) != 2:
+            raise ValueError(f"collectives.MPI {what}: a (count, displacement) pair, got "
+                             f"{c!r:.60}")
+        c, d = c
+    if isinstance(c, (tuple, list)) or isinstance(d, (tuple, list)):
+        raise TypeError(f"collectives.MPI {what}: [buf, count, datatype] takes one count "
+                        f"and one displacement (ints), got {c!r:.40} and {d!r:.40}")
+    displ = 0 if d is None else int(d)
+    if displ < 0:
+        raise ValueError(f"collectives.MPI {what}: a negative displacement, {displ}")
+    return (None if c is None else int(c) * per), displ
 
 
 def spec(buf: Any, what: str, *, per: int = 1, packs: bool = False) -> Buf:
@@ -205,7 +217,8 @@ def spec(buf: Any, what: str, *, per: int = 1, packs: bool = False) -> Buf:
     if isinstance(dt, Datatype) and dt.typemap is not None:
         return _packed(data, mid, dt, what, per, packs)
     flat = _flat(data, datatype_of(dt, what), what)
-    count, displ = _count(mid, what, per) or (len(flat) // per * per, 0)
+    given, displ = _count(mid, what, per) or (None, 0)
+    count = (len(flat) - displ) // per * per if given is None else given
     if displ < 0 or count < 0 or displ + count > len(flat):
         raise ValueError(f"collectives.MPI {what}: {count} elements from {displ} overrun a "
                          f"buffer of {len(flat)}")
@@ -217,14 +230,14 @@ def _packed(data: Any, mid: list[Any], dt: Datatype, what: str, per: int, packs:
     displacement counts whole extents; with no count, the buffer holds whole
     extents, as mpi4py infers it)."""
     tm, raw = _usable(data, dt, what, packs)
-    given = _count(mid, what, per)
-    if given is None:
+    got, displ = _count(mid, what, per) or (None, 0)
+    if got is None:
         if tm.extent <= 0 or len(raw) % tm.extent:
             raise ValueError(f"collectives.MPI {what}: can not infer the count: a buffer of "
                              f"{len(raw)} bytes is no whole number of {dt!r}'s extent, "
                              f"{tm.extent}: give it, [buf, count, datatype]")
-        given = len(raw) // tm.extent // per * per, 0
-    count, displ = given
+        got = (len(raw) // tm.extent - displ) // per * per
+    count = got
     if count < 0:
         raise ValueError(f"collectives.MPI {what}: a negative count, {count}")
     sel = Selection(tm, dt.dtype, raw, count, displ * tm.extent, what)
