@@ -742,6 +742,11 @@ def _edges(world: Any) -> str:
                             [vgot, [2, 1, 4, 3]])
     assert vgot.tolist() == [10 * left + 1, 10 * left + 2, 10 * right] + \
         [10 * r + k for k in (6, 7, 8, 9, 3, 4, 5)], vgot
+    with pytest.raises(ValueError, match=f"rank {r}: Create_cart: 0 periods for 1 dims"):
+        comm.Create_cart([n], [])
+    dims = cart.dims        # (a copy, as mpi4py's: test_comm_topo's del dims[i])
+    dims.clear()
+    assert cart.dims and cart.Get_dim() == len(cart.dims) > 0
     zero = comm.Create_cart([])     # (0-dimensional: MPI's of one rank, COMM_NULL elsewhere)
     assert (zero == MPI.COMM_NULL) == (r > 0)
     assert r > 0 or (zero.dim, zero.coords, zero.Get_cart_rank([]), zero.inoutedges,
@@ -875,8 +880,12 @@ def _intercomm_errors(comm: Any) -> None:
                                          f"group passed MPI.ROOT"):
         inter.bcast(r, root=MPI.ROOT if r % 2 == 0 else 0)
     with pytest.raises(ValueError, match=r"Intercomm.Bcast: the root is rank 0 of the other "
-                                         r"group, which passed root 3 on rank 0"):
-        inter.Bcast(np.zeros(1), root=MPI.ROOT if r == 0 else MPI.PROC_NULL if r == 2 else 3)
+                                         r"group, which passed root 1 on rank 0"):
+        inter.Bcast(np.zeros(1), root=MPI.ROOT if r == 0 else MPI.PROC_NULL if r == 2 else 1)
+    with pytest.raises(MPI.Exception, match=r"Intercomm.reduce: world rank 1 \(rank 0 of its "
+                                            r"group\) passed root 3, which is none of") as e:
+        inter.reduce(None, op=MPI.NO_OP, root=3 if r == 1 else MPI.PROC_NULL)
+    assert e.value.Get_error_class() == MPI.ERR_ROOT    # (mpi4py's test_cco_obj_inter)
     with pytest.raises(ValueError, match=r"Intercomm.Merge: the ranks of one group passed "
                                          r"high=\[False, True\]"):
         inter.Merge(high=r == 2)
@@ -928,9 +937,10 @@ def _intercomm_v_errors(inter: Any, r: int) -> None:
     inter.Reduce(np.array([r + 1.0]), got if top else None, root=MPI.ROOT if top else 0)
     assert not top or got.tolist() == [4.0], got
     assert inter.bcast(None, root=MPI.ROOT if top else 0) is None     # (None rides it too)
-    # mismatched roots and two ROOTs, at a nonblocking call's wait and a persistent one's
-    with pytest.raises(ValueError, match=f"{me}.Iscatterv: the root is rank 0 of the other "
-                                         f"group, which passed root 0 on rank 0, root 1 on rank 1"):
+    # a root that is no rank (ERR_ROOT) and two ROOTs, at a nonblocking call's wait and a
+    # persistent one's
+    with pytest.raises(MPI.Exception, match=f"{me}.Iscatterv: world rank 2 \\(rank 1 of its "
+                                            f"group\\) passed root 1, which is none of"):
         inter.Iscatterv([np.zeros(2, "i"), [1, 1], MPI.INT] if top else None,
                         None if top else np.zeros(1, "i"),
                         root=MPI.ROOT if top else r // 2).Wait()

@@ -3,13 +3,14 @@
 the union of the two groups, made by every rank of the union alike (by its
 rank 0, which tells the others, above 16 ranks), so that every rank has
 the same answer: ``("", value)``, or what is wrong (naming the ranks, by
-their world ranks and their ranks in their groups) and None."""
+their world ranks and their ranks in their groups) and None, or MPI's
+error class where MPI names one (ERR_ROOT)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from .types import PROC_NULL, ROOT
+from .types import ERR_ROOT, PROC_NULL, ROOT
 
 __all__ = ["Sides"]
 
@@ -42,6 +43,11 @@ class Sides:
         (its list, one a remote rank) and at the other group's rank."""
         k = self.k
         roots = [x[0] for x in got]
+        for u, r in enumerate(roots):
+            if r not in (ROOT, PROC_NULL) and not 0 <= r < len(self.across(u)):
+                return (f"{self.who(u)} passed root {r}, which is none of MPI.ROOT, "
+                        f"MPI.PROC_NULL and the other group's {len(self.across(u))} ranks "
+                        f"(MPI_ERR_ROOT)", ERR_ROOT)
         sides = [(roots[:k], 0), (roots[k:], k)]
         rooted = [s for s in sides if ROOT in s[0]]
         names = {ROOT: "MPI.ROOT", PROC_NULL: "MPI.PROC_NULL"}

@@ -40,6 +40,7 @@ from .comm import not_provided
 from .requests import Prequest, Request
 from .tuples import unwrap, wrap
 from .types import OPS, PROC_NULL, ROOT, Op
+from .types import Exception as MPIException
 
 __all__ = ["InterCollectives"]
 
@@ -80,7 +81,12 @@ def _combine(op: Any, what: str) -> Callable[[np.ndarray, np.ndarray], np.ndarra
 
 
 class _Refused(Exception):
-    """What the union's rank 0 found wrong with a call's arguments."""
+    """What the ranks found wrong with a call's arguments (``error_class``:
+    MPI's, where MPI names one, as ERR_ROOT for a root that is no rank)."""
+
+    def __init__(self, why: str, error_class: int | None = None) -> None:
+        super().__init__(why)
+        self.error_class = error_class
 
 
 class _Refusal:
@@ -88,10 +94,10 @@ class _Refusal:
     raises it, after the call: a rank's error inside it would abort its
     peers' call before they heard the verdict)."""
 
-    __slots__ = ("why",)
+    __slots__ = ("why", "error_class")
 
-    def __init__(self, why: str) -> None:
-        self.why = why
+    def __init__(self, why: str, error_class: int | None = None) -> None:
+        self.why, self.error_class = why, error_class
 
 
 def _role(root: Any) -> str:
@@ -160,14 +166,16 @@ class InterCollectives:
             try:
                 return body(ctx)
             except _Refused as e:
-                return _Refusal(str(e))
+                return _Refusal(str(e), e.error_class)
         return start(self._g, f"Intercomm.{name}", lambda tuning: ({"coll": name}, run),
                      async_op)
 
     def _settle(self, name: str, got: Any, finish: Finish | None) -> Any:
         """A call's value through ``finish`` (at its wait), or its verdict raised."""
         if isinstance(got, _Refusal):
-            raise ValueError(f"{self._me()}: collectives.MPI Intercomm.{name}: {got.why}")
+            said = f"{self._me()}: collectives.MPI Intercomm.{name}: {got.why}"
+            raise ValueError(said) if got.error_class is None else \
+                MPIException(got.error_class, said)
         return got if finish is None else finish(got)
 
     def _run(self, name: str, body: Body) -> Any:
@@ -211,7 +219,7 @@ class InterCollectives:
             if drain is not None:
                 self._wait([ctx.irecv(r) for r in drain(got)])
             self._wait(early or [])
-            raise _Refused(why)
+            raise _Refused(why, value if isinstance(value, int) else None)
         return value, early
 
     def _from_remote(self, got: list[Any], says: Callable[[Any], bool]) -> list[int]:
@@ -231,7 +239,7 @@ class InterCollectives:
             for s in [ctx.isend(wrap([why, value]), r) for r in range(1, g.size)]:
                 s.wait()
         if why:
-            raise _Refused(why)
+            raise _Refused(why, value if isinstance(value, int) else None)
         return value
 
     def _rooted(self, ctx: Ctx, root: int, blocks: Any = None) -> None:

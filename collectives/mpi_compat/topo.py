@@ -31,8 +31,8 @@ class Cartcomm(Topocomm):
     communicator (row-major), periodicity kept per dimension for Shift and
     Get_cart_rank."""
 
-    dims: list[int]
-    periods: list[int]      # (1 or 0, as mpi4py's Get_topo gives them)
+    _dims: list[int]
+    _periods: list[int]     # (1 or 0, as mpi4py's Get_topo gives them)
     _grid: mesh.Grid
 
     def __init__(self, g: "MeshComm | Comm", dims: list[int] | None = None,
@@ -44,18 +44,27 @@ class Cartcomm(Topocomm):
             if not isinstance(g, Cartcomm):
                 raise TypeError(f"collectives.MPI Cartcomm: expecting a Cartesian "
                                 f"communicator, got {type(g).__name__}")
-            dims, periods, grid = g.dims, g.periods, g._grid
+            dims, periods, grid = g._dims, g._periods, g._grid
         if dims is None or periods is None:
             raise TypeError("collectives.MPI Cartcomm: takes a Cartcomm (MPI.Cartcomm(cart)); "
                             "make one with comm.Create_cart(dims, periods)")
         super().__init__(g)
-        self.dims, self.periods = list(dims), [int(bool(p)) for p in periods]
+        self._dims, self._periods = list(dims), [int(bool(p)) for p in periods]
         # (a 0-dimensional one, MPI's of one rank: a grid of one axis of 1, its coordinates [])
         self._grid = grid or mesh.grid(self._g, **({f"d{i}": d for i, d in enumerate(dims)}
                                                     or {"d0": 1}))
 
     def _like(self, g: MeshComm) -> "Comm":
-        return Cartcomm(g, self.dims, self.periods)
+        return Cartcomm(g, self._dims, self._periods)
+
+    @property
+    def dims(self) -> list[int]:
+        """(a copy, as mpi4py's: a caller's change leaves the communicator as it was)"""
+        return list(self._dims)
+
+    @property
+    def periods(self) -> list[int]:
+        return list(self._periods)
 
     def Get_topology(self) -> int:
         return CART
@@ -63,33 +72,33 @@ class Cartcomm(Topocomm):
     topology = property(Get_topology)
 
     def Get_dim(self) -> int:
-        return len(self.dims)
+        return len(self._dims)
 
     ndim = dim = property(Get_dim)
 
     def Get_coords(self, rank: int) -> list[int]:
-        return list(self._grid.coords(rank).values())[:len(self.dims)]
+        return list(self._grid.coords(rank).values())[:len(self._dims)]
 
     @property
     def coords(self) -> list[int]:
         return self.Get_coords(self._g.rank)
 
     def Get_topo(self) -> tuple[list[int], list[int], list[int]]:
-        return list(self.dims), list(self.periods), self.coords
+        return list(self._dims), list(self._periods), self.coords
 
     topo = property(Get_topo)
 
     def Get_cart_rank(self, coords: Sequence[int]) -> int:
-        if not self.dims:
+        if not self._dims:
             return 0
         at = {}
-        for i, (c, d, p) in enumerate(zip(coords, self.dims, self.periods)):
+        for i, (c, d, p) in enumerate(zip(coords, self._dims, self._periods)):
             at[f"d{i}"] = int(c) % d if p else int(c)
         return self._grid.rank_of(**at)
 
     def Shift(self, direction: int, disp: int) -> tuple[int, int]:
         return self._grid.shift(f"d{direction}", disp,
-                                periodic=bool(self.periods[direction]))
+                                periodic=bool(self._periods[direction]))
 
     def Sub(self, remain_dims: Sequence[bool]) -> "Cartcomm":
         """The ranks that share this rank's coordinates along the dimensions
@@ -106,13 +115,13 @@ class Cartcomm(Topocomm):
             if g is not None:
                 mine = g
         assert mine is not None
-        return Cartcomm(mine, [d for d, k in zip(self.dims, keep) if k] or [1],
-                        [p for p, k in zip(self.periods, keep) if k] or [0])
+        return Cartcomm(mine, [d for d, k in zip(self._dims, keep) if k] or [1],
+                        [p for p, k in zip(self._periods, keep) if k] or [0])
 
     def _edges(self) -> tuple[list[int], list[int]]:
         """MPI's neighbour order on a Cartesian communicator, the same both
         ways: for each dimension, Shift(d, 1)'s source, then its destination."""
-        nbrs = [r for d in range(len(self.dims)) for r in self.Shift(d, 1)]
+        nbrs = [r for d in range(len(self._dims)) for r in self.Shift(d, 1)]
         return nbrs, list(nbrs)
 
     def _routes(self) -> tuple[list[Recv], list[Send]]:
@@ -296,12 +305,14 @@ def create_cart(comm: Comm, dims: Sequence[int], periods: Sequence[bool] | bool 
     if n > g.size:
         raise ValueError(f"rank {g.rank}: Create_cart: dims {dims} need {n} ranks, "
                          f"the communicator has {g.size}")
-    sub = g if n == g.size else g.group(list(range(n)))
-    if sub is None:
-        return COMM_NULL
     if periods is None or isinstance(periods, (bool, int)):     # (mpi4py's: one for every
         periods = [bool(periods)] * len(dims)                      # dimension)
     per = [bool(p) for p in periods]
+    if len(per) != len(dims):       # (before the group: every rank raises)
+        raise ValueError(f"rank {g.rank}: Create_cart: {len(per)} periods for {len(dims)} dims")
+    sub = g if n == g.size else g.group(list(range(n)))
+    if sub is None:
+        return COMM_NULL
     return Cartcomm(sub, dims, per)
 
 
