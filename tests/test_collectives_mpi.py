@@ -870,6 +870,11 @@ def _intercomm_errors(comm: Any) -> None:
                                          r"\[0, 1, 2\] are in both"):
         comm.Create_intercomm(0, comm, 0)       # (the leader its own remote leader)
     inter = comm.Split(r % 2, r).Create_intercomm(0, comm, 1 - r % 2)     # ([0, 2] and [1])
+    with pytest.raises(TypeError, match=r"Intracomm\(\): expecting an intracommunicator"):
+        MPI.Intracomm(inter)            # (mpi4py's constructors: test_comm_inter)
+    with pytest.raises(TypeError, match=r"Intercomm\(\): expecting an intercommunicator"):
+        MPI.Intercomm(comm)
+    assert MPI.Intercomm(inter) == inter and MPI.Intercomm() == MPI.COMM_NULL
     if r == 2:
         with pytest.raises(ValueError, match=f"^rank 1 \\({w}\\): collectives.MPI Intercomm."
                                              f"Send: rank 1 out of range: the remote group has "

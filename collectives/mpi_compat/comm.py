@@ -343,6 +343,13 @@ class Intracomm(Comm):
     MPI.Exception (ERR_ROOT) on every rank, as MPI's (meshrun's own calls:
     ValueError)."""
 
+    def __init__(self, g: "MeshComm | Comm | None" = None) -> None:
+        """(mpi4py's ``MPI.Intracomm(comm)``: TypeError for an intercommunicator)"""
+        if isinstance(g, Comm) and g.Is_inter():
+            raise TypeError(f"collectives.MPI.Intracomm(): expecting an intracommunicator, got "
+                            f"{type(g).__name__} (MPI.Intercomm(comm) takes it)")
+        super().__init__(g)
+
     @classmethod
     def Create_from_group(cls, group: Group, stringtag: str = "", info: Any = None,
                           errhandler: Any = None) -> "Comm":

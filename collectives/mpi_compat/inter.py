@@ -59,9 +59,13 @@ class Intercomm(InterObjects, Comm):
     _nr: int
     _bridge: Any = None     # (a Spawn's: spawn.py)
 
-    def __init__(self, union: "MeshComm | Intercomm", lo: int = 0, nl: int = 0, ro: int = 0,
-                 nr: int = 0) -> None:
-        """(``MPI.Intercomm(inter)``: another handle of ``inter``)"""
+    def __init__(self, union: "MeshComm | Intercomm | None" = None, lo: int = 0, nl: int = 0,
+                 ro: int = 0, nr: int = 0) -> None:
+        """(``MPI.Intercomm(inter)``: another handle of ``inter``; ``MPI.Intercomm()``
+        COMM_NULL's; an intracommunicator: TypeError, as mpi4py's)"""
+        if isinstance(union, Comm) and not isinstance(union, Intercomm):
+            raise TypeError(f"collectives.MPI.Intercomm(): expecting an intercommunicator, "
+                            f"got {type(union).__name__}")
         super().__init__(union)
         if isinstance(union, Intercomm):
             lo, nl, ro, nr = union._lo, union._nl, union._ro, union._nr
