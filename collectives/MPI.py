@@ -33,6 +33,7 @@ import numpy as np
 import mesh
 
 from .mpi_compat.file import FILE_ERRORS, MODES, SEEK_CUR, SEEK_END, SEEK_SET, File
+from .mpi_compat.attrs import KEYVAL_INVALID
 from .mpi_compat.comm import COMM_NULL, COMM_TYPE_SHARED, Comm, Intracomm
 from .mpi_compat.neighbor import Topocomm
 from .mpi_compat.inter import Intercomm
@@ -67,7 +68,6 @@ FILE_NULL = File(None, None, 0)  # type: ignore[arg-type]
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None
 WIN_NULL = None
-KEYVAL_INVALID = -1
 MAX_PROCESSOR_NAME = 256
 
 __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "Intracomm",
@@ -79,7 +79,7 @@ __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "
            "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "BOTTOM", "IDENT",
            "CONGRUENT", "SIMILAR", "UNEQUAL", "CART", "GRAPH", "DIST_GRAPH", "SUCCESS",
            "ERR_TRUNCATE", "ERR_OTHER", "ERR_TYPE", *ERRORS, "ORDER_C", "ORDER_FORTRAN", "ORDER_F",
-           "DATATYPE_NULL", "TAG_UB", "THREAD_SINGLE", "THREAD_FUNNELED",
+           "DATATYPE_NULL", "TAG_UB", "KEYVAL_INVALID", "THREAD_SINGLE", "THREAD_FUNNELED",
            "THREAD_SERIALIZED", "THREAD_MULTIPLE", "Init", "Init_thread", "Finalize",
            "Is_initialized", "Is_finalized", "Query_thread", "Is_thread_main", "Wtime",
            "Wtick", "Get_processor_name", "Get_version", "Get_library_version", "get_vendor",

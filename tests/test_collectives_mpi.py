@@ -747,6 +747,30 @@ def _edges(world: Any) -> str:
     dims = cart.dims        # (a copy, as mpi4py's: test_comm_topo's del dims[i])
     dims.clear()
     assert cart.dims and cart.Get_dim() == len(cart.dims) > 0
+    # attribute caching (mpi4py's test_attributes): copy_fn at Dup, delete_fn at Delete_attr,
+    # at a Set_attr over a value and at Free; an exception in one: ERR_OTHER
+    gone: list[Any] = []
+    key = MPI.Comm.Create_keyval(lambda c, k, v: v + [c.Get_size()],
+                                 lambda c, k, v: gone.append(v))
+    mine = comm.Dup()
+    assert mine.Get_attr(key) is None and comm.Get_attr(MPI.TAG_UB) == 2 ** 63 - 1
+    mine.Set_attr(key, [r])
+    twin = mine.Dup()
+    assert twin.Get_attr(key) == [r, n] and MPI.Intracomm(mine).Get_attr(key) == [r]
+    twin.Free()
+    mine.Set_attr(key, "x")
+    assert gone == [[r, n], [r]] and mine.Get_attr(key) == "x"
+    mine.Delete_attr(key)
+    assert gone[-1] == "x" and mine.Get_attr(key) is None
+    assert MPI.Comm.Free_keyval(key) == MPI.KEYVAL_INVALID
+    bad = MPI.Comm.Create_keyval(None, lambda c, k, v: 1 / 0)
+    mine.Set_attr(bad, 1)
+    with pytest.raises(MPI.Exception, match="delete_fn of keyval .*ZeroDivisionError") as e:
+        mine.Delete_attr(bad)
+    assert e.value.Get_error_class() == MPI.ERR_OTHER
+    with pytest.raises(MPI.Exception, match="none Create_keyval made"):
+        mine.Set_attr(key, 1)
+    mine.Free()
     zero = comm.Create_cart([])     # (0-dimensional: MPI's of one rank, COMM_NULL elsewhere)
     assert (zero == MPI.COMM_NULL) == (r > 0)
     assert r > 0 or (zero.dim, zero.coords, zero.Get_cart_rank([]), zero.inoutedges,

@@ -20,10 +20,11 @@ from typing import Any, Callable, Sequence
 import mesh
 from mesh import Comm as MeshComm
 
+from .attrs import Attributes
 from .group import Group, comm_ranks
 from .objects import ObjectCollectives
 from .p2p import PointToPoint
-from .types import (CONGRUENT, ERR_COMM, ERR_ROOT, IDENT, SIMILAR, TAG_UB, UNDEFINED, UNEQUAL,
+from .types import (CONGRUENT, ERR_COMM, ERR_ROOT, IDENT, SIMILAR, UNDEFINED, UNEQUAL,
                     Exception)
 from .vinit import UnevenInits
 
@@ -49,7 +50,7 @@ def not_provided(name: str) -> NotImplementedError:
     return NotImplementedError(f"collectives.MPI: {name}: {why}")
 
 
-class Comm(PointToPoint, UnevenInits, ObjectCollectives):
+class Comm(PointToPoint, UnevenInits, ObjectCollectives, Attributes):
     """mpi4py's Comm over a meshrun communicator (``comm.mesh``: it, for
     meshrun's own calls); COMM_NULL's is None."""
 
@@ -67,6 +68,8 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
         self._posted = 0
         self._name: str = of.Get_name() if of is not None else \
             "MPI_COMM_WORLD" if g is not None and g is mesh.world.current() else ""
+        if of is not None:      # (a handle of the same communicator: its attributes)
+            self.__dict__["_attr_values"] = of._attrs
 
     @property
     def mesh(self) -> MeshComm:
@@ -190,8 +193,10 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
         return Intracomm(sub)
 
     def Dup(self, info: Any = None) -> "Comm":
-        """(``info`` taken and not used)"""
-        return self._like(self._g.dup())
+        """(``info`` taken and not used; the attributes through their copy_fn)"""
+        dup = self._like(self._g.dup())
+        self._copy_attrs(dup)
+        return dup
 
     def Clone(self) -> "Comm":
         return self.Dup()
@@ -208,6 +213,7 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
         if self._kept or self._g is None:
             raise Exception(ERR_COMM, f"collectives.MPI Free: {self._name or 'MPI.COMM_NULL'} "
                             f"can not be freed")
+        self._delete_attrs()
         self._g = None      # type: ignore[assignment]
 
     @classmethod
@@ -322,10 +328,6 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives):
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(int(errorcode) or 1)
-
-    def Get_attr(self, keyval: int) -> Any:
-        """MPI.TAG_UB's: the largest tag (meshrun's, 2**63 - 1); None else."""
-        return 2 ** 63 - 1 if keyval == TAG_UB else None
 
     def Set_errhandler(self, errhandler: Any) -> None:
         pass
