@@ -251,6 +251,10 @@ def test_mpi4py_surface_its_own_suite_uses() -> None:
     assert MPI.Op() == MPI.OP_NULL and not MPI.OP_NULL and MPI.Op(MPI.SUM) == MPI.SUM != MPI.MAX
     assert MPI.Datatype() == MPI.DATATYPE_NULL and MPI.Datatype(MPI.INT) == MPI.INT
     assert MPI.Message() == MPI.MESSAGE_NULL != MPI.MESSAGE_NO_PROC
+    with pytest.raises(ValueError, match="OP_NULL has no function"):
+        MPI.OP_NULL(1, 2)
+    x, y = [1], [1]         # (a tie: the lower index's pair itself, as mpi4py's test_op)
+    assert MPI.MINLOC((x, 1), (y, 0))[0] is y and MPI.MAXLOC((x, 0), (y, 1))[0] is x
     # Op.Reduce_local: inoutbuf = inbuf (op) inoutbuf; buffers that differ: ValueError
     io = np.arange(4, dtype="f")
     MPI.PROD.Reduce_local(np.arange(1, 5, dtype="f"), io)

@@ -202,13 +202,14 @@ def _min(x: Any, y: Any) -> Any:
 
 
 def _maxloc(x: Any, y: Any) -> Any:
+    """(the pair itself that wins, a tie the lower index's, as mpi4py's: its objects kept)"""
     (u, i), (v, j) = x, y
-    return (u, i) if u > v else (v, j) if v > u else (u, min(i, j))
+    return (v, j) if v > u or (v == u and j < i) else (u, i)
 
 
 def _minloc(x: Any, y: Any) -> Any:
     (u, i), (v, j) = x, y
-    return (u, i) if u < v else (v, j) if v < u else (u, min(i, j))
+    return (v, j) if v < u or (v == u and j < i) else (u, i)
 
 
 class Op:
@@ -244,6 +245,8 @@ class Op:
         return self.name != "OP_NULL"
 
     def __call__(self, x: Any, y: Any) -> Any:
+        if self.name == "OP_NULL":
+            raise ValueError("collectives.MPI: MPI.OP_NULL has no function to call")
         return self.fold(x, y)
 
     @classmethod
