@@ -233,10 +233,12 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives, Attributes):
         return spawn(self, command, args, maxprocs, info, root, errcodes)
 
     def Spawn_multiple(self, command: Sequence[str], args: Sequence[Sequence[str]] | None = None,
-                       maxprocs: Sequence[int] | None = None, info: Any = None, root: int = 0,
-                       errcodes: list[int] | None = None) -> "Comm":
+                       maxprocs: Sequence[int] | int | None = None, info: Any = None,
+                       root: int = 0, errcodes: list[Any] | None = None) -> "Comm":
         """MPI_Comm_spawn_multiple: Spawn of several commands, one item of
-        each list a command (its children in that order), one bridge."""
+        each list a command (its children in that order; ``maxprocs`` one
+        int: that many of each), one bridge; ``errcodes``: filled with a
+        list of 0s a command."""
         from .spawn import spawn
         return spawn(self, command, args, maxprocs, info, root, errcodes, multiple=True)
 

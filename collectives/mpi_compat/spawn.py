@@ -159,19 +159,21 @@ def _start(children: list[tuple[list[str], str | None]], parents: int, port: int
 
 
 def _children(command: Any, args: Any, maxprocs: Any, info: Any,
-              multiple: bool) -> list[tuple[list[str], str | None]]:
+              multiple: bool) -> tuple[list[tuple[list[str], str | None]], list[int]]:
     """The root's arguments, one (command line, working directory) a child;
     Spawn_multiple's lists, one item a command (``args`` None: none for
-    any; ``maxprocs`` None: 1 each; ``info`` one for all, or a list)."""
+    any; ``maxprocs`` None: 1 each, an int: that many each, as mpi4py's;
+    ``info`` one for all, or a list); and each command's count of children."""
     if not multiple:
         command, args, maxprocs, info = [command], [args], [maxprocs], [info]
     else:
-        if isinstance(command, (str, bytes, os.PathLike)):
-            raise TypeError(f"command is a list of commands, got {command!r:.60}")
+        if isinstance(command, (str, bytes, os.PathLike)):     # (mpi4py's ValueError)
+            raise ValueError(f"command is a list of commands, got {command!r:.60}")
         command = list(command)
         k = len(command)
         args = [None] * k if args is None else list(args)
-        maxprocs = [1] * k if maxprocs is None else list(maxprocs)
+        maxprocs = [1] * k if maxprocs is None else [maxprocs] * k \
+            if isinstance(maxprocs, numbers.Integral) else list(maxprocs)
         info = [info] * k if info is None or hasattr(info, "items") else list(info)
         if not k or any(len(x) != k for x in (args, maxprocs, info)):
             raise ValueError(f"command, args, maxprocs and info are lists of one length (one "
@@ -183,7 +185,7 @@ def _children(command: Any, args: Any, maxprocs: Any, info: Any,
             raise ValueError(f"maxprocs must be a whole number of processes, 1 or more, "
                              f"got {m!r}")
         out += [(_argv(c, a), _wdir(i))] * int(m)
-    return out
+    return out, [int(m) for m in maxprocs]
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -228,7 +230,7 @@ _RAISES = {"TypeError": TypeError, "ValueError": ValueError,
 
 
 def spawn(comm: Comm, command: Any, args: Any = None, maxprocs: Any = 1, info: Any = None,
-          root: int = 0, errcodes: list[int] | None = None, multiple: bool = False) -> Intercomm:
+          root: int = 0, errcodes: list[Any] | None = None, multiple: bool = False) -> Intercomm:
     """MPI_Comm_spawn (``multiple``: MPI_Comm_spawn_multiple), collective
     over ``comm``: ``command``, ``args``, ``maxprocs`` and ``info`` are the
     root's (as MPI's); the others wait for the bridge (module docstring).
@@ -245,7 +247,7 @@ def spawn(comm: Comm, command: Any, args: Any = None, maxprocs: Any = 1, info: A
     server = None
     if comm.rank == root:
         try:
-            children = _children(command, args, maxprocs, info, multiple)
+            children, per = _children(command, args, maxprocs, info, multiple)
             hosts = _hosts(comm)
             if hosts:
                 raise NotImplementedError(f"the parents are on several hosts ({hosts}): the "
@@ -256,6 +258,7 @@ def spawn(comm: Comm, command: Any, args: Any = None, maxprocs: Any = 1, info: A
                                       curve=curve_wanted()).start()
             procs = _start(children, parents, server.port, secret)
             said = {"port": server.port, "secret": secret, "n": len(children),
+                    "per": per,
                     "command": " ".join(sorted({c[0][0] for c in children}))}
         except (OSError, TypeError, ValueError, NotImplementedError, mesh.MeshError) as e:
             if server is not None:
@@ -279,8 +282,9 @@ def spawn(comm: Comm, command: Any, args: Any = None, maxprocs: Any = 1, info: A
         if isinstance(e, mesh_errors.LostPeerError):
             raise mesh_errors.LostPeerError(text, e.peer) from e
         raise mesh_errors.RendezvousError(text) from e
-    if errcodes is not None:
-        errcodes[:] = [0] * n
+    if errcodes is not None:        # (Spawn_multiple's: a list of them a command, as mpi4py's)
+        codes: list[Any] = [[0] * k for k in said["per"]] if multiple else [0] * n
+        errcodes[:] = codes
     return inter
 
 
