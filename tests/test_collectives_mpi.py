@@ -251,6 +251,10 @@ def test_mpi4py_surface_its_own_suite_uses() -> None:
     assert MPI.Op() == MPI.OP_NULL and not MPI.OP_NULL and MPI.Op(MPI.SUM) == MPI.SUM != MPI.MAX
     assert MPI.Datatype() == MPI.DATATYPE_NULL and MPI.Datatype(MPI.INT) == MPI.INT
     assert MPI.Message() == MPI.MESSAGE_NULL != MPI.MESSAGE_NO_PROC
+    parent = MPI.Comm.Get_parent()      # (not spawned: an Intercomm, COMM_NULL's equal)
+    assert isinstance(parent, MPI.Intercomm) and parent == MPI.COMM_NULL and not parent
+    with pytest.raises(TypeError, match=r"Comm\(\): expecting a communicator, got tuple"):
+        MPI.Comm((1, 2, 3))
     with pytest.raises(ValueError, match="OP_NULL has no function"):
         MPI.OP_NULL(1, 2)
     x, y = [1], [1]         # (a tie: the lower index's pair itself, as mpi4py's test_op)

@@ -63,6 +63,9 @@ class Comm(PointToPoint, UnevenInits, ObjectCollectives, Attributes):
         """``g`` a meshrun communicator, or a Comm (mpi4py's
         ``MPI.Intracomm(comm)``: another handle of its communicator)."""
         of = g if isinstance(g, Comm) else None
+        if of is None and g is not None and not hasattr(g, "rank"):
+            raise TypeError(f"collectives.MPI.{type(self).__name__}(): expecting a "
+                            f"communicator, got {type(g).__name__}")
         g = of._g if of is not None else g
         self._g = g         # type: ignore[assignment]
         self._posted = 0

@@ -42,7 +42,7 @@ from mesh.peer import config_float
 from mesh.rdvlaunch import Teller
 from mesh.rdvserver import RendezvousServer
 
-from .comm import COMM_NULL, Comm, Intracomm
+from .comm import Comm, Intracomm
 from .inter import Intercomm
 from .types import Exception as MPIException
 
@@ -362,12 +362,12 @@ def child_world(w: Any) -> Comm | None:
 
 def get_parent() -> Comm:
     """A spawned child's Intercomm to its parents (until its Disconnect);
-    COMM_NULL in a process not spawned."""
+    in a process not spawned an Intercomm equal to COMM_NULL (mpi4py's)."""
     if os.environ.get(MARK):
         from .. import MPI
         MPI.COMM_WORLD          # (joins the bridge on first use)
     parent = _child["parent"]
-    return COMM_NULL if parent is None else parent
+    return Intercomm() if parent is None else parent
 
 
 def disconnect(inter: Intercomm) -> None:
