@@ -67,7 +67,7 @@ globals().update(DISTRIBUTES)
 FILE_NULL = File(None, None, 0)  # type: ignore[arg-type]
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None
-WIN_NULL = None
+WIN_NULL = Win()
 MAX_PROCESSOR_NAME = 256
 
 __all__ = ["COMM_WORLD", "COMM_SELF", "COMM_NULL", "COMM_TYPE_SHARED", "Comm", "Intracomm",

@@ -521,6 +521,11 @@ class Window:
         self._check("sync")
         _memory_fence()
 
+    @property
+    def freed(self) -> bool:
+        """Whether free() ran (on this rank)."""
+        return self._freed
+
     def free(self, timeout: float | None = None) -> None:
         """MPI's Win_free, collective: once every rank's operations on this
         rank's window are applied, it is exposed no more; any call on it

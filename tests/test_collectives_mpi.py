@@ -255,6 +255,40 @@ def test_mpi4py_surface_its_own_suite_uses() -> None:
     assert isinstance(parent, MPI.Intercomm) and parent == MPI.COMM_NULL and not parent
     with pytest.raises(TypeError, match=r"Comm\(\): expecting a communicator, got tuple"):
         MPI.Comm((1, 2, 3))
+    for null in (MPI.Topocomm(), MPI.Cartcomm(), MPI.Graphcomm(), MPI.Distgraphcomm()):
+        assert null == MPI.COMM_NULL and not null
+    with pytest.raises(TypeError, match=r"Topocomm\(\): expecting a communicator with a top"):
+        MPI.Topocomm(MPI.COMM_SELF)
+    # MESSAGE_NO_PROC true, as mpi4py's; a copy of it received: MESSAGE_NULL; Mprobe(PROC_NULL)
+    noproc, st = MPI.Message(MPI.MESSAGE_NO_PROC), MPI.Status()
+    assert MPI.MESSAGE_NO_PROC and noproc == MPI.MESSAGE_NO_PROC and noproc.recv(st) is None
+    assert noproc == MPI.MESSAGE_NULL and MPI.MESSAGE_NO_PROC and st.source == MPI.PROC_NULL
+    assert MPI.COMM_SELF.Mprobe(MPI.PROC_NULL) == MPI.MESSAGE_NO_PROC
+    # MPI.Win() WIN_NULL's; Datatype's and Win's attributes (Comm's keyvals: attrs.py)
+    assert MPI.Win() == MPI.WIN_NULL and MPI.Win() is not MPI.WIN_NULL and not MPI.WIN_NULL
+    assert MPI.WIN_NULL.Get_name() == "MPI_WIN_NULL" and not hasattr(MPI.WIN_NULL, "Dup")
+    kt = MPI.Datatype.Create_keyval(lambda o, k, v: MPI.Datatype.Dup(v),
+                                    lambda o, k, v: MPI.Datatype.Free(v))
+    typ, inner = MPI.INT.Dup(), MPI.FLOAT.Dup()
+    typ.Set_attr(kt, inner)
+    twin = typ.Dup()
+    copied = twin.Get_attr(kt)
+    assert copied != inner and copied.dtype == np.float32 and copied != MPI.DATATYPE_NULL
+    twin.Free()
+    assert copied == MPI.DATATYPE_NULL == twin and inner != MPI.DATATYPE_NULL != MPI.INT
+    typ.Delete_attr(kt)
+    assert inner == MPI.DATATYPE_NULL and typ.Get_attr(kt) is None
+    assert MPI.Datatype.Free_keyval(kt) == MPI.KEYVAL_INVALID
+    kw = MPI.Win.Create_keyval(delete_fn=lambda o, k, v: MPI.Win.Free(v))
+    win = MPI.Win.Create(np.zeros(2), 8, comm=MPI.COMM_SELF)
+    held = MPI.Win.Create(np.zeros(1), 8, comm=MPI.COMM_SELF)
+    win.Set_attr(kw, held)
+    assert win.Get_attr(kw) is held and win.Get_attr(MPI.WIN_SIZE) == 16
+    handle = MPI.Win(win)
+    assert handle == win != MPI.WIN_NULL and handle.Get_attr(kw) is held
+    win.Free()
+    assert held == MPI.WIN_NULL == handle and not handle
+    assert MPI.Win.Free_keyval(kw) == MPI.KEYVAL_INVALID
     with pytest.raises(ValueError, match="OP_NULL has no function"):
         MPI.OP_NULL(1, 2)
     x, y = [1], [1]         # (a tie: the lower index's pair itself, as mpi4py's test_op)

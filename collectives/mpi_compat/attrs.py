@@ -1,9 +1,10 @@
-"""MPI's attribute caching on a communicator (MPI_Comm_create_keyval,
+"""MPI's attribute caching on a communicator, a datatype and a window
+(MPI_Comm_create_keyval, MPI_Type_..., MPI_Win_...: Create_keyval,
 Set_attr, Get_attr, Delete_attr, Free_keyval), as mpi4py has it: a keyval
-is this process's, its value any Python object; ``copy_fn(comm, keyval,
-value)`` runs at Dup (None or False: the attribute is not copied; True:
-the same value; its NotImplemented: not copied), ``delete_fn(comm,
-keyval, value)`` at Delete_attr, at a Set_attr over a value and at Free.
+is this process's, its value any Python object; ``copy_fn(obj, keyval,
+value)`` runs at a communicator's or a datatype's Dup (None or False: the
+attribute is not copied; True: the same value; its NotImplemented: not
+copied), ``delete_fn(obj, keyval, value)`` at Delete_attr, at a Set_attr over a value and at Free.
 An exception in either is printed to stderr and raised as MPI.Exception
 (ERR_OTHER), as mpi4py's. Nothing crosses processes: each rank keeps its
 own, as MPI's."""
@@ -14,13 +15,17 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from .types import ERR_OTHER, ERRORS, TAG_UB
-from .types import Exception as MPIException
-
 __all__ = ["Attributes", "KEYVAL_INVALID"]
 
 KEYVAL_INVALID = -1
-ERR_KEYVAL = ERRORS["ERR_KEYVAL"]
+TAG_UB = 0      # (types.TAG_UB; types is imported at a call: datatypes, which it imports, use
+                # this module)
+
+
+def _error(code: str, text: str) -> Exception:
+    from . import types
+    return types.Exception(types.ERR_OTHER if code == "ERR_OTHER" else types.ERRORS[code],
+                           text)
 
 Fn = Callable[[Any, int, Any], Any]
 _keyvals: dict[int, tuple[Fn | bool | None, Fn | None]] = {}
@@ -32,13 +37,14 @@ def _called(fn: Fn, obj: Any, keyval: int, value: Any, what: str) -> Any:
         return fn(obj, keyval, value)
     except Exception as e:      # (mpi4py's: printed, then MPI's error class)
         traceback.print_exc(file=sys.stderr)
-        raise MPIException(ERR_OTHER, f"collectives.MPI {what} of keyval {keyval}: "
-                                      f"{type(e).__name__}: {e}") from e
+        raise _error("ERR_OTHER", f"collectives.MPI {what} of keyval {keyval}: "
+                                  f"{type(e).__name__}: {e}") from e
 
 
 class Attributes:
-    """Comm's attribute calls: the values in ``_attrs``, shared by every
-    handle of one communicator (``MPI.Intracomm(comm)`` takes its dict)."""
+    """The attribute calls of Comm, Datatype and Win: the values in
+    ``_attrs``, shared by every handle of one object (``MPI.Intracomm(comm)``
+    and ``MPI.Win(win)`` take its dict)."""
 
     @property
     def _attrs(self) -> dict[int, Any]:
@@ -98,6 +104,6 @@ class Attributes:
 
 def _known(keyval: int, what: str) -> int:
     if keyval not in _keyvals:
-        raise MPIException(ERR_KEYVAL, f"collectives.MPI {what}: keyval {keyval!r} is none "
-                               f"Create_keyval made (MPI_ERR_KEYVAL)")
+        raise _error("ERR_KEYVAL", f"collectives.MPI {what}: keyval {keyval!r} is none "
+                                   f"Create_keyval made (MPI_ERR_KEYVAL)")
     return keyval

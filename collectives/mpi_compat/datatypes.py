@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .attrs import Attributes
+
 __all__ = ["Datatype", "Typemap", "Selection", "Blocks", "ORDER_C", "ORDER_FORTRAN",
            "ORDER_F", "COMBINERS", "DATATYPE_NULL", "DISTRIBUTES"]
 
@@ -267,7 +269,7 @@ def _absent(owner: str, name: str) -> NotImplementedError:
         f"Create_struct and Create_darray are")
 
 
-class Datatype(metaclass=_DatatypeMeta):
+class Datatype(Attributes, metaclass=_DatatypeMeta):
     """An MPI datatype. A predefined one is the numpy ``dtype`` of its
     elements (MPI.DOUBLE: float64; the pair types, MPI.DOUBLE_INT..., a
     structured dtype of a value ``v`` and an index ``i``, for MAXLOC and
@@ -371,16 +373,30 @@ class Datatype(metaclass=_DatatypeMeta):
         return self
 
     def Free(self) -> None:
-        """(a derived type's: it may not be used again; a predefined one's:
-        nothing)"""
-        if self.typemap is not None:
+        """(a derived type's or a Dup's: its attributes' delete_fn run, it may
+        not be used again and equals DATATYPE_NULL; a predefined one's: nothing)"""
+        if (self.typemap is not None or not self.is_named) and not self.freed:
+            self._delete_attrs()
             self.freed = True
 
+    def __eq__(self, other: object) -> bool:
+        """(the same type; a freed one equals DATATYPE_NULL, as mpi4py's handle)"""
+        if isinstance(other, Datatype):
+            return self is other or self._null() and other._null()
+        return NotImplemented
+
+    __hash__ = object.__hash__
+
+    def _null(self) -> bool:
+        return self.freed or self.name == "DATATYPE_NULL"
+
     def Dup(self) -> "Datatype":
-        """(as MPI_Type_dup: the same committed state)"""
+        """(as MPI_Type_dup: the same committed state; each attribute through
+        its keyval's copy_fn)"""
         dup = Datatype(self.name, self.dtype, self.typemap)
         dup.committed = self.committed
         dup.made = (self, "DUP", {})
+        self._copy_attrs(dup)
         return dup
 
     def _derive(self, call: str, tm: Typemap, combiner: str,

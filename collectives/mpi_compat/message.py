@@ -10,7 +10,7 @@ from mesh.errors import OutMismatchError
 
 from .requests import Request, Status, fill, fit
 from .tuples import unwrap
-from .types import ANY_SOURCE, ANY_TAG
+from .types import ANY_SOURCE, ANY_TAG, PROC_NULL
 
 __all__ = ["Message", "MESSAGE_NULL", "MESSAGE_NO_PROC"]
 
@@ -49,10 +49,29 @@ class Message:
         return comm.Improbe(source, tag, status)
 
     def __bool__(self) -> bool:
-        return self._msg is not None
+        """(MESSAGE_NULL false; MESSAGE_NO_PROC and its copies true, as mpi4py's)"""
+        return self._msg is not None or self._no_proc()
+
+    def _no_proc(self) -> bool:
+        return self._msg is None and self._what == "MESSAGE_NO_PROC"
+
+    def _received_no_proc(self, status: Status | None) -> bool:
+        """MESSAGE_NO_PROC's receive (MPI's from PROC_NULL: nothing, the
+        status source PROC_NULL, tag ANY_TAG, no bytes); a copy of it is
+        MESSAGE_NULL after, the constant stays itself, as mpi4py's."""
+        if not self._no_proc():
+            return False
+        if status is not None:
+            status.source, status.tag, status.nbytes = PROC_NULL, ANY_TAG, 0
+            status.cancelled = False
+        if self is not MESSAGE_NO_PROC:
+            self._what = "Mprobe"
+        return True
 
     def Recv(self, buf: Any, status: Status | None = None) -> None:
         from .buffers import spec
+        if self._received_no_proc(status):
+            return
         b = spec(buf, "Message.Recv", packs=True)
         st = mesh.Status()
         msg = self._need()
@@ -70,6 +89,8 @@ class Message:
         return Request(_done_request())
 
     def recv(self, status: Status | None = None) -> Any:
+        if self._received_no_proc(status):
+            return None
         st = mesh.Status()
         value = self._need().recv(status=st)
         fill(status, st)

@@ -28,7 +28,7 @@ from mesh import Comm as MeshComm
 from .. import persistent as P
 from ..runner import Ctx, _name_the_call, start
 from .buffers import _flat, _usable, in_place, spec, vspec
-from .comm import Intracomm
+from .comm import Comm, Intracomm
 from .datatypes import Selection
 from .requests import Prequest, Request
 from .tuples import unwrap, wrap
@@ -72,6 +72,14 @@ def _split(view: np.ndarray, n: int) -> list[np.ndarray]:
 class Topocomm(Intracomm):
     """mpi4py's Topocomm: a communicator with a topology (Cartcomm,
     Graphcomm, Distgraphcomm) and its neighborhood collectives."""
+
+    def __init__(self, g: "MeshComm | Comm | None" = None) -> None:
+        """(mpi4py's ``MPI.Topocomm()``: COMM_NULL's; ``MPI.Topocomm(comm)``
+        of a communicator with no topology: TypeError)"""
+        if type(self) is Topocomm and isinstance(g, Comm) and not isinstance(g, Topocomm):
+            raise TypeError(f"collectives.MPI.Topocomm(): expecting a communicator with a "
+                            f"topology, got {type(g).__name__}")
+        super().__init__(g)
 
     def _edges(self) -> tuple[list[int], list[int]]:
         """(sources, destinations) in MPI's neighbour order."""

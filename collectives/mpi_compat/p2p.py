@@ -10,10 +10,10 @@ from typing import Any, Callable
 import mesh
 
 from .buffers import Buf, spec
-from .message import Message
+from .message import MESSAGE_NO_PROC, Message
 from .requests import Into, Prequest, Request, Status, fill, receive_into
 from .tuples import unwrap, wrap
-from .types import ANY_SOURCE, ANY_TAG, mesh_tag
+from .types import ANY_SOURCE, ANY_TAG, PROC_NULL, mesh_tag
 
 __all__ = ["PointToPoint"]
 
@@ -160,6 +160,8 @@ class PointToPoint:
     def Mprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
                status: Status | None = None) -> Message:
         self._posting()
+        if source == PROC_NULL:     # (MPI's: MESSAGE_NO_PROC, its receive a no-op)
+            return _no_proc(status)
         msg = self._g.mprobe(source, mesh_tag(tag))
         fill(status, msg.status)
         return Message(msg, g=self._g)
@@ -169,6 +171,8 @@ class PointToPoint:
     def Improbe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
                 status: Status | None = None) -> Message | None:
         self._posting()
+        if source == PROC_NULL:
+            return _no_proc(status)
         msg = self._g.improbe(source, mesh_tag(tag))
         if msg is None:
             return None
@@ -217,3 +221,10 @@ class PointToPoint:
     def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         self._posting()
         return Request(self._g.irecv(source, mesh_tag(tag)), finish=unwrap)
+
+
+def _no_proc(status: Status | None) -> Message:
+    """A matched probe of PROC_NULL: a copy of MESSAGE_NO_PROC, the status
+    PROC_NULL's (source PROC_NULL, tag ANY_TAG, no bytes), as MPI's."""
+    MESSAGE_NO_PROC._received_no_proc(status)     # (the constant stays itself)
+    return Message(MESSAGE_NO_PROC)

@@ -35,11 +35,16 @@ class Cartcomm(Topocomm):
     _periods: list[int]     # (1 or 0, as mpi4py's Get_topo gives them)
     _grid: mesh.Grid
 
-    def __init__(self, g: "MeshComm | Comm", dims: list[int] | None = None,
+    def __init__(self, g: "MeshComm | Comm | None" = None, dims: list[int] | None = None,
                  periods: Sequence[Any] | None = None) -> None:
         """``g`` a meshrun communicator with its ``dims`` and ``periods``, or
-        a Cartcomm (mpi4py's ``MPI.Cartcomm(cart)``: another handle of it)."""
+        a Cartcomm (mpi4py's ``MPI.Cartcomm(cart)``: another handle of it;
+        ``MPI.Cartcomm()``: a null one, equal to COMM_NULL)."""
         grid = None
+        if g is None and dims is None:
+            super().__init__(None)
+            self._dims, self._periods = [], []
+            return
         if isinstance(g, Comm) and dims is None:
             if not isinstance(g, Cartcomm):
                 raise TypeError(f"collectives.MPI Cartcomm: expecting a Cartesian "
@@ -147,10 +152,15 @@ class Graphcomm(Topocomm):
     _index: list[int]
     _edges_all: list[int]
 
-    def __init__(self, g: "MeshComm | Comm", index: Sequence[int] | None = None,
+    def __init__(self, g: "MeshComm | Comm | None" = None, index: Sequence[int] | None = None,
                  edges: Sequence[int] | None = None) -> None:
         """``g`` a meshrun communicator with the graph, or a Graphcomm
-        (mpi4py's ``MPI.Graphcomm(graph)``: another handle of it)."""
+        (mpi4py's ``MPI.Graphcomm(graph)``: another handle of it;
+        ``MPI.Graphcomm()``: a null one, equal to COMM_NULL)."""
+        if g is None and index is None:
+            super().__init__(None)
+            self._index, self._edges_all, self._checked = [], [], False
+            return
         if isinstance(g, Comm) and index is None:
             if not isinstance(g, Graphcomm):
                 raise TypeError(f"collectives.MPI Graphcomm: expecting a graph communicator, "
@@ -228,11 +238,17 @@ class Distgraphcomm(Topocomm):
     _dsts: list[int]
     _weights: tuple[list[int], list[int]] | None
 
-    def __init__(self, g: "MeshComm | Comm", sources: Sequence[int] | None = None,
+    def __init__(self, g: "MeshComm | Comm | None" = None,
+                 sources: Sequence[int] | None = None,
                  destinations: Sequence[int] | None = None,
                  weights: tuple[list[int], list[int]] | None = None) -> None:
         """``g`` a meshrun communicator with this rank's edges, or a
-        Distgraphcomm (``MPI.Distgraphcomm(dg)``: another handle of it)."""
+        Distgraphcomm (``MPI.Distgraphcomm(dg)``: another handle of it;
+        ``MPI.Distgraphcomm()``: a null one, equal to COMM_NULL)."""
+        if g is None and sources is None:
+            super().__init__(None)
+            self._srcs, self._dsts, self._weights = [], [], None
+            return
         if isinstance(g, Comm) and sources is None:
             if not isinstance(g, Distgraphcomm):
                 raise TypeError(f"collectives.MPI Distgraphcomm: expecting a distributed "

@@ -35,6 +35,7 @@ import mesh
 from mesh.errors import MismatchError
 from mesh.window import OPS as WINDOW_OPS
 
+from .attrs import Attributes
 from .buffers import Buf, _flat, spec
 from .requests import Request
 from .types import BOTTOM, PROC_NULL, UNDEFINED, Datatype, Op, datatype_of
@@ -79,13 +80,27 @@ def _world_self() -> Any:
     return MPI.COMM_SELF
 
 
-class Win(metaclass=_WinType):
+class Win(Attributes, metaclass=_WinType):
     """mpi4py's Win: a meshrun window (``win.window``, mesh.window) over the
-    memory every rank of the communicator exposes."""
+    memory every rank of the communicator exposes. ``MPI.Win()`` is a null
+    one, equal to WIN_NULL (as a freed window is); ``MPI.Win(win)`` another
+    handle of ``win``."""
 
-    def __init__(self, comm: Any, memory: np.ndarray, disp_unit: int, dtype: Any,
-                 what: str, shared: bool = False) -> None:
+    window: Any
+
+    def __init__(self, comm: Any = None, memory: np.ndarray | None = None, disp_unit: int = 1,
+                 dtype: Any = None, what: str = "", shared: bool = False) -> None:
         import collectives
+        if memory is None:
+            if comm is not None and not isinstance(comm, Win):
+                raise TypeError(f"collectives.MPI.Win(): expecting a Win, got "
+                                f"{type(comm).__name__} (Win.Create, Win.Allocate make one)")
+            if comm is None:
+                self.window, self.rank = None, -1
+            else:       # (another handle: the same window, memory and attributes)
+                self.__dict__.update(comm.__dict__)
+                self.__dict__["_attr_values"] = comm._attrs
+            return
         g: mesh.Comm = comm.mesh
         self.rank = g.rank
         unit = int(disp_unit)
@@ -191,7 +206,7 @@ class Win(metaclass=_WinType):
             return self._flavor
         if keyval == WIN_MODEL:         # (meshrun's windows: one copy, as MPI's unified model)
             return WIN_FLAVORS["WIN_UNIFIED"]
-        return None
+        return super().Get_attr(keyval)
 
     flavor = property(lambda self: self.Get_attr(WIN_CREATE_FLAVOR))
     model = property(lambda self: self.Get_attr(WIN_MODEL))
@@ -200,7 +215,8 @@ class Win(metaclass=_WinType):
     group = property(lambda self: self.Get_group())
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name[:1].islower():
+        # (Dup: MPI has no window duplicate, nor mpi4py's Win: hasattr(win, "Dup") is False)
+        if name.startswith("_") or name[:1].islower() or name == "Dup":
             raise AttributeError(f"collectives.MPI.Win has no attribute {name!r}")
         raise _absent(name)
 
@@ -501,9 +517,37 @@ class Win(metaclass=_WinType):
         self.window.sync()
 
     def Free(self) -> None:
+        """(its attributes' delete_fn run, then the window freed: every handle
+        of it equals WIN_NULL after)"""
+        if self.window is None:
+            raise ValueError("collectives.MPI Win.Free: WIN_NULL (freed already) has no "
+                             "window to free")
+        self._delete_attrs()
         self.window.free()
+
+    def Get_name(self) -> str:
+        """(WIN_NULL's "MPI_WIN_NULL", as mpi4py's; a window's what Set_name set)"""
+        return "MPI_WIN_NULL" if self.window is None else str(self.__dict__.get("_name", ""))
+
+    def Set_name(self, name: str) -> None:
+        self.__dict__["_name"] = str(name)
+
+    name = property(Get_name, Set_name)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Win):
+            return self.window is other.window or self._null() and other._null()
+        return NotImplemented
+
+    __hash__ = object.__hash__
+
+    def __bool__(self) -> bool:
+        return not self._null()
+
+    def _null(self) -> bool:
+        return self.window is None or bool(self.window.freed)
 
     free = Free
 
     def __repr__(self) -> str:
-        return f"<MPI.Win {self.window!r}>"
+        return "MPI.WIN_NULL" if self._null() else f"<MPI.Win {self.window!r}>"
