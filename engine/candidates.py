@@ -19,7 +19,7 @@ from .costs import (KEEPS_INPUT, LayerCost, Span, _starts, as_run, counts_for, h
                     layer_by_layer, peak_bytes, stage_costs, stage_held)
 from .ir import I, Schedule
 from .schedules import by_name
-from .user_schedules import made_entry
+from .user_schedules import verified
 
 __all__ = ["SCHEDULES", "Candidate", "Unrun", "microbatch_counts", "builtin", "yours",
            "candidates", "fewest", "best_first", "stage_spans"]
@@ -105,18 +105,7 @@ def yours(scheds: Sequence[Schedule], p: int, said: list[list[str]] | None = Non
             raise TypeError(f"yours #{k} is {type(sched).__name__}, not an engine.Schedule")
         if sched.name in ("", "custom"):
             sched = sched.replace(sched.ranks, name=f"yours #{k}")
-        try:
-            if sched.num_ranks != p:
-                raise ValueError(f"schedule {sched.name!r} (yours #{k}) has {sched.num_ranks} "
-                                 f"ranks, the grid's pp axis {p}")
-            sched.validate()        # (the lowered copy it checked not kept: as given)
-        except ValueError as e:
-            if said is not None:
-                said.append(made_entry(None, repr(sched.name), e))
-            raise
-        if said is not None:
-            said.append(made_entry(sched, repr(sched.name)))
-        out.append(sched)
+        out.append(verified(sched, p, said, f" (yours #{k})"))
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from .choose import SCHEDULES, builtin, microbatch_counts, table, yours
 from .ir import Schedule
 from .schedules import _NAMES, by_name, is_name
-from .user_schedules import Family, family_or_name, made_entry
+from .user_schedules import Family, family_or_name, made_entry, verified
 
 
 def _microbatches_checked(microbatches: Any) -> int | None:
@@ -173,18 +173,7 @@ def _schedules(schedule: Any, p: int, L: int, rows: int, microbatches: int | Non
     auto = given is not None or isinstance(schedule, str) and schedule == "auto"
     unrun: list[tuple[str, int, str]] = []
     if isinstance(schedule, Schedule):
-        try:
-            if schedule.num_ranks != p:
-                raise ValueError(f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, "
-                                 f"the grid's pp axis {p}")
-            schedule.validate()     # (a ScheduleError: before any layer is timed)
-        except ValueError as e:
-            if made is not None:
-                made.append(made_entry(None, repr(schedule.name), e))
-            raise
-        if made is not None:
-            made.append(made_entry(schedule, repr(schedule.name)))
-        scheds = [schedule]
+        scheds = [verified(schedule, p, made)]   # (before any layer is timed)
     else:
         if microbatches is not None:
             ms = [microbatches]

@@ -85,6 +85,26 @@ def made_entry(sched: Schedule | None, label: str, why: BaseException | str | No
     return [label, "#" + hashlib.sha1(sched.to_json().encode()).hexdigest()[:8]]
 
 
+def verified(sched: Schedule, p: int, made: list[list[str]] | None, yours: str = ""
+             ) -> Schedule:
+    """``sched`` checked for ``p`` pipeline ranks and verified (``validate``:
+    a ``ScheduleError`` naming it), what became of it appended to ``made``
+    (``made_entry``; before the error is raised too). ``yours``: how the
+    error names it beside its name (" (yours #2)")."""
+    try:
+        if sched.num_ranks != p:
+            raise ValueError(f"schedule {sched.name!r}{yours} has {sched.num_ranks} ranks, "
+                             f"the grid's pp axis {p}")
+        sched.validate()        # (the lowered copy it checked not kept: as given)
+    except ValueError as e:
+        if made is not None:
+            made.append(made_entry(None, repr(sched.name), e))
+        raise
+    if made is not None:
+        made.append(made_entry(sched, repr(sched.name)))
+    return sched
+
+
 def made_agreed(rank: int, everyone: Sequence[Sequence[Sequence[str]] | None]) -> None:
     """Raise the same ValueError on every rank (``rank``: this one) where the
     ranks made their own schedules otherwise (``everyone``: each rank's
