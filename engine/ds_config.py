@@ -197,6 +197,17 @@ def _autos(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _typed(cfg: dict[str, Any], key: str, types: Any) -> Any:
+    """``cfg[key]`` (the optimizer's or the scheduler's), None or checked:
+    ``{"type": one of types, "params": {...}}``."""
+    v = cfg.get(key)
+    if v is not None and (not isinstance(v, dict) or v.get("type") not in types
+                          or set(v) - {"type", "params"}):
+        raise ValueError(f"deepspeed config: {key}={v!r}: {{\"type\": one of "
+                         f"{', '.join(types)}, \"params\": {{...}}}}")
+    return v
+
+
 def _fp16(f: dict[str, Any]) -> dict[str, Any]:
     bad = sorted(set(f) - FP16_KEYS)
     if bad:
@@ -226,18 +237,8 @@ def parse(config: Any, world_size: int) -> Config:
                           f"a run computes)", stacklevel=3)
         elif k not in known | COSMETIC:
             raise ValueError(f"deepspeed config: {k}: not supported")
-    opt = cfg.get("optimizer")
-    if opt is not None:
-        if not isinstance(opt, dict) or opt.get("type") not in OPTIMIZERS or \
-                set(opt) - {"type", "params"}:
-            raise ValueError(f"deepspeed config: optimizer={opt!r}: {{\"type\": one of "
-                             f"{', '.join(OPTIMIZERS)}, \"params\": {{...}}}}")
-    sch = cfg.get("scheduler")
-    if sch is not None:
-        if not isinstance(sch, dict) or sch.get("type") not in SCHEDULERS or \
-                set(sch) - {"type", "params"}:
-            raise ValueError(f"deepspeed config: scheduler={sch!r}: {{\"type\": one of "
-                             f"{', '.join(SCHEDULERS)}, \"params\": {{...}}}}")
+    opt = _typed(cfg, "optimizer", OPTIMIZERS)
+    sch = _typed(cfg, "scheduler", SCHEDULERS)
     clip = cfg.get("gradient_clipping", 0.0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ValueError(f"deepspeed config: gradient_clipping={clip!r}: a number >= 0")
