@@ -662,8 +662,13 @@ def test_a_rank_waiting_through_a_network_drop_joins_as_the_link_comes_back(
             waiter.join(10)
         assert isinstance(got[1], list) and got[0] == got[1], got
         assert [p["host"] for p in got[0]] == ["h0", "h1"] and srv.rejected == 0
+        # (the rank's question whether the port refuses connections may reach the service
+        # as the link comes back: counted and logged there as a refused handshake, README's
+        # "Network drops")
         said = [re.sub(r"\d+s into", "Ns into", r.getMessage()) for r in caplog.records
-                if r.name == "mesh.rendezvous" and "pid" not in r.getMessage()]
+                if r.name == "mesh.rendezvous" and "pid" not in r.getMessage()
+                and not r.getMessage().startswith("rendezvous: refused a connection that "
+                                                  "failed the handshake")]
         dropped = f"rank 1: rendezvous at tcp://127.0.0.1:{link.port}: the connection to the " \
                   f"service dropped Ns into the wait"
         assert said[-1] == f"{dropped} and is back: joined again", said
