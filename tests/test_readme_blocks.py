@@ -281,6 +281,11 @@ SPAWNED = [
      "grads = np.full(4, float(world.rank)); mine = np.arange(3.0) + world.rank\n"
      "rows = np.zeros((4, 3)); steps = 2",
      "np.all(grads == 1.5) and np.array_equal(rows[:, 0], [0, 1, 2, 3])"),
+    ("with C.File.open(world, \"ckpt.bin\", \"w\") as f:",
+     "import os; os.chdir(DIR); n = 4\n"
+     "shard = np.arange(4, dtype=np.float32) + 10 * world.rank\n"
+     "rows = np.full(world.rank + 1, 7, np.float32); out = np.zeros(4, np.float32)",
+     "np.array_equal(out, shard) and off == world.rank * (world.rank + 1) // 2"),
 ]
 
 
@@ -297,9 +302,9 @@ def _run_spawned(world: Any, runs: list[tuple[str, str, str]], where: str) -> li
 
 
 def test_quick_whole_blocks_run_at_four_ranks(tmp_path: Path) -> None:
-    """Windows, user-defined ops, GradReducer, collectives.MPI and persistent
-    collectives, each block as written, in one spawn; each checked on what
-    its comments say it does."""
+    """Windows, user-defined ops, GradReducer, collectives.MPI, persistent
+    collectives and parallel file I/O, each block as written, in one spawn;
+    each checked on what its comments say it does."""
     runs = [(block(first), ctx, check) for first, ctx, check in SPAWNED]
     got = mesh.spawn(_run_spawned, 4, runs, str(tmp_path), timeout=120)
     for i, (first, _, _) in enumerate(SPAWNED):
