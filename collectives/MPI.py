@@ -48,6 +48,7 @@ from .mpi_compat.win import (LOCK_EXCLUSIVE, LOCK_SHARED, MODE_NOCHECK, MODE_NOP
                              MODE_NOPUT, MODE_NOSTORE, MODE_NOSUCCEED, WIN_BASE,
                              WIN_CREATE_FLAVOR, WIN_DISP_UNIT, WIN_FLAVORS, WIN_MODEL, WIN_SIZE,
                              Win)
+from .mpi_compat import typecodes as _typecodes
 from .mpi_compat.datatypes import (COMBINERS, DATATYPE_NULL, DISTRIBUTES, ORDER_C, ORDER_F,
                                    ORDER_FORTRAN)
 from .mpi_compat.types import (ANY_SOURCE, ANY_TAG, BOTTOM, CART, CONGRUENT, DATATYPES,
@@ -64,6 +65,7 @@ globals().update(MODES)
 globals().update(FILE_ERRORS)
 globals().update(COMBINERS)
 globals().update(DISTRIBUTES)
+_typecode, _typealign = _typecodes.typecode, _typecodes.typealign     # (mpi4py's private two)
 FILE_NULL = File(None, None, 0)  # type: ignore[arg-type]
 OP_NULL = Op("OP_NULL", lambda x, y: x, "op_null")
 INFO_NULL = None

@@ -216,6 +216,31 @@ def test_what_is_not_provided_names_itself() -> None:
         MPI.Intracomm.Create_from_group(MPI.GROUP_EMPTY)
 
 
+def test_type_codes_as_mpi4py() -> None:
+    """Datatype.typechar and typestr, MPI._typecode and _typealign (what
+    mpi4py.util.dtlib and its tests call), the typecodes fromcode maps as
+    mpi4py under Open MPI, and decode of a struct whose field types were
+    freed after it was made (MPI keeps them for it)."""
+    for t, char, text, code, align in [
+            (MPI.DOUBLE, "d", "f8", "d", 8), (MPI.CHAR, "c", "S1", "c", 1),
+            (MPI.BYTE, "B", "u1", "B", 1), (MPI.C_BOOL, "?", "b1", "b1", 1),
+            (MPI.AINT, "p", "i8", "p", 8), (MPI.DOUBLE_INT, "V", "V16", None, 8),
+            (MPI.INT.Create_vector(2, 1, 2), "V", "V12", None, None),
+            (MPI.DOUBLE.Dup(), "d", "f8", "d", 8)]:
+        assert (t.typechar, t.typestr, MPI._typecode(t), MPI._typealign(t)) == \
+            (char, text, code, align), t
+    assert MPI.DATATYPE_NULL.typestr == "" and MPI.DATATYPE_NULL.typechar == ""
+    assert [MPI.Datatype.fromcode(c) for c in ("P", "b1", "e", "f2")] == \
+        [MPI.UNSIGNED_LONG, MPI.C_BOOL, MPI.FLOAT16_T, MPI.FLOAT16_T]
+    a, b = MPI.DOUBLE_INT.Dup(), MPI.INT.Dup()
+    struct = MPI.Datatype.Create_struct([1, 1], [0, 16], [a, b])
+    a.Free()
+    b.Free()
+    parts = struct.decode()[2]["datatypes"]
+    assert [p.typestr for p in parts] == ["V16", "i4"] and all(parts), parts
+    assert struct.Get_contents()[3][1].Get_size() == 4
+
+
 def test_mpi4py_surface_its_own_suite_uses() -> None:
     """What mpi4py's own test suite (collectives.tools.mpi4py_conformance)
     found missing or wrong in a process's local calls: get_vendor, the

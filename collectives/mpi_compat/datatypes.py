@@ -192,6 +192,17 @@ class Blocks:
             s.put(a[i:i + s.n])
 
 
+def _live(dt: "Datatype") -> "Datatype":
+    """A type a derived one was made of, as Get_contents and decode give it:
+    itself, or, freed since (MPI keeps it for the types made of it), a new
+    handle of it."""
+    if not dt.freed:
+        return dt
+    again = Datatype(dt.name, dt.dtype, dt.typemap)
+    again.committed, again.made = dt.committed, dt.made
+    return again
+
+
 def _ints(x: Any, what: str) -> list[int]:
     try:
         return [int(k) for k in x]
@@ -336,7 +347,7 @@ class Datatype(Attributes, metaclass=_DatatypeMeta):
     def _parts(self) -> list["Datatype"]:
         """The types this one was made of (a struct's, several)."""
         base, name, params = self.made
-        return list(params["datatypes"]) if name == "STRUCT" else [base]
+        return [_live(t) for t in (params["datatypes"] if name == "STRUCT" else [base])]
 
     def Get_contents(self) -> tuple[list[int], list[int], list[int], list["Datatype"]]:
         """mpi4py's (integers, addresses, large counts, datatypes): the
@@ -360,7 +371,10 @@ class Datatype(Attributes, metaclass=_DatatypeMeta):
         as mpi4py's."""
         self._map()
         base, name, params = self.made
-        return base, name, {k: list(v) if isinstance(v, list) else v for k, v in params.items()}
+        args = {k: list(v) if isinstance(v, list) else v for k, v in params.items()}
+        if name == "STRUCT":
+            args["datatypes"] = [_live(t) for t in args["datatypes"]]
+        return _live(base), name, args
 
     combiner = property(lambda self: self.Get_envelope()[4])
     envelope = property(Get_envelope)

@@ -136,7 +136,8 @@ _CODES = {"c": "CHAR", "b": "SIGNED_CHAR", "h": "SHORT", "i": "INT", "l": "LONG"
           "G": "C_LONG_DOUBLE_COMPLEX", "i1": "INT8_T", "i2": "INT16_T", "i4": "INT32_T",
           "i8": "INT64_T", "u1": "UINT8_T", "u2": "UINT16_T", "u4": "UINT32_T", "u8": "UINT64_T",
           "f4": "FLOAT", "f8": "DOUBLE", "c8": "C_FLOAT_COMPLEX", "c16": "C_DOUBLE_COMPLEX",
-          "p": "AINT", "n": "AINT"}
+          "p": "AINT", "n": "AINT", "P": "UNSIGNED_LONG", "N": "UNSIGNED_LONG", "b1": "C_BOOL",
+          "e": "FLOAT16_T", "f2": "FLOAT16_T"}
 """mpi4py's typecodes (its Datatype.fromcode's), each predefined datatype's name."""
 
 
