@@ -3,17 +3,18 @@ master under mesh.spawn of 1 with workers started by Spawn (map with
 chunks, unordered and timeouts, starmap, submit of arrays and tuples, an
 exception's traceback, cancel, an initializer, functions refused, a worker
 that dies breaking the pool, nothing left after shutdown); MPICommExecutor
-under ``meshrun -n 3``; a program whose tasks are its ``__main__``'s
-functions under ``python`` and under ``python -m collectives.futures`` at 3
-ranks; and the codec (references, msgpack and arrays, exceptions) without
-a process."""
+under ``meshrun -n 3`` (its tasks' get_comm_workers); a program whose tasks
+are its ``__main__``'s functions under ``python`` and under ``python -m
+collectives.futures`` at 3 ranks; and without a process the codec
+(references, msgpack and arrays, exceptions), collect, compose and the
+names re-exported from concurrent.futures."""
 from __future__ import annotations
 
 import os
 import sys
 import threading
 import time
-from concurrent.futures import BrokenExecutor, CancelledError, TimeoutError
+from concurrent.futures import BrokenExecutor, CancelledError, Future, TimeoutError
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,12 @@ def init(tag: str) -> None:
 
 def said_init() -> str | None:
     return os.environ.get("FUTURES_INIT")
+
+
+def workers_comm(x: int) -> list[int]:
+    from collectives.futures import get_comm_workers
+    comm = get_comm_workers()
+    return [x, comm.Get_size(), comm.Get_rank()]
 
 
 class Thing:
@@ -187,17 +194,20 @@ def test_pool_of_spawned_workers_under_mesh_spawn() -> None:
 
 def test_comm_executor_under_meshrun(tmp_path: Path) -> None:
     """MPICommExecutor(COMM_WORLD, root=1) at 3 ranks: rank 1 the master,
-    ranks 0 and 2 its workers, whose ``with`` body is skipped. (3-10 s)"""
+    ranks 0 and 2 its workers, whose ``with`` body is skipped, and whose
+    tasks' get_comm_workers() is the two of them. (3-10 s)"""
     script = tmp_path / "comm.py"
     script.write_text(
         "from collectives import MPI\n"
         "from collectives.futures import MPICommExecutor\n"
-        "from test_mpi_futures import pair\n"
+        "from test_mpi_futures import pair, workers_comm\n"
         "with MPICommExecutor(MPI.COMM_WORLD, root=1) as ex:\n"
         "    if ex is not None:\n"
         "        got = list(ex.map(pair, range(6), range(6)))\n"
         "        print('master', MPI.COMM_WORLD.rank, ex.num_workers,\n"
         "              [a for a, _, _ in got], len({p for _, _, p in got}) >= 1)\n"
+        "        comms = {tuple(c[1:]) for c in ex.map(workers_comm, range(4))}\n"
+        "        print('workers comm', comms <= {(2, 0), (2, 1)} and len(comms) >= 1)\n"
         "print('after', MPI.COMM_WORLD.rank)\n")
     env = launch_env(ROOT)
     env["PYTHONPATH"] += os.pathsep + str(ROOT / "tests")
@@ -205,6 +215,7 @@ def test_comm_executor_under_meshrun(tmp_path: Path) -> None:
                                env, 100, cwd=ROOT)
     assert code == 0, out
     assert "[1] master 1 2 [0, 1, 2, 3, 4, 5] True\n" in out, out
+    assert "[1] workers comm True\n" in out, out      # (get_comm_workers: the 2 workers')
     assert all(f"[{r}] after {r}\n" in out for r in range(3)), out
 
 
@@ -222,6 +233,53 @@ def test_main_functions_under_python_and_dash_m_futures() -> None:
                                 "-m", "collectives.futures", str(MAIN), "x"], env, 100, cwd=ROOT)
     assert code == 0, out
     assert out == alone, f"meshrun -m collectives.futures:\n{out}\npython:\n{alone}"
+
+
+def test_collect_and_compose() -> None:
+    from collectives.futures import collect, compose
+    a, b = Future(), Future()
+    both = collect([a, b, a])
+    b.set_result(2)
+    assert not both.done()
+    a.set_result(1)
+    assert both.result(0) == [1, 2, 1]
+    assert collect([]).result(0) == []
+    c, d = Future(), Future()
+    failed = collect([c, d])
+    c.set_exception(KeyError("k"))
+    with pytest.raises(KeyError):
+        failed.result(0)
+    assert d.cancelled()
+    e = Future()
+    assert collect([e]).cancel() and e.cancelled()
+    f = Future()
+    doubled = compose(f, lambda v: 2 * v)
+    f.set_result(4)
+    assert doubled.result(0) == 8
+    g = Future()
+    kept = compose(g, excepthook=lambda exc: f"caught {exc!r}")
+    g.set_exception(ValueError("x"))
+    assert kept.result(0) == "caught ValueError('x')"
+    h = Future()
+    changed = compose(h, excepthook=lambda exc: RuntimeError("other"))
+    h.set_exception(ValueError("x"))
+    with pytest.raises(RuntimeError, match="other"):
+        changed.result(0)
+    i = Future()
+    out = compose(i)
+    assert out.cancel() and i.cancelled()
+    with pytest.raises(CancelledError):
+        out.result(0)
+
+
+def test_futures_names_and_get_comm_workers_outside_a_task() -> None:
+    import concurrent.futures as cf
+
+    from collectives import futures
+    assert futures.ThreadPoolExecutor is cf.ThreadPoolExecutor
+    assert futures.ProcessPoolExecutor is cf.ProcessPoolExecutor
+    with pytest.raises(RuntimeError, match="communicator is not accessible"):
+        futures.get_comm_workers()
 
 
 def test_codec_references_arrays_and_exceptions() -> None:

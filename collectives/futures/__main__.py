@@ -58,9 +58,9 @@ def main() -> None:
         _check(args)
         _run(args)
         return
-    mine, inter = executor.split(comm, 0)
+    mine, inter, local = executor.split(comm, 0)
     if not mine:
-        serve(inter)
+        serve(inter, local)
         return
     executor._shared["comm"] = inter
     try:

@@ -196,9 +196,9 @@ class MPICommExecutor:
         if comm.Get_size() == 1:
             self._executor = MPIPoolExecutor(1, **self._options)
             return self._executor
-        mine, inter = split(comm, root)
+        mine, inter, local = split(comm, root)
         if not mine:
-            serve(inter)
+            serve(inter, local)
             return None
         ex = MPIPoolExecutor(**self._options)
         ex._comm = inter
@@ -214,13 +214,14 @@ class MPICommExecutor:
         return False
 
 
-def split(comm: Any, root: int) -> tuple[bool, Any]:
+def split(comm: Any, root: int) -> tuple[bool, Any, Any]:
     """``comm`` (2 ranks or more) as the root and the others: whether this
-    rank is the root, and the intercommunicator between the two."""
+    rank is the root, the intercommunicator between the two, and this
+    rank's side (the workers' intracommunicator, on a worker)."""
     mine = comm.Get_rank() == root
     local = comm.Split(0 if mine else 1, comm.Get_rank())
     leader = (1 if root == 0 else 0) if mine else root
-    return mine, local.Create_intercomm(0, comm, leader, tag=977)
+    return mine, local.Create_intercomm(0, comm, leader, tag=977), local
 
 
 def shutdown_all() -> None:

@@ -10,12 +10,15 @@
 (``chunked``: ``args`` a list of argument tuples, the reply the list of
 their results), a reply's result, or (``ok`` false) codec.exc_out's
 exception. The setup's reply has id -1. ``main`` runs a spawned worker
-(``python -m collectives.futures.server``)."""
+(``python -m collectives.futures.server``). While a task runs,
+``get_comm_workers()`` is the workers' own intracommunicator (a spawned pool's
+COMM_WORLD; MPICommExecutor's and -m's: the ranks that serve)."""
 from __future__ import annotations
 
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -23,9 +26,21 @@ import mesh
 
 from . import codec
 
-__all__ = ["serve", "main", "TASK", "REPLY"]
+__all__ = ["serve", "main", "get_comm_workers", "TASK", "REPLY"]
 
 TASK, REPLY = 31, 32
+_here = threading.local()       # .workers: the serving thread's workers' communicator
+
+
+def get_comm_workers() -> Any:
+    """mpi4py.futures' ``get_comm_workers()``: inside a task on a worker,
+    the intracommunicator of the pool's workers (for collectives among
+    them: every worker must be running such a task); RuntimeError elsewhere."""
+    comm = getattr(_here, "workers", None)
+    if comm is None:
+        raise RuntimeError("communicator is not accessible: get_comm_workers() is for a "
+                           "task running on a worker of MPIPoolExecutor or MPICommExecutor")
+    return comm
 
 
 def _reply(comm: Any, id_: int, ok: bool, value: Any, what: str) -> None:
@@ -70,9 +85,18 @@ def _idle(comm: Any) -> None:
         wait = min(0.01, wait * 2)
 
 
-def serve(comm: Any) -> None:
+def serve(comm: Any, workers: Any = None) -> None:
     """Run ``comm``'s master's tasks here until it says stop (or is lost:
-    nothing left to serve)."""
+    nothing left to serve); ``workers``: the workers' intracommunicator,
+    get_comm_workers()'s meanwhile."""
+    _here.workers = workers
+    try:
+        _serve(comm)
+    finally:
+        _here.workers = None
+
+
+def _serve(comm: Any) -> None:
     where = f"Worker {comm.Get_rank()} of {comm.Get_size()} (pid {os.getpid()}) on " \
             f"{socket.gethostname()}"
     try:
@@ -104,7 +128,7 @@ def main() -> None:
     parent = MPI.Comm.Get_parent()
     if parent == MPI.COMM_NULL:
         raise SystemExit("collectives.futures.server: not a process MPIPoolExecutor spawned")
-    serve(parent)
+    serve(parent, MPI.COMM_WORLD)
     try:
         parent.Disconnect()
     except mesh.MeshError:
