@@ -6,9 +6,9 @@ runs the test modules of mpi4py's test folder (its sdist's test/: main.py,
 mpiunittest.py, arrayimpl.py, test_*.py) with ``from mpi4py import MPI``
 resolving to collectives.MPI: a shim package ``mpi4py`` in a temporary
 folder, first on sys.path, whose ``MPI`` is collectives.MPI, with an
-``mpi4py.rc`` of mpi4py's defaults and ``mpi4py.util`` (its modules raise
-NotImplementedError: README's "not provided" lists dtlib; pkl5, pool and
-sync are not collectives.MPI's either). Each module runs under meshrun
+``mpi4py.rc`` of mpi4py's defaults and ``mpi4py.util``, whose dtlib, pool,
+sync and pkl5 are collectives.util's (pkl5 raises NotImplementedError: not
+provided). Each module runs under meshrun
 (``python -m mesh.launch -n N``) at each world size, one job a module,
 and the same module under ``mpirun -n N`` with real mpi4py (``--reference
 mpirun``, the default where mpirun and mpi4py are installed; ``none``:
@@ -93,10 +93,12 @@ def profile(*args, **kwargs):
     raise NotImplementedError("collectives.MPI: mpi4py.profile: not provided")
 '''
 
-_UTIL = '''"""mpi4py.util over collectives.MPI: not provided."""
+_UTIL = '''"""mpi4py.util over collectives.MPI: collectives.util."""
 '''
 
-_UTIL_MODULE = '''raise NotImplementedError("collectives.MPI: mpi4py.util.{name}: not provided")
+_UTIL_MODULE = '''import sys
+from collectives.util import {name} as _module
+sys.modules[__name__] = _module
 '''
 
 
