@@ -15,7 +15,9 @@ executor, then its parts: pipeline_args (what a Pipeline is given), step
 (a step's actions), rollback (a failed step); tests/test_engine_layering.py
 keeps the order.) ``engine.ZeroRedundancyOptimizer`` (engine.zero: ZeRO
 stage 1 over a job's dp axis) is a torch optimizer, so it is imported
-only when first named: ``import engine`` imports no torch.
+only when first named, as are ``engine.DistributedAttention`` and
+``engine.ulysses_attention`` (engine.ulysses, Ulysses sequence
+parallelism): ``import engine`` imports no torch.
 """
 from typing import Any
 
@@ -54,4 +56,7 @@ def __getattr__(name: str) -> Any:
     if name == "ZeroRedundancyOptimizer":       # (a torch.optim.Optimizer: torch on first use)
         from .zero import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer
+    if name in ("DistributedAttention", "ulysses_attention"):    # (Ulysses: torch too)
+        from . import ulysses
+        return getattr(ulysses, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -42,18 +42,19 @@ from .ds_config import (SCHEDULERS, Config, DynamicLossScaler, WarmupCosineLR, W
                         WarmupLR, parse)
 from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
 from .ds_zero import ENGINES, Gathers, OwnerReducer, zero, zero_job, zero_optimizer
+from .ulysses import deepspeed_sequence
 
 __all__ = ["initialize", "init_distributed", "DeepSpeedEngine", "comm", "DeepSpeedConfigError",
            "zero", "add_config_arguments",
            "WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "PipelineModule", "LayerSpec",
            "TiedLayerSpec", "PipelineEngine", "pipe", "checkpointing", "accelerator",
-           "get_accelerator", "utils", "runtime", "RepeatingLoader", "set_random_seed"]
+           "get_accelerator", "utils", "runtime", "RepeatingLoader", "set_random_seed", "sequence"]
 
 DeepSpeedConfigError = ValueError
 # DeepSpeed's parts with no counterpart here: named, with where to go instead
 _ABSENT = {"moe": "mixture of experts", "ops": "DeepSpeed's fused kernels (torch's run here)",
            "inference": "init_inference", "init_inference": "inference engines",
-           "sequence": "Ulysses sequence parallelism", "compression": "model compression",
+           "compression": "model compression",
            "profiling": "the flops profiler", "module_inject": "kernel injection",
            "autotuning": "the autotuner"}
 
@@ -67,6 +68,8 @@ def __getattr__(name: str) -> Any:
 
 
 # ``from deepspeed.pipe import PipelineModule`` becomes ``deepspeed.pipe.PipelineModule``
+# (and ``deepspeed.sequence.layer.DistributedAttention``: Ulysses, engine.ulysses)
+sequence = deepspeed_sequence()
 pipe = type(utils)(PipelineModule=PipelineModule, LayerSpec=LayerSpec,
                    TiedLayerSpec=TiedLayerSpec)
 
