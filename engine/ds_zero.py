@@ -230,30 +230,51 @@ class OwnerReducer:
 
 
 class _GatheredParameters:
-    """``deepspeed.zero.GatheredParameters(params)``: under ZeRO 3 the
-    engine's parameters whole for the block (collective), read-only:
-    ``modifier_rank`` (DeepSpeed's: that rank's writes broadcast after) is
-    not supported. Outside ZeRO 3, nothing."""
+    """``deepspeed.zero.GatheredParameters(params, modifier_rank=None,
+    fwd_module=None, enabled=True)``, as DeepSpeed's: under ZeRO 3 the
+    engine's parameters whole on every rank for the block (collective over
+    dp); on leaving it, with ``modifier_rank`` r, rank r's values of
+    ``params`` broadcast to every rank (what r wrote in the block, an
+    initialisation or a load, is every rank's; the others' writes are
+    lost), then each rank keeps its share again; without one, nothing
+    written is kept but on each parameter's owner. Outside ZeRO 3, or
+    with ``enabled=False``, nothing (DeepSpeed's no-op for parameters
+    that are not ZeRO 3's: each rank keeps what it writes). ``fwd_module``
+    (DeepSpeed registers ``params`` as external parameters of that module's
+    forward) is taken: a module here gathers what its forward reads through
+    another's attributes as it reads them (engine.zero_layers' stray reads)."""
 
     def __init__(self, params: Any, modifier_rank: int | None = None,
                  fwd_module: Any = None, enabled: bool = True) -> None:
-        if modifier_rank is not None:
-            raise NotImplementedError(
-                "deepspeed.zero.GatheredParameters(modifier_rank=...): not supported on "
-                "meshrun (read-only); load new values with engine.load_checkpoint")
         ps = [params] if isinstance(params, torch.Tensor) else list(params)
         ids = {id(p) for p in ps}
         self._held: Any = contextlib.nullcontext()
+        self._eng: Any = None
+        self._params = ps
+        self._src = modifier_rank
         for eng in list(ENGINES) if enabled else []:
-            if any(id(p) in ids for p in eng.module.parameters()):
-                self._held = eng._whole()
+            if eng._gathers is not None and any(id(p) in ids for p in eng.module.parameters()):
+                self._held, self._eng = eng._whole(), eng
                 break
+        if self._eng is not None and modifier_rank is not None and not (
+                isinstance(modifier_rank, int) and 0 <= modifier_rank < self._eng.world.size):
+            raise ValueError(f"rank {self._eng.world.rank}: deepspeed.zero.GatheredParameters("
+                             f"modifier_rank={modifier_rank!r}): a rank of the "
+                             f"{self._eng.world.size} the engine's parameters are sharded over")
 
     def __enter__(self) -> None:
         self._held.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        self._held.__exit__(*exc)
+        try:
+            if self._src is not None and self._eng is not None and exc[0] is None:
+                g = self._eng.world
+                works = [collectives.broadcast(g, p.data, root=self._src, async_op=True)
+                         for p in self._params if p.numel()]
+                for w in works:
+                    w.wait()
+        finally:
+            self._held.__exit__(*exc)
 
 
 class _Zero:

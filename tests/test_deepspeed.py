@@ -258,6 +258,21 @@ def _cases(world: Any, ckpt: str) -> dict[str, Any]:
             out["emptied"] = sum(p.numel() == 0 for p in m.parameters())
             with deepspeed.zero.GatheredParameters(list(m.parameters())[:1]):
                 out["gathered"] = sum(p.numel() == 0 for p in m.parameters())
+            with deepspeed.zero.GatheredParameters(list(m.parameters()), enabled=False):
+                out["disabled"] = sum(p.numel() == 0 for p in m.parameters())
+            # rank 1 writes (HF's weight init under ZeRO 3): every rank's after the block
+            before = _weights(eng)
+            with deepspeed.zero.GatheredParameters(m.a.weight, modifier_rank=1, fwd_module=m):
+                with torch.no_grad():
+                    m.a.weight.fill_(0.5 + world.rank)
+            after = _weights(eng)
+            out["modified"] = (float(after[0].sub(1.5).abs().max()), _gap(after[1:], before[1:]),
+                               sum(p.numel() == 0 for p in m.parameters()))
+            plain = torch.nn.Linear(2, 2)   # (no ZeRO 3 parameter: DeepSpeed's no-op)
+            with deepspeed.zero.GatheredParameters(plain.parameters(), modifier_rank=0):
+                with torch.no_grad():
+                    plain.weight.fill_(world.rank)
+            out["plain"] = float(plain.weight.detach().sum())
         if stage == 1:      # a second engine on the same model: the first's hooks stay idle
             again, _, _, _ = deepspeed.initialize(model=m, config=_config(0, rows))
             _train(again, world.rank, range(1), rows)
@@ -406,6 +421,8 @@ def test_zero_stages_precision_and_checkpoint_match_one_process(tmp_path: Any) -
         assert skipped == want >= 1 and STEPS + 2 - skipped >= 2 and gap < 2e-3, r
         assert r["comm"] == (2, 1.0)
         assert r["eval"] == 0.0 and r["emptied"] > 0 and r["gathered"] == 0, r
+        assert r["disabled"] == r["emptied"] and r["plain"] == 4.0 * res.index(r), r
+        assert r["modified"] == (0.0, 0.0, r["emptied"]), r["modified"]
         assert r["16bit"] == ({"torch.bfloat16"}, 0.0), r["16bit"]
         # ZeRO 2 keeps its share's gradients as backward makes them (each reduced to its
         # owner); ZeRO 3 gathers module by module: each peak below the stage before's
