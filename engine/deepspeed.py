@@ -102,8 +102,12 @@ class DeepSpeedEngine(torch.nn.Module):
         self.job = zero_job(model, world, cfg.zero_stage)
         # made before stage 3 empties the others' shares: its buckets' shapes are whole
         # (ZeRO 2 and 3 with an optimizer: engine.ds_zero.OwnerReducer, below)
-        self.reducer: Any = collectives.GradReducer(world, trained) if self.job is None or (
-            optimizer is None and cfg.optimizer is None) else None
+        # (communication_data_type "fp16" / "bf16": each gradient rounded to it on the wire,
+        # engine.ds_zero.OwnerReducer's ``wire``)
+        wire = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.comm_dtype or "")
+        whole = self.job is None or (optimizer is None and cfg.optimizer is None)
+        self.reducer: Any = None if not whole else collectives.GradReducer(world, trained) \
+            if wire is None else OwnerReducer(world, trained, [None] * len(trained), wire)
         self._boundary = [False]
         for i, p in enumerate(trained):
             p.register_post_accumulate_grad_hook(
@@ -113,7 +117,7 @@ class DeepSpeedEngine(torch.nn.Module):
             # ZeRO 2 and 3: each gradient reduced to its owner alone, dropped on the others
             owner = {id(p): r for p, r in zip(self.optimizer.params, self.optimizer.owner)}
             self.reducer = OwnerReducer(self.job.grid.group("dp"), trained,
-                                        [owner.get(id(p)) for p in trained])
+                                        [owner.get(id(p)) for p in trained], wire)
         # stage 3: each module's parameters gathered as it runs (engine.ds_zero)
         self._gathers = Gathers(self.job) if cfg.zero_stage == 3 else None
         if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):

@@ -32,8 +32,8 @@ FP16_KEYS = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_
              "fp16_master_weights_and_grads"}
 # top-level keys whose effect this engine has anyway or that tune what it does not make:
 # taken, changing nothing (README's DeepSpeed table gives each one's reason)
-TAKEN = {"prescale_gradients", "gradient_predivide_factor", "communication_data_type",
-         "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+TAKEN = {"prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+         "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
          "activation_checkpointing"}
 # deepspeed.checkpointing's settings: its checkpoint is torch's, so none changes a result
 ACTIVATION_KEYS = {"partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
@@ -61,6 +61,7 @@ class Config:
     bf16: bool = False
     steps_per_print: int | None = 10
     offload: tuple[str, ...] = ()       # the zero_optimization keys offloading to "cpu"
+    comm_dtype: str | None = None       # communication_data_type "fp16" / "bf16" (None: fp32)
 
 
 def _read(config: Any) -> dict[str, Any]:
@@ -230,7 +231,8 @@ def parse(config: Any, world_size: int) -> Config:
     tb, mb, ga = _batches(cfg, world_size)
     known = {"train_batch_size", "train_micro_batch_size_per_gpu",
              "gradient_accumulation_steps", "optimizer", "scheduler", "gradient_clipping",
-             "zero_optimization", "fp16", "bf16", "bfloat16", "steps_per_print"} | TAKEN
+             "zero_optimization", "fp16", "bf16", "bfloat16", "steps_per_print",
+             "communication_data_type"} | TAKEN
     for k in cfg:
         if k in COSMETIC and _on(cfg[k]):      # (one turned off: nothing to say)
             warnings.warn(f"deepspeed config: {k}: ignored on meshrun (it changes nothing "
@@ -251,8 +253,10 @@ def parse(config: Any, world_size: int) -> Config:
     if fp16 is not None and bf16:
         raise ValueError("deepspeed config: fp16 and bf16: enable one of them, not both")
     spp = cfg.get("steps_per_print", 10)
+    comm = {"fp16": "fp16", "bf16": "bf16", "bfp16": "bf16"}.get(
+        cfg.get("communication_data_type") or "")
     return Config(tb, mb, ga, opt, sch, float(clip), stage, knobs, fp16, bf16,
-                  None if spp is None else _int("steps_per_print", spp), offload)
+                  None if spp is None else _int("steps_per_print", spp), offload, comm)
 
 
 def _taken(cfg: dict[str, Any]) -> None:

@@ -225,9 +225,41 @@ def _held_peak(world: Any, stage: int) -> int:
     return peak[0] + (gap != 0.0)     # (odd: the weights read were not the whole ones)
 
 
+def _wire(world: Any) -> dict[Any, Any]:
+    """communication_data_type: each rank's gradients after the boundary's
+    backward, against the same rounding by hand (DeepSpeed's
+    allreduce_bucket: rounded to the type, summed in it, times 1 / ranks,
+    back to float32; at stage 2 the owner's), and against the float32
+    average (which they must not be)."""
+    out = {}
+    x, y = _data(7, 2 * world.size)
+    local = []
+    for q in range(world.size):
+        r = _net()
+        torch.nn.functional.mse_loss(r(x[2 * q:2 * q + 2]), y[2 * q:2 * q + 2]).backward()
+        local.append([p.grad for p in r.parameters()])
+    for stage, name, dt in ((0, "fp16", torch.float16), (2, "fp16", torch.float16),
+                            (1, "bf16", torch.bfloat16)):
+        m = _net()
+        eng, _, _, _ = deepspeed.initialize(model=m, config={
+            "train_batch_size": 2 * world.size, "steps_per_print": None,
+            "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+            "zero_optimization": {"stage": stage}, "communication_data_type": name})
+        i = 2 * world.rank
+        eng.backward(torch.nn.functional.mse_loss(eng(x[i:i + 2]), y[i:i + 2]))
+        got = [p.grad for p in m.parameters()]
+        want = [(sum(gs[k].to(dt) for gs in local) * (1.0 / world.size)).float()
+                for k in range(len(got))]
+        full = [sum(gs[k] for gs in local) / world.size for k in range(len(got))]
+        out[stage, name] = ([g is None and stage == 2 or g is not None and torch.equal(g, w)
+                             for g, w in zip(got, want)],
+                            [g is not None and torch.equal(g, f) for g, f in zip(got, full)])
+    return out
+
+
 def _cases(world: Any, ckpt: str) -> dict[str, Any]:
     rows = 4 * world.size
-    out: dict[str, Any] = {"real": _real(world)}
+    out: dict[str, Any] = {"real": _real(world), "wire": _wire(world)}
     said = []      # a config refused on rank 1 only, then one rank 1 has another of
     for more in ({"bogus_key": 1}, {"gradient_clipping": 2.0}):
         try:
@@ -423,6 +455,9 @@ def test_zero_stages_precision_and_checkpoint_match_one_process(tmp_path: Any) -
         assert r["eval"] == 0.0 and r["emptied"] > 0 and r["gathered"] == 0, r
         assert r["disabled"] == r["emptied"] and r["plain"] == 4.0 * res.index(r), r
         assert r["modified"] == (0.0, 0.0, r["emptied"]), r["modified"]
+        for stage, dtype in ((0, "fp16"), (2, "fp16"), (1, "bf16")):
+            rounded, averaged = r["wire"][stage, dtype]
+            assert all(rounded) and not any(averaged), (stage, dtype, r["wire"])
         assert r["16bit"] == ({"torch.bfloat16"}, 0.0), r["16bit"]
         # ZeRO 2 keeps its share's gradients as backward makes them (each reduced to its
         # owner); ZeRO 3 gathers module by module: each peak below the stage before's
