@@ -10,8 +10,9 @@ the ranks dp replicas, one ``job.step`` a batch of
     loss = engine.train_batch(data_iter)     # each next(): (inputs, labels) of a micro-batch
 
 As DeepSpeed's, only the first and last stages read the iterator (the
-inputs, the labels); a ``TiedLayerSpec``'s places are one module, kept
-equal across the stages holding it (engine.distribute's ties);
+inputs, the labels); a ``TiedLayerSpec``'s places on one stage are one
+module, a later stage's its own copy whose ``tied_weight_attr`` alone is
+tied, kept equal across the stages holding it (engine.distribute's ties);
 ``partition_method`` cuts as DeepSpeed's ``partition_uniform`` and
 ``partition_balanced``, handed to ``distribute`` as layer counts.
 ZeRO 0 and 1 only (DeepSpeed's pipeline refuses 2 and 3 too); bf16, not
@@ -29,6 +30,8 @@ import torch
 import mesh
 
 from .ds_config import SCHEDULERS, Config, optimizer_class
+from .ds_partition import balanced as _balanced
+from .ds_partition import uniform as _uniform
 
 __all__ = ["PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineEngine"]
 
@@ -45,21 +48,25 @@ class LayerSpec:
 
 
 class TiedLayerSpec(LayerSpec):
-    """DeepSpeed's tied layer: the layers of one ``key`` are one module,
-    built at the first (an embedding), called again at the others (an
-    output head), there by ``forward_fn(module, x)`` where given
-    (``lambda module, x: x @ module.weight.t()``). Where the cut puts
-    them on two stages, ``engine.distribute`` gives the later one a copy
-    whose parameters it keeps equal, their gradients summed (README "Tied
-    weights"); ``tied_weight_attr`` names the one DeepSpeed ties across
-    stages (here every parameter of the module is tied: the one-process
-    model's)."""
+    """DeepSpeed's tied layer: the layers of one ``key`` on one stage are
+    one module, built at the first (an embedding), called again at the
+    others (an output head), there by ``forward_fn(module, x)`` where given
+    (``lambda module, x: x @ module.weight.t()``). A later stage holding
+    the key gets a copy of that module whose ``tied_weight_attr`` (a name,
+    or a list of them) is the first's parameter, the rest its own (an
+    output head's bias), as DeepSpeed ties that attribute alone across
+    stages; ``engine.distribute`` keeps the tied parameter's copies equal,
+    their gradients summed (README "Tied weights")."""
 
     def __init__(self, key: str, typename: type, *args: Any,
                  forward_fn: Callable[[Any, Any], Any] | None = None,
-                 tied_weight_attr: str = "weight", **kwargs: Any) -> None:
+                 tied_weight_attr: str | list[str] = "weight", **kwargs: Any) -> None:
         super().__init__(typename, *args, **kwargs)
         self.key, self.forward_fn, self.tied_weight_attr = key, forward_fn, tied_weight_attr
+
+    def attrs(self) -> list[str]:
+        a = self.tied_weight_attr
+        return [a] if isinstance(a, str) else list(a)
 
 
 class _TiedCall(torch.nn.Module):
@@ -74,20 +81,24 @@ class _TiedCall(torch.nn.Module):
         return self.fn(self.module, x)
 
 
-def _built(layers: Iterable[Any]) -> tuple[list[torch.nn.Module], list[str]]:
-    """The layers as modules (a ``TiedLayerSpec``'s key's module built once)
-    and the class name DeepSpeed's ``type:REGEX`` matches each by (a spec's
-    ``typename``, a module's class, a function's ``__name__``)."""
+def _built(layers: Iterable[Any]) -> tuple[list[torch.nn.Module], list[str], list[Any]]:
+    """The layers as modules (a ``TiedLayerSpec``'s key's module built once),
+    the class name DeepSpeed's ``type:REGEX`` matches each by (a spec's
+    ``typename``, a module's class, a function's ``__name__``) and each
+    layer's ``TiedLayerSpec`` (None for the others)."""
     tied: dict[str, torch.nn.Module] = {}
     out: list[torch.nn.Module] = []
     names: list[str] = []
+    specs: list[Any] = []
     for x in layers:
         if isinstance(x, TiedLayerSpec):
             if x.key not in tied:
                 tied[x.key] = x.build()
-                if not hasattr(tied[x.key], x.tied_weight_attr):
+                miss = [a for a in x.attrs() if not isinstance(
+                    _attr(tied[x.key], a), torch.nn.Parameter)]
+                if miss or not x.attrs():
                     raise ValueError(f"TiedLayerSpec({x.key!r}, {x.typename.__name__}): "
-                                     f"the module has no {x.tied_weight_attr!r} "
+                                     f"the module has no parameter {(miss or [''])[0]!r} "
                                      f"(tied_weight_attr)")
             m = tied[x.key]
             out.append(m if x.forward_fn is None else _TiedCall(m, x.forward_fn))
@@ -97,47 +108,44 @@ def _built(layers: Iterable[Any]) -> tuple[list[torch.nn.Module], list[str]]:
         names.append(x.typename.__name__ if isinstance(x, LayerSpec) else
                      type(x).__name__ if isinstance(x, torch.nn.Module) else
                      getattr(x, "__name__", type(x).__name__))
-    return out, names
+        specs.append(x if isinstance(x, TiedLayerSpec) else None)
+    return out, names, specs
 
 
-def _uniform(n: int, parts: int) -> list[int]:
-    """DeepSpeed's ``partition_uniform`` as layer counts: ``n // parts``
-    each, the first ``n % parts`` stages one more."""
-    return [n // parts + (s < n % parts) for s in range(parts)]
+def _attr(m: Any, name: str) -> Any:
+    """``m``'s attribute by a dotted name (None where missing)."""
+    for part in name.split("."):
+        m = getattr(m, part, None)
+    return m
 
 
-def _balanced(weights: list[float], parts: int) -> list[int]:
-    """DeepSpeed's ``partition_balanced`` as layer counts: the contiguous
-    cut into ``parts`` non-empty stages whose heaviest and lightest stage
-    differ least (its dynamic program; among equals, the last cut point
-    found, as its ``>=``); uniform where there are no more layers than
-    stages."""
-    n = len(weights)
-    if n <= parts:
-        return _uniform(n, parts)
-    inf = float("inf")
-    pre = [0.0]
-    for w in weights:
-        pre.append(pre[-1] + float(w))
-    # over the first i layers in j stages: the best spread, its max and min, the last cut
-    cost = [[inf] * (parts + 1) for _ in range(n + 1)]
-    hi = [[inf] * (parts + 1) for _ in range(n + 1)]
-    lo = [[inf] * (parts + 1) for _ in range(n + 1)]
-    at = [[0] * (parts + 1) for _ in range(n + 1)]
-    cost[0][0] = hi[0][0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, parts) + 1):
-            for k in range(i):
-                top = max(hi[k][j - 1], pre[i] - pre[k])
-                low = min(lo[k][j - 1], pre[i] - pre[k])
-                spread = top - low
-                if cost[i][j] >= spread:
-                    cost[i][j], hi[i][j], lo[i][j], at[i][j] = spread, top, low, k
-    cuts = [n]
-    for j in range(parts, 0, -1):
-        cuts.append(at[cuts[-1]][j])
-    cuts.reverse()
-    return [b - a for a, b in zip(cuts, cuts[1:])]
+def _tied_across(layers: list[torch.nn.Module], specs: list[Any],
+                 counts: list[int]) -> list[torch.nn.Module]:
+    """``layers`` with each tied key's places on a later stage than its
+    first given that stage's own copy of the module, whose
+    ``tied_weight_attr`` parameters are the first's (DeepSpeed's: each
+    stage builds the module, the attribute alone tied across stages)."""
+    stage = [s for s, n in enumerate(counts) for _ in range(n)]
+    first: dict[str, int] = {}
+    copies: dict[tuple[str, int], torch.nn.Module] = {}
+    out = list(layers)
+    for i, spec in enumerate(specs):
+        if spec is None:
+            continue
+        j = first.setdefault(spec.key, i)
+        if stage[i] == stage[j]:
+            continue
+        base: Any = layers[j].module if isinstance(layers[j], _TiedCall) else layers[j]
+        if (spec.key, stage[i]) not in copies:
+            import copy
+            made = copy.deepcopy(base)
+            for a in spec.attrs():
+                owner, _, leaf = a.rpartition(".")
+                setattr(_attr(made, owner) if owner else made, leaf, _attr(base, a))
+            copies[spec.key, stage[i]] = made
+        c = copies[spec.key, stage[i]]
+        out[i] = c if spec.forward_fn is None else _TiedCall(c, spec.forward_fn)
+    return out
 
 
 class _Call(torch.nn.Module):
@@ -163,7 +171,7 @@ class PipelineModule(torch.nn.Sequential):
                  topology: Any = None, loss_fn: Callable[[Any, Any], Any] | None = None,
                  partition_method: str = "parameters",
                  activation_checkpoint_interval: int = 0, **ignored: Any) -> None:
-        built, classes = _built(layers)
+        built, classes, specs = _built(layers)
         super().__init__(*built)
         self._classes = classes
         if topology is not None:
@@ -189,6 +197,9 @@ class PipelineModule(torch.nn.Sequential):
         # 1: each layer recomputes on its own (DeepSpeed's every layer checkpointed);
         # more: each stage whole (it keeps only its input: at most DeepSpeed's N-layer runs)
         self.recompute: bool | str = "*" if n == 1 else n > 1
+        if any(specs):      # (the cut known: a later stage's tied places get their copy)
+            for i, layer in enumerate(_tied_across(built, specs, self._counts())):
+                self[i] = layer
 
     def _counts(self) -> list[int]:
         """Layers per stage by ``partition_method``, as DeepSpeed cuts: "uniform"

@@ -377,12 +377,13 @@ def _loaded(world: Any, ckpt: str, config: str) -> dict[str, Any]:
 
 
 def _layers() -> list[Any]:
-    """An input layer tied to a later one (called there by its forward_fn)."""
+    """An input layer tied to a later one (called there by its forward_fn,
+    with the module's bias: on another stage, that stage's own copy's)."""
     torch.manual_seed(0)
     return [deepspeed.TiedLayerSpec("in", torch.nn.Linear, 4, 16), torch.nn.Tanh(),
             torch.nn.Linear(16, 16), lambda x: x.tanh(),
             deepspeed.TiedLayerSpec("in", torch.nn.Linear, 4, 16,
-                                    forward_fn=lambda m, h: h @ m.weight),
+                                    forward_fn=lambda m, h: h @ m.weight + m.bias[:4]),
             deepspeed.LayerSpec(torch.nn.Linear, 4, 2)]
 
 
@@ -547,10 +548,16 @@ def test_partition_methods_and_tied_layers_are_deepspeeds() -> None:
     for layer in frozen[:2]:
         layer.requires_grad_(False)
     assert cut(frozen, 2, "parameters") == [3, 1]
+    one = deepspeed.PipelineModule(layers=_layers(), num_stages=1, loss_fn=torch.nn.MSELoss())
+    assert one[4].module is one[0] and len(list(one.parameters())) == 6
+    # on two stages, as DeepSpeed's: the later stage's own module, tied_weight_attr alone tied
     net = deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss())
-    assert net[4].module is net[0] and len(list(net.parameters())) == 6
+    head = net[4].module
+    assert head is not net[0] and head.weight is net[0].weight and \
+        head.bias is not net[0].bias and len(list(net.parameters())) == 7
     x = torch.randn(3, 4)
-    assert torch.equal(net(x), net[5](net[1](net[2](net[1](net[0](x)))) @ net[0].weight))
+    h = net[1](net[2](net[1](net[0](x))))
+    assert torch.equal(net(x), net[5](h @ net[0].weight + head.bias[:4]))
     assert [deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss(),
                                      activation_checkpoint_interval=n).recompute
             for n in (0, 1, 3)] == [False, "*", True]
@@ -558,7 +565,7 @@ def test_partition_methods_and_tied_layers_are_deepspeeds() -> None:
         deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss(),
                                  activation_checkpoint_interval=-1)
     with pytest.raises(ValueError, match=r"TiedLayerSpec\('e', Tanh\): the module has no "
-                                         r"'weight' \(tied_weight_attr\)"):
+                                         r"parameter 'weight' \(tied_weight_attr\)"):
         deepspeed.PipelineModule(layers=[deepspeed.TiedLayerSpec("e", torch.nn.Tanh)],
                                  num_stages=1, loss_fn=torch.nn.MSELoss())
 
