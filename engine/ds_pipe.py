@@ -164,7 +164,9 @@ class PipelineModule(torch.nn.Sequential):
     callables) in order, ``num_stages``, ``loss_fn(outputs, labels)``,
     ``partition_method`` ("parameters", "uniform", "type:REGEX": cut as
     DeepSpeed cuts), ``activation_checkpoint_interval`` (1: each layer
-    recomputes, ``recompute="*"``; more: each stage whole)."""
+    recomputes, ``recompute="*"``; more: ``recompute=True``, each stage
+    whole or layer by layer, as ``distribute`` picks: its ``recompute=``
+    has no runs of N layers, which DeepSpeed's checkpoints)."""
     loss_fn: Callable[[Any, Any], Any]
 
     def __init__(self, layers: Iterable[Any], num_stages: int | None = None,
@@ -195,7 +197,7 @@ class PipelineModule(torch.nn.Sequential):
             raise ValueError(f"PipelineModule: activation_checkpoint_interval={n!r}: the "
                              f"layers recomputed together, an int >= 0 (0: none)")
         # 1: each layer recomputes on its own (DeepSpeed's every layer checkpointed);
-        # more: each stage whole (it keeps only its input: at most DeepSpeed's N-layer runs)
+        # more: each stage whole or by layer (distribute has no N-layer runs: README)
         self.recompute: bool | str = "*" if n == 1 else n > 1
         if any(specs):      # (the cut known: a later stage's tied places get their copy)
             for i, layer in enumerate(_tied_across(built, specs, self._counts())):
