@@ -18,6 +18,7 @@ Booleans follow logic: sum and max are "or", prod and min are "and".
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,10 +66,36 @@ def apply(ufunc: Any, x: Any, y: Any, out: Any) -> None:
     ran in a thread with those settings: a Work's lane has numpy's
     defaults), while their peers return the result. A try costs nothing
     where nothing is raised; np.errstate costs about 2 us a call."""
+    if ufunc is np.add and out.dtype == _HALF and _half_add(x, y, out):
+        return
     try:
         ufunc(x, y, out=out)
     except FP_RAISED:
         pass        # (the output is whole: see FP_RAISED)
+
+
+_HALF = np.dtype(np.float16)
+
+
+def _half_add(x: Any, y: Any, out: Any = None) -> bool:
+    """``out = x + y`` (``out`` default ``x``) for float16 numpy arrays by
+    torch where it is loaded (numpy's float16 add converts element by
+    element: 20 times its float32 add; torch's, the same IEEE sum rounded
+    once, about as fast as float32's): whether it did (not for other
+    arrays, small or read-only ones, or without torch)."""
+    out = x if out is None else out
+    torch = sys.modules.get("torch")
+    if torch is None or any(type(a) is not np.ndarray or not a.dtype.isnative or
+                            not a.flags.writeable or not a.flags.c_contiguous
+                            for a in (x, y, out)) or out.size < 4096 or \
+            not x.shape == y.shape == out.shape or out.dtype != _HALF or \
+            x.dtype != _HALF or y.dtype != _HALF:
+        return False
+    try:
+        torch.add(torch.from_numpy(x), torch.from_numpy(y), out=torch.from_numpy(out))
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 class Combines(Protocol):
