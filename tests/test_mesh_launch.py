@@ -1591,3 +1591,32 @@ def test_a_rank_that_saw_a_cut_links_loss_itself_is_the_root_cause_not_one_it_to
             "message": f"rank 0: engine.distribute failed on rank 1: LostPeerError: {saw}"}
     assert "rank 1 here reported it first" in format_report(
         JobOutcome("failed", exits), {**records, 0: told}, 2)
+
+
+@pytest.mark.parametrize("said", [
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+    "[127.0.0.1]:22936: Connection reset by peer. This is typically caused by a remote worker "
+    "hanging or bugs in the application.",
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+    "by peer [127.0.0.1]:22223. This is typically caused by a remote worker crashing."])
+def test_a_gloo_survivors_error_is_a_consequence_of_the_rank_killed(said: str) -> None:
+    """pytorch/examples' multigpu_torchrun.py on backend "gloo" under meshrun,
+    rank 1 SIGKILLed mid-epoch: rank 0's gloo error (recorded at 43.005)
+    came before meshrun reaped rank 1 (43.1), and the table said "Root
+    cause: rank 0 failed first", rank 1 "killed by SIGKILL (failed on its
+    own)" beside it: gloo's peer-gone errors name no rank, but are a
+    consequence, as meshrun's LostPeerError is."""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import cause, format_report
+    exits = [WorkerExit(0, 0, 100, 1, 43.2, False), WorkerExit(1, 1, 101, -9, 43.1, False)]
+    records = {0: {"exc_type": "RuntimeError", "message": said, "time": 43.005}}
+    report = format_report(JobOutcome("failed", exits), records, 2)
+    assert "Root cause: rank 1 failed first" in report, report
+    assert "  exit       : killed by SIGKILL" in report, report
+    assert "\n  rank 0    exit code 1 (failed, a consequence); RuntimeError: " in report, report
+    assert cause(JobOutcome("failed", exits), records)[0].startswith("rank 1 "), report
+    # gloo's own failures stay the rank's own: a timeout, a size mismatch
+    own = {0: {"exc_type": "RuntimeError", "time": 43.005, "message": "[../third_party/gloo/"
+               "gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv"}}
+    assert "Root cause: rank 0 failed first" in format_report(
+        JobOutcome("failed", exits), own, 2)

@@ -47,7 +47,17 @@ def _secondary(rec: dict[str, Any] | None) -> bool:
     return kind == "LostPeerError" or bool(rec.get("from_abort")) or (
         kind in errors.__all__ and " aborted: " in said) or (
         # torch's DDP reducer rethrows a lost peer as RuntimeError("... LostPeerError: ...")
-        kind == "RuntimeError" and "LostPeerError: " in said)
+        kind == "RuntimeError" and "LostPeerError: " in said) or (
+        # gloo's (a torch script on backend "gloo" under meshrun) for a peer gone
+        kind == "RuntimeError" and "gloo/transport/" in said and any(
+            w in said for w in _GLOO_GONE))
+
+
+_GLOO_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+"""How gloo's tcp transport says a peer's process went away (its pair.cc: ``Connection
+closed by peer [ADDR]``, ``Read error [ADDR]: Connection reset by peer``, a write's ``Broken
+pipe``), naming no rank: a consequence, not a root cause, that a rank's error record may
+carry before meshrun has reaped the rank that died."""
 
 
 def _failed_itself(e: WorkerExit, outcome: JobOutcome,
