@@ -17,7 +17,9 @@ keeps the order.) ``engine.ZeroRedundancyOptimizer`` (engine.zero: ZeRO
 stage 1 over a job's dp axis) is a torch optimizer, so it is imported
 only when first named, as are ``engine.DistributedAttention`` and
 ``engine.ulysses_attention`` (engine.ulysses, Ulysses sequence
-parallelism): ``import engine`` imports no torch.
+parallelism) and ``engine.MoE`` and ``engine.MoEGradReducer`` (engine.moe:
+a mixture of experts over expert-parallel ranks): ``import engine``
+imports no torch.
 """
 from typing import Any
 
@@ -59,4 +61,7 @@ def __getattr__(name: str) -> Any:
     if name in ("DistributedAttention", "ulysses_attention"):    # (Ulysses: torch too)
         from . import ulysses
         return getattr(ulysses, name)
+    if name in ("MoE", "MoEGradReducer"):     # (engine.moe: torch modules, torch on first use)
+        from . import moe
+        return getattr(moe, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -42,17 +42,19 @@ from .ds_config import (SCHEDULERS, Config, DynamicLossScaler, WarmupCosineLR, W
                         WarmupLR, parse)
 from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
 from .ds_zero import ENGINES, Gathers, OwnerReducer, zero, zero_job, zero_optimizer
+from .moe import deepspeed_namespace as moe
 from .ulysses import deepspeed_sequence
 
 __all__ = ["initialize", "init_distributed", "DeepSpeedEngine", "comm", "DeepSpeedConfigError",
            "zero", "add_config_arguments",
            "WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "PipelineModule", "LayerSpec",
            "TiedLayerSpec", "PipelineEngine", "pipe", "checkpointing", "accelerator",
-           "get_accelerator", "utils", "runtime", "RepeatingLoader", "set_random_seed", "sequence"]
+           "get_accelerator", "utils", "runtime", "RepeatingLoader", "set_random_seed", "sequence",
+           "moe"]
 
 DeepSpeedConfigError = ValueError
 # DeepSpeed's parts with no counterpart here: named, with where to go instead
-_ABSENT = {"moe": "mixture of experts", "ops": "DeepSpeed's fused kernels (torch's run here)",
+_ABSENT = {"ops": "DeepSpeed's fused kernels (torch's run here)",
            "inference": "init_inference", "init_inference": "inference engines",
            "compression": "model compression",
            "profiling": "the flops profiler", "module_inject": "kernel injection",
@@ -99,15 +101,18 @@ class DeepSpeedEngine(torch.nn.Module):
                              f"{cfg.offload[0]}: offload to the CPU of a model on {elsewhere}: "
                              f"not supported on meshrun (move the model to the CPU, or drop "
                              f"the offload)")
+        experts = moe.deepspeed_checks(model, world.rank, cfg.zero_stage)
         self.job = zero_job(model, world, cfg.zero_stage)
         # made before stage 3 empties the others' shares: its buckets' shapes are whole
-        # (ZeRO 2 and 3 with an optimizer: engine.ds_zero.OwnerReducer, below)
+        # (ZeRO 2 and 3 with an optimizer: engine.ds_zero.OwnerReducer, below; MoE layers:
+        # each expert's gradients over its expert-data-parallel group, engine.moe)
         # (communication_data_type "fp16" / "bf16": each gradient rounded to it on the wire,
-        # engine.ds_zero.OwnerReducer's ``wire``)
+        # engine.ds_zero.OwnerReducer's ``wire``; MoE's in the gradients' own dtype)
         wire = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.comm_dtype or "")
         whole = self.job is None or (optimizer is None and cfg.optimizer is None)
-        self.reducer: Any = None if not whole else collectives.GradReducer(world, trained) \
-            if wire is None else OwnerReducer(world, trained, [None] * len(trained), wire)
+        self.reducer: Any = None if not whole else moe.MoEGradReducer(world, trained) \
+            if experts else collectives.GradReducer(world, trained) if wire is None else \
+            OwnerReducer(world, trained, [None] * len(trained), wire)
         self._boundary = [False]
         for i, p in enumerate(trained):
             p.register_post_accumulate_grad_hook(
@@ -269,7 +274,7 @@ class DeepSpeedEngine(torch.nn.Module):
             # (the gradients are the dp average: every rank finds the same; under ZeRO 2
             # and 3 each holds its share's: told to every rank)
             overflow = any(not bool(torch.isfinite(g).all()) for g in grads)
-            if isinstance(self.reducer, OwnerReducer):
+            if hasattr(self.reducer, "summed"):
                 overflow = bool(self.reducer.summed(float(overflow)))
             if self.loss_scaler is not None:
                 scale = self.loss_scaler.cur_scale
@@ -288,7 +293,7 @@ class DeepSpeedEngine(torch.nn.Module):
         if self.cfg.gradient_clipping > 0:
             held = [p for p in self.module.parameters() if p.grad is not None]
             self._norm = self.reducer.clip(held, self.cfg.gradient_clipping) \
-                if isinstance(self.reducer, OwnerReducer) else \
+                if hasattr(self.reducer, "clip") else \
                 float(torch.nn.utils.clip_grad_norm_(held, self.cfg.gradient_clipping))
         opt = self.optimizer
         if self.cfg.zero_stage >= 2 and opt is not None:     # (each keeps its share's)
@@ -335,6 +340,7 @@ class DeepSpeedEngine(torch.nn.Module):
         ``global_step<N>``): the whole model, optimizer, scheduler, loss
         scale, counters and ``client_state``; ``save_dir/latest`` names the
         tag. Collective: rank 0 writes."""
+        moe.refuse_whole(self.module, self.global_rank, "save_checkpoint")
         return save(self, save_dir, tag, client_state, save_latest)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
@@ -343,6 +349,7 @@ class DeepSpeedEngine(torch.nn.Module):
         under ZeRO 3), its floating tensors in float16 under fp16, bfloat16
         under bf16 (DeepSpeed's module dtype), else as they are; rank 0
         writes. Collective."""
+        moe.refuse_whole(self.module, self.global_rank, "save_16bit_model")
         return save_16bit(self, save_dir, save_filename, exclude_frozen_parameters)
 
     save_fp16_model = save_16bit_model
@@ -354,6 +361,7 @@ class DeepSpeedEngine(torch.nn.Module):
         """Load what ``save_checkpoint`` wrote (any dp size, any ZeRO stage):
         ``(path, client_state)``; ``(None, None)`` where ``tag`` is None and
         ``load_dir/latest`` is missing, as DeepSpeed's. Every rank reads the file."""
+        moe.refuse_whole(self.module, self.global_rank, "load_checkpoint")
         return load(self, load_dir, tag, load_module_strict, load_optimizer_states,
                     load_lr_scheduler_states, load_module_only)
 

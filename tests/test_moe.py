@@ -1,0 +1,221 @@
+"""engine.moe: a mixture of experts spread over expert-parallel ranks
+(all_to_all dispatch and combine over meshrun's collectives), against one
+process holding every expert.
+
+The gating is each rank's own tokens' (DeepSpeed's: a rank's capacity is
+ceil(its tokens / experts * capacity_factor), the tokens over it dropped),
+so the one-process reference gates each rank's rows in a forward of their
+own, and its loss is the mean of those forwards' losses: the whole batch's
+mean, as the ranks' averaged gradients make it."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import mesh
+
+torch = pytest.importorskip("torch")
+
+from engine import moe  # noqa: E402
+
+H, E, ROWS, STEPS, LR, AUX = 6, 4, 8, 3, 0.1, 0.05
+# (k, capacity_factor, drop_tokens, use_residual): the first drops tokens at top-1 (a
+# capacity of 1 of a rank's 8 tokens over 4 experts), the third at top-2
+CASES = [(1, 0.5, True, False), (1, 1.0, False, True), (2, 0.5, True, False),
+         (2, 1.0, False, False)]
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, ep: int, k: int, factor: float, drop: bool, residual: bool,
+                 world: Any = None, first: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(3, H)
+        self.moe = moe.MoE(H, torch.nn.Linear(H, H), num_experts=E, ep_size=ep, k=k,
+                           capacity_factor=factor, min_capacity=0, drop_tokens=drop,
+                           use_residual=residual, use_rts=False,
+                           top2_2nd_expert_sampling=False, world=world)
+        self.out = torch.nn.Linear(H, 2)
+        for i, ex in enumerate(self.moe.experts):      # (each expert its own weights)
+            g = torch.Generator().manual_seed(10 + first + i)
+            for p in ex.parameters():
+                p.data = torch.randn(p.shape, generator=g) * 0.5
+        self.double()
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        h, l_aux, _ = self.moe(torch.tanh(self.inp(x)))
+        return self.out(h), l_aux
+
+
+def _data(step: int, ranks: int) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(ranks * ROWS, 3, generator=g, dtype=torch.float64),
+            torch.randn(ranks * ROWS, 2, generator=g, dtype=torch.float64))
+
+
+def _loss(net: Any, x: Any, y: Any) -> Any:
+    out, l_aux = net(x)
+    return torch.nn.functional.mse_loss(out, y) + AUX * l_aux
+
+
+def _sgd(net: Any) -> None:
+    """SGD's step (torch.optim's first use imports torch._dynamo: seconds)."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p -= LR * p.grad
+
+
+def _reference(world: Any, case: tuple[Any, ...], ranks: int,
+               clip: float = 0.0) -> dict[str, Any]:
+    """One process, every expert (ep_size 1 on a group of this rank alone),
+    each rank's rows gated in a forward of their own (``clip``: the whole
+    model's gradient norm clipped)."""
+    # (every rank makes every rank's group alone, in one order)
+    alone = [world.group([r]) for r in range(world.size)][world.rank]
+    net = _Net(1, *case, world=alone)
+    for s in range(STEPS):
+        x, y = _data(s, ranks)
+        loss = sum(_loss(net, x[r * ROWS:(r + 1) * ROWS], y[r * ROWS:(r + 1) * ROWS])
+                   for r in range(ranks)) / ranks
+        net.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(list(net.parameters()), clip)
+        _sgd(net)
+    return {n: p.detach().clone() for n, p in net.named_parameters()}
+
+
+def _trained(world: Any, ep: int) -> list[Any]:
+    out = []
+    for case in CASES:
+        j = world.rank % ep                 # (this rank's place in its ep group)
+        net = _Net(ep, *case, world=world, first=j * (E // ep))
+        red = moe.MoEGradReducer(world, net.parameters())
+        for s in range(STEPS):
+            x, y = _data(s, world.size)
+            me = slice(world.rank * ROWS, (world.rank + 1) * ROWS)
+            net.zero_grad()
+            _loss(net, x[me], y[me]).backward()
+            red.reduce()
+            _sgd(net)
+        want = _reference(world, case, world.size)
+        gap = max(float((p - want[n]).abs().max()) for n, p in _renamed(net, j, ep).items())
+        dropped = [int(c) for c in net.moe.exp_counts]
+        out.append((case, gap, dropped, [getattr(p, "allreduce", True)
+                                         for p in net.moe.experts.parameters()]))
+    return out
+
+
+def _renamed(net: Any, j: int, ep: int) -> dict[str, Any]:
+    """``net``'s parameters by the one-process model's names (local expert
+    i is expert j * E/ep + i there)."""
+    out = {}
+    for n, p in net.named_parameters():
+        if ".experts." in n:
+            head, rest = n.split(".experts.")
+            i, rest = rest.split(".", 1)
+            n = f"{head}.experts.{j * (E // ep) + int(i)}.{rest}"
+        out[n] = p.detach().clone()
+    return out
+
+
+def _deepspeed(world: Any) -> dict[str, Any]:
+    """deepspeed.initialize of a model with a deepspeed.moe.layer.MoE at
+    ep_size 2 (its parameter groups split as DeepSpeedExamples' cifar10
+    does), clipping on: one process's weights; ZeRO 1 and a checkpoint
+    refused, naming them."""
+    from engine import deepspeed
+    case = CASES[2]
+    j = world.rank % 2
+    net = _Net(2, *case, first=j * (E // 2))
+    groups = deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(net.parameters()), "name": "parameters"})
+    cfg = {"train_batch_size": ROWS * world.size, "steps_per_print": None,
+           "gradient_clipping": 0.3, "optimizer": {"type": "SGD", "params": {"lr": LR}}}
+    eng, _, _, _ = deepspeed.initialize(model=net, model_parameters=groups, config=cfg)
+    for s in range(STEPS):
+        x, y = _data(s, world.size)
+        me = slice(world.rank * ROWS, (world.rank + 1) * ROWS)
+        out, l_aux = eng(x[me])
+        eng.backward(torch.nn.functional.mse_loss(out, y[me]) + AUX * l_aux)
+        eng.step()
+    want = _reference(world, case, world.size, clip=0.3)
+    gap = max(float((p - want[n]).abs().max()) for n, p in _renamed(net, j, 2).items())
+    refused = []
+    try:
+        eng.save_checkpoint("/nonexistent")
+    except NotImplementedError as e:
+        refused.append(str(e))
+    try:
+        deepspeed.initialize(model=_Net(2, *case), config=dict(
+            cfg, zero_optimization={"stage": 1}))
+    except ValueError as e:
+        refused.append(str(e))
+    return {"gap": gap, "norm": eng.get_global_grad_norm(), "groups": [
+        (g.get("name"), g.get("moe", False), len(g["params"])) for g in groups],
+        "refused": refused, "layer": type(net.moe) is deepspeed.moe.layer.MoE}
+
+
+def _mismatches(world: Any) -> list[str]:
+    """A rank whose layer's hidden size (or tokens) differs: both raise,
+    naming the rank and the dispatch; num_experts and ep_size checked."""
+    said = []
+    for bad in ("hidden", "tokens"):
+        h = H + (world.rank if bad == "hidden" else 0)
+        layer = moe.MoE(h, torch.nn.Linear(h, h), num_experts=E, ep_size=2, world=world,
+                        min_capacity=0)
+        rows = ROWS + (world.rank if bad == "tokens" else 0)
+        try:
+            layer(torch.randn(rows, h))
+            said.append("no error")
+        except Exception as e:
+            said.append(f"{type(e).__name__}: {e}")
+    for kw in ({"num_experts": 3, "ep_size": 2}, {"num_experts": 3, "ep_size": 3}):
+        try:
+            moe.MoE(H, torch.nn.Linear(H, H), world=world, **kw)(torch.randn(2, H))
+            said.append("no error")
+        except ValueError as e:
+            said.append(str(e))
+    return said
+
+
+def _cases(world: Any) -> dict[str, Any]:
+    res: dict[str, Any] = {"trained": _trained(world, 2)}
+    if world.size == 2:
+        res["mismatch"] = _mismatches(world)
+    else:
+        res["deepspeed"] = _deepspeed(world)
+    return res
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_expert_parallel_training_matches_one_process(ranks: int) -> None:
+    """ep=2 on 2 ranks, and ep=2 x expert-dp=2 on 4: top-1 and top-2, with
+    capacity dropping tokens and without, the residual MoE: a few SGD steps
+    to one process's weights (float64)."""
+    res = mesh.spawn(_cases, ranks, timeout=150)
+    for r in res:
+        for case, gap, counts, marks in r["trained"]:
+            assert gap < 1e-10, (case, gap)
+            assert sum(counts) == ROWS * case[0] and marks == [False] * len(marks), (case, counts)
+    if ranks == 2:
+        for rank, r in enumerate(res):
+            hidden, tokens, three, world = r["mismatch"]
+            assert hidden.startswith("MismatchError: ") and f"rank {rank}: MoE layer" in hidden \
+                and "dispatch: all_to_all" in hidden, hidden
+            assert tokens.startswith("MismatchError: ") and "dispatch" in tokens, tokens
+            assert "num_experts=3 is not divisible by ep_size=2" in three, three
+            assert f"rank {rank}: MoE: ep_size=3 must be a whole number >= 1 dividing the " \
+                f"world's 2 ranks" in world, world
+    else:
+        for rank, r in enumerate(res):
+            ds = r["deepspeed"]
+            assert ds["gap"] < 1e-10 and ds["norm"] > 0.3 and ds["layer"], ds
+            assert ds["groups"] == [("parameters", False, 5), ("ep_size_2", True, 4)], ds
+            ckpt, zero1 = ds["refused"]
+            assert ckpt.startswith(f"rank {rank}: deepspeed save_checkpoint of a model with "
+                                   f"MoE layers spread over ranks (ep_size_2): not supported"), ckpt
+            assert zero1.startswith(f"rank {rank}: deepspeed.initialize: zero_optimization."
+                                    f"stage 1 with MoE layers: not supported"), zero1
