@@ -34,6 +34,9 @@ import torch
 import collectives
 import mesh
 
+from .moe import is_moe_param
+from .moe_zero import MoEZeroOptimizer
+
 __all__ = ["zero", "Gathers", "OwnerReducer", "zero_job", "zero_optimizer", "ENGINES"]
 
 ENGINES: "weakref.WeakSet[Any]" = weakref.WeakSet()   # initialize's data-parallel engines
@@ -82,6 +85,9 @@ def zero_optimizer(cfg: Any, world: Any, job: Any, given: Any, params: Any,
         return cls(groups, **hyper)
     import engine
     if cfg.zero_stage == 1:
+        flat = [q for g in groups for q in (g["params"] if isinstance(g, dict) else [g])]
+        if any(is_moe_param(q) for q in flat):      # (MoE layers: engine.moe_zero)
+            return MoEZeroOptimizer(groups, cls, world, **hyper)
         return engine.ZeroRedundancyOptimizer(groups, cls, world, stage=1, **hyper)
     # (stage 3: each module's gathered as it runs, DeepSpeed's stage 3: Gathers)
     return engine.ZeroRedundancyOptimizer(groups, cls, job, stage=cfg.zero_stage,

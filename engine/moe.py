@@ -315,27 +315,34 @@ class MoEGradReducer:
 
 def deepspeed_checks(model: Any, rank: int, stage: int) -> bool:
     """engine.deepspeed.initialize's: whether ``model`` has MoE layers;
-    refused with them: ZeRO stages 1 to 3 (their optimizer shards over the
-    whole world, where the experts differ between ranks)."""
+    refused with them: ZeRO stages 2 and 3 (their gradients and parameters
+    sharded over the whole world, where the experts differ between ranks;
+    stage 1 is engine.moe_zero's)."""
     if not has_moe_layers(model):
         return False
-    if stage >= 1:
+    if stage >= 2:
         raise ValueError(f"rank {rank}: deepspeed.initialize: zero_optimization.stage {stage} "
-                         f"with MoE layers: not supported on meshrun (stage 0 is: each "
-                         f"expert's gradients reduced over its expert-data-parallel group)")
+                         f"with MoE layers: not supported on meshrun (stages 0 and 1 are: each "
+                         f"expert's gradients reduced, and its optimizer state sharded, over "
+                         f"its expert-data-parallel group)")
     return True
 
 
-def refuse_whole(model: Any, rank: int, what: str) -> None:
+def refuse_whole(eng: Any, what: str) -> None:
     """A whole-model checkpoint (written by rank 0) of a model whose experts
-    are spread over ranks (ep_size > 1): refused, naming ``what``."""
+    are spread over ranks (ep_size > 1), or under ZeRO 1 with MoE layers:
+    refused on every rank, naming ``what``."""
+    model = eng.module
     spread = sorted({p.group_name for p in model.parameters()
                      if is_moe_param(p) and p.group_name != "ep_size_1"})
     if spread:
-        raise NotImplementedError(f"rank {rank}: deepspeed {what} of a model with MoE layers "
-                                  f"spread over ranks ({', '.join(spread)}): not supported on "
-                                  f"meshrun (one rank writes the whole model; it holds its "
-                                  f"experts only)")
+        raise NotImplementedError(f"rank {eng.global_rank}: deepspeed {what} of a model with "
+                                  f"MoE layers spread over ranks ({', '.join(spread)}): not "
+                                  f"supported on meshrun (one rank writes the whole model; it "
+                                  f"holds its experts only)")
+    if has_moe_layers(model) and eng.cfg.zero_stage == 1 and what != "save_16bit_model":
+        raise NotImplementedError(f"rank {eng.global_rank}: deepspeed {what} of a model with "
+                                  f"MoE layers under ZeRO stage 1: not supported on meshrun")
 
 
 # DeepSpeed's deepspeed.moe, .layer and .utils (engine.deepspeed.moe), the engine's
