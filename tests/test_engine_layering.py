@@ -27,7 +27,7 @@ ORDER = ["ir", "schedules", "user_schedules", "lower", "replay", "verify", "simu
          "distribute_schedules", "distribute_measure", "distribute", "zero_args", "zero",
          "ulysses", "moe_gate", "moe", "moe_zero", "ds_config", "ds_compat", "ds_checkpoint",
          "ds_partition", "ds_pipe", "ds_zero", "deepspeed", "show", "bench_torch",
-         "bench_distribute", "bench_memory", "bench", "bench_zero"]
+         "bench_distribute", "bench_memory", "bench", "bench_zero", "bench_moe"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its
 # pass when called; no pass calls them.
