@@ -471,12 +471,17 @@ class Window:
 
     def test(self) -> bool:
         """MPI's Test: ``wait`` if every origin has completed (True), else
-        False at once, the epoch still open."""
+        False at once, the epoch still open. What has come is read first (as
+        ``Request.test`` reads it: MPI_Win_test makes progress), so an
+        origin's ``complete`` that returned before a barrier both passed is
+        seen by a test after it."""
         self._check("test")
         if not self._posted:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: test without post")
         if not all(item.event.is_set() for _, item in self._posted):
-            return False
+            self._t.poke()
+            if not all(item.event.is_set() for _, item in self._posted):
+                return False
         self.wait(0)
         return True
 

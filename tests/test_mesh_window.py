@@ -339,8 +339,20 @@ def _requests_and_pscw(world: mesh.Mesh) -> None:
             win.complete()
             if r + 1 < n:
                 world.send("after", r + 1)
-        import collectives      # (between barriers: no post, then no start, anywhere)
-        collectives.barrier(world)
+        import collectives
+        for _ in range(4):  # (mpi4py's testStartCompletePostTest) a complete that returned
+            if r == 0:      # before a barrier is seen by a test after it: test reads first
+                win.start(range(1, n))
+                collectives.barrier(world)
+                win.complete()
+                collectives.barrier(world)
+            else:
+                win.post([0])
+                assert not win.test()
+                collectives.barrier(world)
+                collectives.barrier(world)
+                assert win.test(), f"rank {r}: test() after the origin's complete"
+        collectives.barrier(world)  # (between barriers: no post, then no start, anywhere)
         with pytest.raises(mesh.MeshTimeoutError, match="start: the post of rank"):
             win.start([right], timeout=0.2)     # (no post: a timeout naming it)
         collectives.barrier(world)
