@@ -95,6 +95,7 @@ class Window:
         self._started: list[int] = []          # PSCW: targets of this rank's access epoch,
         self._early: set[int] = set()          # (their posts a failed start took)
         self._posted: list[tuple[int, Pending]] = []    # origins of its exposure epoch
+        self._access = self._exposure = False  # (epochs open: their groups may be empty)
         self._shared = shared                  # (a shared window's memory: mesh.shared)
         self._target_side: Target | None = None     # (mesh.rma: what the inbox hands on)
         try:
@@ -398,7 +399,7 @@ class Window:
         """MPI's Post: open this rank's window to the origins ``ranks`` (this
         window's ranks) until ``wait``; returns at once, as MPI's."""
         self._check("post")
-        if self._posted:
+        if self._exposure:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: post while the last "
                             f"post's epoch is open: call win.wait() first")
         group = self._group(ranks, "post")
@@ -410,13 +411,13 @@ class Window:
             for _, item in items:
                 self._t.cancel(item)
             raise
-        self._posted = items
+        self._posted, self._exposure = items, True
 
     def start(self, ranks: Any, timeout: float | None = None) -> None:
         """MPI's Start: an access epoch on the targets ``ranks``, once each
         posted (it waits for their ``post``); ``complete`` ends it."""
         self._check("start")
-        if self._started:
+        if self._access:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: start while the last "
                             f"start's epoch is open: call win.complete() first")
         if self._locked:
@@ -436,17 +437,17 @@ class Window:
                     self._early.add(r)
             raise
         self._early.difference_update(group)
-        self._started = group
+        self._started, self._access = group, True
 
     def complete(self, timeout: float | None = None) -> None:
         """MPI's Complete: this rank's operations on the started targets are
         complete here (its buffers free, its gets in), and each target is
         told, its ``wait`` returning once every origin has told it."""
         self._check("complete")
-        if not self._started:
+        if not self._access:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: complete without "
                             f"start")
-        group, self._started = self._started, []
+        group, self._started, self._access = self._started, [], False
         deadline = time.monotonic() + (self._t.timeout if timeout is None else timeout)
         self._dirty.difference_update(group)
         self._complete(group, deadline)
@@ -457,7 +458,7 @@ class Window:
         """MPI's Wait: once every origin of ``post`` has called ``complete``:
         their operations are applied here, and the exposure epoch ends."""
         self._check("wait")
-        if not self._posted:
+        if not self._exposure:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: wait without post")
         deadline = time.monotonic() + (self._t.timeout if timeout is None else timeout)
         while self._posted:
@@ -468,6 +469,7 @@ class Window:
                 self._posted[0] = (r, self._done_from(r))
                 raise
             self._posted.pop(0)
+        self._exposure = False
 
     def test(self) -> bool:
         """MPI's Test: ``wait`` if every origin has completed (True), else
@@ -476,7 +478,7 @@ class Window:
         origin's ``complete`` that returned before a barrier both passed is
         seen by a test after it."""
         self._check("test")
-        if not self._posted:
+        if not self._exposure:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: test without post")
         if not all(item.event.is_set() for _, item in self._posted):
             self._t.poke()
@@ -556,15 +558,15 @@ class Window:
             self._release()
 
     def _pscw_closed(self, op: str) -> None:
-        if self._started or self._posted:
+        if self._access or self._exposure:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} while this rank's "
-                            + ("start" if self._started else "post")
+                            + ("start" if self._access else "post")
                             + "'s epoch is open (complete or wait first)")
 
     def _lock_many(self, ranks: Any, exclusive: bool, timeout: float | None) -> None:
         ranks = list(ranks)
         op = "lock_all" if len(ranks) > 1 else "lock"
-        if self._started:       # (one access epoch at a time, as MPI's: MPI_ERR_RMA_SYNC)
+        if self._access:        # (one access epoch at a time, as MPI's: MPI_ERR_RMA_SYNC)
             raise MeshError(f"rank {self._t.rank}: window {self.name}: {op} while this rank's "
                             f"start's epoch is open on rank(s) {self._started}: call "
                             f"win.complete() first")
@@ -718,6 +720,7 @@ class Window:
         for _, item in self._posted:
             self._t.cancel(item)
         self._posted, self._started = [], []
+        self._access = self._exposure = False
 
 def _done(comm: "Comm", value: Any) -> Request:
     """A request done at once with ``value`` (a get from PROC_NULL)."""

@@ -311,6 +311,12 @@ def test_mpi4py_surface_its_own_suite_uses() -> None:
     assert win.Get_attr(kw) is held and win.Get_attr(MPI.WIN_SIZE) == 16
     handle = MPI.Win(win)
     assert handle == win != MPI.WIN_NULL and handle.Get_attr(kw) is held
+    win.Start(MPI.GROUP_EMPTY)      # PSCW of an empty group (mpi4py's test_rma)
+    win.Complete()
+    win.Post(MPI.GROUP_EMPTY)
+    assert win.Test()
+    win.Post(MPI.GROUP_EMPTY)
+    win.Wait()
     win.Free()
     assert held == MPI.WIN_NULL == handle and not handle
     assert MPI.Win.Free_keyval(kw) == MPI.KEYVAL_INVALID

@@ -352,6 +352,13 @@ def _requests_and_pscw(world: mesh.Mesh) -> None:
                 collectives.barrier(world)
                 collectives.barrier(world)
                 assert win.test(), f"rank {r}: test() after the origin's complete"
+        win.start([])       # epochs of an empty group: open, then closed at once
+        _raises(mesh.MeshError, "fence while this rank's start's epoch is open", win.fence)
+        win.complete()
+        win.post([])
+        assert win.test()
+        win.post(())
+        win.wait()
         collectives.barrier(world)  # (between barriers: no post, then no start, anywhere)
         with pytest.raises(mesh.MeshTimeoutError, match="start: the post of rank"):
             win.start([right], timeout=0.2)     # (no post: a timeout naming it)
