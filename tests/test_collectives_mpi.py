@@ -214,6 +214,8 @@ def test_what_is_not_provided_names_itself() -> None:
         MPI.Comm.Join(0)                # (class calls, as mpi4py's)
     with pytest.raises(NotImplementedError, match="collectives.MPI: Create_from_group"):
         MPI.Intracomm.Create_from_group(MPI.GROUP_EMPTY)
+    with pytest.raises(NotImplementedError, match="Intercomm.Create_from_groups"):
+        MPI.Intercomm.Create_from_groups(MPI.GROUP_EMPTY, 0, MPI.GROUP_EMPTY, 0)
 
 
 def test_type_codes_as_mpi4py() -> None:

@@ -74,6 +74,15 @@ class Intercomm(InterObjects, Comm):
     def __repr__(self) -> str:
         return f"<MPI.Intercomm rank {self.rank} of {self._nl}, remote size {self._nr}>"
 
+    @classmethod
+    def Create_from_groups(cls, local_group: Group, local_leader: int, remote_group: Group,
+                           remote_leader: int, stringtag: str = "", info: Any = None,
+                           errhandler: Any = None) -> "Intercomm":
+        """(NotImplementedError, as Intracomm.Create_from_group's: a program that
+        catches it, as mpi4py's suite does, goes on in step on every rank)"""
+        raise not_provided("Intercomm.Create_from_groups (MPI-4's sessions: use "
+                           "Intracomm.Create_intercomm)")
+
     # -- what it is --------------------------------------------------------------------
     def Get_rank(self) -> int:
         return self._g.rank - self._lo
