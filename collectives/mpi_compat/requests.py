@@ -225,7 +225,11 @@ class Request:
         r = self._req
         if r is None and status is not None:    # (a null request's: the empty status)
             status.__dict__.update(Status().__dict__)
-        if isinstance(r, mesh.Request) and not self._cancelled:
+        if self._cancelled:         # (withdrawn: done, its status says so, as its wait's)
+            if status is not None:
+                status.cancelled = True
+            return True
+        if isinstance(r, mesh.Request):
             st = mesh.Status()
             if not r.get_status(st):
                 return False
