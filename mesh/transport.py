@@ -309,7 +309,7 @@ class Transport(_Sending, _Syncing, _RingPaths, _Waiting, _Closing):
             self.direct.usable(r)   # (mesh.direct): no large message waits for the answer
         self.streams.announce()     # where the peers on other hosts connect their streams
 
-    def poke(self) -> None:
+    def poke(self) -> bool:
         """A look at what has come, for a caller that polls instead of
         waiting (iprobe, Request.test), as MPI's progress engine takes one
         in MPI_Iprobe and MPI_Test: the rings and the socket are read in
@@ -317,16 +317,17 @@ class Transport(_Sending, _Syncing, _RingPaths, _Waiting, _Closing):
         turn (as a receive's first look does: ``Progress.enter``). Left to
         the progress thread, which a polling loop keeps off the interpreter
         between switch intervals, a round trip answered by an iprobe loop
-        took 16 ms (a blocking receive's: 5 us)."""
+        took 16 ms (a blocking receive's: 5 us). Whether this thread read
+        (False: another thread has the turn, and reads what has come)."""
         progress = self.progress
         if progress.reading_here() or progress.closing:
             # (a callback run by the thread that reads: it would wait on itself; a closed
             # mesh's rings and sockets are gone: iprobe raised a released memoryview's error)
-            return
+            return False
         entered = progress.enter(behind_callers=False)
         if entered < 0:     # another caller reads for all: let it have the interpreter
             time.sleep(0)
-            return
+            return False
         try:
             if entered > 0:
                 reader = self.reader
@@ -340,6 +341,7 @@ class Transport(_Sending, _Syncing, _RingPaths, _Waiting, _Closing):
             pass        # (the mesh closed under it: the caller's request says how it ended)
         finally:
             progress.leave(entered)
+        return entered > 0
 
     def lost_to(self, out: Outgoing) -> bool:
         """Whether ``out``, handed over, went to a peer that has left (closed

@@ -39,7 +39,7 @@ class _Waiting:
     unsync: Callable[[Outgoing], None]
     inbox: Inbox
     live: Liveness
-    poke: Callable[[], None]
+    poke: Callable[[], bool]
     rank: int
     reader: Reader
     stall_warn: float

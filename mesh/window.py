@@ -476,12 +476,18 @@ class Window:
         False at once, the epoch still open. What has come is read first (as
         ``Request.test`` reads it: MPI_Win_test makes progress), so an
         origin's ``complete`` that returned before a barrier both passed is
-        seen by a test after it."""
+        seen by a test after it (where another thread has the reading turn,
+        as the progress thread may on a loaded machine, it is given up to
+        50 ms to read what has come; a test that read finds it at once)."""
         self._check("test")
         if not self._exposure:
             raise MeshError(f"rank {self._t.rank}: window {self.name}: test without post")
         if not all(item.event.is_set() for _, item in self._posted):
-            self._t.poke()
+            if not self._t.poke():
+                deadline = time.monotonic() + 0.05
+                for _, item in self._posted:
+                    if not item.event.wait(max(0.0, deadline - time.monotonic())):
+                        break
             if not all(item.event.is_set() for _, item in self._posted):
                 return False
         self.wait(0)
