@@ -7,7 +7,9 @@ under ``meshrun -n N`` (or torchrun, mpirun, srun, ``mesh.spawn``).
     adasum.py     op=hvd.Adasum: Horovod's pairwise combination, vector-halving distance-doubling
     control.py    join: each call announced on a control group first
     functions.py  broadcast_parameters, broadcast_optimizer_state, *_object
-    optimizer.py  DistributedOptimizer over collectives.GradReducer; Adasum's delta optimizer
+    optimizer.py  DistributedOptimizer over collectives.GradReducer, overlapped with backward
+    adasum_optimizer.py  op=hvd.Adasum's: Horovod's delta optimizer
+    named.py      named_parameters' checks, the backward passes counted
     sync_batch_norm.py  SyncBatchNorm: batch statistics over every rank's batch
     timeline.py   HOROVOD_TIMELINE, start_timeline: rank 0's Chrome trace of the calls
     elastic.py    hvd.elastic: refused by name (NotImplementedError saying what to use)

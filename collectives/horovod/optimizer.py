@@ -10,14 +10,25 @@ and the results are decompressed into ``.grad``.
 Sparse gradients (``nn.Embedding(sparse=True)``) are reduced sparse, as
 Horovod's: every rank's indices and values (collectives.torchsparse), the
 result coalesced. Which parameters have them is read off the first step's
-gradients on every rank (one small all_gather), so that step's buckets
-launch in ``step()``; from then on the dense ones launch during backward
-and the sparse ones in ``step()``, in parameter order (every rank alike).
-``sparse_as_dense=True`` reduces them dense, from the first step.
+gradients on every rank (one small all_gather on the control group, so
+that it does not come between the buckets). Until then every parameter
+has its place in a bucket: the first step's dense gradients launch
+during backward too, and a sparse one stands aside, its place reduced as
+zeros (its bucket, and those after it, launch in ``step()``); from the
+second step on the buckets hold the dense ones only, and the sparse ones
+are reduced in ``step()``, in parameter order (every rank alike).
+``sparse_as_dense=True`` reduces them dense.
+
+A parameter that had no gradient (unused in the forward) is reduced as
+zeros, and ``.grad`` is then the average of the ranks that had one, zeros
+where none had (Horovod's; the wrapped optimizer steps it: momentum and
+weight decay apply). ``HOROVOD_FUSION_THRESHOLD`` (bytes; 0: no fusion)
+sizes the buckets, as Horovod's fusion buffer (default 25 MiB, DDP's).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 import weakref
 from typing import Any, Iterator
@@ -28,27 +39,22 @@ import torch
 from mesh import MismatchError
 
 from .. import api as C
-from ..buckets import GradReducer
+from ..buckets import DEFAULT_BUCKET_BYTES, GradReducer, _agreed
 from ..torchsparse import sparse_all_reduce
 from . import control
-from .adasum import adasum_all_reduce
+from .adasum_optimizer import _DistributedAdasumOptimizer
 from .basics import OPS, Adasum, Average, Compression, Sum, _s, _world, global_process_set
 from .mpi_ops import _scaled, adasum_checks
+from .named import check_named, one_more_pass
 from .timeline import now
 
 __all__ = ["DistributedOptimizer"]
 
 
+class _Reducer(GradReducer):
+    """A GradReducer of the parameters (its errors name the optimizer)."""
+    _called = "DistributedOptimizer"
 
-def _one_more_pass(delay: list[int], i: int) -> None:
-    """Count a backward pass into parameter i's gradient; Horovod's error
-    where more came than ``backward_passes_per_step`` before ``step()``."""
-    if delay[i] <= 0:
-        raise AssertionError("Gradients were computed more than "
-                             "backward_passes_per_step times before call to step(). "
-                             "Increase backward_passes_per_step to accumulate "
-                             "gradients locally.")
-    delay[i] -= 1
 
 class _Compressed(GradReducer):
     """A GradReducer of the compressed gradients ``ready`` hands it."""
@@ -56,27 +62,21 @@ class _Compressed(GradReducer):
     _called = "DistributedOptimizer"
 
 
-def _check_named(opt: torch.optim.Optimizer, named_parameters: Any) -> dict[int, str]:
-    """Horovod's checks of ``named_parameters``: (name, parameter) pairs,
-    names unique, every parameter of the optimizer named. Returns each
-    parameter's name (by id; Horovod's ``allreduce.noname.<group>.<i>``
-    where none are given)."""
-    named = list(named_parameters) if named_parameters is not None else \
-        [(f"allreduce.noname.{i}.{j}", v) for i, group in enumerate(opt.param_groups)
-         for j, v in enumerate(group["params"])]
-    if any(not isinstance(p, tuple) for p in named):
-        raise ValueError("named_parameters should be a sequence of tuples (name, "
-                         "parameter), usually produced by model.named_parameters()")
-    names = [k for k, _ in named]
-    dups = sorted({k for k in names if names.count(k) > 1})
-    if dups:
-        raise ValueError(f"Parameter names in named_parameters must be unique. Found "
-                         f"duplicates: {', '.join(dups)}")
-    given = {id(v) for _, v in named}
-    if any(id(p) not in given for group in opt.param_groups for p in group["params"]):
-        raise ValueError("named_parameters was specified, but one or more model "
-                         "parameters were not named")
-    return {id(v): str(k) for k, v in named}
+def _fusion_bytes() -> int:
+    """The buckets' size: ``HOROVOD_FUSION_THRESHOLD`` (bytes; 0: each
+    gradient alone), else GradReducer's default."""
+    said = os.environ.get("HOROVOD_FUSION_THRESHOLD", "").strip()
+    if not said:
+        return DEFAULT_BUCKET_BYTES
+    try:
+        n = int(said)
+    except ValueError:
+        raise ValueError(f"HOROVOD_FUSION_THRESHOLD={said!r}: a number of bytes (0: no "
+                         f"fusion)") from None
+    if n < 0:
+        raise ValueError(f"HOROVOD_FUSION_THRESHOLD={said!r}: a number of bytes (0: no "
+                         f"fusion)")
+    return max(n, 1)
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
@@ -87,13 +87,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                  backward_passes_per_step: int, op: int, gradient_predivide_factor: float,
                  sparse_as_dense: bool) -> None:
         super(self.__class__, self).__init__(params)  # type: ignore[misc, call-arg]
-        names = _check_named(self, named_parameters)
+        names = check_named(self, named_parameters)
         g = _world("DistributedOptimizer")
         self._hvd_g = g
         self._hvd_compression = compression
         self._hvd_k = backward_passes_per_step
         self._hvd_f = gradient_predivide_factor
         self._hvd_op = op
+        self._hvd_bytes = _fusion_bytes()
         self._hvd_params = [p for group in self.param_groups for p in group["params"]
                             if p.requires_grad]
         self._hvd_names = [names[id(p)] for p in self._hvd_params]
@@ -104,8 +105,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._hvd_synced = False
         self._hvd_sync = True
         # each parameter's reduction: 0 in a bucket, k > 0 sparse (k sparse dimensions);
-        # None until the first step's gradients say (sparse_as_dense: all in buckets)
+        # None until the first step's gradients say (sparse_as_dense: all in buckets),
+        # every one in a bucket until then
         self._hvd_plan: list[int] | None = None
+        self._hvd_aside: set[int] = set()       # the first step's sparse ones (no trace)
         self._hvd_dense: list[int] = []         # the reducer's gradients (parameter indices)
         self._hvd_slot: dict[int, int] = {}     # parameter index -> the reducer's
         self._hvd_reducer: GradReducer | None = None
@@ -116,35 +119,69 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._hvd_on = g.size > 1 and bool(self._hvd_params)
         if not self._hvd_on:
             return
+        self._hvd_make([0] * len(self._hvd_params))
         if sparse_as_dense:
-            self._hvd_make([0] * len(self._hvd_params))
+            self._hvd_plan = [0] * len(self._hvd_params)
         for i, p in enumerate(self._hvd_params):
             p.register_post_accumulate_grad_hook(self._hvd_hook(i))
 
     def _hvd_make(self, plan: list[int]) -> None:
         """The reducer of the gradients ``plan`` puts in buckets."""
-        self._hvd_plan = plan
+        self._hvd_reducer = None
         self._hvd_dense = [i for i, sd in enumerate(plan) if sd == 0]
         self._hvd_slot = {i: j for j, i in enumerate(self._hvd_dense)}
         if not self._hvd_dense:
             return
         dense = [self._hvd_params[i] for i in self._hvd_dense]
         if self._hvd_compression is Compression.none:
-            self._hvd_reducer = GradReducer(self._hvd_g, dense, op=OPS[self._hvd_op])
+            self._hvd_reducer = _Reducer(self._hvd_g, dense, self._hvd_bytes,
+                                         op=OPS[self._hvd_op])
         else:
             like = [self._hvd_compression.compress(torch.zeros_like(p))[0] for p in dense]
-            self._hvd_reducer = _Compressed(self._hvd_g, like, op=OPS[self._hvd_op])
+            self._hvd_reducer = _Compressed(self._hvd_g, like, self._hvd_bytes,
+                                            op=OPS[self._hvd_op])
         self._hvd_reducer._trace = self._hvd_trace
+        self._hvd_agree(self._hvd_reducer)
 
-    def _hvd_decide(self) -> None:
+    def _hvd_agree(self, red: GradReducer) -> None:
+        """The ranks' parameters agree (shapes and dtypes, in order), else a
+        ValueError on every rank naming the first that differs: checked
+        here (one small all_gather on the control group, every time), not
+        at the first bucket's launch, which comes in the middle of backward
+        and is checked once per layout (a rank that had seen its layout
+        before would not meet the others' check)."""
+        g = self._hvd_g
+        ctl = _s.ctl if _s.ctl is not None and _s.ctl.size == g.size else g
+        mine = np.frombuffer(red._layout, np.uint64)
+        table = np.asarray(C.all_gather(ctl, mine)).reshape(g.size, -1)
+        if (table == table[0]).all():
+            _agreed.setdefault(g, {})[red._layout] = red._plan_from
+            return
+        specs = C.all_gather_object(ctl, red._plan_from[0])
+        other = next(r for r in range(g.size) if specs[r] != specs[0])
+        a, b = specs[0], specs[other]
+        i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+        said = (lambda s, k: f"{s[k][1]}{tuple(s[k][0])}" if k < len(s) else "none")
+        here = self._hvd_dense[i] if i < len(self._hvd_dense) else None
+        name = "" if here is None else f" ({self._hvd_names[here]!r} on rank {g.rank})"
+        raise ValueError(f"rank {g.rank}: DistributedOptimizer: the ranks' parameters differ: "
+                         f"parameter {i}{name} is {said(a, i)} on rank 0 and {said(b, i)} on "
+                         f"rank {other} ({len(a)} and {len(b)} parameters with gradients): "
+                         f"every rank wraps an optimizer of the same model's parameters, in "
+                         f"the same order")
+
+    def _hvd_decide(self) -> list[int]:
         """The first step: a parameter whose gradient is sparse on a rank is
         reduced sparse (from then on: a rank without one sends none), the
         others in buckets. One dense on a rank and sparse on another raises
-        on every rank, naming both."""
+        on every rank, naming both. (On the control group: the buckets
+        launched during backward may differ between ranks until step()'s
+        feed, and nothing may come between them on the world.)"""
         g, params = self._hvd_g, self._hvd_params
         codes = np.array([-1 if p.grad is None else p.grad.sparse_dim() if p.grad.is_sparse
                           else 0 for p in params], np.int64)
-        table = np.asarray(C.all_gather(g, codes)).reshape(g.size, len(params))
+        ctl = _s.ctl if _s.ctl is not None and _s.ctl.size == g.size else g
+        table = np.asarray(C.all_gather(ctl, codes)).reshape(g.size, len(params))
         plan = []
         for i, col in enumerate(table.T):
             dense = [r for r in range(g.size) if col[r] == 0]
@@ -168,11 +205,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                                       f"has sparse gradients, reduced with op=hvd.Average or "
                                       f"hvd.Sum only (as Horovod's sparse allreduce: indices and "
                                       f"values gathered and summed); pass sparse_as_dense=True")
-        self._hvd_make(plan)
+        return plan
 
     def _hvd_hook(self, i: int) -> Any:
         def hook(p: Any) -> None:
-            _one_more_pass(self._hvd_delay, i)
+            one_more_pass(self._hvd_delay, i)
             self._hvd_fresh = True
             if self._hvd_delay[i] == 0:
                 self._hvd_feed(i, p)
@@ -180,14 +217,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _hvd_feed(self, i: int, p: Any) -> None:
         """Gradient i is final on this rank: to its bucket (a sparse one
-        waits for ``step()``; all do until the first step's plan)."""
+        waits for ``step()``; at the first step, before the plan, one stands
+        aside: ``step()`` reduces zeros in its place)."""
         self._hvd_pending = True
         if _s.timeline is not None:
             self._hvd_ready.setdefault(i, now())
-        if self._hvd_plan is None or self._hvd_plan[i]:
+        if i not in self._hvd_slot:
             return
         assert self._hvd_reducer is not None
-        if p.grad is not None and p.grad.is_sparse:     # (none at the first step: dense)
+        if p.grad is not None and p.grad.is_sparse:
+            if self._hvd_plan is None:
+                return
             p.grad = p.grad.to_dense()
         if p.grad is not None and self._hvd_f != 1.0:
             p.grad.mul_(1.0 / self._hvd_f)
@@ -200,17 +240,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._hvd_fed[i] = (sent, ctx)
         self._hvd_reducer.ready(j, sent)
 
-    def _hvd_sparse(self) -> list[tuple[int, Any]]:
+    def _hvd_sparse(self, plan: list[int], aside: dict[int, Any]) -> list[tuple[int, Any]]:
         """The sparse gradients' calls, in parameter order (a rank without
-        one sends an empty one)."""
-        assert self._hvd_plan is not None
+        one sends an empty one); ``aside``: the first step's, set aside."""
         works = []
         tl = _s.timeline
-        for i, sd in enumerate(self._hvd_plan):
+        for i, sd in enumerate(plan):
             if not sd:
                 continue
             p = self._hvd_params[i]
-            grad = p.grad
+            grad = aside.get(i, p.grad)
             if grad is None:
                 grad = torch.sparse_coo_tensor(
                     torch.zeros(sd, 0, dtype=torch.int64), p.new_zeros((0,) + p.shape[sd:]),
@@ -228,16 +267,31 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def _hvd_wait(self) -> None:
         """Every gradient not yet fed (fewer backward passes, or none) goes
         now, then the sparse ones; then the calls are waited for and the
-        results written back."""
-        first = self._hvd_plan is None
-        if first:
-            self._hvd_decide()
-        for i, p in enumerate(self._hvd_params):
-            if first or self._hvd_delay[i] != 0:
+        results written back. The first step learns the plan first; its
+        sparse gradients stand aside (None) while the buckets reduce zeros
+        in their place, and the buckets are finished alike on every rank
+        before the plan's error is raised."""
+        params, plan = self._hvd_params, self._hvd_plan
+        err: BaseException | None = None
+        aside: dict[int, Any] = {}
+        if plan is None:
+            try:
+                plan = self._hvd_decide()
+            except (MismatchError, NotImplementedError) as e:
+                err = e
+            aside = {i: p.grad for i, p in enumerate(params)
+                     if p.grad is not None and p.grad.is_sparse}
+            for i in aside:
+                params[i].grad = None
+            self._hvd_aside = set(aside) if plan is None else \
+                {i for i, sd in enumerate(plan) if sd}
+        for i, p in enumerate(params):
+            if self._hvd_delay[i] != 0 or i in aside:
                 self._hvd_feed(i, p)
         works: list[tuple[int, Any]] = []
+        dense = [i for i in self._hvd_dense if i not in self._hvd_aside]
         try:
-            works = self._hvd_sparse()
+            works = self._hvd_sparse(plan, aside) if plan is not None and err is None else []
             if self._hvd_reducer is not None:
                 self._hvd_reducer.wait()
             got = [(i, w.wait()) for i, w in works]
@@ -253,18 +307,31 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._hvd_pending = self._hvd_fresh = False
             fed, self._hvd_fed = self._hvd_fed, {}
             self._hvd_ready.clear()
+            self._hvd_aside = set()
+            for i, grad in aside.items():
+                params[i].grad = grad
             if _s.timeline is not None:
                 _s.timeline.settle()
+        if err is not None:
+            raise err
+        if self._hvd_plan is None and plan is not None:
+            self._hvd_plan = plan
+            if any(plan):       # from now on: the dense ones alone in buckets
+                self._hvd_make(plan)
         n = self._hvd_g.size if self._hvd_op == Average else 1
         with torch.no_grad():
             for i, out in got:
-                self._hvd_params[i].grad = _scaled(out, 1.0, n)
-            for i in self._hvd_dense:
-                p = self._hvd_params[i]
-                if p.grad is None:
-                    continue
+                params[i].grad = _scaled(out, 1.0, n)
+            for i in dense:     # (none had one: zeros, as Horovod's)
+                p = params[i]
                 if i in fed:
-                    p.grad.copy_(self._hvd_compression.decompress(*fed[i]))
+                    back = self._hvd_compression.decompress(*fed[i])
+                    if p.grad is None:
+                        p.grad = back.to(p.dtype).clone()
+                    else:
+                        p.grad.copy_(back)
+                elif p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 if self._hvd_f != 1.0:
                     p.grad.mul_(self._hvd_f)
 
@@ -290,6 +357,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         done = min(times.get("done", out), out)
         for j in b.members:
             i = self._hvd_dense[j]
+            if i in self._hvd_aside:     # (the first step's sparse ones: their own events)
+                continue
             ready = min(self._hvd_ready.pop(i, launch), launch)
             tl.op("allreduce." + self._hvd_names[i], "ALLREDUCE", ready,
                   [("WAIT_FOR_OTHER_TENSOR_DATA", ready, launch),
@@ -353,112 +422,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._hvd_delay = [self._hvd_k] * len(self._hvd_params)
             self._hvd_synced = False
         super(self.__class__, self).load_state_dict(*args, **kwargs)   # type: ignore[misc]
-
-    def set_backward_passes_per_step(self, passes: int) -> None:
-        self._hvd_k = passes
-        self._hvd_delay = [passes] * len(self._hvd_params)
-
-
-class _DistributedAdasumOptimizer(torch.optim.Optimizer):
-    """Horovod's Adasum optimizer (op=hvd.Adasum on more than one rank):
-    each rank steps the wrapped optimizer on its own gradients, and what
-    the step changed (not the gradient) is combined by Adasum over the
-    ranks, each parameter on its own; every rank then holds start + that.
-    The wrapped optimizer's state (momentum, Adam's moments) stays each
-    rank's own, as Horovod's. A parameter is stepped alone as its gradient
-    is final (after ``backward_passes_per_step`` passes; in ``step()`` for
-    one that had none), as Horovod's hook does; the changes are combined in
-    ``step()``, together (one call per dtype, in parameter order)."""
-
-    def __init__(self, params: Any, named_parameters: Any, compression: Any,
-                 backward_passes_per_step: int) -> None:
-        super(self.__class__, self).__init__(params)  # type: ignore[misc, call-arg]
-        _check_named(self, named_parameters)
-        self._hvd_g = _world("DistributedOptimizer")
-        self._hvd_compression = compression
-        self._hvd_k = backward_passes_per_step
-        self._hvd_params = [p for group in self.param_groups for p in group["params"]
-                            if p.requires_grad]
-        self._hvd_delay = [backward_passes_per_step] * len(self._hvd_params)
-        self._hvd_start = [torch.zeros_like(p, requires_grad=False) for p in self._hvd_params]
-        self._hvd_stepped: set[int] = set()     # parameters holding their step's change
-        self._hvd_id = len(_s.optimizers)
-        _s.optimizers.append(weakref.ref(self))
-        for i, p in enumerate(self._hvd_params):
-            p.grad = torch.zeros_like(p)        # (as Horovod's)
-            p.register_post_accumulate_grad_hook(self._hvd_hook(i))
-
-    def _hvd_hook(self, i: int) -> Any:
-        def hook(p: Any) -> None:
-            _one_more_pass(self._hvd_delay, i)
-            if self._hvd_delay[i] == 0:
-                self._hvd_local_step(i)
-        return hook
-
-    def _hvd_local_step(self, i: int) -> None:
-        """The wrapped optimizer's step on parameter i alone; the parameter
-        then holds what the step changed, its start kept aside."""
-        p, start = self._hvd_params[i], self._hvd_start[i]
-        kept = [group["params"] for group in self.param_groups]
-        for group in self.param_groups:
-            group["params"] = [p] if any(p is v for v in group["params"]) else []
-        try:
-            with torch.no_grad():
-                start.copy_(p)
-            super(self.__class__, self).step()     # type: ignore[misc]
-            with torch.no_grad():
-                p.sub_(start)
-        finally:
-            for group, params in zip(self.param_groups, kept):
-                group["params"] = params
-        self._hvd_stepped.add(i)
-
-    def _hvd_combine(self, joined: bool = False) -> None:
-        """Every parameter's change combined by Adasum over the ranks (a
-        rank that has joined gives zeros and keeps its parameters)."""
-        sent = [self._hvd_compression.compress(torch.zeros_like(p) if joined else p.detach())
-                for p in self._hvd_params]
-        for dtype in dict.fromkeys(t.dtype for t, _ in sent):
-            adasum_all_reduce(self._hvd_g, [t for t, _ in sent if t.dtype == dtype])
-        if joined:
-            return
-        with torch.no_grad():
-            for p, start, (t, ctx) in zip(self._hvd_params, self._hvd_start, sent):
-                start.add_(self._hvd_compression.decompress(t, ctx))
-                p.copy_(start)
-
-    def _hvd_join_step(self) -> None:
-        self._hvd_combine(joined=True)
-
-    def synchronize(self) -> None:
-        """Nothing to wait for before ``step()`` (as Horovod's Adasum)."""
-
-    @contextlib.contextmanager
-    def skip_synchronize(self) -> Iterator[None]:
-        raise AssertionError("Skipping synchronization is not supported when using Adasum "
-                             "optimizer.")
-        yield       # (a generator, for contextmanager)
-
-    def step(self, closure: Any = None) -> Any:
-        loss = closure() if closure is not None else None
-        control.announce(self._hvd_g, control.OPTIMIZER, "DistributedOptimizer.step",
-                         op=self._hvd_id)
-        for i in range(len(self._hvd_params)):
-            if i not in self._hvd_stepped:
-                self._hvd_local_step(i)
-        try:
-            self._hvd_combine()
-        finally:
-            self._hvd_stepped.clear()
-            self._hvd_delay = [self._hvd_k] * len(self._hvd_params)
-        return loss
-
-    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
-        if self._hvd_stepped:
-            raise AssertionError("optimizer.zero_grad() was called after loss.backward() but "
-                                 "before optimizer.step() or optimizer.synchronize(). This is "
-                                 "prohibited as it can cause a race condition.")
-        super(self.__class__, self).zero_grad(*args, **kwargs)   # type: ignore[misc]
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         self._hvd_k = passes
