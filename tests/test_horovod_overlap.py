@@ -127,6 +127,12 @@ def _cases(world: Any, out: str) -> None:
         res["differ"] = "no error"
     except Exception as e:
         res["differ"] = f"{type(e).__name__}: {e}"
+    os.environ["HOROVOD_FUSION_THRESHOLD"] = str(1000 * r)     # buckets that would differ
+    try:
+        hvd.DistributedOptimizer(torch.optim.SGD(_Net().m.parameters(), lr=LR))
+        res["buckets"] = "no error"
+    except ValueError as e:
+        res["buckets"] = str(e)
     os.environ.pop("HOROVOD_FUSION_THRESHOLD")
     # rank 1 dies in a backward; rank 0's buckets are out: its step raises, naming it
     net = _Net()
@@ -156,7 +162,8 @@ def test_distributed_optimizer_launches_buckets_during_the_first_backward(
     no rank (Horovod's zeros: weight decay moves it) and one by rank 0
     only; fp16 gives the unused-here gradient too; a gradient accumulated
     twice in one backward raises Horovod's error; parameters that differ
-    between ranks raise on both, naming them; a rank dying in backward
+    between ranks raise on both, naming them, as does a
+    HOROVOD_FUSION_THRESHOLD that differs; a rank dying in backward
     makes the other's step raise LostPeerError naming it, not hang."""
     pytest.importorskip("torch")
     with pytest.raises(mesh.WorkerError) as failed:
@@ -175,6 +182,9 @@ def test_distributed_optimizer_launches_buckets_during_the_first_backward(
         assert "more than backward_passes_per_step" in o["twice"], o["twice"]
         assert o["differ"].startswith(f"ValueError: rank {r}: DistributedOptimizer") and \
             "differ" in o["differ"] and "rank 1" in o["differ"], o["differ"]
+        assert o["buckets"] == (f"rank {r}: DistributedOptimizer: the ranks' buckets differ: "
+                                f"1 bytes on rank 0 and 1000 on rank 1 (HOROVOD_FUSION_"
+                                f"THRESHOLD: set it alike on every rank)"), o["buckets"]
     line = (tmp_path / "0.raised").read_text()
     assert "LostPeerError" in line and "rank 1" in line, line
     assert int(line.split()[2].rstrip("s:")) < 20, line

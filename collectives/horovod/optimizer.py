@@ -144,19 +144,25 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._hvd_agree(self._hvd_reducer)
 
     def _hvd_agree(self, red: GradReducer) -> None:
-        """The ranks' parameters agree (shapes and dtypes, in order), else a
-        ValueError on every rank naming the first that differs: checked
+        """The ranks' parameters agree (shapes and dtypes, in order), and so
+        do their buckets' size, else a ValueError on every rank naming the
+        first that differs: checked
         here (one small all_gather on the control group, every time), not
         at the first bucket's launch, which comes in the middle of backward
         and is checked once per layout (a rank that had seen its layout
         before would not meet the others' check)."""
         g = self._hvd_g
         ctl = _s.ctl if _s.ctl is not None and _s.ctl.size == g.size else g
-        mine = np.frombuffer(red._layout, np.uint64)
+        mine = np.append(np.frombuffer(red._layout, np.uint64), np.uint64(self._hvd_bytes))
         table = np.asarray(C.all_gather(ctl, mine)).reshape(g.size, -1)
         if (table == table[0]).all():
             _agreed.setdefault(g, {})[red._layout] = red._plan_from
             return
+        if (table[:, :-1] == table[0, :-1]).all():
+            other = next(r for r in range(g.size) if table[r, -1] != table[0, -1])
+            raise ValueError(f"rank {g.rank}: DistributedOptimizer: the ranks' buckets differ: "
+                             f"{table[0, -1]} bytes on rank 0 and {table[other, -1]} on rank "
+                             f"{other} (HOROVOD_FUSION_THRESHOLD: set it alike on every rank)")
         specs = C.all_gather_object(ctl, red._plan_from[0])
         other = next(r for r in range(g.size) if specs[r] != specs[0])
         a, b = specs[0], specs[other]
