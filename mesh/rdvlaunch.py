@@ -28,7 +28,8 @@ import zmq
 
 from . import auth
 
-__all__ = ["run_folder", "remove_run_folder", "tell_ended", "tell_hosts", "read_hosts", "Teller"]
+__all__ = ["run_folder", "remove_run_folder", "job_folder", "tell_ended", "tell_hosts",
+           "read_hosts", "Teller"]
 
 _LOCK = ".lock"
 _held_here: dict[str, int] = {}     # run folders this process made -> its lock's fd
@@ -113,6 +114,16 @@ def _locked(path: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def job_folder(run_id: str) -> str:
+    """The folder a job keeps between its tries on this host (hvd.elastic's
+    commits): named after the user and the job's TORCHELASTIC_RUN_ID, the
+    same in every try; meshrun removes it when the job ends well. Not made
+    here."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    safe = "".join(c if c.isalnum() or c in "._" else "_" for c in run_id) or "none"
+    return os.path.join(tempfile.gettempdir(), f"meshrun-job-{uid}-{safe}")
 
 
 def remove_run_folder(path: str) -> None:

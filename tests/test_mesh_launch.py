@@ -658,6 +658,9 @@ def test_two_nodes_share_one_rendezvous_and_form_one_mesh(tmp_path: Path) -> Non
     (("--timeline-filename", "t.json", str(WORKER)),
      "--timeline-filename t.json is horovodrun's, not meshrun's: export HOROVOD_TIMELINE=t.json"),
     (("--gloo", str(WORKER)), "--gloo is horovodrun's, not meshrun's: meshrun's ranks talk"),
+    (("-np", "2", "--min-np", "1", "--max-np", "4", str(WORKER)),
+     "--min-np 1 is horovodrun's, not meshrun's: a mesh does not grow or shrink: every try "
+     "of a job has the same -n N; meshrun -n N --max-restarts K"),
 ])
 def test_usage_errors(args: tuple[str, ...], message: str, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture[str]) -> None:

@@ -229,16 +229,24 @@ class _MpiOutput(argparse.Action):
 # (argparse said "unrecognized arguments"); its -np is meshrun's -n
 _HOROVODRUN: list[tuple[tuple[str, ...], int | None]] = [
     (("-H", "--hosts", "-hostfile", "--hostfile"), None), (("--timeline-filename",), None),
-    (("--timeline-mark-cycles",), 0), (("--gloo", "--mpi"), 0)]
+    (("--timeline-mark-cycles",), 0), (("--gloo", "--mpi"), 0),
+    (("--min-np", "--min_np", "--max-np", "--max_np", "--host-discovery-script",
+      "--host_discovery_script"), None)]
 _INSTEAD = {
     "-H": "one meshrun a host: meshrun --nnodes K --node-rank I --master-addr HOST0 "
           "--master-port P -n N train.py on each (README: Running on a cluster), or mpirun "
           "-H ... python train.py",
     "--timeline-filename": "export HOROVOD_TIMELINE={} (hvd.init() reads it, as Horovod's)",
     "--timeline-mark-cycles": "export HOROVOD_TIMELINE_MARK_CYCLES=1 (hvd.init() reads it)",
-    "--gloo": "meshrun's ranks talk over its own transport: drop it"}
+    "--gloo": "meshrun's ranks talk over its own transport: drop it",
+    "--min-np": "a mesh does not grow or shrink: every try of a job has the same -n N; "
+                "meshrun -n N --max-restarts K train.py starts every rank again after a "
+                "failure, and hvd.elastic.run resumes at the last state.commit() "
+                "(README: Coming from Horovod)"}
 _INSTEAD.update({"--hosts": _INSTEAD["-H"], "-hostfile": _INSTEAD["-H"],
                  "--hostfile": _INSTEAD["-H"], "--mpi": _INSTEAD["--gloo"]})
+_INSTEAD.update({o: _INSTEAD["--min-np"] for o in ("--min_np", "--max-np", "--max_np",
+                 "--host-discovery-script", "--host_discovery_script")})
 
 
 class _Horovodrun(argparse.Action):

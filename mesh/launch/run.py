@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -20,7 +21,8 @@ from ..env import launcher_seal, torchrun_env
 from ..limits import open_files, thread_share
 from ..auth import curve_wanted
 from ..peer import config_float
-from ..rdvlaunch import Teller, read_hosts, remove_run_folder, run_folder, tell_ended
+from ..rdvlaunch import (Teller, job_folder, read_hosts, remove_run_folder, run_folder,
+                         tell_ended)
 from .records import (WorkerExit, WorkerSpec, elastic_error_file, error_file, log_tracebacks,
                       drop_unused_stacks, read_records, read_wheres, stack_file, where_file)
 from .report import cause, exit_code, format_report, lost_nodes
@@ -94,6 +96,14 @@ def launch(a: argparse.Namespace) -> int:
     run_id = _run_id(given)
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
     _clear_earlier_tries(a)
+    try:
+        return _launch(a, given, run_id, deadline)
+    finally:    # what the tries kept for each other (hvd.elastic's commits): a later
+        shutil.rmtree(job_folder(run_id), ignore_errors=True)   # job starts afresh
+
+
+def _launch(a: argparse.Namespace, given: str | None, run_id: str,
+            deadline: float | None) -> int:
     if given and a.nnodes > 1 and a.max_restarts:
         return _launch_together(a, given, run_id, deadline)
     restart = 0
