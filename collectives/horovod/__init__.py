@@ -12,7 +12,7 @@ under ``meshrun -n N`` (or torchrun, mpirun, srun, ``mesh.spawn``).
     named.py      named_parameters' checks, the backward passes counted
     sync_batch_norm.py  SyncBatchNorm: batch statistics over every rank's batch
     timeline.py   HOROVOD_TIMELINE, start_timeline: rank 0's Chrome trace of the calls
-    elastic.py    hvd.elastic: refused by name (NotImplementedError saying what to use)
+    elastic.py    hvd.elastic: run, TorchState, ElasticSampler on meshrun's restarts (commits)
 """
 from .basics import (Adasum, Average, Compression, HorovodInternalError, Max, Min, Product,
                      ProcessSet, Sum, add_process_set, ccl_built, cross_rank, cross_size,
