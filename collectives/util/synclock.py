@@ -1,0 +1,305 @@
+"""collectives.util.sync's locks over collectives.MPI's windows: ``Mutex``,
+``Condition``, ``Semaphore`` (mpi4py.util.sync's; see sync.py)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import MPI
+from .syncbase import Counter, _Backoff, _freed, _ints, _rank
+
+__all__ = ["Mutex", "Condition", "Semaphore"]
+
+_NEXT, _SERVED = 0, 1           # Mutex: rank 0's words
+_FLAG, _WAITING = 0, 1          # Condition: each rank's flag; rank 0's count, then the queue
+
+
+class Mutex:
+    """Mutual exclusion among the processes of ``comm``: one holds it at a
+    time, the others' ``acquire`` waiting in the order they came
+    (``recursive``: its holder may acquire it again, ``count()`` times)."""
+
+    def __init__(self, *, recursive: bool = False, comm: Any = MPI.COMM_SELF,
+                 info: Any = MPI.INFO_NULL) -> None:
+        rank, _ = _rank(comm, "Mutex")
+        self._recursive = bool(recursive)
+        self._comm = comm
+        self._held = 0
+        self._window = _ints(comm, 2 if rank == 0 else 0)
+        comm.Barrier()
+
+    def _fetch(self, value: int, word: int, op: Any) -> int:
+        add = np.array([value], np.intc)
+        got = np.zeros(1, np.intc)
+        self._window.Fetch_and_op(add, got, 0, word, op)
+        return int(got[0])
+
+    def _acquire(self, blocking: bool = True) -> bool:
+        win = self._window
+        win.Lock(0, MPI.LOCK_SHARED)
+        try:
+            if blocking:
+                ticket = self._fetch(1, _NEXT, MPI.SUM)
+                backoff = _Backoff()
+                while self._fetch(0, _SERVED, MPI.NO_OP) != ticket:
+                    backoff()
+            else:       # a ticket only if it is served at once: next == served
+                served = self._fetch(0, _SERVED, MPI.NO_OP)
+                got = np.zeros(1, np.intc)
+                win.Compare_and_swap(np.array([served + 1], np.intc),
+                                     np.array([served], np.intc), got, 0, _NEXT)
+                if int(got[0]) != served:
+                    return False
+        finally:
+            win.Unlock(0)
+        self._held = 1
+        return True
+
+    def _release(self) -> None:
+        win = self._window
+        win.Lock(0, MPI.LOCK_SHARED)
+        try:
+            self._fetch(1, _SERVED, MPI.SUM)
+        finally:
+            win.Unlock(0)
+        self._held = 0
+
+    def _release_save(self) -> int:
+        state = self._held
+        self._release()
+        return state
+
+    def _acquire_restore(self, state: int) -> None:
+        self._acquire()
+        self._held = state
+
+    def __enter__(self) -> "Mutex":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Hold the mutex (``blocking=False``: only if it is free now); True if held."""
+        if not self._window:
+            raise _freed("mutex")
+        if self._held:
+            if not self._recursive:
+                raise RuntimeError("cannot acquire already held mutex")
+            self._held += 1
+            return True
+        return self._acquire(blocking)
+
+    def release(self) -> None:
+        """Let the next waiter have it (a recursive one: once released as often as held)."""
+        if not self._window:
+            raise _freed("mutex")
+        if not self._held:
+            raise RuntimeError("cannot release unheld mutex")
+        if self._held > 1:
+            self._held -= 1
+            return
+        self._release()
+
+    def locked(self) -> bool:
+        """Whether this process holds it."""
+        if not self._window:
+            raise _freed("mutex")
+        return self._held > 0
+
+    def count(self) -> int:
+        """How many times this process holds it (0: not held)."""
+        if not self._window:
+            raise _freed("mutex")
+        return self._held
+
+    def free(self) -> None:
+        """Collective: released if held, then its window freed (again: nothing)."""
+        if self._window:
+            if self._held:
+                self._release()
+            self._window.Free()
+        self._window = MPI.WIN_NULL
+        self._comm = MPI.COMM_NULL
+
+
+class Condition:
+    """A condition variable over a Mutex (``mutex``, or one of its own over
+    ``comm``): ``wait`` releases the mutex until another process's ``notify``,
+    which wakes the waiters in the order they began to wait."""
+
+    def __init__(self, mutex: Mutex | None = None, *, recursive: bool = True,
+                 comm: Any = MPI.COMM_SELF, info: Any = MPI.INFO_NULL) -> None:
+        self._own = mutex is None
+        if mutex is None:
+            mutex = Mutex(recursive=recursive, comm=comm, info=info)
+        else:
+            comm = mutex._comm
+        self._mutex = mutex
+        rank, size = _rank(comm, "Condition")
+        self._size = size
+        self._comm = comm
+        self._window = _ints(comm, 1 + (1 + size if rank == 0 else 0))
+        comm.Barrier()
+
+    def _check(self, what: str) -> None:
+        if not self._window:
+            raise _freed("condition")
+        if not self._mutex.locked():
+            raise RuntimeError(f"cannot {what} on unheld mutex")
+
+    def _queue(self) -> np.ndarray:
+        """Rank 0's count of waiters and its queue (the mutex held: no one changes it)."""
+        got = np.zeros(1 + self._size, np.intc)
+        self._window.Get(got, 0, (_WAITING, 1 + self._size))
+        self._window.Flush(0)
+        return got
+
+    def _set_queue(self, queue: np.ndarray) -> None:
+        self._window.Put(queue, 0, (_WAITING, len(queue)))
+        self._window.Flush(0)
+
+    def __enter__(self) -> "Condition":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Acquire the mutex."""
+        if not self._window:
+            raise _freed("condition")
+        return self._mutex.acquire(blocking)
+
+    def release(self) -> None:
+        """Release the mutex."""
+        if not self._window:
+            raise _freed("condition")
+        self._mutex.release()
+
+    def locked(self) -> bool:
+        """Whether this process holds the mutex."""
+        return self._mutex.locked()
+
+    def wait(self) -> bool:
+        """Release the mutex until notified, then hold it again (as often as before)."""
+        self._check("wait")
+        win = self._window
+        me = self._comm.Get_rank()
+        win.Lock_all()
+        try:
+            queue = self._queue()
+            n = int(queue[0])
+            queue[1 + n] = me
+            queue[0] = n + 1
+            self._set_queue(queue)
+        finally:
+            win.Unlock_all()
+        state = self._mutex._release_save()
+        flag = win.tomemory()
+        backoff = _Backoff()
+        while True:
+            win.Sync()
+            if flag[_FLAG]:
+                break
+            backoff()
+        flag[_FLAG] = 0
+        self._mutex._acquire_restore(state)
+        return True
+
+    def wait_for(self, predicate: Callable[[], Any]) -> Any:
+        """``wait`` until ``predicate()`` is true; its value."""
+        result = predicate()
+        while not result:
+            self.wait()
+            result = predicate()
+        return result
+
+    def notify(self, n: int = 1) -> int:
+        """Wake up to ``n`` waiters, the longest waiting first; how many."""
+        self._check("notify")
+        win = self._window
+        win.Lock_all()
+        try:
+            queue = self._queue()
+            waiting = int(queue[0])
+            woken = [int(r) for r in queue[1:1 + min(max(int(n), 0), waiting)]]
+            if woken:
+                rest = queue[1 + len(woken):1 + waiting].copy()
+                queue[1:1 + len(rest)] = rest
+                queue[0] = len(rest)
+                self._set_queue(queue)
+                one = np.ones(1, np.intc)
+                for rank in woken:
+                    win.Accumulate(one, rank, _FLAG, MPI.REPLACE)
+                win.Flush_all()
+        finally:
+            win.Unlock_all()
+        return len(woken)
+
+    def notify_all(self) -> int:
+        """Wake every waiter; how many."""
+        return self.notify(self._size)
+
+    def free(self) -> None:
+        """Collective: the mutex released if this process holds it (and freed
+        if the condition made it), then the condition's window (again: nothing)."""
+        if self._window:
+            if self._mutex._window and self._mutex.locked():
+                self._mutex._release()
+            if self._own:
+                self._mutex.free()
+            self._window.Free()
+        self._window = MPI.WIN_NULL
+        self._comm = MPI.COMM_NULL
+
+
+class Semaphore:
+    """A counting semaphore over ``comm``: ``acquire`` takes one of ``value``
+    (waiting while none is left), ``release(n)`` gives ``n`` back
+    (``bounded``: never past ``value``, ValueError)."""
+
+    def __init__(self, value: int = 1, *, bounded: bool = True, comm: Any = MPI.COMM_SELF,
+                 info: Any = MPI.INFO_NULL) -> None:
+        if value < 0:
+            raise ValueError("initial value must be non-negative")
+        self._bounded = bool(bounded)
+        self._counter = Counter(value, comm=comm, info=info)
+        self._condvar = Condition(recursive=False, comm=comm, info=info)
+        self._comm = comm
+
+    def __enter__(self) -> "Semaphore":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take one (``blocking=False``: only if one is left now); True if taken."""
+        with self._condvar:
+            while self._counter.next(0) == 0:
+                if not blocking:
+                    return False
+                self._condvar.wait()
+            self._counter.next(-1)
+            return True
+
+    def release(self, n: int = 1) -> None:
+        """Give ``n`` back, waking up to ``n`` waiters."""
+        if n < 1:
+            raise ValueError("increment must be one or more")
+        with self._condvar:
+            if self._bounded and self._counter.next(0) + n > self._counter._start:
+                raise ValueError("semaphore released too many times")
+            self._counter.next(n)
+            self._condvar.notify(n)
+
+    def free(self) -> None:
+        """Collective: its counter and condition freed."""
+        self._counter.free()
+        self._condvar.free()
+        self._comm = MPI.COMM_NULL
