@@ -6,6 +6,8 @@ collectives.futures``, with get_comm_workers, collect and compose there."""
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ def mul(a: Any, b: Any) -> Any:
     return a * b
 
 
-def _sync_job(world: Any) -> dict[str, Any]:
+def _sync_job(world: Any, folder: str) -> dict[str, Any]:
     from collectives import MPI
     from collectives.util import sync
     comm = MPI.COMM_WORLD
@@ -104,12 +106,44 @@ def _sync_job(world: Any) -> dict[str, Any]:
     sem.free()
     counter.free()
     inside.free()
+    Path(folder, f"{rank}.json").write_text(json.dumps(out))
+    mutex = sync.Mutex(comm=comm)       # rank 2 dies holding it: rank 0's acquire and
+    cv = sync.Condition(comm=comm)      # rank 1's wait raise, naming it
+    if rank == 2:
+        mutex.acquire()
+    comm.Barrier()
+    if rank == 2:
+        os._exit(3)
+    try:
+        if rank == 0:
+            mutex.acquire()
+        else:
+            with cv:
+                cv.wait()
+        said = "no error"
+    except mesh.LostPeerError as e:
+        said = f"{type(e).__name__} {e.peer}: {e}"
+    Path(folder, f"{rank}.lost").write_text(said)
+    if rank == 0:       # (rank 0 keeps the windows: it waits for rank 1 to be done)
+        comm.recv(source=1)
+    else:
+        comm.send(None, 0)
     return out
 
 
-def test_sync_at_three_ranks() -> None:
-    """(one job of 3 ranks: 2-8 s)"""
-    got = mesh.spawn(_sync_job, 3, timeout=100)
+def test_sync_at_three_ranks(tmp_path: Path) -> None:
+    """(one job of 3 ranks: 2-8 s) The last, rank 2 dies holding a Mutex:
+    rank 0's acquire and rank 1's Condition.wait raise LostPeerError naming
+    it and the call (they polled for ever)."""
+    with pytest.raises(mesh.WorkerError, match="rank 2"):
+        mesh.spawn(_sync_job, 3, str(tmp_path), timeout=100, settle=20)
+    lost = [(tmp_path / f"{rank}.lost").read_text() for rank in (0, 1)]
+    assert lost[0].startswith("LostPeerError 2: rank 0: collectives.util.sync."
+                              "Mutex.acquire failed: rank 2, which holds the mutex, "
+                              "is lost: "), lost
+    assert lost[1].startswith("LostPeerError 2: rank 1: collectives.util.sync."
+                              "Condition.wait failed: ") and "rank 2" in lost[1], lost
+    got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(3)]
     for rank, out in enumerate(got):
         assert out["counter"] == [10.0 + 2 * i for i in range(12)], out
         assert out["freed"] == "counter already freed", out

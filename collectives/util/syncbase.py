@@ -1,6 +1,6 @@
 """collectives.util.sync's ground: ``Sequential`` and ``Counter``, and what
 the waits of synclock's Mutex, Condition and Semaphore share (their backoff,
-their windows of C ints)."""
+their watch for lost peers, their windows of C ints)."""
 from __future__ import annotations
 
 import time
@@ -8,19 +8,73 @@ from typing import Any
 
 import numpy as np
 
+from mesh.errors import LostPeerError
+
 from .. import MPI
 
 __all__ = ["Sequential", "Counter"]
 
+
 class _Backoff:
-    """Sleeps between polls: 0 at first, then from 1 us doubling to 1 ms."""
+    """Sleeps between polls: 0 at first, then from 1 us doubling to 1 ms, and
+    past 20 ms of waiting to a twentieth of the time waited (10 ms at most):
+    a long wait costs a core little, a hand-off after it 5% of the wait."""
 
     def __init__(self) -> None:
         self.delay = 0.0
+        self.start = time.monotonic()
 
     def __call__(self) -> None:
         time.sleep(self.delay)
-        self.delay = min(1e-3, max(1e-6, self.delay * 2))
+        cap = min(1e-2, max(1e-3, (time.monotonic() - self.start) / 20))
+        self.delay = min(cap, max(1e-6, self.delay * 2))
+
+
+class _Watch:
+    """A wait's look at the peers it may wait on: ``check`` raises
+    LostPeerError once the given rank of ``comm`` (None: any of them) is
+    lost (died, or left on an error), as the mesh learns it (a heartbeat
+    missed, its connection closed, its process gone). It probes a private
+    duplicate of ``comm`` (collective to make), where no message ever comes:
+    a probe from a failed source there can only raise. Every ``every``
+    seconds at most (the first look at once)."""
+
+    def __init__(self, comm: Any, every: float = 0.05) -> None:
+        self._size = comm.Get_size()
+        self._dup = comm.Dup() if self._size > 1 else None
+        self._members: list[int] = comm.Get_group().Translate_ranks() if self._dup else []
+        self._every = every
+        self._next = 0.0
+
+    def due(self) -> bool:
+        """Whether a look is due (a poll's cheap test before reading what to name)."""
+        return self._dup is not None and time.monotonic() >= self._next
+
+    def check(self, what: str, holder: int | None = None, role: str = "") -> None:
+        """LostPeerError naming ``what`` (the call) and the lost rank if
+        ``holder`` (``role``: what it is to the wait) or, where None, any
+        rank of the communicator is lost."""
+        if self._dup is None:
+            return
+        self._next = time.monotonic() + self._every
+        try:
+            self._dup.Iprobe(MPI.ANY_SOURCE if holder is None else holder, 0)
+        except LostPeerError as e:
+            me = self._dup.Get_rank()
+            if holder is None:
+                lost = self._members.index(e.peer) if e.peer in self._members else None
+                who = (f"rank {lost}" if lost is not None else f"world rank {e.peer}") + \
+                    " of the communicator is lost (the holder is not known: any lost rank " \
+                    "may be the one it waits on)"
+            else:
+                who = f"rank {holder}, {role}, is lost"
+            raise LostPeerError(f"rank {me}: collectives.util.sync.{what} failed: {who}: {e}",
+                                e.peer) from e
+
+    def free(self) -> None:
+        if self._dup is not None:
+            self._dup.Free()
+            self._dup = None
 
 
 def _freed(what: str) -> RuntimeError:
@@ -58,7 +112,12 @@ class Sequential:
         """Wait for the rank before this one to ``end``."""
         rank, size = _rank(self.comm, "Sequential")
         if size > 1 and rank > 0:
-            self.comm.Recv([bytearray(0), 0, MPI.BYTE], rank - 1, self.tag)
+            try:
+                self.comm.Recv([bytearray(0), 0, MPI.BYTE], rank - 1, self.tag)
+            except LostPeerError as e:
+                raise LostPeerError(f"rank {rank}: collectives.util.sync.Sequential.begin "
+                                    f"failed: rank {rank - 1}, whose turn comes before, is "
+                                    f"lost: {e}", e.peer) from e
 
     def end(self) -> None:
         """Let the rank after this one ``begin``."""
@@ -115,3 +174,5 @@ class Counter:
             self._window.Free()
         self._window = MPI.WIN_NULL
         self._comm = MPI.COMM_NULL
+
+

@@ -1,18 +1,34 @@
 """collectives.util.sync's locks over collectives.MPI's windows: ``Mutex``,
-``Condition``, ``Semaphore`` (mpi4py.util.sync's; see sync.py)."""
+``Condition``, ``Semaphore`` (mpi4py.util.sync's; see sync.py). A wait
+polls with syncbase's backoff and watches the peers it waits on: the
+mutex's holder, whose rank the window keeps beside the tickets, or, where
+no rank is known to hold it (between a release and the next holder's
+taking it, a waiter queued ahead, a notifier to come), any rank of the
+communicator; one lost (died, or left on an error), the wait raises
+LostPeerError naming it and the call, as soon as the mesh learns of the loss."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import numpy as np
 
+from mesh.errors import LostPeerError
+
 from .. import MPI
-from .syncbase import Counter, _Backoff, _freed, _ints, _rank
+from .syncbase import Counter, _Backoff, _freed, _ints, _rank, _Watch
 
 __all__ = ["Mutex", "Condition", "Semaphore"]
 
-_NEXT, _SERVED = 0, 1           # Mutex: rank 0's words
+_NEXT, _SERVED, _HOLDER = 0, 1, 2   # Mutex: rank 0's words (the holder's rank; -1: none known)
 _FLAG, _WAITING = 0, 1          # Condition: each rank's flag; rank 0's count, then the queue
+_HOLDS = "which holds the mutex"
+
+
+def _named(e: LostPeerError, rank: int, what: str) -> LostPeerError:
+    """``e`` (a window call's, or a watch's) as the error of sync's call ``what``."""
+    if ": collectives.util.sync." in str(e):
+        return e
+    return LostPeerError(f"rank {rank}: collectives.util.sync.{what} failed: {e}", e.peer)
 
 
 class Mutex:
@@ -25,8 +41,12 @@ class Mutex:
         rank, _ = _rank(comm, "Mutex")
         self._recursive = bool(recursive)
         self._comm = comm
+        self._rank = rank
         self._held = 0
-        self._window = _ints(comm, 2 if rank == 0 else 0)
+        self._window = _ints(comm, 3 if rank == 0 else 0)
+        if rank == 0:
+            self._window.tomemory()[_HOLDER] = -1
+        self._watch = _Watch(comm)
         comm.Barrier()
 
     def _fetch(self, value: int, word: int, op: Any) -> int:
@@ -35,43 +55,57 @@ class Mutex:
         self._window.Fetch_and_op(add, got, 0, word, op)
         return int(got[0])
 
-    def _acquire(self, blocking: bool = True) -> bool:
+    def _acquire(self, blocking: bool = True, what: str = "Mutex.acquire") -> bool:
+        """Take a ticket and wait for its turn, watching the holder (its rank
+        at _HOLDER; none known: every rank); then write this rank there."""
         win = self._window
-        win.Lock(0, MPI.LOCK_SHARED)
         try:
-            if blocking:
-                ticket = self._fetch(1, _NEXT, MPI.SUM)
-                backoff = _Backoff()
-                while self._fetch(0, _SERVED, MPI.NO_OP) != ticket:
-                    backoff()
-            else:       # a ticket only if it is served at once: next == served
-                served = self._fetch(0, _SERVED, MPI.NO_OP)
-                got = np.zeros(1, np.intc)
-                win.Compare_and_swap(np.array([served + 1], np.intc),
-                                     np.array([served], np.intc), got, 0, _NEXT)
-                if int(got[0]) != served:
-                    return False
-        finally:
-            win.Unlock(0)
+            win.Lock(0, MPI.LOCK_SHARED)
+            try:
+                if blocking:
+                    ticket = self._fetch(1, _NEXT, MPI.SUM)
+                    backoff = _Backoff()
+                    while self._fetch(0, _SERVED, MPI.NO_OP) != ticket:
+                        if self._watch.due():
+                            holder = self._fetch(0, _HOLDER, MPI.NO_OP)
+                            self._watch.check(what, holder if holder >= 0 else None, _HOLDS)
+                        backoff()
+                else:       # a ticket only if it is served at once: next == served
+                    served = self._fetch(0, _SERVED, MPI.NO_OP)
+                    got = np.zeros(1, np.intc)
+                    win.Compare_and_swap(np.array([served + 1], np.intc),
+                                         np.array([served], np.intc), got, 0, _NEXT)
+                    if int(got[0]) != served:
+                        return False
+                self._fetch(self._rank, _HOLDER, MPI.REPLACE)
+            finally:
+                win.Unlock(0)
+        except LostPeerError as e:
+            raise _named(e, self._rank, what) from e
         self._held = 1
         return True
 
-    def _release(self) -> None:
+    def _release(self, what: str = "Mutex.release") -> None:
+        """No holder known, then the next ticket served."""
         win = self._window
-        win.Lock(0, MPI.LOCK_SHARED)
         try:
-            self._fetch(1, _SERVED, MPI.SUM)
-        finally:
-            win.Unlock(0)
+            win.Lock(0, MPI.LOCK_SHARED)
+            try:
+                self._fetch(-1, _HOLDER, MPI.REPLACE)
+                self._fetch(1, _SERVED, MPI.SUM)
+            finally:
+                win.Unlock(0)
+        except LostPeerError as e:
+            raise _named(e, self._rank, what) from e
         self._held = 0
 
-    def _release_save(self) -> int:
+    def _release_save(self, what: str) -> int:
         state = self._held
-        self._release()
+        self._release(what)
         return state
 
-    def _acquire_restore(self, state: int) -> None:
-        self._acquire()
+    def _acquire_restore(self, state: int, what: str) -> None:
+        self._acquire(True, what)
         self._held = state
 
     def __enter__(self) -> "Mutex":
@@ -82,7 +116,11 @@ class Mutex:
         self.release()
 
     def acquire(self, blocking: bool = True) -> bool:
-        """Hold the mutex (``blocking=False``: only if it is free now); True if held."""
+        """Hold the mutex (``blocking=False``: only if it is free now); True if
+        held. Its holder lost (or, none known, any rank): LostPeerError."""
+        return self._take(blocking, "Mutex.acquire")
+
+    def _take(self, blocking: bool, what: str) -> bool:
         if not self._window:
             raise _freed("mutex")
         if self._held:
@@ -90,7 +128,7 @@ class Mutex:
                 raise RuntimeError("cannot acquire already held mutex")
             self._held += 1
             return True
-        return self._acquire(blocking)
+        return self._acquire(blocking, what)
 
     def release(self) -> None:
         """Let the next waiter have it (a recursive one: once released as often as held)."""
@@ -121,6 +159,7 @@ class Mutex:
             if self._held:
                 self._release()
             self._window.Free()
+            self._watch.free()
         self._window = MPI.WIN_NULL
         self._comm = MPI.COMM_NULL
 
@@ -138,6 +177,7 @@ class Condition:
         else:
             comm = mutex._comm
         self._mutex = mutex
+        self._watch = mutex._watch
         rank, size = _rank(comm, "Condition")
         self._size = size
         self._comm = comm
@@ -166,13 +206,14 @@ class Condition:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.release()
+        if exc[0] is None or self._mutex.locked():     # (a wait that failed holds nothing)
+            self.release()
 
     def acquire(self, blocking: bool = True) -> bool:
         """Acquire the mutex."""
         if not self._window:
             raise _freed("condition")
-        return self._mutex.acquire(blocking)
+        return self._mutex._take(blocking, "Condition.acquire")
 
     def release(self) -> None:
         """Release the mutex."""
@@ -185,7 +226,18 @@ class Condition:
         return self._mutex.locked()
 
     def wait(self) -> bool:
-        """Release the mutex until notified, then hold it again (as often as before)."""
+        """Release the mutex until notified, then hold it again (as often as
+        before). A rank of the communicator lost meanwhile (the notifier to
+        come is not known): LostPeerError naming it."""
+        return self._wait("Condition.wait")
+
+    def _wait(self, what: str) -> bool:
+        try:
+            return self._waiting(what)
+        except LostPeerError as e:
+            raise _named(e, self._comm.Get_rank(), what) from e
+
+    def _waiting(self, what: str) -> bool:
         self._check("wait")
         win = self._window
         me = self._comm.Get_rank()
@@ -198,16 +250,18 @@ class Condition:
             self._set_queue(queue)
         finally:
             win.Unlock_all()
-        state = self._mutex._release_save()
+        state = self._mutex._release_save(what)
         flag = win.tomemory()
         backoff = _Backoff()
         while True:
             win.Sync()
             if flag[_FLAG]:
                 break
+            if self._watch.due():
+                self._watch.check(what)
             backoff()
         flag[_FLAG] = 0
-        self._mutex._acquire_restore(state)
+        self._mutex._acquire_restore(state, what)
         return True
 
     def wait_for(self, predicate: Callable[[], Any]) -> Any:
@@ -220,6 +274,12 @@ class Condition:
 
     def notify(self, n: int = 1) -> int:
         """Wake up to ``n`` waiters, the longest waiting first; how many."""
+        try:
+            return self._notify(n)
+        except LostPeerError as e:
+            raise _named(e, self._comm.Get_rank(), "Condition.notify") from e
+
+    def _notify(self, n: int) -> int:
         self._check("notify")
         win = self._window
         win.Lock_all()
@@ -279,24 +339,35 @@ class Semaphore:
         self.release()
 
     def acquire(self, blocking: bool = True) -> bool:
-        """Take one (``blocking=False``: only if one is left now); True if taken."""
-        with self._condvar:
+        """Take one (``blocking=False``: only if one is left now); True if
+        taken. A rank lost while it waits: LostPeerError naming it."""
+        what = "Semaphore.acquire"
+        mutex = self._condvar._mutex
+        mutex._take(True, what)
+        try:
             while self._counter.next(0) == 0:
                 if not blocking:
                     return False
-                self._condvar.wait()
+                self._condvar._wait(what)
             self._counter.next(-1)
             return True
+        finally:
+            if mutex._held:     # (a wait that failed holds nothing)
+                mutex._release(what)
 
     def release(self, n: int = 1) -> None:
         """Give ``n`` back, waking up to ``n`` waiters."""
         if n < 1:
             raise ValueError("increment must be one or more")
-        with self._condvar:
+        mutex = self._condvar._mutex
+        mutex._take(True, "Semaphore.release")
+        try:
             if self._bounded and self._counter.next(0) + n > self._counter._start:
                 raise ValueError("semaphore released too many times")
             self._counter.next(n)
             self._condvar.notify(n)
+        finally:
+            mutex._release("Semaphore.release")
 
     def free(self) -> None:
         """Collective: its counter and condition freed."""
