@@ -60,8 +60,9 @@ class Candidate:
     cores: float | None = None      # simulated with the ranks sharing this many cores (retimed)
     load: float = 0.0               # and with others' processes wanting them, ranks' worth
     # the recomputing stages go layer by layer (each keeps its layers' inputs
-    # and makes one layer's activations again at a time), not whole
-    layered: bool = False
+    # and makes one layer's activations again at a time), not whole; N > 1 (an int):
+    # in runs of N layers (each run's input kept, its activations made again at once)
+    layered: bool | int = False
     # per stage, the mesh threads' CPU (helper_charge) its F, B and I costs hold
     charge: tuple[float, ...] = ()
     # the executor's own seconds per compute action its costs hold (in each F, B, I
@@ -118,7 +119,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
                cores: float | None = None, recompute: bool | str = False,
                inputs: Mapping[int, int] | None = None, copies: bool = True,
-               layers: bool = False) -> list[Candidate]:
+               layers: bool = False, runs: int = 0) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -154,7 +155,10 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     (``layer_by_layer``: torch stages), and taken so where that lowers its
     peak (the same time: each layer's forward once more;
     ``Candidate.layered``): blocks that hold many times their input gain,
-    (Linear, GELU) pairs, which keep their inputs anyway, do not."""
+    (Linear, GELU) pairs, which keep their inputs anyway, do not.
+    ``runs=N`` (with ``layers``): the stages that recompute go in runs of N
+    layers (``TorchStage(..., layered=N)``), costed so (``layer_by_layer``'s
+    ``runs``) whatever their peak whole."""
     L = len(params)
     out = []
     for sched in scheds:
@@ -198,18 +202,21 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             held = None if not again else [k if again is True or s in again else None
                                            for s, k in enumerate(hold)]
             peaks = peak_bytes(sched, act, held, overlap, grads)
-            layered = False
+            layered: bool | int = False
             if again and layers and held is not None:
                 split = any(a.kind == I for r in sched.ranks for a in r)
                 # (each stage's input as given; what it keeps besides, the loss's
                 # gradient, as in ``hold``)
-                by = [layer_by_layer(row, b, b + c, k, split) if h is not None else (0, a)
+                by = [layer_by_layer(row, b, b + c, k, split, max(1, runs))
+                      if h is not None else (0, a)
                       for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
                 twin = peak_bytes(sched, [x for _, x in by],
                                   [h if h is None else k + h - g
                                    for (k, _), h, g in zip(by, held, kept)],
                                   flowing=grads)
-                if max(twin) < max(peaks):
+                if runs:
+                    peaks, layered = twin, runs
+                elif max(twin) < max(peaks):
                     peaks, layered = twin, True
             peak = max(peaks)
             fits = memory_limit is None or peak <= memory_limit

@@ -49,9 +49,9 @@ __all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "layer_by_l
            "in_bytes"]
 
 
-def recomputing(recompute: bool | frozenset[int], layered: bool = False) -> str:
+def recomputing(recompute: bool | frozenset[int], layered: bool | int = False) -> str:
     """How a candidate's stages hold their activations, in words."""
-    how = " by layer" if layered else ""
+    how = " by layer" if layered == 1 else f" by {layered} layers" if layered else ""
     if isinstance(recompute, frozenset):
         return f"recomputed{how} in stage" + ("s " if len(recompute) > 1 else " ") + ",".join(
             map(str, sorted(recompute)))

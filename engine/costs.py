@@ -71,17 +71,22 @@ def stage_held(row: Mapping[int, LayerCost], first: int, stop: int, given: int,
 
 
 def layer_by_layer(row: Mapping[int, LayerCost], first: int, stop: int, given: int,
-                   split: bool = False) -> tuple[int, int]:
+                   split: bool = False, runs: int = 1) -> tuple[int, int]:
     """A torch stage of layers ``first..stop-1`` that recomputes layer by
     layer (``TorchStage(..., layered=True)``; Candidate's ``layered``):
     what it holds for each micro-batch from its forward to its backward
     (its input as it came, each later layer's input), and what its
     backward makes again on top: one layer's activations and output at a
     time (the first's with a copy of the input, its leaf), or, a split
-    backward (``split``: I then W), every layer's, from I to W."""
-    hold = given + sum(row[i].act_bytes for i in range(first, stop - 1))
-    each = [(row[i].saved_bytes or 0) + row[i].act_bytes + (given if i == first else 0)
-            for i in range(first, stop)]
+    backward (``split``: I then W), every layer's, from I to W.
+    ``runs=N`` (``layered=N``): in runs of N layers from ``first``, each
+    run keeping its input only and its backward making the run's
+    activations and outputs at once."""
+    starts = range(first, stop, max(1, runs))
+    hold = given + sum(row[b - 1].act_bytes for b in starts if b > first)
+    each = [sum((row[i].saved_bytes or 0) + row[i].act_bytes
+                for i in range(b, min(b + max(1, runs), stop))) + (given if b == first else 0)
+            for b in starts]
     return hold, (sum(each) if split else max(each))
 
 

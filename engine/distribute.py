@@ -103,7 +103,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                timeout: float | None = None, reps: int = 3, verbose: bool = True,
                overhead: float | None = None, tag_base: int = 0,
                init: Callable[[Any], Any] | None = None,
-               recompute: bool | str | Sequence[str] = False) -> Job:
+               recompute: bool | str | Sequence[str] = False,
+               layered: bool | int | None = None) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
     over tp, and build the pipeline (gradients averaged over dp).
 
@@ -150,6 +151,11 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     timed, so the profile's times and held bytes are the recomputing
     ones): torch models only. An engine.layers model recomputes whole
     stages (engine.layers.Recompute).
+    ``layered``: how a torch stage that recomputes does (Pipeline's
+    ``layered``): None (the default) whole or layer by layer, whichever
+    the candidate's peak is lower with; False whole; True layer by layer;
+    an int N in runs of N layers (Megatron's ``--recompute-num-layers``),
+    each costed and counted so (engine.choose.layer_by_layer).
     A torch model built on the meta device (``with torch.device("meta"):``)
     holds no memory: each rank makes only its own stages (with a plan, its
     own shards of them) real, on the CPU, as zeros that ``init(stage)``
@@ -159,6 +165,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
     given = _given_alone(model, grid, schedule, microbatches, recompute, sample, loss_fn)
+    _layered_checked(layered, recompute)
     # the stages' recompute (Pipeline's, costed by candidates): none when selective
     way: bool | str = (recompute if isinstance(recompute, (bool, str)) and not given.patterns
                        else False)
@@ -172,7 +179,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     ready = _prepared(given, grid, plan, asked.sample)
     found = _found(grid, given, asked, ready, way, plan=plan, init=init, reps=reps,
                    memory_limit=memory_limit, overhead=overhead, tag_base=tag_base,
-                   timeout=timeout)
+                   timeout=timeout, layered=layered)
     sched = found.sched
     counts, mine, cut, made = _cut_own(grid, given, found, asked, ready, init, timeout)
     # (a later distribute of this object refuses layers trained on other ranks only; over
@@ -184,7 +191,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
         import warnings
         warnings.warn(unfilled, stacklevel=2)
     again = found.chosen.recompute if found.chosen is not None else bool(way)
-    layered = found.chosen is not None and found.chosen.layered
+    layered = found.chosen.layered if found.chosen is not None else bool(way) and (
+        layered or False)
     said = _cut_said(sched, cut, again, layered, given.patterns)     # (printed by _retimed)
     wrapped = torch_loss(given.loss_fn) if given.is_torch else given.loss_fn
     pipe, stages, replicas, failed = _pipeline(grid, cut, mine, sched, wrapped, again, layered,
@@ -389,10 +397,21 @@ class _Found(NamedTuple):
     sched: Schedule
 
 
+def _layered_checked(layered: Any, recompute: Any) -> None:
+    """``distribute``'s ``layered``: None, a bool or an int >= 1, with a
+    ``recompute`` of whole stages (True or "auto") where it asks for any."""
+    if layered is not None and (not isinstance(layered, int) or layered < 0):
+        raise ValueError(f"layered={layered!r}: None (chosen), False, True (layer by layer) "
+                         f"or an int N >= 1 (runs of N layers)")
+    if layered and recompute not in (True, "auto"):
+        raise ValueError(f"layered={layered!r} is how a stage that recomputes does: it needs "
+                         f"recompute=True or 'auto', not recompute={recompute!r}")
+
+
 def _found(grid: Grid, given: _Given, asked: _Asked, ready: _Prepared, way: bool | str, *,
            plan: dict[str, str] | None, init: Callable[[Any], Any] | None, reps: int,
            memory_limit: float | None, overhead: float | None, tag_base: int,
-           timeout: float | None) -> _Found:
+           timeout: float | None, layered: bool | int | None = None) -> _Found:
     """The schedule: measured (the cut by time, the choice, the prediction:
     engine.distribute_measure) where there is a sample, else the one given.
     ``ready.early`` is told in the measured phase's first exchange."""
@@ -403,7 +422,8 @@ def _found(grid: Grid, given: _Given, asked: _Asked, ready: _Prepared, way: bool
         is_torch=given.is_torch, on_meta=given.on_meta, init=init, reps=reps,
         tp_runs=bool(plan) and asked.tp > 1, params=ready.params, grads=ready.grads,
         balance=asked.balance, memory_limit=memory_limit, overhead=overhead, way=way,
-        patterns=given.patterns, auto=asked.auto, tag_base=tag_base, timeout=timeout)
+        patterns=given.patterns, auto=asked.auto, tag_base=tag_base, timeout=timeout,
+        layered=layered)
     return _Found(m.cands, m.chosen, m.cal, m.profile, m.mlayers, m.skipped, m.chosen.schedule)
 
 
@@ -442,20 +462,21 @@ def _own_layers(counts: Sequence[int], mine: Sequence[int]) -> list[int]:
     return [i for s in mine for i in _span(counts, s)]
 
 
-def _cut_said(sched: Schedule, cut: Any, again: bool | frozenset[int], layered: bool,
+def _cut_said(sched: Schedule, cut: Any, again: bool | frozenset[int], layered: bool | int,
               patterns: tuple[str, ...]) -> str:
     """The line rank 0 prints under the table: the schedule, the cut and
     what recomputes."""
     return (f"engine.distribute: {sched.name} cuts the model into {cut}"
             + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}"
-               f"{', layer by layer' if layered else ''}: "
+               f"{'' if not layered else ', layer by layer' if layered == 1 else ''}"
+               f"{f', in runs of {layered} layers' if layered > 1 else ''}: "
                "its forward again in its backward)" if again else "")
             + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
                if patterns else ""))
 
 
 def _pipeline(grid: Grid, cut: Any, mine: Sequence[int], sched: Schedule, wrapped: Any,
-              again: bool | frozenset[int], layered: bool, timeout: float | None,
+              again: bool | frozenset[int], layered: bool | int, timeout: float | None,
               tag_base: int
               ) -> tuple[Pipeline | None, list[Any], list[Any], BaseException | None]:
     """This rank's Pipeline over its stages, and, with a dp axis, what

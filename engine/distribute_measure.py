@@ -50,7 +50,8 @@ def _measured(grid: Grid, named: list[tuple[str, Any]], sample: Any, scheds: lis
               is_torch: bool, on_meta: bool, init: Callable[[Any], Any] | None, reps: int,
               tp_runs: bool, params: list[int], grads: list[Any] | None, balance: Any,
               memory_limit: float | None, overhead: float | None, way: bool | str,
-              patterns: Any, auto: bool, tag_base: int, timeout: float | None) -> _Measured:
+              patterns: Any, auto: bool, tag_base: int, timeout: float | None,
+              layered: bool | int | None = None) -> _Measured:
     """Time, simulate and choose (see the module docstring) among ``scheds``
     (``skipped``: the rows of those that cannot run so far); ``early``: this
     rank's own error before it, told in the first exchange. ``tp_runs``:
@@ -58,6 +59,8 @@ def _measured(grid: Grid, named: list[tuple[str, Any]], sample: Any, scheds: lis
     the grid."""
     p = grid.size("pp")
     L = len(named)
+    # torch stages costed layer by layer too (None: kept where lower), or only in runs
+    by_layer, in_runs = is_torch and layered is not False, int(layered or 0)
     runs = _TP_RUNS if tp_runs else None
     skipped = list(skipped)
     cands: list[Candidate] = []
@@ -131,7 +134,7 @@ def _measured(grid: Grid, named: list[tuple[str, Any]], sample: Any, scheds: lis
             cands = candidates(profile, params, rows, scheds, balance, 1.0, memory_limit,
                                action, message, helper=cal.helper, recv=receive,
                                cores=cal.cores, recompute=way, inputs=ins, copies=is_torch,
-                               layers=is_torch)
+                               layers=by_layer, runs=in_runs)
             spans = stage_spans(cands, rows)
         except BaseException as e:
             failed, spans = e, {}
@@ -150,7 +153,7 @@ def _measured(grid: Grid, named: list[tuple[str, Any]], sample: Any, scheds: lis
             try:
                 cands = candidates(profile, params, rows, scheds, balance, 1.0,
                                    memory_limit, action, message, whole, cal.helper,
-                                   receive, cal.cores, way, ins, is_torch, is_torch)
+                                   receive, cal.cores, way, ins, is_torch, by_layer, in_runs)
             except BaseException as e:
                 failed = e
             _told(grid.comm, failed, timeout)     # (the choice below rests on them)

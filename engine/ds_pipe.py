@@ -164,9 +164,9 @@ class PipelineModule(torch.nn.Sequential):
     callables) in order, ``num_stages``, ``loss_fn(outputs, labels)``,
     ``partition_method`` ("parameters", "uniform", "type:REGEX": cut as
     DeepSpeed cuts), ``activation_checkpoint_interval`` (1: each layer
-    recomputes, ``recompute="*"``; more: ``recompute=True``, each stage
-    whole or layer by layer, as ``distribute`` picks: its ``recompute=``
-    has no runs of N layers, which DeepSpeed's checkpoints)."""
+    recomputes, ``recompute="*"``; N more: ``recompute=True, layered=N``,
+    each stage's layers recomputed in runs of N from its first, the last
+    shorter, as DeepSpeed's checkpoints them)."""
     loss_fn: Callable[[Any, Any], Any]
 
     def __init__(self, layers: Iterable[Any], num_stages: int | None = None,
@@ -197,8 +197,9 @@ class PipelineModule(torch.nn.Sequential):
             raise ValueError(f"PipelineModule: activation_checkpoint_interval={n!r}: the "
                              f"layers recomputed together, an int >= 0 (0: none)")
         # 1: each layer recomputes on its own (DeepSpeed's every layer checkpointed);
-        # more: each stage whole or by layer (distribute has no N-layer runs: README)
+        # N more: each stage's layers in runs of N (distribute's layered=N)
         self.recompute: bool | str = "*" if n == 1 else n > 1
+        self.layered: int | None = n if n > 1 else None
         if any(specs):      # (the cut known: a later stage's tied places get their copy)
             for i, layer in enumerate(_tied_across(built, specs, self._counts())):
                 self[i] = layer
@@ -243,7 +244,8 @@ class PipelineEngine:
         self.dp_world_size = world.size // pp
         self.job = engine.distribute(model, self.grid, schedule="1f1b", microbatches=cfg.gas,
                                      balance=model._counts(), loss_fn=model.loss_fn,
-                                     recompute=model.recompute, verbose=False)
+                                     recompute=model.recompute, layered=model.layered,
+                                     verbose=False)
         self.stage_id = self.grid.coord("pp")
         params = self.job.parameters()
         if optimizer is not None and cfg.optimizer is not None:

@@ -176,7 +176,9 @@ class Pipeline:
     every rank). ``layered``: the torch stages that recompute and are
     ``nn.Sequential``s (as engine.partition's are) go layer by layer
     (TorchStage's ``layered``: each layer keeps its input and runs again
-    just before its own backward); other stages recompute whole. Step n's messages use tags
+    just before its own backward); ``layered=N`` (an int) in runs of N
+    layers (each run keeps its input and runs again whole before its
+    backward); other stages recompute whole. Step n's messages use tags
     ``tag_base + i + (n << 32)`` for ``i <= 2 * micro-batches * stages`` (n
     counting on from the steps earlier Pipelines made on the group)
     (the last one is the trace's): two pipelines on one group need
@@ -194,7 +196,7 @@ class Pipeline:
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0,
                  recompute: bool | Collection[int] | str | Collection[str] = False,
-                 layered: bool = False) -> None:
+                 layered: bool | int = False) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
         # every rank of the pipeline: where the step's outcome is agreed on
         self.whole = grid_or_group.comm if isinstance(grid_or_group, Grid) else grid_or_group
@@ -311,10 +313,13 @@ class Pipeline:
 
     def _take(self, given: Sequence[Any], mine: Sequence[int], recompute: Any,
               patterns: Sequence[str], loss_fn: Any, optimizer: Any, tag_base: int,
-              layered: bool) -> None:
+              layered: bool | int) -> None:
         """Check this rank's own arguments and wrap its stages (raises
         TypeError or ValueError, which __init__ has every rank raise)."""
         lowered, schedule = self.schedule, self.schedule
+        if not isinstance(layered, int) or layered < 0:
+            raise ValueError(f"pp rank {self.rank}: layered={layered!r}: True (layer by "
+                             f"layer), an int N >= 1 (runs of N layers) or False")
         if recompute == "auto":
             raise TypeError("recompute='auto' is engine.distribute's (it chooses); a Pipeline "
                             "takes True, False, stage indices or submodule name patterns")

@@ -290,10 +290,11 @@ def _checkpointed(pp: Comm, stages: dict[int, Any], patterns: Sequence[str],
 
 
 def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = True,
-              layered: bool = False) -> Any:
+              layered: bool | int = False) -> Any:
     """``obj`` (stage ``index``), or a TorchStage of it when it is a torch
     module (keeping the partition's marks of tied parameters; ``layered``:
-    an ``nn.Sequential`` recomputing layer by layer); ``given``: Pipeline's
+    an ``nn.Sequential`` recomputing layer by layer, or in runs of that many
+    layers); ``given``: Pipeline's
     ``recompute``, for the error."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(obj, torch.nn.Module):
@@ -306,7 +307,7 @@ def _as_stage(obj: Any, recompute: bool = False, index: int = 0, given: Any = Tr
                         "made of engine.layers' own layers, so its forward may not give the "
                         "same result twice: wrap it as engine.layers.Recompute(stage) where it "
                         "does (torch modules recompute with their random draws kept)")
-    by_layer = layered and recompute and isinstance(obj, torch.nn.Sequential)
+    by_layer = layered if recompute and isinstance(obj, torch.nn.Sequential) else 0
     stage: Any = TorchStage(obj, recompute, layered=by_layer)
     stage.tied = getattr(obj, "tied", ())
     return stage

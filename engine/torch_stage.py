@@ -166,14 +166,18 @@ class TorchStage:
     as engine.distribute's stages are): layer by layer instead, each layer
     keeping its input and running again on its own just before its
     backward (the random draws kept per layer), so the backward holds one
-    layer's activations at a time, not the stage's; without
+    layer's activations at a time, not the stage's; ``layered=N`` (an int:
+    ``True`` is 1) in runs of N consecutive layers instead, from the first
+    (the last run shorter: Megatron's ``--recompute-method uniform
+    --recompute-num-layers N``, DeepSpeed's ``activation_checkpoint_interval``),
+    each run keeping its input and running again whole before its backward; without
     ``torch.utils.checkpoint``'s hooks, which cost more than the recompute
     itself on small layers (BENCHMARKS.md, twenty-third session). The
     gradients are those of keeping, to rounding where one parameter serves
     two layers of the stage."""
 
     def __init__(self, module: Any, recompute: bool | str | Iterable[str] = False,
-                 layered: bool = False) -> None:
+                 layered: bool | int = False) -> None:
         torch = _torch()
         self.module = module
         pats = patterns_of(recompute)
@@ -182,11 +186,19 @@ class TorchStage:
             self.checkpointed = checkpoint_modules(module, pats)
             recompute = False
         self.recompute = bool(recompute)
+        if not isinstance(layered, int) or layered < 0:
+            raise ValueError(f"TorchStage(layered={layered!r}): True (layer by layer), an int "
+                             f"N >= 1 (runs of N layers) or False/0 (the stage whole)")
         if layered and not (self.recompute and isinstance(module, torch.nn.Sequential)):
-            raise TypeError(f"TorchStage(layered=True) recomputes an nn.Sequential's layers "
-                            f"one by one: it needs recompute=True and an nn.Sequential, not "
+            how = "one by one" if layered == 1 else f"in runs of {layered}"
+            raise TypeError(f"TorchStage(layered={layered!r}) recomputes an nn.Sequential's "
+                            f"layers {how}: it needs recompute=True and an nn.Sequential, not "
                             f"recompute={recompute!r} and a {type(module).__name__}")
-        self.layered = bool(layered)
+        # layered: how many layers a run holds (1: layer by layer; 0: not layered), and the
+        # runs, each a module the recompute runs again whole (a layer, or an nn.Sequential
+        # over the run's layers, sharing them)
+        self.layered = int(layered)
+        self._runs: list[Any] = _runs_of(module, self.layered) if layered else []
         self._fixed: tuple[int, ...] | None = None   # a tuple output's parts needing no grad
         self._learned = False       # whether a forward with a graph has set _fixed
         # layered: each layer's input parts needing no gradient (a mask, ids), and the
@@ -326,7 +338,7 @@ class TorchStage:
         with torch.set_grad_enabled(learn and torch.is_grad_enabled()):
             graph = torch.is_grad_enabled()
             _, h = self._input(x)
-            for j, layer in enumerate(self.module):
+            for j, layer in enumerate(self._runs):
                 if j:
                     kept, versions = self._keep(j, h, learn, graph)
                     ins.append(kept)
@@ -370,7 +382,7 @@ class TorchStage:
         draws, then its backward: the input gradient, and (``split``: the
         weights' gradients left for backward_weight) every layer's outputs
         and output gradients."""
-        layers = list(self.module)
+        layers = self._runs
         outs_all: list[Any] = []
         gys_all: list[Any] = []
         g = gy
@@ -389,9 +401,12 @@ class TorchStage:
         torch = _torch()
         self._set_state(ctx.states[j])
         if j and ctx.seen[j] and _versions(ctx.ins[j]) != ctx.seen[j]:
+            n = self.layered
+            which = (f"layer {j} ({type(layer).__name__}) of a stage recomputing layer by layer"
+                     if n == 1 else f"layers {j * n}..{min(j * n + n, len(self.module)) - 1} "
+                     f"of a stage recomputing in runs of {n}")
             raise RuntimeError(
-                f"layer {j} ({type(layer).__name__}) of a stage recomputing layer by layer: "
-                f"its input, kept for its recompute, was changed in place after the first "
+                f"{which}: its input, kept for its recompute, was changed in place after the first "
                 f"step (which saw no such change, so it kept no copy of it): the recompute "
                 f"would run on the changed values, a wrong gradient; change a copy of it, "
                 f"or recompute the stage whole (layered=False)")
@@ -399,7 +414,7 @@ class TorchStage:
                                                                 j in self._changed)
         with _stats_kept(layer):
             out = layer(fed)
-        if j == len(self.module) - 1:
+        if j == len(self._runs) - 1:
             self._learn(out)
         outs, gys = _flowing(out, g)
         if not split:
@@ -506,6 +521,18 @@ class TorchStage:
                 p.grad = None
             else:
                 self._grad(p).copy_(torch.as_tensor(h, device=p.device))
+
+
+def _runs_of(module: Any, n: int) -> list[Any]:
+    """An ``nn.Sequential``'s layers in runs of ``n`` from the first (the
+    last shorter): each layer itself where ``n`` is 1, else an
+    ``nn.Sequential`` over each run's layers (the same modules)."""
+    layers = list(module)
+    if n == 1:
+        return layers
+    torch = _torch()
+    return [layers[i] if len(layers[i:i + n]) == 1 else torch.nn.Sequential(*layers[i:i + n])
+            for i in range(0, len(layers), n)]
 
 
 class _Kept:

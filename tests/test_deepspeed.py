@@ -416,8 +416,11 @@ def _pipeline(world: Any, ckpt: str) -> dict[str, Any]:
     eng.save_checkpoint(ckpt, client_state={"epoch": 3})
     losses.append(_pipe_step(eng, 2, rows))
     whole = eng.job.state_dict()
+    # (checkpointed in runs of 2 layers, DeepSpeed's activation_checkpoint_interval: the
+    # same third step)
     net = deepspeed.PipelineModule(layers=_layers(), num_stages=2,
-                                   loss_fn=torch.nn.functional.mse_loss)
+                                   loss_fn=torch.nn.functional.mse_loss,
+                                   activation_checkpoint_interval=2)
     # the third step's batch as training_data: train_batch() reads this replica's share
     # (shuffled: the global batch's mean loss is the same)
     again, _, loader, _ = deepspeed.initialize(
@@ -434,6 +437,7 @@ def _pipeline(world: Any, ckpt: str) -> dict[str, Any]:
     four.load_checkpoint(ckpt)
     return {"losses": losses, "resumed": resumed, "client": client, "tied": _tied(eng),
             "whole": whole, "again": again.job.state_dict(), "stage": again.stage_id,
+            "runs": [(st.recompute, st.layered, len(st._runs)) for st in again.job.stages],
             "four": (_pipe_step(four, 2, rows), four.stage_id, _tied(four),
                      four.job.state_dict())}
 
@@ -508,6 +512,9 @@ def test_pipeline_module_train_batch_matches_one_process(tmp_path: Any) -> None:
         sch.step()
         opt.zero_grad()
     assert sorted(r["stage"] for r in res) == [0, 0, 1, 1]
+    # activation_checkpoint_interval=2: each stage's layers in runs of 2 (cut 4 + 2)
+    assert [r["runs"] for r in res] == [[(True, 2, 2 if r["stage"] == 0 else 1)]
+                                        for r in res], [r["runs"] for r in res]
     assert sorted(r["four"][1] for r in res) == [0, 1, 2, 3]
     tied = one[0].weight.detach()
     for r in res:
@@ -562,6 +569,9 @@ def test_partition_methods_and_tied_layers_are_deepspeeds() -> None:
     assert [deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss(),
                                      activation_checkpoint_interval=n).recompute
             for n in (0, 1, 3)] == [False, "*", True]
+    assert [deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss(),
+                                     activation_checkpoint_interval=n).layered
+            for n in (0, 1, 3)] == [None, None, 3]
     with pytest.raises(ValueError, match=r"activation_checkpoint_interval=-1: the layers "):
         deepspeed.PipelineModule(layers=_layers(), num_stages=2, loss_fn=torch.nn.MSELoss(),
                                  activation_checkpoint_interval=-1)

@@ -390,6 +390,25 @@ def test_blocks_recompute_layer_by_layer_where_that_holds_less():
                                memory_limit=each.peak_bytes, layers=True)
     assert capped[0].layered and capped[0].fits
     assert "recomputed by layer" in choose.table(capped, capped[0])
+    # in runs of 2 layers (layered=2): each run's input kept, a run's activations made
+    # again at once: between layer by layer and whole, both held and made again
+    assert choose.layer_by_layer(blocks[2], 0, 4, 0, runs=2) == (200, 2 * 3200)
+    assert choose.layer_by_layer(blocks[2], 0, 4, 0, split=True, runs=2) == (200, 4 * 3200)
+    assert choose.layer_by_layer(blocks[2], 0, 5, 0, runs=2) == (400, 2 * 3200)  # 2 + 2 + 1
+    two, = choose.candidates(blocks, [1] * 8, rows, [gpipe], recompute=True, layers=True,
+                             runs=2)
+    assert two.layered == 2 and two.makespan == whole.makespan
+    # GPipe's rank 1: 4 micro-batches of its input, its third layer's and its loss's
+    # gradient (3 x 200 B), then its first run's 2 x 16 x 200 and input's copy, flowing
+    assert two.peak_bytes == 4 * 3 * 200 + 33 * 200 + 2 * 200
+    assert each.peak_bytes < two.peak_bytes < whole.peak_bytes
+    assert "recomputed by 2 layers" in choose.table([two], two)
+    from engine.distribute import _layered_checked
+    with pytest.raises(ValueError, match=r"layered=2 is how a stage that recomputes does: it "
+                                         r"needs recompute=True or 'auto', not recompute=False"):
+        _layered_checked(2, False)
+    with pytest.raises(ValueError, match=r"layered=-1: None \(chosen\), False, True"):
+        _layered_checked(-1, True)
 
 
 def test_a_stage_holds_each_output_once_where_a_layer_keeps_it():

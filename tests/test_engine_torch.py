@@ -1134,14 +1134,14 @@ def _recompute_pipeline(world):
     grid = mesh.grid(world, pp=2)
     sched = schedules.by_name("1f1b", 2, 4)
     out = {}
-    for recompute in (False, True, frozenset({0}), ("1", "2"), "3", "9", "layered"):
+    for recompute in (False, True, frozenset({0}), ("1", "2"), "3", "9", "layered", "runs"):
         layers = list(_dropout_model())
         stages = [torch.nn.Sequential(*layers[:3]), torch.nn.Sequential(*layers[3:])]
         try:
             pipe = Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
                             loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30,
-                            recompute=True if recompute == "layered" else recompute,
-                            layered=recompute == "layered")
+                            recompute=True if recompute in ("layered", "runs") else recompute,
+                            layered={"layered": True, "runs": 2}.get(recompute, False))
         except ValueError as e:        # "9": no stage holds it
             out[recompute] = str(e)
             continue
@@ -1167,7 +1167,8 @@ def test_a_recomputing_pipeline_steps_as_a_plain_one():
         assert rank["3"][3] == {pp_rank: ["3"] if pp_rank == 1 else []}
         assert "recompute=['9']: ['9'] match no submodule of any stage" in rank["9"]
         assert rank["layered"][2] == [True] and rank["layered"][4] == [True]
-        for k in (True, frozenset({0}), ("1", "2"), "3", "layered"):
+        assert rank["runs"][2] == [True] and rank["runs"][4] == [2]     # (runs of 2 layers)
+        for k in (True, frozenset({0}), ("1", "2"), "3", "layered", "runs"):
             assert rank[False][0] == rank[k][0]
             for a, b in zip(rank[False][1], rank[k][1], strict=True):
                 np.testing.assert_array_equal(a, b)
@@ -1282,8 +1283,14 @@ def _layered_job(world, tp):
            "kept_as": (kept.chosen.recompute, kept.chosen.layered,
                        [(st.recompute, st.layered) for st in kept.stages]),
            "stages": [(type(st).__name__, getattr(st, "layered", None)) for st in job.stages]}
+    jobs = [("job", job), ("kept", kept)]
+    if tp == 1:     # in runs of 2 layers, asked (layered=2): each stage's 2 blocks one run
+        runs = engine.distribute(blocks(), **args, recompute=True, layered=2, tag_base=2 << 20)
+        out["runs_as"] = (runs.chosen.layered, [(st.recompute, st.layered, len(st._runs))
+                                             for st in runs.stages])
+        jobs.append(("runs", runs))
     imported = {}
-    for name, j in (("job", job), ("kept", kept)):
+    for name, j in jobs:
         opt = torch.optim.SGD(j.parameters(), lr=0.1)
         losses = []
         for i in range(2):
@@ -1315,10 +1322,15 @@ def test_distribute_recomputes_transformer_blocks_layer_by_layer(tp):
         assert r["job"][0] == r["kept"][0]
         for a, b in zip(r["job"][1], r["kept"][1], strict=True):
             assert torch.equal(a, b)
+        if tp == 1:     # layered=2: costed, cut and run in runs of 2, the same two steps
+            assert r["runs_as"] == (2, [(True, 2, 1)]) and r["runs"][0] == r["kept"][0]
+            for a, b in zip(r["runs"][1], r["kept"][1], strict=True):
+                assert torch.equal(a, b)
         # a job's first step imports nothing: distribute's profile, dry runs and
         # re-time ran its paths (a first step 3-22 s under load was the first torch
         # optimizer's import of torch._dynamo, made before it: BENCHMARKS.md)
-        assert r["imported"] == {"job": [], "kept": []}, (f"rank {rank}", r["imported"])
+        assert r["imported"] == {"job": [], "kept": [], **({"runs": []} if tp == 1 else {})}, (
+            f"rank {rank}", r["imported"])
 
 
 def test_a_module_inside_one_that_recomputes_is_left_alone():
@@ -1401,3 +1413,58 @@ def test_a_torch_loss_takes_a_tuple_of_targets_weighed_by_rows():
     got = [p.grad for s in stages for p in s.parameters()]
     for a, b in zip(got, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+class _Logged(torch.nn.Module):
+    """A layer that logs its forwards run with a graph and its backwards."""
+
+    def __init__(self, i, log):
+        super().__init__()
+        self.i, self.log = i, log
+        self.w = torch.nn.Parameter(torch.full((4,), 1.0 + i / 8, dtype=torch.float64))
+
+    def forward(self, x):
+        out = torch.tanh(x * self.w)
+        if torch.is_grad_enabled():
+            self.log.append(("f", self.i))
+            out.register_hook(lambda g: self.log.append(("b", self.i)))
+        return out
+
+
+def test_a_stage_recomputes_in_runs_of_n_layers():
+    """``layered=N``: the layers in runs of N from the first (the last
+    shorter, Megatron's --recompute-num-layers, DeepSpeed's
+    activation_checkpoint_interval): each run keeps only its input, and its
+    backward runs the run's N forwards again, then their backwards, last run
+    first; the gradients are those of keeping, and what it holds from forward
+    to backward lies between layer by layer's and whole's."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    got, held = {}, {}
+    for way, layered in (("keep", 0), ("whole", 0), ("1", 1), ("2", 2), ("3", 3)):
+        log = []
+        st = TorchStage(torch.nn.Sequential(*[_Logged(i, log) for i in range(5)]),
+                        way != "keep", layered=layered)
+        for step in range(2):       # (the first forward learns with a graph: the second's)
+            del log[:]
+            y, ctx = st.forward(x)
+            if way != "keep":
+                assert log == [] or step == 0, (way, log)
+                del log[:]
+            gx = st.backward(ctx, torch.ones_like(y))
+        got[way] = [gx, *map(torch.from_numpy, st.grads())]
+        ins = ctx.ins if layered else [getattr(ctx, "x", x)]
+        held[way] = sum(t.nbytes for t in ins)
+        if layered:     # the backward: each run's forwards again, then their backwards
+            runs = [list(range(5))[b:b + layered] for b in range(0, 5, layered)][::-1]
+            assert log == [e for r in runs for e in [("f", i) for i in r]
+                           + [("b", i) for i in r[::-1]]], (way, log)
+            assert st.layered == layered and len(ctx.ins) == len(runs)
+    for way in ("whole", "1", "2", "3"):
+        for a, b in zip(got["keep"], got[way], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=way)
+    assert held["whole"] < held["3"] < held["2"] < held["1"]
+    with pytest.raises(ValueError, match=r"layered=-1\): True \(layer by layer\), an int N"):
+        TorchStage(torch.nn.Sequential(torch.nn.Linear(2, 2)), True, layered=-1)
+    with pytest.raises(TypeError, match=r"layered=2\) recomputes an nn.Sequential's layers "
+                                        r"in runs of 2: it needs recompute=True"):
+        TorchStage(torch.nn.Sequential(torch.nn.Linear(2, 2)), layered=2)
