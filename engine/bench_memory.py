@@ -30,7 +30,8 @@ float32, without torch, whose stages recompute as
   first rank), then their backwards: the live heap (glibc's
   ``mallinfo2``) after the forwards against the bytes the profile
   predicts the stage holds (``engine.choose.held_by`` of each layer,
-  added up by ``stage_held``);
+  added up by ``stage_held``), keeping, recomputing whole, layer by layer
+  and in runs of ``--runs`` layers (``layer_by_layer``), torch;
 * ``tuples``: a cut carrying (mask, activation) against one carrying the
   activation alone (the blocks make the mask themselves): the same
   arithmetic, one message more per cut and micro-batch.
@@ -245,14 +246,14 @@ def _live_bytes() -> int | None:
 
 def _ways(a: argparse.Namespace, layered: bool = False) -> list[Any]:
     """Keeping, recomputing each stage (``layered``: and layer by layer,
-    torch), and the names of ``--selective``."""
-    return ([False, True] + (["layered"] if layered and a.model != "numpy" else [])
+    and in runs of ``--runs`` layers, torch), and the names of ``--selective``."""
+    return ([False, True] + (["layered", "runs"] if layered and a.model != "numpy" else [])
             + ([a.selective.split(",")] if a.selective else []))
 
 
-def _way(recompute: Any) -> str:
+def _way(recompute: Any, runs: int = 2) -> str:
     if isinstance(recompute, str):
-        return "by layer"
+        return "by layer" if recompute == "layered" else f"by {runs} layers"
     return "recompute" if recompute is True else "keep" if not recompute else ",".join(recompute)
 
 
@@ -270,7 +271,9 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
     torch.set_num_threads(1)
     model, x, _ = _model(a)
     half = torch.nn.Sequential(*list(model)[:len(model) // a.pp])     # the first stage
-    layered = recompute == "layered"
+    # layer by layer (1), in runs of --runs layers, or not layered (0)
+    runs = {"layered": 1, "runs": a.runs}.get(recompute, 0) if isinstance(recompute, str) else 0
+    layered = bool(runs)
     if recompute and recompute is not True and not layered:     # selective: the model's names
         checkpoint_modules(half, recompute)
     size = -(-a.rows // a.microbatches)
@@ -278,7 +281,7 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
     row, h = {}, xs[0]
     for i, m in enumerate(half):
         row[i], h = time_layer(TorchStage(m), h, reps=1, runs=1)
-    stage = TorchStage(half, recompute is True or layered, layered=layered)
+    stage = TorchStage(half, recompute is True or layered, layered=runs)
     selective = bool(recompute) and recompute is not True and not layered
     held, peak = _kept_at_once(stage, xs, torch.ones_like, list(half.modules()),
                                unpacked=not selective)
@@ -286,7 +289,7 @@ def _held_worker(world: Any, a: argparse.Namespace, recompute: Any) -> dict[str,
     # bytes; recomputing, the inputs only (each micro-batch's activations
     # are made again in its backward, after this figure: the peak's extra)
     n, given = len(row), xs[0].nbytes
-    hold, extra = (layer_by_layer(row, 0, n, given) if layered else
+    hold, extra = (layer_by_layer(row, 0, n, given, runs=runs) if layered else
                    (given, stage_held(row, 0, n, given)) if recompute is True else
                    (stage_held(row, 0, n, given), 0))
     grads = 2 * max(lc.act_bytes for lc in row.values())   # (choose.peak_bytes' flowing)
@@ -461,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=positive_float, default=5.0, help="MB of activations a rank")
     ap.add_argument("--only", default="recompute,limit,stages,tuples",
                     type=names_in(("recompute", "limit", "stages", "held", "tuples")))
+    ap.add_argument("--runs", type=positive, default=2,
+                    help="held: also recompute in runs of this many layers (layered=N)")
     ap.add_argument("--selective", default="",
                     help="recompute: also recompute the submodules these comma-separated "
                          "name patterns match (e.g. '*.self_attn' with --model blocks)")
@@ -517,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
             most = ("" if r.get("peak") is None else
                     f"  through the backwards {r['peak'] / 2**20:7.2f} MB (predicted "
                     f"{r['peak_predicted'] / 2**20:7.2f})")
-            print(f"  {_way(way):<14} live heap {live}  predicted {r['predicted'] / 2**20:7.2f} MB"
+            said = _way(way, a.runs)
+            print(f"  {said:<14} live heap {live}  predicted {r['predicted'] / 2**20:7.2f} MB"
                   f"{most}  peak RSS {r['rss']:.0f} MB", flush=True)
     if "tuples" in only:
         r = mesh.spawn(_tuple_worker, 2, a, timeout=900)[0]
