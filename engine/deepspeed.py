@@ -340,7 +340,6 @@ class DeepSpeedEngine(torch.nn.Module):
         ``global_step<N>``): the whole model, optimizer, scheduler, loss
         scale, counters and ``client_state``; ``save_dir/latest`` names the
         tag. Collective: rank 0 writes."""
-        moe.refuse_whole(self, "save_checkpoint")
         return save(self, save_dir, tag, client_state, save_latest)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
@@ -349,7 +348,6 @@ class DeepSpeedEngine(torch.nn.Module):
         under ZeRO 3), its floating tensors in float16 under fp16, bfloat16
         under bf16 (DeepSpeed's module dtype), else as they are; rank 0
         writes. Collective."""
-        moe.refuse_whole(self, "save_16bit_model")
         return save_16bit(self, save_dir, save_filename, exclude_frozen_parameters)
 
     save_fp16_model = save_16bit_model
@@ -361,7 +359,6 @@ class DeepSpeedEngine(torch.nn.Module):
         """Load what ``save_checkpoint`` wrote (any dp size, any ZeRO stage):
         ``(path, client_state)``; ``(None, None)`` where ``tag`` is None and
         ``load_dir/latest`` is missing, as DeepSpeed's. Every rank reads the file."""
-        moe.refuse_whole(self, "load_checkpoint")
         return load(self, load_dir, tag, load_module_strict, load_optimizer_states,
                     load_lr_scheduler_states, load_module_only)
 

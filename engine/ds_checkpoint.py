@@ -6,7 +6,11 @@ by index (a ZeRO optimizer's shares consolidated on rank 0: torch's
 format, as one optimizer's), the scheduler, the loss scale, the counters
 and the client's own keys, then ``save_dir/latest``. ``load`` reads it on
 every rank; a ZeRO optimizer keeps its own share of the state, so the
-number of ranks and the stage may differ from the saving run's. A rank
+number of ranks and the stage may differ from the saving run's. A model
+with MoE layers (ZeRO 0 and 1): every expert gathered to rank 0, the file
+holding the model under the names of one process holding every expert,
+its optimizer state by those names (engine.moe_checkpoint), so it loads
+at another ep_size and number of ranks too. A rank
 that fails to write or read makes every rank raise, naming it (one
 all-gather), where the others would wait in the next collective.
 """
@@ -19,11 +23,15 @@ import torch
 
 import collectives
 
+from .moe import has_moe_layers
+from .moe_checkpoint import layers, load_whole, whole_name, whole_state
+
 __all__ = ["save", "load", "save_16bit", "FILE"]
 
 FILE = "mp_rank_00_model_states.pt"
 _OWN_KEYS = {"module", "optimizer", "lr_scheduler", "loss_scaler", "global_steps",
-             "global_samples", "skipped_steps", "dp_world_size", "zero_stage", "ds_version"}
+             "global_samples", "skipped_steps", "dp_world_size", "zero_stage", "ds_version",
+             "moe_layout"}
 
 
 def _told(eng: Any, error: BaseException | None, what: str) -> None:
@@ -39,18 +47,30 @@ def _told(eng: Any, error: BaseException | None, what: str) -> None:
 def save(eng: Any, save_dir: str, tag: Any, client_state: Any, save_latest: bool) -> bool:
     """``eng.save_checkpoint``: collective, rank 0 writes."""
     tag = f"global_step{eng.global_steps}" if tag is None else str(tag)
+    if has_moe_layers(eng.module):      # (every expert gathered to rank 0: moe_checkpoint)
+        whole = whole_state(eng)
+        return written(eng, save_dir, tag, save_latest, lambda: dict(
+            _counters(eng, client_state), module=whole[0], optimizer=whole[1],
+            moe_layout=whole[2]) if whole is not None else {})
     with eng._whole():
         module = {k: v.detach().clone() for k, v in eng.module.state_dict().items()}
     opt = eng.optimizer
     if opt is not None and hasattr(opt, "consolidate_state_dict"):
         opt.consolidate_state_dict(0)
     return written(eng, save_dir, tag, save_latest, lambda: dict(
-        client_state or {}, module=module, optimizer=None if opt is None else opt.state_dict(),
+        _counters(eng, client_state), module=module,
+        optimizer=None if opt is None else opt.state_dict()))
+
+
+def _counters(eng: Any, client_state: Any) -> dict[str, Any]:
+    """The checkpoint's keys other than the module's and the optimizer's."""
+    return dict(
+        client_state or {},
         lr_scheduler=None if eng.lr_scheduler is None else eng.lr_scheduler.state_dict(),
         loss_scaler=None if eng.loss_scaler is None else eng.loss_scaler.state_dict(),
         global_steps=eng.global_steps, global_samples=eng.global_samples,
         skipped_steps=eng.skipped_steps, dp_world_size=eng.dp_world_size,
-        zero_stage=eng.cfg.zero_stage, ds_version="meshrun"))
+        zero_stage=eng.cfg.zero_stage, ds_version="meshrun")
 
 
 def written(eng: Any, save_dir: str, tag: str, save_latest: bool,
@@ -79,10 +99,17 @@ def save_16bit(eng: Any, save_dir: str, filename: str, exclude_frozen: bool) -> 
         torch.bfloat16 if eng.bfloat16_enabled() else None
     frozen = {n for n, p in eng.module.named_parameters() if not p.requires_grad} \
         if exclude_frozen else set()
-    with eng._whole():
-        state = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point()
-                 else v.detach().clone() for k, v in eng.module.state_dict().items()
-                 if k not in frozen}
+    if has_moe_layers(eng.module):      # (every expert, gathered to rank 0: moe_checkpoint)
+        whole = whole_state(eng, optimizer=False)
+        frozen = {whole_name(k, layers(eng.module)) for k in frozen}
+        state = {} if whole is None else {
+            k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            for k, v in whole[0].items() if k not in frozen}
+    else:
+        with eng._whole():
+            state = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point()
+                     else v.detach().clone() for k, v in eng.module.state_dict().items()
+                     if k not in frozen}
     error: BaseException | None = None
     if eng.global_rank == 0:
         try:
@@ -123,10 +150,17 @@ def load(eng: Any, load_dir: str, tag: Any, strict: bool, optimizer_states: bool
     path, ck = read(eng, load_dir, tag)
     if path is None:
         return None, None
-    with eng._whole(fill=False):        # (under ZeRO 3 each rank keeps its share's)
-        eng.module.load_state_dict(ck["module"], strict=strict)
+    moe = has_moe_layers(eng.module)
+    if moe:     # (each rank's own experts and optimizer share: moe_checkpoint)
+        load_whole(eng, ck, strict, optimizer_states, module_only)
+    elif isinstance(ck.get("optimizer"), dict) and ck["optimizer"].get("by_name"):
+        raise ValueError(f"rank {eng.global_rank}: load_checkpoint({path!r}): saved from a "
+                         f"model with MoE layers ({ck.get('moe_layout')}); this one has none")
+    else:
+        with eng._whole(fill=False):        # (under ZeRO 3 each rank keeps its share's)
+            eng.module.load_state_dict(ck["module"], strict=strict)
     if not module_only:
-        if optimizer_states and eng.optimizer is not None and ck["optimizer"]:
+        if optimizer_states and eng.optimizer is not None and ck["optimizer"] and not moe:
             eng.optimizer.load_state_dict(ck["optimizer"])      # (its lr too)
         if scheduler_states and eng.lr_scheduler is not None and \
                 ck["lr_scheduler"] is not None:

@@ -328,23 +328,6 @@ def deepspeed_checks(model: Any, rank: int, stage: int) -> bool:
     return True
 
 
-def refuse_whole(eng: Any, what: str) -> None:
-    """A whole-model checkpoint (written by rank 0) of a model whose experts
-    are spread over ranks (ep_size > 1), or under ZeRO 1 with MoE layers:
-    refused on every rank, naming ``what``."""
-    model = eng.module
-    spread = sorted({p.group_name for p in model.parameters()
-                     if is_moe_param(p) and p.group_name != "ep_size_1"})
-    if spread:
-        raise NotImplementedError(f"rank {eng.global_rank}: deepspeed {what} of a model with "
-                                  f"MoE layers spread over ranks ({', '.join(spread)}): not "
-                                  f"supported on meshrun (one rank writes the whole model; it "
-                                  f"holds its experts only)")
-    if has_moe_layers(model) and eng.cfg.zero_stage == 1 and what != "save_16bit_model":
-        raise NotImplementedError(f"rank {eng.global_rank}: deepspeed {what} of a model with "
-                                  f"MoE layers under ZeRO stage 1: not supported on meshrun")
-
-
 # DeepSpeed's deepspeed.moe, .layer and .utils (engine.deepspeed.moe), the engine's
 # checks beside them
 deepspeed_namespace = type(copy)("deepspeed.moe")
@@ -355,5 +338,5 @@ for _name, _what in (("layer", (MoE,)), ("utils", (
     for _f in _what:
         setattr(_part, _f.__name__, _f)
     setattr(deepspeed_namespace, _name, _part)
-for _g in (MoE, MoEGradReducer, deepspeed_checks, refuse_whole):
+for _g in (MoE, MoEGradReducer, deepspeed_checks):
     setattr(deepspeed_namespace, _g.__name__, _g)

@@ -69,7 +69,8 @@ class MoEZeroOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError("MoEZeroOptimizer.state_dict: a checkpoint of ZeRO 1 with "
-                                  "MoE layers: not supported on meshrun")
+                                  "MoE layers by index: the engine's save_checkpoint writes it by "
+                                  "name (engine.moe_checkpoint)")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state_dict()

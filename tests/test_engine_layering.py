@@ -25,8 +25,8 @@ ORDER = ["ir", "schedules", "user_schedules", "lower", "replay", "verify", "simu
          "agree", "calibrate", "given", "layer_timing", "measured_choice", "stage_state",
          "job_retime", "job_state", "job_optim", "job",
          "distribute_schedules", "distribute_measure", "distribute", "zero_args", "zero",
-         "ulysses", "moe_gate", "moe", "moe_zero", "ds_config", "ds_compat", "ds_checkpoint",
-         "ds_partition", "ds_pipe", "ds_zero", "deepspeed", "show", "bench_torch",
+         "ulysses", "moe_gate", "moe", "moe_zero", "moe_checkpoint", "ds_config", "ds_compat",
+         "ds_checkpoint", "ds_partition", "ds_pipe", "ds_zero", "deepspeed", "show", "bench_torch",
          "bench_distribute", "bench_memory", "bench", "bench_zero", "bench_moe"]
 
 # The users' short forms on Schedule (sched.validate() ...): each imports its

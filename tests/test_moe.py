@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import collectives
 import mesh
 
 torch = pytest.importorskip("torch")
@@ -28,11 +29,11 @@ CASES = [(1, 0.5, True, False), (1, 1.0, False, True), (2, 0.5, True, False),
 
 class _Net(torch.nn.Module):
     def __init__(self, ep: int, k: int, factor: float, drop: bool, residual: bool,
-                 world: Any = None, first: int = 0) -> None:
+                 world: Any = None, first: int = 0, experts: int = E) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.inp = torch.nn.Linear(3, H)
-        self.moe = moe.MoE(H, torch.nn.Linear(H, H), num_experts=E, ep_size=ep, k=k,
+        self.moe = moe.MoE(H, torch.nn.Linear(H, H), num_experts=experts, ep_size=ep, k=k,
                            capacity_factor=factor, min_capacity=0, drop_tokens=drop,
                            use_residual=residual, use_rts=False,
                            top2_2nd_expert_sampling=False, world=world)
@@ -120,11 +121,12 @@ def _renamed(net: Any, j: int, ep: int) -> dict[str, Any]:
     return out
 
 
-def _deepspeed(world: Any) -> dict[str, Any]:
+def _deepspeed(world: Any, where: str) -> dict[str, Any]:
     """deepspeed.initialize of a model with a deepspeed.moe.layer.MoE at
     ep_size 2 (its parameter groups split as DeepSpeedExamples' cifar10
     does), clipping on, under ZeRO 0 and 1: one process's weights; ZeRO 1
-    of unsplit groups, ZeRO 2 and a checkpoint refused, naming them."""
+    of unsplit groups and ZeRO 2 refused, naming them; a checkpoint resumed
+    (``_resumed``, in ``where``)."""
     from engine import deepspeed
     case = CASES[2]
     j = world.rank % 2
@@ -150,17 +152,62 @@ def _deepspeed(world: Any) -> dict[str, Any]:
             (g.get("name"), g.get("moe", False), len(g["params"])) for g in groups],
             "layer": type(net.moe) is deepspeed.moe.layer.MoE}
     refused = []
-    try:
-        eng.save_checkpoint("/nonexistent")
-    except NotImplementedError as e:
-        refused.append(str(e))
     for stage, params in ((1, _Net(2, *case).parameters()), (2, None)):
         try:
             deepspeed.initialize(model=_Net(2, *case), model_parameters=params, config=dict(
                 cfg, zero_optimization={"stage": stage}))
         except ValueError as e:
             refused.append(str(e))
-    return dict(out, gaps=gaps, refused=refused)
+    return dict(out, gaps=gaps, refused=refused,
+                resumed=[_resumed(world, stage, where) for stage in (0, 1)])
+
+
+def _resumed(world: Any, stage: int, where: str) -> tuple[list[float], str]:
+    """ep_size 2, SGD with momentum under ZeRO ``stage``: saved after 2
+    steps, loaded into a fresh engine at ep_size 2 and at 4 (the experts
+    re-split): the third step's weights against the uninterrupted run's
+    (the largest gap; every expert's, gathered by whole name); and what a
+    load into a layer of 8 experts raises."""
+    from engine import deepspeed
+
+    def made(ep: int, experts: int = E) -> tuple[Any, Any]:
+        net = _Net(ep, *CASES[2], first=(world.rank % ep) * (E // ep), experts=experts)
+        groups = deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(net.parameters())})
+        cfg = {"train_batch_size": ROWS * world.size, "steps_per_print": None,
+               "gradient_clipping": 0.3, "zero_optimization": {"stage": stage},
+               "optimizer": {"type": "SGD", "params": {"lr": LR, "momentum": 0.9}}}
+        return net, deepspeed.initialize(model=net, model_parameters=groups, config=cfg)[0]
+
+    def step(eng: Any, s: int) -> None:
+        x, y = _data(s, world.size)
+        me = slice(world.rank * ROWS, (world.rank + 1) * ROWS)
+        y_hat, l_aux = eng(x[me])
+        eng.backward(torch.nn.functional.mse_loss(y_hat, y[me]) + AUX * l_aux)
+        eng.step()
+
+    net, eng = made(2)
+    step(eng, 0)
+    step(eng, 1)
+    eng.save_checkpoint(where, tag=f"zero{stage}")
+    step(eng, 2)
+    want: dict[str, Any] = {}
+    for part in collectives.all_gather_object(world, {     # (msgpack values: lists)
+            n: p.flatten().tolist() for n, p in _renamed(net, world.rank % 2, 2).items()}):
+        want.update(part)
+    gaps = []
+    for ep in (2, 4):
+        net, eng = made(ep)
+        eng.load_checkpoint(where, tag=f"zero{stage}")
+        assert eng.global_steps == 2, eng.global_steps
+        step(eng, 2)
+        gaps.append(max(float((p.flatten() - torch.tensor(want[n], dtype=p.dtype)).abs().max())
+                        for n, p in _renamed(net, world.rank % ep, ep).items()))
+    try:
+        made(2, experts=8)[1].load_checkpoint(where, tag=f"zero{stage}")
+        return gaps, "no error"
+    except ValueError as e:
+        return gaps, str(e)
 
 
 def _mismatches(world: Any) -> list[str]:
@@ -186,23 +233,24 @@ def _mismatches(world: Any) -> list[str]:
     return said
 
 
-def _cases(world: Any) -> dict[str, Any]:
+def _cases(world: Any, where: str) -> dict[str, Any]:
     res: dict[str, Any] = {"trained": _trained(world, 2)}
     if world.size == 2:
         res["mismatch"] = _mismatches(world)
     else:
-        res["deepspeed"] = _deepspeed(world)
+        res["deepspeed"] = _deepspeed(world, where)
     return res
 
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_expert_parallel_training_matches_one_process(ranks: int) -> None:
+def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any) -> None:
     """ep=2 on 2 ranks, and ep=2 x expert-dp=2 on 4: top-1 and top-2, with
     capacity dropping tokens and without, the residual MoE: a few SGD steps
     to one process's weights (float64); at 4, through deepspeed.initialize
-    under ZeRO 0 and 1 too."""
-    res = mesh.spawn(_cases, ranks, timeout=150)
+    under ZeRO 0 and 1 too, and its checkpoint saved after 2 steps resumed at
+    ep_size 2 and 4: the third step the uninterrupted run's."""
+    res = mesh.spawn(_cases, ranks, str(tmp_path), timeout=150)
     for r in res:
         for case, gap, counts, marks in r["trained"]:
             assert gap < 1e-10, (case, gap)
@@ -221,9 +269,12 @@ def test_expert_parallel_training_matches_one_process(ranks: int) -> None:
             ds = r["deepspeed"]
             assert max(ds["gaps"]) < 1e-10 and ds["norm"] > 0.3 and ds["layer"], ds
             assert ds["groups"] == [("parameters", False, 5), ("ep_size_2", True, 4)], ds
-            ckpt, mixed, zero2 = ds["refused"]
-            assert ckpt.startswith(f"rank {rank}: deepspeed save_checkpoint of a model with "
-                                   f"MoE layers spread over ranks (ep_size_2): not supported"), ckpt
+            mixed, zero2 = ds["refused"]
+            for gaps, other in ds["resumed"]:
+                assert max(gaps) < 1e-10, ds["resumed"]
+                assert other.startswith(f"rank {rank}: load_checkpoint: the MoE layers' experts "
+                                        f"differ (saved {{'moe': {{'num_experts': 4, 'ep_size': "
+                                        f"2}}}}, this model's {{'moe': {{'num_experts': 8, "), other
             assert mixed.startswith(f"rank {rank}: deepspeed.initialize: ZeRO stage 1 with MoE "
                                     f"layers: parameter group 0 mixes expert and other "
                                     f"parameters: split them with deepspeed.moe.utils."), mixed
