@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         for schedule in a.schedules.split(","):
             for recompute in _ways(a):
                 r = mesh.spawn(_memory_worker, a.pp, a, schedule, recompute, None, timeout=900)
-                way = _way(recompute) + (" by layer" if r[0]["layered"] else "")
+                n = r[0]["layered"]
+                way = _way(recompute) + (" by layer" if n == 1 else f" by {n} layers" if n else "")
                 live = ("" if r[0]["live"] is None else "  live heap's most in a step "
                         + " / ".join(f"{v['live']:.2f}" for v in r) + " MB")
                 print(f"  {r[0]['name']:<22} {way:<9}  "

@@ -152,10 +152,13 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     runs, the gradients flowing (``peak_bytes``' ``flowing``: twice the
     stage's widest output). ``layers``: a way that
     recomputes is also costed with its stages recomputing layer by layer
-    (``layer_by_layer``: torch stages), and taken so where that lowers its
-    peak (the same time: each layer's forward once more;
-    ``Candidate.layered``): blocks that hold many times their input gain,
-    (Linear, GELU) pairs, which keep their inputs anyway, do not.
+    and in runs of each N from 2 to one fewer than its longest recomputing
+    stage's layers (``layer_by_layer``: torch stages), and taken the way
+    whose peak is lowest, a later way (whole, by layer, runs of 2, 3...)
+    only where it is strictly lower (the same time: each layer's forward
+    once more; ``Candidate.layered``: True, or N): blocks that hold many
+    times their input gain, (Linear, GELU) pairs, which keep their inputs
+    anyway, do not.
     ``runs=N`` (with ``layers``): the stages that recompute go in runs of N
     layers (``TorchStage(..., layered=N)``), costed so (``layer_by_layer``'s
     ``runs``) whatever their peak whole."""
@@ -205,19 +208,14 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             layered: bool | int = False
             if again and layers and held is not None:
                 split = any(a.kind == I for r in sched.ranks for a in r)
-                # (each stage's input as given; what it keeps besides, the loss's
-                # gradient, as in ``hold``)
-                by = [layer_by_layer(row, b, b + c, k, split, max(1, runs))
-                      if h is not None else (0, a)
-                      for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
-                twin = peak_bytes(sched, [x for _, x in by],
-                                  [h if h is None else k + h - g
-                                   for (k, _), h, g in zip(by, held, kept)],
-                                  flowing=grads)
-                if runs:
-                    peaks, layered = twin, runs
-                elif max(twin) < max(peaks):
-                    peaks, layered = twin, True
+                # runs=0: layer by layer, then runs of each N from 2 to one fewer than
+                # the longest recomputing stage's layers, each kept where it holds
+                # strictly less than the best before it (whole the first)
+                most = max(c for c, h in zip(counts, held) if h is not None)
+                for n in [runs] if runs else [1, *range(2, most)]:
+                    twin = _in_runs(sched, row, counts, kept, held, act, grads, split, n)
+                    if runs or max(twin) < max(peaks):
+                        peaks, layered = twin, (n if runs or n > 1 else True)
             peak = max(peaks)
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
@@ -234,6 +232,20 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                     if few is not None and few < over:      # (a rank of several stages)
                         ways.insert(1, few)
     return best_first(out)
+
+
+def _in_runs(sched: Schedule, row: Mapping[int, LayerCost], counts: Sequence[int],
+             kept: Sequence[int], held: Sequence[int | None], act: Sequence[int],
+             grads: Sequence[int], split: bool, n: int) -> tuple[int, ...]:
+    """Per rank, the peak of ``sched`` with its recomputing stages (``held``
+    not None) in runs of ``n`` layers (1: layer by layer; ``layer_by_layer``),
+    each stage's input as given (``kept``) and what it keeps besides, the
+    loss's gradient, as in ``held``."""
+    by = [layer_by_layer(row, b, b + c, k, split, n) if h is not None else (0, a)
+          for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
+    return peak_bytes(sched, [x for _, x in by],
+                      [h if h is None else k + h - g for (k, _), h, g in zip(by, held, kept)],
+                      flowing=grads)
 
 
 def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],

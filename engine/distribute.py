@@ -152,8 +152,10 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     ones): torch models only. An engine.layers model recomputes whole
     stages (engine.layers.Recompute).
     ``layered``: how a torch stage that recomputes does (Pipeline's
-    ``layered``): None (the default) whole or layer by layer, whichever
-    the candidate's peak is lower with; False whole; True layer by layer;
+    ``layered``): None (the default) whole, layer by layer or in runs of
+    N layers (each N from 2 to one fewer than the longest recomputing
+    stage's layers), whichever the candidate's peak is lowest with (ties:
+    the first of those); False whole; True layer by layer;
     an int N in runs of N layers (Megatron's ``--recompute-num-layers``),
     each costed and counted so (engine.choose.layer_by_layer).
     A torch model built on the meta device (``with torch.device("meta"):``)

@@ -411,6 +411,60 @@ def test_blocks_recompute_layer_by_layer_where_that_holds_less():
         _layered_checked(-1, True)
 
 
+def test_the_automatic_choice_costs_runs_of_n_layers_too():
+    """With ``layers`` and no ``runs`` (distribute's ``layered=None``) a way
+    that recomputes is costed whole, layer by layer and in runs of each N
+    from 2 to one fewer than its longest recomputing stage's layers, and
+    keeps the lowest peak: a later way only where it holds strictly less
+    (so where runs do not, the choice is whole or layer by layer as
+    before)."""
+    rows, ms = 8, [4]
+
+    def blocks(depth, saved):
+        return {size: {i: replace(lc, saved_bytes=saved * lc.act_bytes, keeps=0)
+                       for i, lc in row.items()}
+                for size, row in _profile(rows, ms, [1] * depth).items()}
+
+    def way(prof, name, **kw):
+        (sched,) = choose.builtin([name], 2, ms)
+        c, = choose.candidates(prof, [1] * len(prof[2]), rows, [sched], recompute=True, **kw)
+        return c
+
+    # 4 layers a stage holding 4 times their output, GPipe: runs of 2 hold less
+    # than both. Its rank 1: 4 micro-batches of its input, its second run's and
+    # its loss's gradient (3 x 200 B), then its first run's 2 x 4 x 200 and
+    # input's copy, and the gradients flowing (2 x 200)
+    prof = blocks(8, 3)
+    auto, whole, each = way(prof, "gpipe", layers=True), way(prof, "gpipe"), way(
+        prof, "gpipe", layers=True, runs=1)
+    assert auto.layered == 2 and auto.makespan == whole.makespan
+    assert auto.peak_bytes == 4 * 3 * 200 + 9 * 200 + 2 * 200
+    assert auto.peak_bytes < whole.peak_bytes < each.peak_bytes
+    assert auto.peak_bytes == way(prof, "gpipe", layers=True, runs=2).peak_bytes
+    assert "recomputed by 2 layers" in choose.table([auto], auto)
+    # 9 layers a stage holding twice their output, 1F1B: runs of 3 the least
+    # (rank 1: one micro-batch of its input, two runs' and the loss's gradient,
+    # then a run's 3 x 2 x 200 and the input's copy, flowing), runs of 2 next
+    prof = blocks(18, 1)
+    auto = way(prof, "1f1b", layers=True)
+    assert auto.layered == 3 and auto.peak_bytes == 4 * 200 + 7 * 200 + 2 * 200
+    assert auto.peak_bytes < min(way(prof, "1f1b", layers=True, runs=n).peak_bytes
+                                 for n in (1, 2, 4, 5, 6, 7, 8))
+    assert auto.peak_bytes < way(prof, "1f1b").peak_bytes
+    # runs no lower than the choice before: it stands. A tie with layer by layer
+    # (8 layers, 8 times the output, GPipe) stays layer by layer; a tie with
+    # whole (6 a stage, 3 times, GPipe: runs of 3) and runs above both stay whole
+    prof = blocks(8, 7)
+    assert way(prof, "gpipe", layers=True, runs=2).peak_bytes == way(
+        prof, "gpipe", layers=True, runs=1).peak_bytes
+    assert way(prof, "gpipe", layers=True).layered is True
+    prof = blocks(12, 2)
+    assert way(prof, "gpipe", layers=True, runs=3).peak_bytes == way(prof, "gpipe").peak_bytes
+    assert way(prof, "gpipe", layers=True).layered is False
+    assert way(blocks(18, 0), "gpipe", layers=True).layered is False
+    assert way(blocks(8, 15), "1f1b", layers=True).layered is True
+
+
 def test_a_stage_holds_each_output_once_where_a_layer_keeps_it():
     """An output counts where its layer keeps it (a tanh's) or the next
     layer keeps it as its input (a Linear's, a GELU's), once; a torch stage
