@@ -24,7 +24,7 @@ from engine.zero_args import _elements
 
 WIDTHS = [6, 16, 12, 16, 8, 4]       # 5 Linear layers, 9 layers with the Tanh between
 TP_PLAN = {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"}
-ROWS, STEPS, LR, SEED = 24, 3, 0.05, 7
+ROWS, STEPS, LR, SEED = 24, 2, 0.05, 7
 PATIENT = {"MESH_PEER_TIMEOUT": "60"}
 
 
@@ -921,7 +921,7 @@ def _spare_model(dtype):
 def _combined_worker(world):
     """dp=2 x pp=2: jobs under ZeRO stage 1 and stage 2 side by side, each
     way in its own pair (stage 1's job, stage 2's; in "zb-v" and
-    "interleaved" a stage-3 job's too), three steps:
+    "interleaved" a stage-3 job's too), two steps:
     - "zb-v": two stages a rank, W actions apart from B; eval_step between
       the step and the clip, two job.step calls before opt.step after
       opt.zero_grad(set_to_none=False), the infinity norm clipped;
@@ -968,7 +968,7 @@ def _combined_worker(world):
         else:
             opts = [[make(job, job.parameters(), s)] for job, s in zip(jobs, (1, 2, 3))]
         norms, retimed = [], []
-        for step in range(3):
+        for step in range(2):
             x, y = (a[d::2].to(dtype) for a in _data(step))
             for job, os_ in zip(jobs, opts):
                 for o in os_:
@@ -1043,7 +1043,7 @@ def test_zero2_in_the_schedules_and_ways_a_user_reaches_trains_as_stage_1():
         _same(stage2, stage1, f"{way} weights")
         for w in stage3:
             _same(w, stage1, f"{way} stage 3 weights")
-    assert results[0]["switched"]["retimed"] == [True] * 3
+    assert results[0]["switched"]["retimed"] == [True] * 2
     # a plain optimizer stepping what a stage-2 one dealt would skip the freed gradients,
     # each replica stepping its share only: refused on every replica, nothing stepped;
     # after a stage-1 one over them, it steps, the replicas alike
