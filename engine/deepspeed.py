@@ -18,7 +18,9 @@ is ``engine.ZeroRedundancyOptimizer``: stage 1 over the dp group, stages 2
 and 3 over a pp=1 ``engine.distribute`` job of the model (its parameters
 the model's own); under stage 3 the job's gathers run around the user's
 forwards and backwards, each module's parameters gathered just before it
-runs and dropped after, the next ones' posted ahead (engine.ds_zero). A checkpoint is one
+runs and dropped after, the next ones' posted ahead (engine.ds_zero). A
+model with MoE layers: stages 1 and 2 over the world and each expert's
+expert-data-parallel group (engine.moe_zero). A checkpoint is one
 whole file (every parameter, the whole optimizer state by index), so it
 loads at any dp size and ZeRO stage (engine.ds_checkpoint). Config:
 engine.ds_config. A ``PipelineModule`` gets engine.ds_pipe's engine
@@ -41,7 +43,8 @@ from .ds_compat import (RepeatingLoader, accelerator, add_config_arguments, chec
 from .ds_config import (SCHEDULERS, Config, DynamicLossScaler, WarmupCosineLR, WarmupDecayLR,
                         WarmupLR, parse)
 from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
-from .ds_zero import ENGINES, Gathers, OwnerReducer, zero, zero_job, zero_optimizer
+from .ds_zero import (ENGINES, Gathers, MoEOwnerReducer, OwnerReducer, zero, zero_job,
+                      zero_optimizer)
 from .moe import deepspeed_namespace as moe
 from .ulysses import deepspeed_sequence
 
@@ -105,12 +108,13 @@ class DeepSpeedEngine(torch.nn.Module):
         self.job = zero_job(model, world, cfg.zero_stage)
         # made before stage 3 empties the others' shares: its buckets' shapes are whole
         # (ZeRO 2 and 3 with an optimizer: engine.ds_zero.OwnerReducer, below; MoE layers:
-        # each expert's gradients over its expert-data-parallel group, engine.moe)
+        # each expert's gradients over its expert-data-parallel group, engine.moe, at ZeRO 2
+        # to its owner there, engine.ds_zero.MoEOwnerReducer)
         # (communication_data_type "fp16" / "bf16": each gradient rounded to it on the wire,
         # engine.ds_zero.OwnerReducer's ``wire``; MoE's in the gradients' own dtype)
         wire = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.comm_dtype or "")
-        whole = self.job is None or (optimizer is None and cfg.optimizer is None)
-        self.reducer: Any = None if not whole else moe.MoEGradReducer(world, trained) \
+        owned = cfg.zero_stage >= 2 and (optimizer is not None or cfg.optimizer is not None)
+        self.reducer: Any = None if owned else moe.MoEGradReducer(world, trained) \
             if experts else collectives.GradReducer(world, trained) if wire is None else \
             OwnerReducer(world, trained, [None] * len(trained), wire)
         self._boundary = [False]
@@ -118,7 +122,9 @@ class DeepSpeedEngine(torch.nn.Module):
             p.register_post_accumulate_grad_hook(
                 lambda p, i=i: self._ready(p, i) if self._boundary[0] else None)
         self.optimizer = zero_optimizer(cfg, world, self.job, optimizer, params, trained)
-        if self.job is not None and self.optimizer is not None:
+        if owned and experts:   # (ZeRO 2: each over its own part's group, engine.ds_zero)
+            self.reducer = MoEOwnerReducer(world, trained, self.optimizer)
+        elif owned:
             # ZeRO 2 and 3: each gradient reduced to its owner alone, dropped on the others
             owner = {id(p): r for p, r in zip(self.optimizer.params, self.optimizer.owner)}
             self.reducer = OwnerReducer(self.job.grid.group("dp"), trained,

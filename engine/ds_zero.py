@@ -1,7 +1,9 @@
 """engine.deepspeed's ZeRO: the optimizer set-up (stage 1 over the dp
 group, stages 2 and 3 over a pp=1 ``engine.distribute`` job whose one
-layer is the model), ``deepspeed.zero`` (``Init``, ``GatheredParameters``)
-and stage 3's gathers around the user's own forward and backward.
+layer is the model; a model with MoE layers at stages 1 and 2:
+engine.moe_zero's, its stage 2 gradients ``MoEOwnerReducer``'s),
+``deepspeed.zero`` (``Init``, ``GatheredParameters``) and stage 3's
+gathers around the user's own forward and backward.
 
 Under stage 3 a DeepSpeed script calls ``engine(x)`` and
 ``engine.backward(loss)``, never the job's ``step()``; the gathers are
@@ -35,9 +37,10 @@ import collectives
 import mesh
 
 from .moe import is_moe_param
-from .moe_zero import MoEZeroOptimizer
+from .moe_zero import MoEZeroOptimizer, shared_over
 
-__all__ = ["zero", "Gathers", "OwnerReducer", "zero_job", "zero_optimizer", "ENGINES"]
+__all__ = ["zero", "Gathers", "OwnerReducer", "MoEOwnerReducer", "zero_job", "zero_optimizer",
+           "ENGINES"]
 
 ENGINES: "weakref.WeakSet[Any]" = weakref.WeakSet()   # initialize's data-parallel engines
 
@@ -45,8 +48,9 @@ ENGINES: "weakref.WeakSet[Any]" = weakref.WeakSet()   # initialize's data-parall
 def zero_job(model: torch.nn.Module, world: Any, stage: int) -> Any:
     """ZeRO 2 and 3's job: one layer, the model (its parameters the
     model's own; never traced, so any forward runs; it runs no step).
-    None for stages 0 and 1."""
-    if stage < 2:
+    None for stages 0 and 1, and for a model with MoE layers (ZeRO 2's
+    shares are engine.moe_zero's, over the world and the experts' groups)."""
+    if stage < 2 or any(is_moe_param(p) for p in model.parameters()):
         return None
     import engine
     job = engine.distribute(torch.nn.Sequential(model), mesh.grid(world, dp=world.size, pp=1),
@@ -84,10 +88,10 @@ def zero_optimizer(cfg: Any, world: Any, job: Any, given: Any, params: Any,
     if cfg.zero_stage == 0:
         return cls(groups, **hyper)
     import engine
+    flat = [q for g in groups for q in (g["params"] if isinstance(g, dict) else [g])]
+    if any(is_moe_param(q) for q in flat + trained):     # (MoE layers: engine.moe_zero)
+        return MoEZeroOptimizer(groups, cls, world, stage=cfg.zero_stage, **hyper)
     if cfg.zero_stage == 1:
-        flat = [q for g in groups for q in (g["params"] if isinstance(g, dict) else [g])]
-        if any(is_moe_param(q) for q in flat):      # (MoE layers: engine.moe_zero)
-            return MoEZeroOptimizer(groups, cls, world, **hyper)
         return engine.ZeroRedundancyOptimizer(groups, cls, world, stage=1, **hyper)
     # (stage 3: each module's gathered as it runs, DeepSpeed's stage 3: Gathers)
     return engine.ZeroRedundancyOptimizer(groups, cls, job, stage=cfg.zero_stage,
@@ -254,6 +258,79 @@ class OwnerReducer:
         finally:
             self.works, self.next, self.back = [], 0, []
             self.made = [False] * len(self.params)
+
+
+class MoEOwnerReducer:
+    """ZeRO 2's gradients of a model with MoE layers: an ``OwnerReducer``
+    per expert group name (and one for the others), each
+    gradient reduced to its owner in ``opt``'s (a ``MoEZeroOptimizer``)
+    share over that part's group and dropped on the other ranks: the
+    non-expert ones averaged over the world, an expert's averaged over its
+    expert-data-parallel group and divided by ``ep_size`` (the sum over the
+    world divided by its size, as ``engine.MoEGradReducer``'s). A
+    parameter of no optimizer group is reduced to every rank of its group.
+    ``ready(i)`` (``params``' order), ``wait()``, ``clip`` and ``summed``
+    as the engine calls them."""
+
+    def __init__(self, world: Any, params: list[Any], opt: Any) -> None:
+        self.world = world
+        owner = opt.owners()
+        held: dict[Any, list[Any]] = {}
+        for p in params:
+            held.setdefault(p.group_name if is_moe_param(p) else None, []).append(p)
+        self._where: dict[int, tuple[int, int]] = {}     # id -> (part, index in it)
+        self.parts: list[tuple[Any, Any, list[Any], list[int | None], int]] = []
+        for key in sorted(held, key=lambda k: (k is not None, str(k))):     # (one order)
+            group, ps = shared_over(world, key), held[key]
+            own = [owner.get(id(p)) for p in ps]
+            for j, p in enumerate(ps):
+                self._where[id(p)] = (len(self.parts), j)
+            ep = 1 if key is None else int(str(key).rpartition("_")[2])
+            self.parts.append((OwnerReducer(group, ps, own) if group.size > 1 else None,
+                               group, ps, own, ep))
+        self._index = [self._where[id(p)] for p in params]
+
+    def ready(self, i: int) -> None:
+        part, j = self._index[i]
+        reducer = self.parts[part][0]
+        if reducer is not None:
+            reducer.ready(j)
+
+    def wait(self) -> None:
+        """Post what is left, wait for every reduce, then divide the experts'
+        kept here by ``ep_size``."""
+        for reducer, _, ps, _, ep in self.parts:
+            if reducer is not None:
+                reducer.wait()
+            if ep > 1:
+                for p in ps:
+                    if p.grad is not None:
+                        p.grad.div_(ep)
+
+    def summed(self, x: float) -> float:
+        """``x`` summed over the world (fp16's overflow flag: each rank holds
+        its share's gradients)."""
+        return float(collectives.all_reduce(self.world, torch.tensor([float(x)],
+                                                                     dtype=torch.float64))[0])
+
+    def clip(self, held: list[Any], max_norm: float) -> float:
+        """torch's ``clip_grad_norm_`` over the whole model's gradients where
+        each rank holds its share's (``held``): every gradient's squares
+        counted once, on its owner (one of no owner on its group's rank 0),
+        summed over the world, then ``held``'s scaled alike. The norm."""
+        ids = {id(p) for p in held}
+        sq = 0.0
+        for _, group, ps, own, _ in self.parts:
+            for p, r in zip(ps, own):
+                if id(p) in ids and p.grad is not None and \
+                        (r == group.rank or r is None and group.rank == 0):
+                    sq += float(p.grad.detach().double().square().sum())
+        norm = self.summed(sq) ** 0.5
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        for p in held:
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
+        return norm
 
 
 class _GatheredParameters:

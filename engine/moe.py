@@ -315,16 +315,17 @@ class MoEGradReducer:
 
 def deepspeed_checks(model: Any, rank: int, stage: int) -> bool:
     """engine.deepspeed.initialize's: whether ``model`` has MoE layers;
-    refused with them: ZeRO stages 2 and 3 (their gradients and parameters
-    sharded over the whole world, where the experts differ between ranks;
-    stage 1 is engine.moe_zero's)."""
+    refused with them: ZeRO stage 3 (its parameters gathered over the whole
+    world, where the experts differ between ranks; stages 1 and 2 are
+    engine.moe_zero's)."""
     if not has_moe_layers(model):
         return False
-    if stage >= 2:
+    if stage >= 3:
         raise ValueError(f"rank {rank}: deepspeed.initialize: zero_optimization.stage {stage} "
-                         f"with MoE layers: not supported on meshrun (stages 0 and 1 are: each "
-                         f"expert's gradients reduced, and its optimizer state sharded, over "
-                         f"its expert-data-parallel group)")
+                         f"with MoE layers: not supported on meshrun; use stage 2 (each "
+                         f"expert's gradients and optimizer state sharded over its "
+                         f"expert-data-parallel group, the other parameters' over the world; "
+                         f"the parameters themselves kept whole)")
     return True
 
 

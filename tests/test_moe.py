@@ -67,14 +67,16 @@ def _sgd(net: Any) -> None:
             p -= LR * p.grad
 
 
-def _reference(world: Any, case: tuple[Any, ...], ranks: int,
-               clip: float = 0.0) -> dict[str, Any]:
+def _reference(world: Any, case: tuple[Any, ...], ranks: int, clip: float = 0.0,
+               adamw: bool = False) -> tuple[dict[str, Any], int]:
     """One process, every expert (ep_size 1 on a group of this rank alone),
     each rank's rows gated in a forward of their own (``clip``: the whole
-    model's gradient norm clipped)."""
+    model's gradient norm clipped; ``adamw``: torch's AdamW, else SGD):
+    its weights, and the bytes of its optimizer's state."""
     # (every rank makes every rank's group alone, in one order)
     alone = [world.group([r]) for r in range(world.size)][world.rank]
     net = _Net(1, *case, world=alone)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR) if adamw else None
     for s in range(STEPS):
         x, y = _data(s, ranks)
         loss = sum(_loss(net, x[r * ROWS:(r + 1) * ROWS], y[r * ROWS:(r + 1) * ROWS])
@@ -83,8 +85,10 @@ def _reference(world: Any, case: tuple[Any, ...], ranks: int,
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(list(net.parameters()), clip)
-        _sgd(net)
-    return {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt.step() if opt is not None else _sgd(net)
+    held = 0 if opt is None else sum(v.numel() * v.element_size() for st in opt.state.values()
+                                     for v in st.values())
+    return {n: p.detach().clone() for n, p in net.named_parameters()}, held
 
 
 def _trained(world: Any, ep: int) -> list[Any]:
@@ -100,7 +104,7 @@ def _trained(world: Any, ep: int) -> list[Any]:
             _loss(net, x[me], y[me]).backward()
             red.reduce()
             _sgd(net)
-        want = _reference(world, case, world.size)
+        want = _reference(world, case, world.size)[0]
         gap = max(float((p - want[n]).abs().max()) for n, p in _renamed(net, j, ep).items())
         dropped = [int(c) for c in net.moe.exp_counts]
         out.append((case, gap, dropped, [getattr(p, "allreduce", True)
@@ -121,45 +125,74 @@ def _renamed(net: Any, j: int, ep: int) -> dict[str, Any]:
     return out
 
 
+def _engine(world: Any, ep: int, stage: int, optimizer: dict[str, Any],
+            experts: int = E) -> tuple[Any, Any]:
+    """A model with a deepspeed.moe.layer.MoE at ``ep`` through
+    deepspeed.initialize, clipping on, its parameter groups split as
+    DeepSpeedExamples' cifar10 does."""
+    from engine import deepspeed
+    net = _Net(ep, *CASES[2], first=(world.rank % ep) * (E // ep), experts=experts)
+    groups = deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(net.parameters()), "name": "parameters"})
+    cfg = {"train_batch_size": ROWS * world.size, "steps_per_print": None,
+           "gradient_clipping": 0.3, "optimizer": optimizer,
+           "zero_optimization": {"stage": stage}}
+    return net, deepspeed.initialize(model=net, model_parameters=groups, config=cfg)[0]
+
+
+def _ds_step(world: Any, eng: Any, s: int, step: bool = True) -> None:
+    x, y = _data(s, world.size)
+    me = slice(world.rank * ROWS, (world.rank + 1) * ROWS)
+    y_hat, l_aux = eng(x[me])
+    eng.backward(torch.nn.functional.mse_loss(y_hat, y[me]) + AUX * l_aux)
+    if step:
+        eng.step()
+
+
 def _deepspeed(world: Any, where: str) -> dict[str, Any]:
     """deepspeed.initialize of a model with a deepspeed.moe.layer.MoE at
-    ep_size 2 (its parameter groups split as DeepSpeedExamples' cifar10
-    does), clipping on, under ZeRO 0 and 1: one process's weights; ZeRO 1
-    of unsplit groups and ZeRO 2 refused, naming them; a checkpoint resumed
-    (``_resumed``, in ``where``)."""
+    ep_size 2, clipping on, AdamW (at 4 ranks SGD too, and under ZeRO 0)
+    under ZeRO 1 and 2: one process's weights (and ZeRO 2's ZeRO 1's); under
+    ZeRO 2 the gradients held after the last backward and the optimizer
+    state (the bytes, and whether all of it is this rank's share's); ZeRO 1
+    of unsplit groups and ZeRO 3 refused, naming them; at 4 ranks a
+    checkpoint resumed (``_resumed``, in ``where``)."""
     from engine import deepspeed
-    case = CASES[2]
-    j = world.rank % 2
-    want = _reference(world, case, world.size, clip=0.3)
-    gaps, out = [], {}
-    for stage in (0, 1):
-        net = _Net(2, *case, first=j * (E // 2))
-        groups = deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer(
-            {"params": list(net.parameters()), "name": "parameters"})
-        cfg = {"train_batch_size": ROWS * world.size, "steps_per_print": None,
-               "gradient_clipping": 0.3, "optimizer": {"type": "SGD", "params": {"lr": LR}},
-               "zero_optimization": {"stage": stage}}
-        eng, _, _, _ = deepspeed.initialize(model=net, model_parameters=groups, config=cfg)
-        for s in range(STEPS):
-            x, y = _data(s, world.size)
-            me = slice(world.rank * ROWS, (world.rank + 1) * ROWS)
-            y_hat, l_aux = eng(x[me])
-            eng.backward(torch.nn.functional.mse_loss(y_hat, y[me]) + AUX * l_aux)
-            eng.step()
-        gaps.append(max(float((p - want[n]).abs().max())
-                        for n, p in _renamed(net, j, 2).items()))
-        out = {"norm": eng.get_global_grad_norm(), "groups": [
-            (g.get("name"), g.get("moe", False), len(g["params"])) for g in groups],
-            "layer": type(net.moe) is deepspeed.moe.layer.MoE}
+    gaps, out, weights = [], {}, {}
+    for opt in ("SGD", "AdamW") if world.size == 4 else ("AdamW",):
+        want, whole = _reference(world, CASES[2], world.size, clip=0.3, adamw=opt == "AdamW")
+        for stage in (0, 1, 2) if opt == "SGD" and world.size == 4 else (1, 2):
+            net, eng = _engine(world, 2, stage, {"type": opt, "params": {"lr": LR}})
+            for s in range(STEPS):
+                _ds_step(world, eng, s, step=False)
+                if stage == 2 and s == STEPS - 1:
+                    out[f"grads {opt}"] = sum(p.grad.numel() for p in net.parameters()
+                                              if p.grad is not None)
+                eng.step()
+            weights[opt, stage] = _renamed(net, world.rank % 2, 2)
+            gaps.append(max(float((p - want[n]).abs().max())
+                            for n, p in weights[opt, stage].items()))
+            out["groups"] = [(g.get("name"), g.get("moe", False), len(g["params"]))
+                             for g in eng.optimizer.param_groups]
+            if stage == 2:
+                o = eng.optimizer
+                out[f"state {opt}"] = (o.state_bytes(), whole, all(
+                    o.holds(p) for own in o.parts for p in getattr(own, "optim", own).state))
+        gaps.append(max(float((p - weights[opt, 1][n]).abs().max())
+                        for n, p in weights[opt, 2].items()))
+    out.update(norm=eng.get_global_grad_norm(), layer=type(net.moe) is deepspeed.moe.layer.MoE,
+               whole=sum(p.numel() for p in want.values()))
     refused = []
-    for stage, params in ((1, _Net(2, *case).parameters()), (2, None)):
+    for stage, params in ((1, _Net(2, *CASES[2]).parameters()), (3, None)):
         try:
-            deepspeed.initialize(model=_Net(2, *case), model_parameters=params, config=dict(
-                cfg, zero_optimization={"stage": stage}))
+            deepspeed.initialize(model=_Net(2, *CASES[2]), model_parameters=params, config={
+                "train_batch_size": ROWS * world.size, "zero_optimization": {"stage": stage},
+                "optimizer": {"type": "SGD", "params": {"lr": LR}}})
         except ValueError as e:
             refused.append(str(e))
     return dict(out, gaps=gaps, refused=refused,
-                resumed=[_resumed(world, stage, where) for stage in (0, 1)])
+                resumed=[_resumed(world, stage, where) for stage in (0, 1, 2)]
+                if world.size == 4 else [])
 
 
 def _resumed(world: Any, stage: int, where: str) -> tuple[list[float], str]:
@@ -168,43 +201,26 @@ def _resumed(world: Any, stage: int, where: str) -> tuple[list[float], str]:
     re-split): the third step's weights against the uninterrupted run's
     (the largest gap; every expert's, gathered by whole name); and what a
     load into a layer of 8 experts raises."""
-    from engine import deepspeed
-
-    def made(ep: int, experts: int = E) -> tuple[Any, Any]:
-        net = _Net(ep, *CASES[2], first=(world.rank % ep) * (E // ep), experts=experts)
-        groups = deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer(
-            {"params": list(net.parameters())})
-        cfg = {"train_batch_size": ROWS * world.size, "steps_per_print": None,
-               "gradient_clipping": 0.3, "zero_optimization": {"stage": stage},
-               "optimizer": {"type": "SGD", "params": {"lr": LR, "momentum": 0.9}}}
-        return net, deepspeed.initialize(model=net, model_parameters=groups, config=cfg)[0]
-
-    def step(eng: Any, s: int) -> None:
-        x, y = _data(s, world.size)
-        me = slice(world.rank * ROWS, (world.rank + 1) * ROWS)
-        y_hat, l_aux = eng(x[me])
-        eng.backward(torch.nn.functional.mse_loss(y_hat, y[me]) + AUX * l_aux)
-        eng.step()
-
-    net, eng = made(2)
-    step(eng, 0)
-    step(eng, 1)
+    sgd = {"type": "SGD", "params": {"lr": LR, "momentum": 0.9}}
+    net, eng = _engine(world, 2, stage, sgd)
+    _ds_step(world, eng, 0)
+    _ds_step(world, eng, 1)
     eng.save_checkpoint(where, tag=f"zero{stage}")
-    step(eng, 2)
+    _ds_step(world, eng, 2)
     want: dict[str, Any] = {}
     for part in collectives.all_gather_object(world, {     # (msgpack values: lists)
             n: p.flatten().tolist() for n, p in _renamed(net, world.rank % 2, 2).items()}):
         want.update(part)
     gaps = []
     for ep in (2, 4):
-        net, eng = made(ep)
+        net, eng = _engine(world, ep, stage, sgd)
         eng.load_checkpoint(where, tag=f"zero{stage}")
         assert eng.global_steps == 2, eng.global_steps
-        step(eng, 2)
+        _ds_step(world, eng, 2)
         gaps.append(max(float((p.flatten() - torch.tensor(want[n], dtype=p.dtype)).abs().max())
                         for n, p in _renamed(net, world.rank % ep, ep).items()))
     try:
-        made(2, experts=8)[1].load_checkpoint(where, tag=f"zero{stage}")
+        _engine(world, 2, stage, sgd, experts=8)[1].load_checkpoint(where, tag=f"zero{stage}")
         return gaps, "no error"
     except ValueError as e:
         return gaps, str(e)
@@ -234,11 +250,9 @@ def _mismatches(world: Any) -> list[str]:
 
 
 def _cases(world: Any, where: str) -> dict[str, Any]:
-    res: dict[str, Any] = {"trained": _trained(world, 2)}
+    res: dict[str, Any] = {"trained": _trained(world, 2), "deepspeed": _deepspeed(world, where)}
     if world.size == 2:
         res["mismatch"] = _mismatches(world)
-    else:
-        res["deepspeed"] = _deepspeed(world, where)
     return res
 
 
@@ -247,14 +261,40 @@ def _cases(world: Any, where: str) -> dict[str, Any]:
 def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any) -> None:
     """ep=2 on 2 ranks, and ep=2 x expert-dp=2 on 4: top-1 and top-2, with
     capacity dropping tokens and without, the residual MoE: a few SGD steps
-    to one process's weights (float64); at 4, through deepspeed.initialize
-    under ZeRO 0 and 1 too, and its checkpoint saved after 2 steps resumed at
-    ep_size 2 and 4: the third step the uninterrupted run's."""
+    to one process's weights (float64); through deepspeed.initialize under
+    ZeRO 1 and 2, AdamW (at 4 ranks SGD too, and ZeRO 0), ZeRO 2 holding its
+    share of the gradients and optimizer state alone; at 4 its checkpoint
+    saved after 2 steps resumed at ep_size 2 and 4 under ZeRO 0, 1 and 2:
+    the third step the uninterrupted run's."""
     res = mesh.spawn(_cases, ranks, str(tmp_path), timeout=150)
     for r in res:
         for case, gap, counts, marks in r["trained"]:
             assert gap < 1e-10, (case, gap)
             assert sum(counts) == ROWS * case[0] and marks == [False] * len(marks), (case, counts)
+    for rank, r in enumerate(res):
+        ds = r["deepspeed"]
+        assert max(ds["gaps"]) < 1e-10 and ds["norm"] > 0.3 and ds["layer"], ds
+        assert ds["groups"] == [("parameters", False, 5), ("ep_size_2", True, 4)], ds
+        mine, whole, only = ds["state AdamW"]       # (ZeRO 2: this rank's share alone)
+        assert only and 0 < mine < whole, ds["state AdamW"]
+        mixed, zero3 = ds["refused"]
+        for gaps, other in ds["resumed"]:
+            assert max(gaps) < 1e-10, ds["resumed"]
+            assert other.startswith(f"rank {rank}: load_checkpoint: the MoE layers' experts "
+                                    f"differ (saved {{'moe': {{'num_experts': 4, 'ep_size': "
+                                    f"2}}}}, this model's {{'moe': {{'num_experts': 8, "), other
+        assert mixed.startswith(f"rank {rank}: deepspeed.initialize: ZeRO stage 1 with MoE "
+                                f"layers: parameter group 0 mixes expert and other "
+                                f"parameters: split them with deepspeed.moe.utils."), mixed
+        assert zero3.startswith(f"rank {rank}: deepspeed.initialize: zero_optimization."
+                                f"stage 3 with MoE layers: not supported on meshrun; use "
+                                f"stage 2"), zero3
+    # (each gradient and each state on one rank: the one process's, dealt out)
+    for opt in ("SGD", "AdamW") if ranks == 4 else ("AdamW",):
+        assert sum(r["deepspeed"][f"grads {opt}"] for r in res) == res[0]["deepspeed"]["whole"]
+    assert sum(r["deepspeed"]["state AdamW"][0] for r in res) == \
+        res[0]["deepspeed"]["state AdamW"][1]
+    assert len(res[0]["deepspeed"]["resumed"]) == (3 if ranks == 4 else 0)
     if ranks == 2:
         for rank, r in enumerate(res):
             hidden, tokens, three, world = r["mismatch"]
@@ -264,19 +304,3 @@ def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any)
             assert "num_experts=3 is not divisible by ep_size=2" in three, three
             assert f"rank {rank}: MoE: ep_size=3 must be a whole number >= 1 dividing the " \
                 f"world's 2 ranks" in world, world
-    else:
-        for rank, r in enumerate(res):
-            ds = r["deepspeed"]
-            assert max(ds["gaps"]) < 1e-10 and ds["norm"] > 0.3 and ds["layer"], ds
-            assert ds["groups"] == [("parameters", False, 5), ("ep_size_2", True, 4)], ds
-            mixed, zero2 = ds["refused"]
-            for gaps, other in ds["resumed"]:
-                assert max(gaps) < 1e-10, ds["resumed"]
-                assert other.startswith(f"rank {rank}: load_checkpoint: the MoE layers' experts "
-                                        f"differ (saved {{'moe': {{'num_experts': 4, 'ep_size': "
-                                        f"2}}}}, this model's {{'moe': {{'num_experts': 8, "), other
-            assert mixed.startswith(f"rank {rank}: deepspeed.initialize: ZeRO stage 1 with MoE "
-                                    f"layers: parameter group 0 mixes expert and other "
-                                    f"parameters: split them with deepspeed.moe.utils."), mixed
-            assert zero2.startswith(f"rank {rank}: deepspeed.initialize: zero_optimization."
-                                    f"stage 2 with MoE layers: not supported"), zero2
