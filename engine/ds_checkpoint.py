@@ -7,7 +7,7 @@ format, as one optimizer's), the scheduler, the loss scale, the counters
 and the client's own keys, then ``save_dir/latest``. ``load`` reads it on
 every rank; a ZeRO optimizer keeps its own share of the state, so the
 number of ranks and the stage may differ from the saving run's. A model
-with MoE layers (ZeRO 0 and 1): every expert gathered to rank 0, the file
+with MoE layers (ZeRO 0 to 2): every expert gathered to rank 0, the file
 holding the model under the names of one process holding every expert,
 its optimizer state by those names (engine.moe_checkpoint), so it loads
 at another ep_size and number of ranks too. A rank

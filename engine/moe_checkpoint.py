@@ -1,5 +1,5 @@
 """engine.deepspeed's checkpoints of a model with MoE layers (engine.moe)
-at ZeRO 0 and 1: the one whole file of engine.ds_checkpoint, the model
+at ZeRO 0, 1 and 2: the one whole file of engine.ds_checkpoint, the model
 under the names of one process holding every expert.
 
 A rank holds ``num_experts / ep_size`` experts of each layer, local
@@ -8,7 +8,7 @@ expert ``i`` on place ``j`` of its expert-parallel group being expert
 rank 0 (one ``gather_object`` over the world), the module's entries under
 those whole names (``moe.experts.5.weight``) from the ranks of rank 0's
 expert-parallel group (as torch.save's bytes: object collectives carry
-msgpack values), and the optimizer's state by whole name (a ZeRO 1
+msgpack values), and the optimizer's state by whole name (a ZeRO 1 or 2
 part consolidated on its group's rank 0 first, as engine.ds_checkpoint
 does without MoE: those ranks are rank 0's expert-parallel group's), each
 parameter group's hyperparameters in the given order. Keyed by name, not
@@ -67,7 +67,7 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parts(opt: Any) -> list[Any]:
-    """The torch optimizers under ``opt`` (engine.moe_zero's parts at ZeRO 1)."""
+    """The torch optimizers under ``opt`` (engine.moe_zero's parts at ZeRO 1 and 2)."""
     return list(getattr(opt, "parts", [opt]))
 
 
@@ -85,7 +85,7 @@ def whole_state(eng: Any, optimizer: bool = True
     groups: list[list[str]] = []
     if opt is not None:
         for o in _parts(opt):
-            if hasattr(o, "consolidate_state_dict"):     # (ZeRO 1: its group's rank 0)
+            if hasattr(o, "consolidate_state_dict"):     # (ZeRO 1, 2: its group's rank 0)
                 o.consolidate_state_dict(0)
                 if o.group.rank != 0:
                     continue
