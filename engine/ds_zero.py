@@ -75,7 +75,7 @@ def zero_optimizer(cfg: Any, world: Any, job: Any, given: Any, params: Any,
     if given is not None and cfg.zero_stage == 0:
         return given
     if given is not None:
-        cls, hyper = type(given), dict(given.defaults)
+        cls, hyper = type(given), _taken(type(given), given.defaults)
         groups: Any = [dict(g) for g in given.param_groups]
     else:
         cls, hyper = optimizer_class(cfg.optimizer or {})
@@ -258,6 +258,20 @@ class OwnerReducer:
         finally:
             self.works, self.next, self.back = [], 0, []
             self.made = [False] * len(self.params)
+
+
+def _taken(cls: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` less the keys ``cls(params, **...)`` does not take:
+    torch 2.13's AdamW keeps ``decoupled_weight_decay`` in its defaults
+    (Adam's) but its constructor refuses it."""
+    import inspect
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return dict(defaults)
+    if any(q.kind is q.VAR_KEYWORD for q in sig.parameters.values()):
+        return dict(defaults)
+    return {k: v for k, v in defaults.items() if k in sig.parameters}
 
 
 class MoEOwnerReducer:

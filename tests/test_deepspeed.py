@@ -334,6 +334,18 @@ def _cases(world: Any, ckpt: str) -> dict[str, Any]:
         ropt.zero_grad()
     out["client optimizer"] = _gap(_weights(eng), list(r.parameters()))
     out["client lr"] = (eng.get_lr(), rsched.get_last_lr())
+    # the user's own AdamW under ZeRO 2: its defaults hold decoupled_weight_decay (torch 2.13),
+    # which AdamW's constructor refuses: initialize raised TypeError making it ZeRO's
+    m, r = _net(), _net()
+    eng, _, _, _ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(
+        m.parameters(), lr=0.01), config=dict(cfg, zero_optimization={"stage": 2}))
+    _train(eng, world.rank, range(STEPS), rows)
+    ropt = torch.optim.AdamW(r.parameters(), lr=0.01)
+    for s in range(STEPS):
+        torch.nn.functional.mse_loss(r(_data(s, rows)[0]), _data(s, rows)[1]).backward()
+        ropt.step()
+        ropt.zero_grad()
+    out["client adamw"] = _gap(_weights(eng), list(r.parameters()))
     # bf16 (autocast; float32 weights) and fp16 (its dynamic loss scale skips overflows)
     for name, more, dtype, scale in (("bf16", {"bf16": {"enabled": True}}, torch.bfloat16, None),
                                      ("fp16", {"fp16": {"enabled": True,
@@ -454,6 +466,7 @@ def test_zero_stages_precision_and_checkpoint_match_one_process(tmp_path: Any) -
         for stage in range(4):
             assert r[f"stage {stage}"] < 1e-6, r
         assert r["client optimizer"] < 1e-6 and r["client lr"][0] == r["client lr"][1], r
+        assert r["client adamw"] < 1e-6, r
         assert r["bf16"][0] < 2e-2, r
         gap, skipped, want = r["fp16"]
         assert skipped == want >= 1 and STEPS + 2 - skipped >= 2 and gap < 2e-3, r
