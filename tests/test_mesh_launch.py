@@ -998,9 +998,12 @@ def test_a_rank_stopped_on_its_errors_way_out_of_its_mesh_is_still_the_root_caus
     slow-to-end case failed so): its record, written once the error reached
     the bootstrap, never was, and the table named rank 0's lost peer, exit
     code 1. The record is written before the goodbye goes: rank 1 is the
-    root cause, with the code it was ending with."""
+    root cause, with the code it was ending with. So is a survivor's lost
+    peer that stops it, rank 2's, ended only by meshrun's stop as it exits
+    (its ``atexit``, as torch's teardown on a loaded machine): it read "killed
+    by SIGTERM (stopped by meshrun)", as if stopping it were a second cause."""
     script = tmp_path / "slow_out.py"
-    script.write_text("import sys, time, mesh\n"
+    script.write_text("import atexit, os, sys, time, mesh\n"
                       "class Slow:\n"
                       "    def __enter__(self): return self\n"
                       "    def __exit__(self, *exc):\n"
@@ -1009,14 +1012,25 @@ def test_a_rank_stopped_on_its_errors_way_out_of_its_mesh_is_still_the_root_caus
                       "    with mesh.init() as w:\n"
                       "        if w.rank == 1:\n"
                       "            sys.exit(3)\n"
-                      "        w.recv(src=1)\n")
-    r = meshrun("-n", "2", "--settle", "0.5", "--grace", "1", str(script), timeout=50)
+                      "        if w.rank == 2:\n"
+                      "            atexit.register(time.sleep, 120)\n"
+                      "        try:\n"
+                      "            w.recv(src=1)\n"
+                      "        finally:    # (rank 0 ends once rank 2 has recorded its error)\n"
+                      "            t, err = time.monotonic(), os.environ['MESH_ERROR_FILE']\n"
+                      "            while w.rank == 0 and time.monotonic() < t + 20 and not "
+                      "os.path.exists(err.replace('rank0.', 'rank2.')):\n"
+                      "                time.sleep(0.01)\n")
+    r = meshrun("-n", "3", "--settle", "0.5", "--grace", "1", str(script), timeout=50)
     assert r.returncode == 3, r.stderr
     table = r.stderr[r.stderr.index("=" * 20):]
     assert "Root cause: rank 1 failed first" in table, table
     assert "  exit       : exit code 3 (as it recorded; killed by SIGTERM by meshrun's stop as " \
            "it was exiting)\n" in table, table
     assert "slow_out.py\", line 9, in <module>\n        sys.exit(3)\n" in table, table
+    assert "\n  rank 0    exit code 1 (failed, a consequence); LostPeerError: " in table, table
+    assert "\n  rank 2    exit code 1 (failed, a consequence; killed by SIGTERM by meshrun's " \
+           "stop as it was exiting); LostPeerError: rank 2: recv from rank 1 " in table, table
 
 
 def test_a_rank_interrupted_in_a_collective_is_a_lost_peer_to_the_others(

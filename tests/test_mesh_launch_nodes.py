@@ -152,9 +152,10 @@ def test_a_rank_slow_to_end_after_its_error_is_its_nodes_cause_though_a_stop_cam
     recorded before; not node 0's loss of it (else each node blamed the other
     and every meshrun exited 1). Killed by the SIGTERM, its exit is the code
     it recorded, 3, not the signal's 143 (that of a record without one, torch's
-    @record's). (tests/test_mesh_netns.py: two hosts)"""
+    @record's); so is rank 3, which lost it, in the table: its lost peer, not
+    the SIGTERM, is why it ended. (tests/test_mesh_netns.py: two hosts)"""
     from mesh.launch.records import JobOutcome, WorkerExit
-    from mesh.launch.report import cause, exit_code
+    from mesh.launch.report import cause, exit_code, format_report
     told = "node 0: rank 0 ended (exit code 1); the try stops on every node"
     records = {2: {"exc_type": "SystemExit", "message": "3", "time": 9.9, "exit_code": 3},
                3: {"exc_type": "LostPeerError", "peer": 2, "message": "rank 3: lost rank 2",
@@ -164,6 +165,9 @@ def test_a_rank_slow_to_end_after_its_error_is_its_nodes_cause_though_a_stop_cam
         outcome = JobOutcome("lost", exits, stop_time=10.2, lost=told, told=True)
         assert cause(outcome, records) == ("rank 2 failed (exit code 3): SystemExit: 3", True)
         assert exit_code(outcome, records) == 3
+    assert "\n  rank 3    exit code 1 (failed, a consequence; killed by SIGTERM by meshrun's " \
+        "stop as it was exiting); LostPeerError: rank 3: lost rank 2\n" in format_report(
+            outcome, records, 2)
     del records[2]["exit_code"]
     assert cause(outcome, records)[0] == "rank 2 failed (killed by SIGTERM): SystemExit: 3"
     assert exit_code(outcome, records) == 143

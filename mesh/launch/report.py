@@ -74,14 +74,18 @@ def _failed_itself(e: WorkerExit, outcome: JobOutcome,
 
 
 def _meant(e: WorkerExit, outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> int | None:
-    """The exit code a rank of its own failure recorded it was ending with
-    (its error record's) where meshrun's stop then killed it as it still
-    exited (its mesh closing; stopped by another node's word): that code,
-    not the signal's 128+N, is its failure's; None where it ended as meant."""
+    """The exit code a failed rank recorded it was ending with (its error
+    record's, written before meshrun's stop) where that stop then killed it
+    as it still exited (its mesh closing, its exit handlers: torch's teardown,
+    an ``atexit`` that takes its time; stopped by another node's word): that
+    code, not the signal's 128+N, is its failure's, and its error, its own
+    or a consequence, not the stop, why it ended; None where it ended as
+    meant, or failed only once stopped."""
     rec = records.get(e.rank)
     code = rec.get("exit_code") if rec else None
-    if (type(code) is int and code > 0 and e.returncode is not None and e.returncode < 0
-            and e.after_stop and _failed_itself(e, outcome, records)):
+    if (rec is not None and type(code) is int and code > 0 and e.returncode is not None
+            and e.returncode < 0 and e.after_stop and outcome.stop_time is not None
+            and float(rec.get("time", outcome.stop_time)) < outcome.stop_time):
         return code
     return None
 
@@ -313,12 +317,15 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
     if others:
         lines.append("Other ranks:" if root is not None else "Ranks:")  # (no first one)
     for e in others:
-        if not e.after_stop:
-            how = ("failed, a consequence" if _secondary(records.get(e.rank)) else
+        rec = records.get(e.rank)
+        meant = _meant(e, outcome, records)
+        if not e.after_stop or meant is not None:
+            how = ("failed, a consequence" if _secondary(rec) else
                    "failed on its own") if e.failed else "finished"
         else:
             how = "stopped by meshrun" if e.returncode != 0 else "finished while stopping"
-        rec = records.get(e.rank)
+        if meant is not None:
+            how += f"; {e.describe()} by meshrun's stop as it was exiting"
         err = ""
         if rec and e.failed:
             msg = str(rec.get("message")).split("\n", 1)[0]
@@ -326,7 +333,8 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
                 msg = _as_root(msg, str(root_rec.get("message")), root.rank)
             err = f"; {_error(rec, msg)}"
         where = _where(e, outcome, wheres)
-        lines.append(f"  rank {e.rank:<4} {e.describe()} ({how}){err}"
+        ended = e.describe() if meant is None else f"exit code {meant}"
+        lines.append(f"  rank {e.rank:<4} {ended} ({how}){err}"
                      + (f"\n{'':12}{where}" if where else ""))
     lines.append(_RULE)
     return "\n".join(lines) + "\n"
