@@ -47,6 +47,47 @@ def test_classify_counts_what_is_not_provided_apart() -> None:
     assert mc.reason("Traceback\n  File 'x'\nValueError: bad\n") == "ValueError: bad"
 
 
+def test_a_record_is_one_json_line_a_test() -> None:
+    """conformance.Record, as mpi4py's runner writes it (a "start" line
+    first): each outcome of unittest's one line, a failure's reason its
+    error's line, collectives.MPI's not provided apart."""
+    import io
+    import json
+    import unittest
+
+    class Case(unittest.TestCase):
+        def test_a_pass(self) -> None:
+            pass
+
+        def test_b_fail(self) -> None:
+            self.assertEqual(1, 2)
+
+        def test_c_error(self) -> None:
+            raise NotImplementedError("collectives.MPI: Foo: not provided")
+
+        def test_d_skip(self) -> None:
+            self.skipTest("no GPU\nsecond line")
+
+        @unittest.expectedFailure
+        def test_e_expected(self) -> None:
+            raise ValueError("known")
+
+        def test_f_sub(self) -> None:
+            with self.subTest(i=1):
+                raise KeyError("k")
+
+    out = io.StringIO()
+    unittest.defaultTestLoader.loadTestsFromTestCase(Case).run(mc._Record(out))
+    got = [json.loads(ln) for ln in out.getvalue().splitlines()]
+    assert [g["result"] for g in got if g["result"] != "start"] == [
+        "pass", "fail", "notprov", "skip", "pass", "error"], got
+    assert [g["result"] for g in got].count("start") == 6, got
+    why = {g["test"].rsplit(".", 1)[-1]: g["reason"] for g in got if g["result"] != "start"}
+    assert why["test_b_fail"] == "AssertionError: 1 != 2", why
+    assert why["test_d_skip"] == "no GPU" and why["test_e_expected"] == "expected failure", why
+    assert why["test_f_sub"] == "KeyError: 'k'", why
+
+
 def test_shim_and_modules(tmp_path: os.PathLike[str]) -> None:
     mc.shim(str(tmp_path))
     assert (tmp_path / "mpi4py" / "__init__.py").read_text().count("collectives") >= 1

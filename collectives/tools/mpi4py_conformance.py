@@ -32,7 +32,6 @@ import glob
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import unittest
 from typing import Any, Iterable
 
 from mesh.cliargs import names_in, positive_float, positive_list
+
+from . import conformance
 
 __all__ = ["SIDES", "KINDS", "FAKE_GPU", "shim", "modules", "run_module", "merge", "classify",
            "counts", "table", "failures", "reason", "main"]
@@ -144,59 +145,18 @@ def classify(exc_type: str, text: str, assertion: bool) -> str:
 
 def reason(text: str) -> str:
     """One line out of a traceback: its last ``SomeError: ...`` line."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    picked = ""
-    for ln in lines:
-        if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt|Failure)\b", ln):
-            picked = ln
-    return (picked or (lines[-1] if lines else "?"))[:240]
+    return conformance.reason(text)
 
 
-class _Record(unittest.TestResult):
+class _Record(conformance.Record):
     """One JSON line a test, written as it ends (a "start" line before it)."""
-
-    def __init__(self, out: Any) -> None:
-        super().__init__()
-        self.out = out
-
-    def _put(self, test: Any, result: str, why: str = "") -> None:
-        self.out.write(json.dumps({"test": _id(test), "result": result, "reason": why}) + "\n")
-        self.out.flush()
 
     def startTest(self, test: Any) -> None:
         super().startTest(test)
         self._put(test, "start")
 
-    def addSuccess(self, test: Any) -> None:
-        self._put(test, "pass")
-
-    def addSkip(self, test: Any, why: str) -> None:
-        self._put(test, "skip", (why.splitlines() or [""])[0][:240])
-
-    def addExpectedFailure(self, test: Any, err: Any) -> None:
-        self._put(test, "pass", "expected failure")
-
-    def addUnexpectedSuccess(self, test: Any) -> None:
-        self._put(test, "fail", "unexpected success")
-
-    def _err(self, test: Any, err: Any, assertion: bool) -> None:
-        text = "".join(traceback.format_exception(*err))
-        self._put(test, classify(err[0].__name__, text, assertion), reason(text))
-
-    def addFailure(self, test: Any, err: Any) -> None:
-        self._err(test, err, True)
-
-    def addError(self, test: Any, err: Any) -> None:
-        self._err(test, err, False)
-
-    def addSubTest(self, test: Any, subtest: Any, err: Any) -> None:
-        if err is not None:
-            self._err(test, err, issubclass(err[0], test.failureException))
-
-
-def _id(test: Any) -> str:
-    """``module.Class.test`` (unittest's id less the package, if any)."""
-    return test.id() if hasattr(test, "id") else str(test)
+    def failed(self, kind: type[BaseException], text: str, assertion: bool) -> tuple[str, str]:
+        return classify(kind.__name__, text, assertion), reason(text)
 
 
 def _rank_main(module: str, out_dir: str) -> None:

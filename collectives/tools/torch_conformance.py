@@ -39,11 +39,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import unittest
 from typing import Any, Iterable
 
 from mesh.cliargs import checked, names_in, positive, positive_float, positive_list
+
+from . import conformance
 
 __all__ = ["FEATURES", "UNGATE", "AS_GLOO", "suite_class", "test_names", "run_suite", "reason",
            "table", "counts", "main"]
@@ -186,23 +187,20 @@ def test_names(pattern: str | None = None) -> list[str]:
 
 def reason(err: str) -> str:
     """One line out of a test's error text: the last ``SomeError: ...`` line
-    of the first failing rank's traceback (or of the parent's)."""
-    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
-    if any("Timing out after" in ln or "timed out after" in ln for ln in lines):
-        return "timeout: " + next(ln for ln in lines if "timed out" in ln or "Timing out" in ln)
-    picked = ""
-    for ln in lines:
-        if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*", ln) or ln.startswith("Process "):
-            if ln.startswith("Process ") and picked:
-                break
-            picked = ln
-    return (picked or (lines[-1] if lines else "?"))[:200]
+    of the first failing rank's traceback (or of the parent's), or the line
+    saying it timed out."""
+    return conformance.reason(err, _Record.width, timeouts=True, processes=True)
 
 
-class _Record(unittest.TestResult):
+class _Record(conformance.Record):
+    """One JSON line a test (its name, "(ungated)" after the result of one
+    ``--ungate`` ran, its seconds), with a skip's reason from the rank that
+    skipped (``_skip_file``)."""
+
+    width = 200
+
     def __init__(self, out: Any) -> None:
-        super().__init__()
-        self.out = out
+        super().__init__(out)
         self.t0 = 0.0
 
     def startTest(self, test: unittest.TestCase) -> None:
@@ -211,33 +209,22 @@ class _Record(unittest.TestResult):
         if os.path.exists(_skip_file()):
             os.unlink(_skip_file())
 
-    def _put(self, test: unittest.TestCase, result: str, why: str = "") -> None:
+    def line(self, test: Any, result: str, why: str) -> dict[str, Any]:
         name = test.id().rsplit(".", 1)[-1]
         if name in _built.get("ungated", ()):
             result += " (ungated)"
-        self.out.write(json.dumps({"test": name, "result": result, "reason": why,
-                                   "secs": round(time.monotonic() - self.t0, 1)}) + "\n")
-        self.out.flush()
-
-    def addSuccess(self, test: unittest.TestCase) -> None:
-        self._put(test, "pass")
+        return {"test": name, "result": result, "reason": why,
+                "secs": round(time.monotonic() - self.t0, 1)}
 
     def addSkip(self, test: unittest.TestCase, why: str) -> None:
         if why.startswith("Test skipped at subprocess level") and os.path.exists(_skip_file()):
             with open(_skip_file()) as f:
                 why = f.read() or why
-        self._put(test, "skip", why.splitlines()[0] if why else "")
+        super().addSkip(test, why)
 
-    def addFailure(self, test: unittest.TestCase, err: Any) -> None:
-        self._put(test, "fail", reason(_text(err)))
-
-    def addError(self, test: unittest.TestCase, err: Any) -> None:
-        text = _text(err)
-        self._put(test, "timeout" if reason(text).startswith("timeout") else "fail", reason(text))
-
-
-def _text(err: Any) -> str:
-    return "".join(traceback.format_exception(*err))
+    def failed(self, kind: type[BaseException], text: str, assertion: bool) -> tuple[str, str]:
+        why = reason(text)
+        return "timeout" if not assertion and why.startswith("timeout") else "fail", why
 
 
 def _suite_main() -> None:
