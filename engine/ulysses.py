@@ -17,13 +17,14 @@ function of ``(q, k, v, ...)`` (DeepSpeed's ``deepspeed.sequence.layer``
 class); ``ulysses_attention(model, group, names)`` runs the
 ``F.scaled_dot_product_attention`` calls inside a model's named attention
 modules that way, without changing their code. Each all_to_all is an
-autograd Function whose backward is the reverse all_to_all.
+autograd Function whose backward is the reverse all_to_all. A wrapped
+module's deepcopy runs its own weights, the group shared.
 """
 from __future__ import annotations
 
 import fnmatch
-import functools
 import threading
+import types
 from typing import Any, Callable
 
 import torch
@@ -186,24 +187,46 @@ def _sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, *args: Any,
     return seq_all_to_all(out, group, -2, -3, f"{where}, its output")
 
 
-def _wrapped(forward: Callable[..., Any], group: Comm, name: str) -> Callable[..., Any]:
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        stack = _ACTIVE.__dict__.setdefault("stack", [])
-        seen = [0]
-        stack.append((group, name, seen))
-        try:
-            out = forward(*args, **kwargs)
-        finally:
-            stack.pop()
-        if not seen[0]:
-            raise PlanError(f"rank {group.rank}: ulysses_attention: {name}'s forward called no "
-                            f"torch.nn.functional.scaled_dot_product_attention (a kernel "
-                            f"imported by name, or another attention: wrap it in "
-                            f"engine.DistributedAttention instead); its attention ran on this "
-                            f"rank's part of the sequence alone")
-        return out
-    return run
+class _Held:
+    """What ulysses_attention leaves on a wrapped module (``_ulysses``): the
+    group and the module's name; a ``copy.deepcopy`` of the module (a
+    timing's copy) shares it, never copying the communicator."""
+
+    def __init__(self, group: Comm, name: str) -> None:
+        self.group, self.name = group, name
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Held":
+        return self
+
+
+def _ulysses_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """A wrapped module's forward (bound to it: a deepcopy of the module
+    runs its own weights, its forward before bound to the copy too)."""
+    held: _Held = self.__dict__["_ulysses"]
+    group, name = held.group, held.name
+    stack = _ACTIVE.__dict__.setdefault("stack", [])
+    seen = [0]
+    stack.append((group, name, seen))
+    try:
+        out = self.__dict__["_ulysses_inner"](*args, **kwargs)
+    finally:
+        stack.pop()
+    if not seen[0]:
+        raise PlanError(f"rank {group.rank}: ulysses_attention: {name}'s forward called no "
+                        f"torch.nn.functional.scaled_dot_product_attention (a kernel "
+                        f"imported by name, or another attention: wrap it in "
+                        f"engine.DistributedAttention instead); its attention ran on this "
+                        f"rank's part of the sequence alone")
+    return out
+
+
+def _wrap(module: torch.nn.Module, group: Comm, name: str) -> None:
+    """``module``'s forward run the Ulysses way over ``group``; a module
+    wrapped before takes the new group (a second distribute of the model)."""
+    if "_ulysses" not in module.__dict__:
+        module.__dict__["_ulysses_inner"] = module.forward
+        module.__dict__["forward"] = types.MethodType(_ulysses_forward, module)
+    module.__dict__["_ulysses"] = _Held(group, name)
 
 
 def ulysses_attention(model: torch.nn.Module, group: Any, names: str | list[str]) -> list[str]:
@@ -228,7 +251,7 @@ def ulysses_attention(model: torch.nn.Module, group: Any, names: str | list[str]
                             f"submodule of the {type(model).__name__}")
         for n in hits:
             if n not in done:
-                mods[n].forward = _wrapped(mods[n].forward, comm, n)  # type: ignore[method-assign]
+                _wrap(mods[n], comm, n)
                 done.append(n)
     return done
 

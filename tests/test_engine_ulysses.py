@@ -8,6 +8,7 @@ gradients and SGD weights on the whole sequence, by
 raise naming the rank and the tensor."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -175,9 +176,13 @@ def _cases(world: Any) -> dict[str, Any]:
     mine = slice(world.rank * n, (world.rank + 1) * n)
     m = _block()
     assert ulysses_attention(m, world, "attn") == ["attn"]
-    out = {"native": _train(m, world, mine),
+    twin = copy.deepcopy(m)      # (a timing's copy: its own weights, the group shared)
+    twin(_batch(0)[0][:, mine]).sum().backward()
+    out: dict[str, Any] = {"copy": [p.grad is None for p in m.parameters()]
+                           + [p.grad is not None for p in twin.parameters()]}
+    out.update({"native": _train(m, world, mine),
            "wrapped": _train(_block(DistributedAttention(_local, world)), world, mine),
-           "deepspeed": _deepspeed(world, mine)}
+           "deepspeed": _deepspeed(world, mine)})
     out["errors"] = _errors(world)
     return out
 
@@ -188,6 +193,7 @@ def test_ulysses_matches_one_process(ranks: int) -> None:
         for how in ("native", "wrapped"):
             assert max(got[how].values()) < 1e-5, (r, how, got[how])
         assert got["deepspeed"] < 1e-5, (r, got["deepspeed"])
+        assert all(got["copy"]), got["copy"]      # a deepcopy's gradients its own
         heads, nomatch, nosdpa, mismatch = got["errors"]
         assert heads.startswith(f"rank {r}: Ulysses attention's query forward: axis 2 of a "
                                 f"(2, {S // ranks}, 3, 2) tensor is 3, not divisible by the "
