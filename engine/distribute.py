@@ -36,6 +36,20 @@ sharded, the tp peers at once, so their collectives are in every figure::
     # job, lr=...): each dp replica keeps its share's state; the same calls (engine.zero)
     # another layout's job: job.load_state_dict(state); job.load_optimizer_state_dict(opt, optim)
 
+A grid's ``sp`` axis splits axis 1 of every micro-batch's inputs and
+targets (the sequence; evenly, or the step raises) over its ranks, and
+``plan={"blocks.*.attn": "ulysses"}`` runs those modules'
+``F.scaled_dot_product_attention`` over the whole sequence by Ulysses on
+the sp group (engine.sp_axis, engine.ulysses); the sp ranks are dp
+replicas to the rest (``SpGrid``: gradients averaged over dp x sp), which
+with parts of equal length is one process's training on the whole batch.
+sp runs beside dp and pp, not tp::
+
+    grid = mesh.grid(world, dp=1, sp=2, pp=2)
+    job = engine.distribute(model, grid, plan={"blocks.*.attn": "ulysses"}, sample=x,
+                            loss_fn=F.mse_loss)
+    loss = job.step(x, y)            # this dp replica's whole batch; each sp rank its part
+
 A torch ``loss_fn(output, target)`` is an ordinary torch loss (the mean over
 its micro-batch); a numpy one returns ``(loss, gradient)`` as
 ``engine.layers.mse_loss`` does. The executor weighs each micro-batch by its
@@ -89,6 +103,7 @@ from .job import IncompatibleKeys, Job, far_off
 from .distribute_schedules import (_candidates_said, _microbatches_checked, _schedule_named,
                                    _schedules)
 from .distribute_measure import _measured
+from .sp_axis import SpGrid, seq_part, seq_parts, sp_group, sp_checked, split_plan
 
 __all__ = ["distribute", "IncompatibleKeys", "Job", "load_state", "far_off", "DistributeFailed",
            "GatherFailed"]
@@ -106,7 +121,9 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                recompute: bool | str | Sequence[str] = False,
                layered: bool | int | None = None) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
-    over tp, and build the pipeline (gradients averaged over dp).
+    over tp, and build the pipeline (gradients averaged over dp; an sp
+    axis splits the sequence, the plan's ``"ulysses"`` entries naming the
+    attentions that see all of it: the module docstring).
 
     ``schedule``: "auto" (simulate ``engine.choose.SCHEDULES`` at the
     micro-batch counts ``microbatches`` or p, 2p, 4p...; print the
@@ -166,19 +183,25 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     rank cuts its own shards); its layers (and candidate stages) are timed
     on real copies, one at a time.
     Collective: every rank of the grid calls it with the same arguments."""
+    plan, ulysses = split_plan(plan)      # ("ulysses" entries: the sp axis's, engine.sp_axis)
+    sample, sp_fault = _sp_sample(grid, sample)
     given = _given_alone(model, grid, schedule, microbatches, recompute, sample, loss_fn)
+    given.fault = given.fault or sp_fault
     _layered_checked(layered, recompute)
     # the stages' recompute (Pipeline's, costed by candidates): none when selective
     way: bool | str = (recompute if isinstance(recompute, (bool, str)) and not given.patterns
                        else False)
     grid = _as_grid(grid)
+    if "sp" in grid.names:      # the sp ranks: dp replicas to the pipeline (engine.sp_axis)
+        grid = SpGrid(grid)
     sample = _agreed_sample(grid, sample, timeout)
-    asked = _checked_together(given, grid, plan, schedule, balance, sample, recompute, chunks)
+    asked = _checked_together(given, grid, plan, schedule, balance, sample, recompute, chunks,
+                              ulysses)
     _same_model(grid, given.named, given.is_torch, given.fault, timeout,
                 None if given.fault is not None else _held_before(given.source, len(given.named)),
                 given.listed, given.mades)
     assert asked is not None and given.loss_fn is not None
-    ready = _prepared(given, grid, plan, asked.sample)
+    ready = _prepared(given, grid, plan, asked.sample, ulysses)
     found = _found(grid, given, asked, ready, way, plan=plan, init=init, reps=reps,
                    memory_limit=memory_limit, overhead=overhead, tag_base=tag_base,
                    timeout=timeout, layered=layered)
@@ -199,7 +222,8 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     wrapped = torch_loss(given.loss_fn) if given.is_torch else given.loss_fn
     pipe, stages, replicas, failed = _pipeline(grid, cut, mine, sched, wrapped, again, layered,
                                                timeout, tag_base)
-    tp_group = grid.group("tp") if _size(grid, "tp") > 1 else None
+    # (the peers that time their layers together: tp's, or sp's)
+    tp_group = grid.group("tp") if _size(grid, "tp") > 1 else sp_group(grid)
     inputs, target, messages = _retime_inputs(grid, tp_group, found, counts, mine, asked,
                                               wrapped, pipe, failed, overhead, timeout)
     job, failed = _made_job(grid, given, found, asked, ready, counts, mine, pipe, stages,
@@ -209,6 +233,18 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
              layers=asked.layers, said=said, timeout=timeout)
     assert job is not None
     return job
+
+
+def _sp_sample(grid: Any, sample: Any) -> tuple[Any, ValueError | None]:
+    """The sample cut to this sp rank's part of its sequence (engine.sp_axis),
+    and the error where it cannot be (told by every rank, ``_same_model``)."""
+    if sample is None or not isinstance(grid, Grid) or "sp" not in grid.names \
+            or grid.size("sp") < 2:
+        return sample, None
+    try:
+        return seq_part(sample, grid.group("sp"), "sample="), None
+    except ValueError as e:
+        return sample, e
 
 
 @dataclass
@@ -287,7 +323,8 @@ class _Asked:
 
 
 def _checked_together(given: _Given, grid: Grid, plan: dict[str, str] | None, schedule: Any,
-                      balance: Any, sample: Any, recompute: Any, chunks: int) -> _Asked | None:
+                      balance: Any, sample: Any, recompute: Any, chunks: int,
+                      ulysses: Sequence[str] = ()) -> _Asked | None:
     """The checks that need the grid or the agreed sample: alike on every
     rank, so a TypeError or ValueError here becomes ``given.fault`` (None
     returned), told with the rest in ``_same_model``; the schedules to
@@ -301,6 +338,8 @@ def _checked_together(given: _Given, grid: Grid, plan: dict[str, str] | None, sc
                              "(recompute=True or 'auto')")
         if given.loss_fn is None:
             raise ValueError("no loss_fn= given: pass loss_fn(output, target) -> loss")
+        sp_checked(getattr(grid, "outer", grid), list(ulysses), given.source,
+                   given.source is not given.model, given.is_torch)
         if plan and "tp" not in grid.names:
             raise ValueError(f"a tensor-parallel plan needs a grid with a tp axis, got "
                              f"{grid.axes}")
@@ -350,8 +389,8 @@ class _Prepared:
     grads: list[Any] | None = None
 
 
-def _prepared(given: _Given, grid: Grid, plan: dict[str, str] | None, sample: Any
-              ) -> _Prepared:
+def _prepared(given: _Given, grid: Grid, plan: dict[str, str] | None, sample: Any,
+              ulysses: Sequence[str] = ()) -> _Prepared:
     """The whole model's state names and shapes read (before a plan shards
     it), the plan applied (a traced model traced again, so its pieces hold
     the shards), selective recompute set, and each layer's parameter count
@@ -362,6 +401,9 @@ def _prepared(given: _Given, grid: Grid, plan: dict[str, str] | None, sample: An
         ready.aliases = _aliases(source) if is_torch else {}   # (before a plan shards the model)
         ready.shapes = (_state_shapes(given.named, is_torch) if source is given.model
                         else {k: tuple(v.shape) for k, v in source.state_dict().items()})
+        if ulysses:     # the named attentions over the whole sequence, on the sp group
+            from .ulysses import ulysses_attention      # (torch: imported on first use)
+            ulysses_attention(source, grid.group("sp"), list(ulysses))
         if plan:        # the whole model, so the plan's names are the model's own; then every
             parallelize(source, grid.group("tp"), plan)   # layer timed sharded, collectives in
             if not is_torch:    # (a colwise output into a Linear left whole: known on every rank)
@@ -422,7 +464,8 @@ def _found(grid: Grid, given: _Given, asked: _Asked, ready: _Prepared, way: bool
     m = _measured(
         grid, given.named, asked.sample, asked.scheds, list(asked.unrun), ready.early,
         is_torch=given.is_torch, on_meta=given.on_meta, init=init, reps=reps,
-        tp_runs=bool(plan) and asked.tp > 1, params=ready.params, grads=ready.grads,
+        tp_runs=bool(plan) and asked.tp > 1 or sp_group(grid) is not None,  # (sp: alike)
+        params=ready.params, grads=ready.grads,
         balance=asked.balance, memory_limit=memory_limit, overhead=overhead, way=way,
         patterns=given.patterns, auto=asked.auto, tag_base=tag_base, timeout=timeout,
         layered=layered)
@@ -491,6 +534,9 @@ def _pipeline(grid: Grid, cut: Any, mine: Sequence[int], sched: Schedule, wrappe
     try:
         pipe = Pipeline(grid, [cut[s] for s in mine], sched, loss_fn=wrapped, timeout=timeout,
                         tag_base=tag_base, recompute=again, layered=layered)
+        sp = sp_group(grid)
+        if sp is not None:      # each step's inputs and targets: this sp rank's part of them
+            pipe.seq_split = seq_parts(sp, grid.comm.rank)
         stages = [pipe.stages[s] for s in mine]
         if _size(grid, "dp") > 1:
             replicas = [arr for st in stages for arr in _replica_state(st)]
@@ -597,7 +643,8 @@ def _retimed(grid: Grid, job: Job | None, failed: BaseException | None, found: _
     try:
         if failed is not None:  # (the others' re-time: its exchange, where it times anything)
             if chosen is not None:
-                peers = tp_group if plan else None      # (the re-time's: a sharded job's)
+                # (the re-time's: a sharded job's, or the sp peers')
+                peers = tp_group if plan or sp_group(grid) is not None else None
                 _exchange(grid.comm, [], _timing(grid.comm, peers, functools.partial(
                     _raised, failed))[1], peers)
             _raised(failed)
@@ -616,7 +663,8 @@ def _retimed(grid: Grid, job: Job | None, failed: BaseException | None, found: _
             predicted = ("" if job.profiled is None or job.chosen is None else
                          "\nengine.distribute: " + retimed_said(job.profiled, job.chosen))
             if auto or job.candidates:
-                print(f"engine.distribute: {dict(grid.axes)}, {layers} layers; "
+                print(f"engine.distribute: {dict(getattr(grid, 'outer', grid).axes)}, "
+                      f"{layers} layers; "
                       f"{'candidates' if auto else 'the schedule given'}:\n{job.table()}\n"
                       f"{legend(job.candidates, why=auto)}{predicted}\n{said}", flush=True)
             else:

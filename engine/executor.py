@@ -281,6 +281,9 @@ class Pipeline:
         # run first in each step (engine.distribute's job: its model traced again at the
         # step's input shapes), so that its error fails the step on every rank as a stage's
         self.before_step: Callable[[], None] | None = None
+        # first in each step: its inputs and targets cut to this rank's part of their
+        # sequence (engine.distribute's sp axis: engine.sp_axis), its error the step's
+        self.seq_split: Callable[[Any, Any, str], tuple[Any, Any]] | None = None
 
     def _made(self, lowered: Schedule, loss_fn: Any) -> None:
         """The rest this rank's stages need (tp sums, buffers' replicas, the

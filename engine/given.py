@@ -28,7 +28,7 @@ from .tp_plan import digest, named_by
 from .user_schedules import made_agreed
 
 
-_AXES = ("dp", "pp", "tp")
+_AXES = ("dp", "sp", "pp", "tp")
 
 
 def _is_torch(obj: Any) -> bool:
@@ -440,7 +440,7 @@ def _as_grid(grid: Grid | Comm) -> Grid:
     extra = [a for a in grid.names if a not in _AXES]
     if extra or "pp" not in grid.names:
         raise ValueError(f"rank {grid.comm.rank}: engine.distribute needs a grid with a pp axis "
-                         f"and at most dp and tp beside it (pp=1 for no pipeline), got "
+                         f"and at most dp, sp and tp beside it (pp=1 for no pipeline), got "
                          f"{grid.axes}")
     return grid
 

@@ -139,7 +139,9 @@ class Job(_ModelState, _OptimizerState, _Retiming):
         step's, and every step after failed.)"""
         pipe = self.pipeline
         if self.reshaped is not None:
-            pipe.before_step = functools.partial(self.reshaped.step, inputs)
+            reshaped, split = self.reshaped, pipe.seq_split
+            pipe.before_step = (functools.partial(reshaped.step, inputs) if split is None else
+                                lambda: reshaped.step(split(inputs, None, "step()")[0]))
         try:
             return step(inputs if pipe.first else None, targets if pipe.last else None)
         finally:

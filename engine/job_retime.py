@@ -29,6 +29,7 @@ from .agree import _raised, _told
 from .layer_timing import _exchange, _retime, _timing
 from .measured_choice import _shared_walls, _stretch, _stretched, fitted_load
 from .stage_state import _Temp
+from .sp_axis import sp_group
 
 
 def _loss_target(loss_fn: Callable[[Any, Any], Any], y: Any) -> Any:
@@ -204,13 +205,15 @@ class _Retiming:
         own = dict(zip(self.schedule.stages_of(self.pipeline.rank), self.stages))
         measured = self._messages is not None        # (not a given overhead)
         tp = self.pipeline.tp if self.sharded else None
+        sp = sp_group(self.grid)        # (sp peers: their all_to_alls made together)
         calls: dict[tuple[int, str], list[int]] = {}
         times, runs = _retime(self.grid.comm, own, self._inputs, self.pipeline.program,
                               self._reps, self._loss(),
                               time.thread_time if measured else time.perf_counter,
-                              calls if tp is not None else None, tp,
+                              calls if tp is not None else None, tp or sp,
                               # (its inputs are the sample's: its error told as the times)
-                              self.reshaped.sample if self.reshaped is not None else None)
+                              self.reshaped.sample if self.reshaped is not None else None,
+                              fixed=sp is not None)
         self.tp_calls = calls
         cal = self.calibration or Calibration(0.0, 0.0)
         if measured:

@@ -19,6 +19,7 @@ from .tp_plan import PlanError, logging_calls
 from .tp_sums import holders as tp_holders
 from .agree import _raised, _verdict
 from .given import _size
+from .sp_axis import replica, sp_group
 
 
 def _median_act(row: dict[int, LayerCost]) -> int:
@@ -37,9 +38,10 @@ def _shared(grid: Grid, n: int, timed: Callable[[list[int]], list[tuple[Any, Lay
     the exchange in place of its share, which it does not time."""
     index, count = 0, 1
     for name in grid.names:             # this rank's tp group, among all of them
-        if name != "tp":
-            index, count = index * grid.size(name) + grid.coord(name), count * grid.size(name)
-    tp = grid.group("tp") if _size(grid, "tp") > 1 else None
+        if name != "tp":                # (an sp group's ranks, one dp replica, time alike)
+            at, k = replica(grid) if name == "dp" else (grid.coord(name), grid.size(name))
+            index, count = index * k + at, count * k
+    tp = grid.group("tp") if _size(grid, "tp") > 1 else sp_group(grid)
     ours = [j for j in range(n) if j % count == index]
     mine, failed = _timing(grid.comm, tp, (lambda: timed(ours)) if failed is None else
                            functools.partial(_raised, failed))
@@ -152,7 +154,7 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
             reps: int, loss: tuple[int, Callable[[Any], Any]] | None = None,
             clock: Callable[[], float] = time.perf_counter,
             calls: dict[tuple[int, str], list[int]] | None = None, tp: Comm | None = None,
-            before: Callable[[], Any] | None = None
+            before: Callable[[], Any] | None = None, fixed: bool = False
             ) -> tuple[dict[int, LayerCost], list[dict[int, LayerCost]]]:
     """Each rank times copies of its stages running its own program's
     compute actions in order (engine.choose.time_program: every rank at
@@ -168,6 +170,8 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
     whole parameters' gradient sums left to the step's end, as a Pipeline
     leaves them): gets the bytes of each tp collective an action of each
     (stage, kind) makes (engine.tp_plan.logging_calls); ``tp``: their group.
+    ``fixed``: that fixed number of runs without ``calls`` (sp peers, whose
+    all_to_alls pair up; ``tp``: their group then).
     An error there on one rank (``before()`` too, what the copies need
     first: a traced model's pieces at the sample's shapes) fails every rank
     at once (``_timing``)."""
@@ -181,7 +185,8 @@ def _retime(world: Comm, stages: dict[int, Any], inputs: dict[int, Any], program
             for h in tp_holders(st):
                 h.defer = True
         return time_program(copies, inputs, program, max(reps, 5), clock=clock, loss=loss,
-                            each=each, runs=None if calls is None else 2 * max(reps, 5),
+                            each=each,
+                            runs=None if calls is None and not fixed else 2 * max(reps, 5),
                             calls=None if calls is None else (log, calls))
     with logging_calls() as log:
         median, failed = _timing(world, tp, functools.partial(timed, log))

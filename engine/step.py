@@ -164,6 +164,8 @@ class _StepActions:
             self.before = self._snapshot()
             pipe.tied.start()
             pipe.tp_sums.start()
+        if pipe.seq_split is not None:      # (an sp rank: its part of the sequence)
+            inputs, targets = pipe.seq_split(inputs, targets, call)
         if pipe.before_step is not None or pipe.reshaped is not None:
             pipe.owned_params.wait()        # (a traced model traced again may read them)
         if pipe.before_step is not None:

@@ -156,6 +156,10 @@ class Style:
     watched: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.style == "ulysses":
+            raise PlanError("'ulysses' is a plan entry of engine.distribute over a grid with an "
+                            "sp axis (engine.sp_axis), not a tensor-parallel style: "
+                            "engine.ulysses_attention(model, sp_group, names) runs it alone")
         if self.style not in LAYOUTS:
             raise PlanError(f"unknown tensor-parallel style {self.style!r}: one of {STYLES}")
         ins, outs = LAYOUTS[self.style]

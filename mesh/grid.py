@@ -8,7 +8,10 @@ varying fastest. For dp=2, pp=2:
     pp           0    1    0    1
 
 ``grid.group("pp")`` is the pipeline this rank belongs to (ranks that share
-every other coordinate); ``grid.group("dp")`` its data-parallel replicas."""
+every other coordinate); ``grid.group("dp")`` its data-parallel replicas.
+The names are the caller's; engine.distribute reads ``dp``, ``sp`` (the
+ranks that split each micro-batch's sequence, axis 1, running the planned
+attentions by Ulysses: engine.sp_axis), ``pp`` and ``tp``."""
 from __future__ import annotations
 
 import math

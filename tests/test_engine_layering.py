@@ -21,11 +21,11 @@ ORDER = ["ir", "schedules", "user_schedules", "lower", "replay", "verify", "simu
          "traced_returned", "traced_pieces", "traced_inplace", "traced_cuts", "traced_modes",
          "traced_sizes", "traced_leaves", "traced_sequential", "traced_reshaped",
          "traced", "stagebuild", "stagebuild_ties", "partition_cuts", "partition",
-         "pipeline_args", "scaled", "step", "rollback", "executor",
+         "pipeline_args", "scaled", "step", "rollback", "executor", "ulysses", "sp_axis",
          "agree", "calibrate", "given", "layer_timing", "measured_choice", "stage_state",
          "job_retime", "job_state", "job_optim", "job",
          "distribute_schedules", "distribute_measure", "distribute", "zero_args", "zero",
-         "ulysses", "moe_gate", "moe", "moe_zero", "moe_checkpoint", "ds_config", "ds_compat",
+         "moe_gate", "moe", "moe_zero", "moe_checkpoint", "ds_config", "ds_compat",
          "ds_checkpoint", "ds_partition", "ds_pipe", "ds_zero", "deepspeed", "show", "bench_torch",
          "bench_distribute", "bench_memory", "bench", "bench_zero", "bench_moe"]
 

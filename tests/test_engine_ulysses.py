@@ -5,7 +5,11 @@ gradients and SGD weights on the whole sequence, by
 ``engine.DistributedAttention`` and by DeepSpeed's
 ``deepspeed.sequence.layer.DistributedAttention`` under
 ``deepspeed.initialize``; bad head counts and parts of unequal lengths
-raise naming the rank and the tensor."""
+raise naming the rank and the tensor. In the same spawns, ``engine.distribute``
+over a grid with an sp axis (``plan={"*.attn": "ulysses"}``): sp=2 at 2 ranks
+(its layers timed with the sp peers at once) and dp=1 x sp=2 x pp=2 at 4 give
+one process's float64 weights after three SGD steps on the whole batch; what
+it refuses names the rank."""
 from __future__ import annotations
 
 import copy
@@ -170,6 +174,122 @@ def _errors(world: Any) -> list[str]:
     return said
 
 
+def _stack() -> Any:
+    """Two causal transformer blocks, float64: what engine.distribute cuts."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(_Block(), _Block()).double()
+
+
+def _batch64(step: int) -> tuple[Any, Any]:
+    return tuple(t.double() for t in _batch(step))
+
+
+VOCAB = 11
+
+
+class _LM(torch.nn.Module):
+    """The blocks in a plain module (engine.sequential traces it), ids in,
+    logits out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, C)
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+        self.head = torch.nn.Linear(C, VOCAB)
+
+    def forward(self, ids: Any) -> Any:
+        h = self.emb(ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def _lm() -> Any:
+    torch.manual_seed(0)
+    return _LM().double()
+
+
+def _lm_loss(logits: Any, y: Any) -> Any:
+    """A mean cross entropy whose ignored tokens differ by sp rank."""
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=0)
+
+
+def _ids(step: int) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(10 + step)
+    return tuple(torch.randint(0, VOCAB, (B, S), generator=g) for _ in range(2))
+
+
+def _sp_job(world: Any, axes: dict[str, int], model: Any = None, **kw: Any) -> Any:
+    import engine
+    kw = {"plan": {"*.attn": "ulysses"}, "schedule": "1f1b", "microbatches": 2,
+          "balance": "uniform", "loss_fn": F.mse_loss, **kw}
+    return engine.distribute(_stack() if model is None else model, mesh.grid(world, **axes),
+                             verbose=False, timeout=60, **kw)
+
+
+def _distributed(world: Any) -> dict[str, Any]:
+    """engine.distribute with an sp axis: STEPS of SGD on the whole batch
+    (each sp rank its part of the sequence) against one process's; then
+    what it refuses, each message. 2 ranks: sp=2, a traced model, a cross
+    entropy ignoring some tokens (unequal counts on the sp ranks), the
+    layers timed on the sample (the sp peers at once); 4: dp=1 x sp=2 x
+    pp=2, an nn.Sequential, mse."""
+    if world.size == 2:
+        make, data, loss_fn = _lm, _ids, _lm_loss
+        job = _sp_job(world, {"sp": 2, "pp": 1}, make(), sample=_ids(0)[0], balance="time",
+                      overhead=0.0, reps=1, loss_fn=loss_fn, plan={"blocks.*.attn": "ulysses"})
+    else:
+        make, data, loss_fn = _stack, _batch64, F.mse_loss
+        job = _sp_job(world, {"dp": 1, "sp": 2, "pp": 2})
+    opt = torch.optim.SGD(job.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        losses.append(job.step(*data(step)))
+        opt.step()
+    state = job.state_dict()
+    said: dict[str, Any] = {"losses": losses, "eval": job.eval_step(*data(0))}
+    if world.rank == 0:
+        m = make()
+        sgd = torch.optim.SGD(m.parameters(), lr=LR)
+        want = []
+        for step in range(STEPS):
+            x, y = data(step)
+            sgd.zero_grad()
+            loss = loss_fn(m(x), y)
+            loss.backward()
+            sgd.step()
+            want.append(float(loss))
+        said["gap"] = max(float((state[k] - v).abs().max()) for k, v in m.state_dict().items())
+        with torch.no_grad():
+            said["eval_gap"] = abs(said["eval"] - float(loss_fn(m(data(0)[0]), data(0)[1])))
+        said["loss_gap"] = max(abs(a - b) for a, b in zip(losses, want))
+    errors = []
+    x, y = data(0)
+    try:
+        job.step(x[:, :S - 1], y[:, :S - 1])
+    except ValueError as e:
+        errors.append(str(e))
+    if world.size == 2:
+        odd = _stack()
+        odd[0].attn.n_head = 1
+        cases: list[tuple[Any, dict[str, Any]]] = [
+            ({"sp": 2, "pp": 1}, {"plan": None}),
+            ({"sp": 2, "pp": 1}, {"plan": {"nothing.*": "ulysses"}}),
+            ({"pp": 2}, {}),
+            ({"sp": 2, "pp": 1}, {"model": odd, "sample": _batch64(0)[0], "balance": "time",
+                                  "overhead": 0.0, "reps": 1})]
+    else:
+        cases = [({"sp": 2, "tp": 2, "pp": 1}, {})]
+    for axes, kw in cases:
+        try:
+            _sp_job(world, axes, **kw)
+        except ValueError as e:
+            errors.append(str(e))
+    said["errors"] = errors
+    return said
+
+
 def _cases(world: Any) -> dict[str, Any]:
     from engine import DistributedAttention, ulysses_attention
     n = S // world.size
@@ -184,6 +304,7 @@ def _cases(world: Any) -> dict[str, Any]:
            "wrapped": _train(_block(DistributedAttention(_local, world)), world, mine),
            "deepspeed": _deepspeed(world, mine)})
     out["errors"] = _errors(world)
+    out["distribute"] = _distributed(world)
     return out
 
 
@@ -204,6 +325,38 @@ def test_ulysses_matches_one_process(ranks: int) -> None:
                                  f"torch.nn.functional.scaled_dot_product_attention"), nosdpa
         assert mismatch.startswith(f"rank {r}: Ulysses attention's query: "), mismatch
         assert "mismatch" in mismatch and "all_to_all" in mismatch, mismatch
+        _check_distributed(r, ranks, got["distribute"])
+
+
+def _check_distributed(r: int, ranks: int, got: dict[str, Any]) -> None:
+    """engine.distribute with an sp axis: one process's weights and losses
+    (float64, 1e-10), and each refusal's message."""
+    if r == 0:
+        assert got["gap"] < 1e-10 and got["loss_gap"] < 1e-10 and got["eval_gap"] < 1e-10, got
+    errors = got["errors"]
+    # (sp=2: rank r is sp rank r; dp=1 x sp=2 x pp=2: sp rank r // 2, pp rank r % 2, whose
+    # first stage is given the inputs, its last the targets)
+    sp, what = (r, "inputs") if ranks == 2 else (r // 2, ("inputs", "targets")[r % 2])
+    shape = (B, S - 1) if ranks == 2 else (B, S - 1, C)
+    assert errors[0].startswith(f"rank {r} (sp rank {sp} of 2): step()'s {what}: axis 1 (the "
+                                f"sequence) of a {shape} batch is {S - 1}, not "
+                                f"divisible by sp=2"), errors[0]
+    said = f"rank {r}: engine.distribute: "
+    if ranks == 4:
+        assert errors[1] == said + "the grid {'sp': 2, 'tp': 2, 'pp': 1}: sp=2 with tp=2 is " \
+                                   "not supported; an sp axis runs beside dp and pp only", errors
+        return
+    nosp, nomatch, noaxis, heads = errors[1:]
+    assert nosp.startswith(said + "the grid's sp axis (sp=2) splits each micro-batch's "
+                                  "sequence (axis 1) over 2 ranks: the plan names"), nosp
+    assert nomatch == said + "plan entry 'nothing.*': 'ulysses' matches no submodule of the " \
+                             "Sequential", nomatch
+    assert noaxis.startswith(said + "plan entries ['*.attn']: 'ulysses' runs attention over "
+                                    "the grid's sp axis, and the grid {'pp': 2} has none"), noaxis
+    assert heads.startswith(said + "measuring the layers on the sample, rank "), heads
+    assert "Ulysses attention in 0.attn, its query forward: axis 1 of a " in heads and \
+           ", 1, 4, 16) tensor is 1, not divisible by the sequence-parallel group size 2" \
+           in heads, heads
 
 
 
@@ -213,3 +366,10 @@ def test_ulysses_refuses_a_group_of_another_kind() -> None:
     with pytest.raises(TypeError, match="the sequence-parallel group must be a meshrun "
                                         "communicator .* not list"):
         DistributedAttention(_local, [0, 1])(q, q, q)
+
+
+def test_a_tensor_parallel_plan_points_ulysses_to_distribute() -> None:
+    from engine import PlanError, Style
+    with pytest.raises(PlanError, match="'ulysses' is a plan entry of engine.distribute over a "
+                                        "grid with an sp axis"):
+        Style("ulysses")
