@@ -1410,6 +1410,24 @@ def test_a_job_stopped_with_no_failed_rank_lists_ranks_not_other_ranks() -> None
     assert "Other ranks" not in report, report
 
 
+def test_a_rank_killed_as_it_exited_after_its_error_is_said_so() -> None:
+    """A rank whose uncaught error was recorded before meshrun stopped the
+    job, then killed by the SIGTERM while it still exited (torch's and its
+    libraries' teardown under load): its line said only 'stopped by meshrun',
+    as if it had run on, and where it was in the import machinery's words."""
+    from mesh.launch.records import JobOutcome, WorkerExit
+    from mesh.launch.report import format_report
+    exits = [WorkerExit(2, 2, 102, -9, 9.0, False), WorkerExit(0, 0, 100, -15, 11.0, True),
+             WorkerExit(1, 1, 101, -15, 11.0, True)]
+    lost = {"exc_type": "RuntimeError", "message": "Got the following error when running the "
+            "callback: LostPeerError: rank 0: all_reduce #17 on group world failed: peer rank "
+            "2 is gone (its process 102 is gone)", "time": 9.5}
+    report = format_report(JobOutcome("failed", exits, stop_time=10.0), {0: lost}, 4)
+    assert "rank 0    killed by SIGTERM (stopped by meshrun as it exited after its error); " \
+        "RuntimeError" in report, report
+    assert "rank 1    killed by SIGTERM (stopped by meshrun)" in report, report
+
+
 def test_where_a_rank_was_reads_as_its_call_or_its_line(monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
     """What a stopped rank said (``_bootstrap.where``), in the table's words:
@@ -1437,6 +1455,12 @@ def test_where_a_rank_was_reads_as_its_call_or_its_line(monkeypatch: pytest.Monk
                                                     [job, 50, "main", False, False]]}
     assert where_text(running) == ("running at /j/job.py:42 in step (called from "
                                    "/j/job.py:50 in main)")
+    importing = {"calls": [], "step": None, "stack": [
+        ["<frozen importlib._bootstrap>", 241, "_call_with_frames_removed", False, False],
+        ["<frozen importlib._bootstrap_external>", 1004, "source_to_code", False, False],
+        [job, 7, "close", False, False], [job, 50, "main", False, False]]}
+    assert where_text(importing) == ("running at /j/job.py:7 in close (called from "
+                                     "/j/job.py:50 in main), importing a module")
     dumped = tmp_path / "rank2.stack.txt"
     dumped.write_text('main thread 0x7f00aa\nThread 0x00007f00bb (most recent call first):\n'
                       '  File "/v/threading.py", line 320 in wait\n\nCurrent thread 0x00007f00aa'

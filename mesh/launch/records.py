@@ -283,7 +283,7 @@ def where_text(rec: dict[str, Any]) -> str:
     rank 0 (tag 7, group world), called at train.py:9 in main'; 'in init
     (mesh/world.py:301), called at train.py:5 in main' (in a call, not
     waiting); or 'running at train.py:42 in step (called from train.py:50
-    in main)'."""
+    in main)' (', importing a module': the import machinery's frames left out)."""
     if isinstance(rec.get("dump"), dict):
         return _dump_text(rec["dump"])
     stack = [f for f in rec.get("stack") or [] if isinstance(f, list) and len(f) >= 5]
@@ -301,8 +301,18 @@ def where_text(rec: dict[str, Any]) -> str:
     if all(f[4] for f in stack[:own]) and own < len(stack):   # (in a call into mesh...,
         inside = f"in {stack[own][2]} ({_place(stack[own])})"  # not waiting; or its libraries)
         return ", ".join(p for p in (inside, step, called) if p)
+    # (an import under way, at exit too: the line that imports, not the import machinery's)
+    skip = next((i for i, f in enumerate(stack) if not str(f[0]).startswith(_IMPORTING)),
+                len(stack))
+    importing = ", importing a module" if 0 < skip < len(stack) else ""
+    stack = stack[skip:] if importing else stack
     up = f" (called from {_frame(stack[1])})" if len(stack) > 1 and not stack[1][3] else ""
-    return f"running at {_frame(stack[0])}{up}" + (f", {step}" if step else "")
+    return f"running at {_frame(stack[0])}{up}{importing}" + (f", {step}" if step else "")
+
+
+_IMPORTING = "<frozen importlib."
+"""The file name of the import machinery's frames (``<frozen importlib._bootstrap>``,
+``..._bootstrap_external>``): a rank stopped in an import is shown at the line importing."""
 
 
 def _dump_text(dump: dict[str, Any]) -> str:

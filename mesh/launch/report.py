@@ -73,6 +73,15 @@ def _failed_itself(e: WorkerExit, outcome: JobOutcome,
             and float(rec.get("time", outcome.stop_time)) < outcome.stop_time)
 
 
+def _exiting(e: WorkerExit, outcome: JobOutcome, rec: dict[str, Any] | None) -> bool:
+    """Whether rank e, killed by meshrun's stop, had already recorded its
+    uncaught error (its own or a lost peer's) and was only slow to exit (its
+    exit handlers, torch's and its libraries' teardown): it did not run on."""
+    return (e.after_stop and e.returncode is not None and e.returncode < 0
+            and rec is not None and outcome.stop_time is not None
+            and float(rec.get("time", outcome.stop_time)) < outcome.stop_time)
+
+
 def _meant(e: WorkerExit, outcome: JobOutcome, records: dict[int, dict[str, Any]]) -> int | None:
     """The exit code a failed rank recorded it was ending with (its error
     record's, written before meshrun's stop) where that stop then killed it
@@ -322,6 +331,8 @@ def format_report(outcome: JobOutcome, records: dict[int, dict[str, Any]], nproc
         if not e.after_stop or meant is not None:
             how = ("failed, a consequence" if _secondary(rec) else
                    "failed on its own") if e.failed else "finished"
+        elif _exiting(e, outcome, records.get(e.rank)):
+            how = "stopped by meshrun as it exited after its error"
         else:
             how = "stopped by meshrun" if e.returncode != 0 else "finished while stopping"
         if meant is not None:
