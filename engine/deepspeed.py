@@ -45,6 +45,7 @@ from .ds_config import (SCHEDULERS, Config, DynamicLossScaler, WarmupCosineLR, W
 from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
 from .ds_zero import (ENGINES, Gathers, MoEOwnerReducer, OwnerReducer, zero, zero_job,
                       zero_optimizer)
+from .grad_wire import dtype_of
 from .moe import deepspeed_namespace as moe
 from .ulysses import deepspeed_sequence
 
@@ -112,7 +113,7 @@ class DeepSpeedEngine(torch.nn.Module):
         # to its owner there, engine.ds_zero.MoEOwnerReducer)
         # (communication_data_type "fp16" / "bf16": each gradient rounded to it on the wire,
         # engine.ds_zero.OwnerReducer's ``wire``; MoE's in the gradients' own dtype)
-        wire = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.comm_dtype or "")
+        wire = dtype_of(cfg.comm_dtype)
         owned = cfg.zero_stage >= 2 and (optimizer is not None or cfg.optimizer is not None)
         self.reducer: Any = None if owned else moe.MoEGradReducer(world, trained) \
             if experts else collectives.GradReducer(world, trained) if wire is None else \

@@ -36,6 +36,7 @@ import torch
 import collectives
 import mesh
 
+from .grad_wire import post, wired
 from .moe import is_moe_param
 from .moe_zero import MoEZeroOptimizer, shared_over
 
@@ -176,14 +177,13 @@ class OwnerReducer:
     ``wire`` (DeepSpeed's ``communication_data_type``, torch.float16 or
     torch.bfloat16): each gradient rounded to it, summed in it over the
     replicas, multiplied there by 1 / replicas, then copied back into the
-    gradient's own dtype, as DeepSpeed's ``allreduce_bucket`` does (float16
-    travels as 16 bits, half float32's bytes; bfloat16 is summed in float32
-    by the collectives, collectives.tensors, and rounded once)."""
+    gradient's own dtype, as DeepSpeed's ``allreduce_bucket`` does, 16 bits
+    a value on the wire (engine.grad_wire)."""
 
     def __init__(self, g: Any, params: list[Any], owner: list[int | None],
                  wire: Any = None) -> None:
         self.g, self.params, self.owner, self.wire = g, params, owner, wire
-        self.back: list[tuple[Any, Any]] = []   # (the gradient, its wire copy) to copy back
+        self.back: list[Any] = []   # the wired gradients' averages in flight (grad_wire)
         self.order = list(reversed(range(len(params))))
         self.made = [False] * len(params)
         self.next = 0       # the first of ``order`` not posted
@@ -201,15 +201,9 @@ class OwnerReducer:
         grad = p.grad if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype,
                                                              device=p.device)
         self.works = [w for w in self.works if not w.done()]
-        if self.wire is not None and grad.is_floating_point() and grad.dtype != self.wire:
-            sent = grad.detach().to(self.wire)
-            self.works.append(collectives.all_reduce(self.g, sent, op="sum", async_op=True)
-                              if r is None else
-                              collectives.reduce(self.g, sent, root=r, op="sum", async_op=True))
-            mine = r is None or r == self.g.rank
-            p.grad = grad if mine else None
-            if mine:
-                self.back.append((grad, sent))
+        if wired(grad, self.wire):
+            self.back.append(post(self.g, grad, self.wire, r))
+            p.grad = grad if r is None or r == self.g.rank else None
             return
         if r is None:
             self.works.append(collectives.all_reduce(self.g, grad, op="avg", async_op=True))
@@ -251,10 +245,8 @@ class OwnerReducer:
             while self.next < len(self.order):
                 self._post(self.order[self.next])
                 self.next += 1
-            for w in self.works:
+            for w in self.works + self.back:
                 w.wait()
-            for grad, sent in self.back:    # (DeepSpeed's: the sum scaled in the wire dtype)
-                grad.detach().copy_(sent.mul_(1.0 / self.g.size))
         finally:
             self.works, self.next, self.back = [], 0, []
             self.made = [False] * len(self.params)

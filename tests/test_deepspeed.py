@@ -226,12 +226,40 @@ def _held_peak(world: Any, stage: int) -> int:
     return peak[0] + (gap != 0.0)     # (odd: the weights read were not the whole ones)
 
 
+def _items(seen: list[int]) -> Any:
+    """A context recording the item size of every host array the
+    collectives move (after their own widening: bfloat16 summed in
+    float32), in ``seen``."""
+    import contextlib
+
+    import collectives.api as api
+
+    @contextlib.contextmanager
+    def watching() -> Any:
+        names = ["_staged_all_reduce", "_staged_reduce", "_staged_all_to_all",
+                 "_staged_all_gather", "_staged_gather"]
+        kept = {n: getattr(api, n) for n in names}
+
+        def seeing(fn: Any) -> Any:
+            return lambda g, a, *args, **kw: (seen.append(a.dtype.itemsize), fn(g, a, *args,
+                                                                             **kw))[1]
+        for n in names:
+            setattr(api, n, seeing(kept[n]))
+        try:
+            yield
+        finally:
+            for n in names:
+                setattr(api, n, kept[n])
+    return watching()
+
+
 def _wire(world: Any) -> dict[Any, Any]:
     """communication_data_type: each rank's gradients after the boundary's
     backward, against the same rounding by hand (DeepSpeed's
     allreduce_bucket: rounded to the type, summed in it, times 1 / ranks,
     back to float32; at stage 2 the owner's), and against the float32
-    average (which they must not be)."""
+    average (which they must not be); and the item sizes the collectives
+    moved them in (16 bits: bfloat16 too)."""
     out = {}
     x, y = _data(7, 2 * world.size)
     local = []
@@ -240,14 +268,17 @@ def _wire(world: Any) -> dict[Any, Any]:
         torch.nn.functional.mse_loss(r(x[2 * q:2 * q + 2]), y[2 * q:2 * q + 2]).backward()
         local.append([p.grad for p in r.parameters()])
     for stage, name, dt in ((0, "fp16", torch.float16), (2, "fp16", torch.float16),
-                            (1, "bf16", torch.bfloat16)):
+                            (1, "bf16", torch.bfloat16), (2, "bf16", torch.bfloat16)):
         m = _net()
         eng, _, _, _ = deepspeed.initialize(model=m, config={
             "train_batch_size": 2 * world.size, "steps_per_print": None,
             "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
             "zero_optimization": {"stage": stage}, "communication_data_type": name})
         i = 2 * world.rank
-        eng.backward(torch.nn.functional.mse_loss(eng(x[i:i + 2]), y[i:i + 2]))
+        seen: list[int] = []
+        with _items(seen):
+            eng.backward(torch.nn.functional.mse_loss(eng(x[i:i + 2]), y[i:i + 2]))
+        out["items", stage, name] = set(seen)
         got = [p.grad for p in m.parameters()]
         want = [(sum(gs[k].to(dt) for gs in local) * (1.0 / world.size)).float()
                 for k in range(len(got))]
@@ -474,9 +505,10 @@ def test_zero_stages_precision_and_checkpoint_match_one_process(tmp_path: Any) -
         assert r["eval"] == 0.0 and r["emptied"] > 0 and r["gathered"] == 0, r
         assert r["disabled"] == r["emptied"] and r["plain"] == 4.0 * res.index(r), r
         assert r["modified"] == (0.0, 0.0, r["emptied"]), r["modified"]
-        for stage, dtype in ((0, "fp16"), (2, "fp16"), (1, "bf16")):
+        for stage, dtype in ((0, "fp16"), (2, "fp16"), (1, "bf16"), (2, "bf16")):
             rounded, averaged = r["wire"][stage, dtype]
             assert all(rounded) and not any(averaged), (stage, dtype, r["wire"])
+            assert r["wire"]["items", stage, dtype] == {2}, (stage, dtype, r["wire"])
         assert r["16bit"] == ({"torch.bfloat16"}, 0.0), r["16bit"]
         # ZeRO 2 keeps its share's gradients as backward makes them (each reduced to its
         # owner); ZeRO 3 gathers module by module: each peak below the stage before's
