@@ -16,7 +16,8 @@ tied, kept equal across the stages holding it (engine.distribute's ties);
 ``partition_method`` cuts as DeepSpeed's ``partition_uniform`` and
 ``partition_balanced``, handed to ``distribute`` as layer counts.
 ZeRO 0 and 1 only (DeepSpeed's pipeline refuses 2 and 3 too); bf16, not
-fp16. Checkpoints: the job's whole model and optimizer state by name, one
+fp16; ``communication_data_type`` as the plain engine's (engine.grad_wire).
+Checkpoints: the job's whole model and optimizer state by name, one
 file (engine.ds_checkpoint's layout), loadable on another grid.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import mesh
 from .ds_config import SCHEDULERS, Config, optimizer_class
 from .ds_partition import balanced as _balanced
 from .ds_partition import uniform as _uniform
+from .grad_wire import dtype_of
 
 __all__ = ["PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineEngine"]
 
@@ -247,6 +249,9 @@ class PipelineEngine:
                                      recompute=model.recompute, layered=model.layered,
                                      verbose=False)
         self.stage_id = self.grid.coord("pp")
+        # communication_data_type "fp16" / "bf16": the dp average in it, as the plain
+        # engine's (engine.grad_wire)
+        self.job.pipeline.grad_wire = dtype_of(cfg.comm_dtype)
         params = self.job.parameters()
         if optimizer is not None and cfg.optimizer is not None:
             raise ValueError("deepspeed config: optimizer: given in the config and as "

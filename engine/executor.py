@@ -284,6 +284,9 @@ class Pipeline:
         # first in each step: its inputs and targets cut to this rank's part of their
         # sequence (engine.distribute's sp axis: engine.sp_axis), its error the step's
         self.seq_split: Callable[[Any, Any, str], tuple[Any, Any]] | None = None
+        # the dp average of torch stages' gradients in a 16-bit dtype (torch.float16 or
+        # torch.bfloat16: DeepSpeed's communication_data_type, engine.grad_wire), or None
+        self.grad_wire: Any = None
 
     def _made(self, lowered: Schedule, loss_fn: Any) -> None:
         """The rest this rank's stages need (tp sums, buffers' replicas, the

@@ -2,7 +2,9 @@
 16-bit type, summed in it over the dp group, multiplied there by 1 /
 replicas and copied back into the gradient's own dtype (DeepSpeed's
 ``allreduce_bucket``); posted as backward makes the gradient final, waited
-for at the step (engine.ds_zero.OwnerReducer, the plain engine's).
+for at the step: engine.ds_zero.OwnerReducer's (the plain engine) and
+engine.step's dp all-reduce where ``Pipeline.grad_wire`` is set (a
+PipelineModule's engine sets it).
 
 float16 goes by the collectives' float16 sum, as 16 bits. bfloat16, which
 the collectives widen to float32 wherever they combine values, goes as its
@@ -38,14 +40,29 @@ def dtype_of(name: str | None) -> Any:
 def wired(grad: Any, wire: Any) -> bool:
     """Whether ``grad`` (a torch tensor) goes in ``wire`` (torch.float16 or
     torch.bfloat16; None: in its own dtype, not here)."""
-    return wire is not None and hasattr(grad, "is_floating_point") and \
-        grad.is_floating_point() and grad.dtype != wire
+    if wire is None:
+        return False
+    if not hasattr(grad, "is_floating_point"):     # (a stage's numpy or CuPy view)
+        dt = getattr(grad, "dtype", None)
+        return getattr(dt, "kind", "") == "f" and str(wire) != f"torch.{dt}"
+    return grad.is_floating_point() and grad.dtype != wire
+
+
+def _tensor(grad: Any) -> Any:
+    """``grad`` as a torch tensor sharing its memory (a TorchStage's
+    ``grads()`` are numpy views of CPU tensors, CuPy ones of CUDA's)."""
+    import torch
+    if isinstance(grad, torch.Tensor):
+        return grad
+    if hasattr(grad, "__array_interface__"):
+        return torch.from_numpy(grad)
+    return torch.from_dlpack(grad)
 
 
 def calls(grad: Any, wire: Any) -> int:
     """The collectives ``post`` makes on the group for ``grad`` (a step that
     fails before posting it abandons as many: engine.rollback)."""
-    return 2 if _raw(grad, wire) else 1
+    return 2 if _raw(_tensor(grad), wire) else 1
 
 
 def _raw(grad: Any, wire: Any) -> bool:
@@ -63,6 +80,7 @@ class Wired:
 
     def __init__(self, g: Any, grad: Any, wire: Any, root: int | None = None) -> None:
         import torch
+        grad = _tensor(grad)
         self.g, self.grad, self.root = g, grad, root
         self.keeps = root is None or root == g.rank
         if not _raw(grad, wire):

@@ -21,6 +21,7 @@ import numpy as np
 import collectives
 from mesh import AbortKind, LostPeerError, MeshError
 
+from .grad_wire import calls, wired
 from .ir import AR, RECV_B, RECV_F, SEND_B, SEND_F
 from .pipeline_args import _PAIRED, _paired
 from .reports import width
@@ -115,7 +116,9 @@ class _Step(_StepActions):
             if a.kind in (SEND_F, SEND_B, RECV_F, RECV_B):
                 pipe.pp.collective_channel().abort(pipe._tag(a, self.n), reason, kind, lost)
             elif a.kind == AR:
-                skipped += len(pipe.stages[a.stage].grads()) - len(self.syncs.get(a.stage, []))
+                grads = pipe.stages[a.stage].grads()[len(self.syncs.get(a.stage, [])):]
+                skipped += sum(calls(g, pipe.grad_wire) if wired(g, pipe.grad_wire) else 1
+                               for g in grads)
         pipe.owned_params.abandon(reason, kind, lost)    # (ZeRO stage 3's gathers)
         if not self.forward_only:       # (eval_step makes no tied sums)
             pipe.tied.abandon(reason, kind, lost)

@@ -25,6 +25,7 @@ import numpy as np
 import collectives
 from mesh import LostPeerError, MeshError
 
+from .grad_wire import post, wired
 from .ir import AR, OPT, B, F, I, W, RECV_B, RECV_F, SEND_B, SEND_F, Action, message_key
 from .per_token import Counts, count_reports
 from .scaled import UNSCALED, LossScale
@@ -297,8 +298,12 @@ class _StepActions:
             works = self.syncs.setdefault(a.stage, [])
             # (ZeRO stage 2: a gradient one replica keeps reduced to it, engine.zero_grads)
             roots = pipe.owned.roots(a.stage) if pipe.owned else itertools.repeat(None)
+            # (a torch stage's in a 16-bit wire dtype where one is set: DeepSpeed's
+            # communication_data_type, engine.grad_wire)
+            wire = pipe.grad_wire
             for g, root in zip(pipe.stages[a.stage].grads(), roots):
                 works.append(
+                    post(pipe.dp, g, wire, root) if wired(g, wire) else
                     collectives.all_reduce(pipe.dp, g, op="avg", async_op=True) if root is None
                     else collectives.reduce(pipe.dp, g, root=root, op="avg", async_op=True))
         elif a.kind == OPT:

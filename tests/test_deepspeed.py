@@ -478,11 +478,45 @@ def _pipeline(world: Any, ckpt: str) -> dict[str, Any]:
                                    activation_checkpoint_interval=1)
     four, _, _, _ = deepspeed.initialize(model=net, config=cfg)
     four.load_checkpoint(ckpt)
-    return {"losses": losses, "resumed": resumed, "client": client, "tied": _tied(eng),
-            "whole": whole, "again": again.job.state_dict(), "stage": again.stage_id,
+    return {"wire": _pipe_wire(rows), "losses": losses, "resumed": resumed, "client": client,
+            "tied": _tied(eng), "whole": whole, "again": again.job.state_dict(),
+            "stage": again.stage_id,
             "runs": [(st.recompute, st.layered, len(st._runs)) for st in again.job.stages],
             "four": (_pipe_step(four, 2, rows), four.stage_id, _tied(four),
                      four.job.state_dict())}
+
+
+def _pipe_wire(rows: int) -> list[bool]:
+    """communication_data_type "bf16" in a PipelineModule's engine (no tied
+    layers: their sums over the stages come after): each of this rank's
+    gradients after train_batch (no optimizer: the dp average
+    kept) against its replicas' own, as backward left them (the last
+    accumulation's hook), rounded to bfloat16, summed, times 1 / 2, by
+    hand; the float32 average must differ somewhere."""
+    import collectives
+    torch.manual_seed(0)
+    net = deepspeed.PipelineModule(layers=[torch.nn.Linear(4, 16), torch.nn.Tanh(),
+                                           torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                           torch.nn.Linear(16, 2)], num_stages=2,
+                                   loss_fn=torch.nn.functional.mse_loss)
+    eng, _, _, _ = deepspeed.initialize(model=net, config={
+        "train_batch_size": rows, "gradient_accumulation_steps": GAS, "steps_per_print": None,
+        "communication_data_type": "bf16"})
+    params = list(eng.job.parameters())
+    local: dict[int, Any] = {}
+    for i, p in enumerate(params):
+        p.register_post_accumulate_grad_hook(
+            lambda p, i=i: local.__setitem__(i, p.grad.detach().clone()))
+    _pipe_step(eng, 2, rows)
+    flat = torch.cat([local[i].reshape(-1) for i in range(len(params))])
+    a, b = (torch.split(r, [p.numel() for p in params])
+            for r in collectives.all_gather(eng.grid.group("dp"), flat))
+    bf = torch.bfloat16
+    want = [((x.to(bf) + y.to(bf)) * 0.5).float().view(p.shape)
+            for x, y, p in zip(a, b, params)]
+    full = [((x + y) / 2).view(p.shape) for x, y, p in zip(a, b, params)]
+    return [torch.equal(p.grad, w) for p, w in zip(params, want)] + \
+        [not all(torch.equal(p.grad, f) for p, f in zip(params, full))]
 
 
 @pytest.mark.timeout(240)
@@ -557,6 +591,7 @@ def test_pipeline_module_train_batch_matches_one_process(tmp_path: Any) -> None:
         sch.step()
         opt.zero_grad()
     assert sorted(r["stage"] for r in res) == [0, 0, 1, 1]
+    assert all(all(r["wire"]) for r in res), [r["wire"] for r in res]
     # activation_checkpoint_interval=2: each stage's layers in runs of 2 (cut 4 + 2)
     assert [r["runs"] for r in res] == [[(True, 2, 2 if r["stage"] == 0 else 1)]
                                         for r in res], [r["runs"] for r in res]
