@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -43,8 +44,8 @@ from .ds_compat import (RepeatingLoader, accelerator, add_config_arguments, chec
 from .ds_config import (SCHEDULERS, Config, DynamicLossScaler, WarmupCosineLR, WarmupDecayLR,
                         WarmupLR, parse)
 from .ds_pipe import LayerSpec, PipelineEngine, PipelineModule, TiedLayerSpec
-from .ds_zero import (ENGINES, Gathers, MoEOwnerReducer, OwnerReducer, zero, zero_job,
-                      zero_optimizer)
+from .ds_zero import (ENGINES, Gathers, MoEOwnerReducer, OwnerReducer, layout, reshard,
+                      unchanged, zero, zero_job, zero_optimizer)
 from .grad_wire import dtype_of
 from .moe import deepspeed_namespace as moe
 from .ulysses import deepspeed_sequence
@@ -119,9 +120,9 @@ class DeepSpeedEngine(torch.nn.Module):
             if experts else collectives.GradReducer(world, trained) if wire is None else \
             OwnerReducer(world, trained, [None] * len(trained), wire)
         self._boundary = [False]
-        for i, p in enumerate(trained):
-            p.register_post_accumulate_grad_hook(
-                lambda p, i=i: self._ready(p, i) if self._boundary[0] else None)
+        self._index: dict[int, int] = {}    # each trained parameter's place (by id)
+        self._hooked: dict[int, Any] = {}      # the parameters hooked (weak, by id)
+        self._hook(trained)
         self.optimizer = zero_optimizer(cfg, world, self.job, optimizer, params, trained)
         if owned and experts:   # (ZeRO 2: each over its own part's group, engine.ds_zero)
             self.reducer = MoEOwnerReducer(world, trained, self.optimizer)
@@ -130,8 +131,11 @@ class DeepSpeedEngine(torch.nn.Module):
             owner = {id(p): r for p, r in zip(self.optimizer.params, self.optimizer.owner)}
             self.reducer = OwnerReducer(self.job.grid.group("dp"), trained,
                                         [owner.get(id(p)) for p in trained], wire)
-        # stage 3: each module's parameters gathered as it runs (engine.ds_zero)
+        # stage 3: each module's parameters gathered as it runs (engine.ds_zero), and the
+        # model's parameters by name, as sharded (a new one, or a new shape, resharded:
+        # engine.ds_zero.reshard)
         self._gathers = Gathers(self.job) if cfg.zero_stage == 3 else None
+        self._layout = layout(self)
         if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
             lr_scheduler = lr_scheduler(self.optimizer)     # (DeepSpeed's: a factory)
         # the user's optimizer, where ZeRO's wraps it: its scheduler sets its groups' lr,
@@ -149,6 +153,17 @@ class DeepSpeedEngine(torch.nn.Module):
             f["hysteresis"], f["consecutive_hysteresis"])
         self.dtype = torch.float16 if f is not None else \
             torch.bfloat16 if cfg.bf16 else None
+
+    def _hook(self, trained: list[Any]) -> None:
+        """``trained``'s places (the reducer's indices); each parameter's
+        post-accumulate hook, once, reading its place when it fires."""
+        self._index = {id(p): i for i, p in enumerate(trained)}
+        for p in trained:
+            if self._hooked.get(id(p), lambda: None)() is not p:
+                self._hooked[id(p)] = weakref.ref(p)
+                p.register_post_accumulate_grad_hook(
+                    lambda p: self._ready(p, self._index[id(p)])
+                    if self._boundary[0] and id(p) in self._index else None)
 
     def _ready(self, p: torch.Tensor, i: int) -> None:
         """A gradient made final in the boundary's backward: averaged over dp.
@@ -216,6 +231,10 @@ class DeepSpeedEngine(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         training = self.training and torch.is_grad_enabled()
+        if self._gathers is None:
+            unchanged(self)
+        elif self._gathers.kind is None:
+            reshard(self)       # (a module or parameter put in since: sharded first)
         # (stage 3: a step's window opened by its first forward; an evaluation's forward
         # outside one opens and closes its own)
         opened = self._gathers is not None and self._gathers.open(kind=not training)

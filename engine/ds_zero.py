@@ -23,7 +23,12 @@ the others' values (``free``)::
     step():                     the window closed; each replica steps its share
 
 An evaluation's forward outside a window opens one of its own (its own
-gather order) and closes it after.
+gather order) and closes it after. A parameter the model holds that the
+engine has not sharded (a module set in after ``initialize``, a parameter
+replaced or reshaped inside ``GatheredParameters``: Hugging Face's
+``resize_token_embeddings``) is sharded at its shape on leaving that block
+or at the next forward, the ZeRO optimizer made again over the model's
+parameters (``reshard``).
 """
 from __future__ import annotations
 
@@ -346,7 +351,10 @@ class _GatheredParameters:
     dp); on leaving it, with ``modifier_rank`` r, rank r's values of
     ``params`` broadcast to every rank (what r wrote in the block, an
     initialisation or a load, is every rank's; the others' writes are
-    lost), then each rank keeps its share again; without one, nothing
+    lost), then each rank keeps its share again (a parameter replaced in
+    the block, or given another shape there, as Hugging Face's
+    ``resize_token_embeddings`` does, sharded at its shape: ``reshard``);
+    without one, nothing
     written is kept but on each parameter's owner. Outside ZeRO 3, or
     with ``enabled=False``, nothing (DeepSpeed's no-op for parameters
     that are not ZeRO 3's: each rank keeps what it writes). ``fwd_module``
@@ -383,13 +391,17 @@ class _GatheredParameters:
                          for p in self._params if p.numel()]
                 for w in works:
                     w.wait()
+                if self._eng._gathers.kind is None:     # (a new parameter or shape: sharded)
+                    reshard(self._eng)
         finally:
             self._held.__exit__(*exc)
 
 
 class _Zero:
-    """``deepspeed.zero``: ``Init`` (a model built whole, sharded by
-    ``initialize``: a context that does nothing) and ``GatheredParameters``."""
+    """``deepspeed.zero``: ``Init`` (a context that does nothing: a model
+    built whole is sharded by ``initialize``, a module made after it once
+    the engine's model holds it, at its next forward: ``reshard``) and
+    ``GatheredParameters``."""
     GatheredParameters = _GatheredParameters
 
     @staticmethod
@@ -399,3 +411,93 @@ class _Zero:
 
 
 zero = _Zero()
+
+
+def layout(eng: Any) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """The engine's model's parameters as stage 3 shards them: each one's
+    name, the parameter and its whole shape."""
+    kept = eng.job.pipeline.owned_params if eng._gathers is not None else None
+    return [(n, p, kept.shape_of(p) if kept is not None and id(p) in kept.owner
+             else tuple(p.shape)) for n, p in eng.module.named_parameters()]
+
+
+def unchanged(eng: Any) -> None:
+    """ZeRO 0 to 2: ValueError where the model's parameters are no longer
+    the ones ``initialize`` set the gradient reduction and optimizer up
+    over (one replaced, put in or reshaped since)."""
+    now = layout(eng)
+    if len(now) == len(eng._layout) and all(
+            a[0] == b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(now, eng._layout)):
+        return
+    was = {n: (p, s) for n, p, s in eng._layout}
+    name = next((n for n, p, s in now if n not in was or was[n][0] is not p or
+                 was[n][1] != s), now[-1][0] if now else "?")
+    raise ValueError(f"rank {eng.global_rank}: deepspeed: parameter {name!r} replaced, put in "
+                     f"or reshaped after initialize: at ZeRO stage {eng.cfg.zero_stage} the "
+                     f"gradient reduction and optimizer hold the parameters initialize was "
+                     f"given; change the model before initialize (ZeRO 3 shards a new one)")
+
+
+def reshard(eng: Any) -> None:
+    """Stage 3: where the model holds a parameter the engine has not
+    sharded (a module put in since ``initialize``, a parameter replaced:
+    Hugging Face's ``resize_token_embeddings``) or a parameter of another
+    shape (``p.data`` replaced inside ``GatheredParameters``, whole there),
+    its ZeRO optimizer made again over the model's parameters, each in its
+    place in the groups (a new name in the first group), which deals the
+    shares out again and shards each at its shape (``take``: the
+    others' values broadcast from their owners first), and its gradient
+    reduction and hooks over them. Collective over dp: every rank's model
+    changed alike (the same code ran on each). Where the optimizer has
+    stepped already, ValueError (its state would be another shape's)."""
+    kept = eng.job.pipeline.owned_params
+    now = [(n, p, tuple(p.shape) if kept.held or id(p) not in kept.owner
+            else kept.shape_of(p)) for n, p in eng.module.named_parameters()]
+    before = {n: (p, s) for n, p, s in eng._layout}
+    changed = [n for n, p, s in now if n not in before or before[n][0] is not p or
+               before[n][1] != s]
+    if not changed and len(now) == len(before):
+        return
+    opt = eng.optimizer
+    if opt is not None and any(opt.optim.state.values()):
+        raise ValueError(f"rank {eng.global_rank}: deepspeed: parameter {changed[0]!r} put "
+                         f"in or reshaped after the optimizer stepped (its state is of the "
+                         f"old one); under ZeRO 3 replace or resize parameters before the "
+                         f"first step (as Hugging Face's Trainer resizes before initialize)")
+    # (ids of parameters and modules gone: another object may be given one of them)
+    ids = {id(p) for _, p, _ in now}
+    resized = {id(p) for n, p, s in now if n in before and before[n][0] is p and
+               before[n][1] != s}
+    owned = eng.job.pipeline.owned
+    for k in [k for k in kept.owner if k not in ids or k in resized]:
+        kept.owner.pop(k)
+        kept.shape.pop(k, None)
+    for k in [k for k in owned.owner if k not in ids]:
+        owned.owner.pop(k)
+    modules = {id(m) for st in eng.job.pipeline.stages.values() for m in st.module.modules()}
+    kept._hooked &= modules
+    for st in eng.job.pipeline.stages.values():
+        st._params = [p for p in st.module.parameters() if p.requires_grad]
+    trained = [p for p in eng.module.parameters() if p.requires_grad]
+    if opt is not None:
+        place = {n: p for n, p, _ in now}
+        old = {id(p): n for n, (p, _) in before.items()}
+        groups = [dict(g, params=[place[old[id(p)]] for p in g["params"]
+                                  if old.get(id(p)) in place]) for g in opt.param_groups]
+        held = {id(p) for g in groups for p in g["params"]}
+        groups[0]["params"] += [p for p in trained if id(p) not in held]
+        import engine
+        eng.optimizer = engine.ZeroRedundancyOptimizer(
+            groups, opt.optimizer_class, eng.job, stage=3, stage3_per_layer=True,
+            **eng.cfg.zero_knobs, **_taken(opt.optimizer_class, opt.defaults))
+        if getattr(eng.lr_scheduler, "optimizer", None) is opt:
+            eng.lr_scheduler.optimizer = eng.optimizer
+        owner = {id(p): r for p, r in zip(eng.optimizer.params, eng.optimizer.owner)}
+        eng.reducer = OwnerReducer(eng.job.grid.group("dp"), trained,
+                                   [owner.get(id(p)) for p in trained], eng.reducer.wire)
+    else:       # (no optimizer: nothing sharded, every gradient averaged)
+        eng.reducer = collectives.GradReducer(eng.world, trained) \
+            if not isinstance(eng.reducer, OwnerReducer) else \
+            OwnerReducer(eng.world, trained, [None] * len(trained), eng.reducer.wire)
+    eng._hook(trained)
+    eng._layout = layout(eng)

@@ -291,7 +291,8 @@ def _wire(world: Any) -> dict[Any, Any]:
 
 def _cases(world: Any, ckpt: str) -> dict[str, Any]:
     rows = 4 * world.size
-    out: dict[str, Any] = {"real": _real(world), "wire": _wire(world)}
+    out: dict[str, Any] = {"real": _real(world), "wire": _wire(world),
+                           "resized": _resized(world)}
     said = []      # a config refused on rank 1 only, then one rank 1 has another of
     for more in ({"bogus_key": 1}, {"gradient_clipping": 2.0}):
         try:
@@ -486,6 +487,80 @@ def _pipeline(world: Any, ckpt: str) -> dict[str, Any]:
                      four.job.state_dict())}
 
 
+class _Vocab(torch.nn.Module):
+    """A language model's two ends: token embeddings and an output head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(6, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 6)
+
+    def forward(self, ids: Any) -> Any:
+        return self.head(self.mid(self.embed(ids)).tanh())
+
+
+def _resize(model: Any, n: int) -> None:
+    """Hugging Face's ``resize_token_embeddings(n)`` under ZeRO 3, as it
+    goes: the embedding's weight replaced inside GatheredParameters (its
+    rows copied there first), a new output head made under zero.Init, its
+    rows copied inside GatheredParameters, then set in (set_output_embeddings)."""
+    zero, old = deepspeed.zero, model.embed
+    with zero.GatheredParameters(old.weight, modifier_rank=None):
+        was, dim = old.weight.size()
+    torch.manual_seed(5)
+    with zero.Init():
+        new = torch.nn.Embedding(n, dim)
+        head = torch.nn.Linear(dim, n)
+    k = min(was, n)
+    with zero.GatheredParameters([old.weight, new.weight], modifier_rank=0):
+        new.weight.data[:k, :] = old.weight.data[:k, :]
+    with zero.GatheredParameters([old.weight, new.weight], modifier_rank=0):
+        old.weight = new.weight
+        old.num_embeddings = n
+    was_head = model.head
+    with zero.GatheredParameters([was_head.weight, was_head.bias, head.weight, head.bias],
+                                 modifier_rank=0):
+        head.weight.data[:k] = was_head.weight.data[:k]
+        head.bias.data[:k] = was_head.bias.data[:k]
+    model.head = head
+
+
+def _resized(world: Any) -> tuple[float, str]:
+    """ZeRO 3: the model resized after initialize (HF's sequence), one step
+    on new tokens: the weights' gap to one process resizing, then stepping
+    on the whole batch. ZeRO 0: a module set in after initialize refused at
+    the next forward (its error)."""
+    x = torch.randint(0, 9, (2 * world.size, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 9, (2 * world.size, 3), generator=torch.Generator().manual_seed(2))
+    eng, _, _, _ = deepspeed.initialize(model=_Vocab(), config={
+        "train_batch_size": 2 * world.size, "steps_per_print": None,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+        "zero_optimization": {"stage": 3}})
+    _resize(eng.module, 9)
+    i = 2 * world.rank
+    loss = torch.nn.functional.cross_entropy(eng(x[i:i + 2]).reshape(-1, 9),
+                                             y[i:i + 2].reshape(-1))
+    eng.backward(loss)
+    eng.step()
+    one = _Vocab()
+    _resize(one, 9)
+    opt = torch.optim.AdamW(one.parameters(), lr=1e-2)
+    torch.nn.functional.cross_entropy(one(x).reshape(-1, 9), y.reshape(-1)).backward()
+    opt.step()
+    gap = _gap(_weights(eng), [p.detach() for p in one.parameters()])
+    plain, _, _, _ = deepspeed.initialize(model=_Vocab(), config={
+        "train_batch_size": world.size, "steps_per_print": None,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+    plain.module.head = torch.nn.Linear(4, 9)
+    try:
+        plain(x[:1])
+    except ValueError as e:
+        return gap, str(e)
+    return gap, "nothing raised"
+
+
 def _pipe_wire(rows: int) -> list[bool]:
     """communication_data_type "bf16" in a PipelineModule's engine (no tied
     layers: their sums over the stages come after): each of this rank's
@@ -544,6 +619,8 @@ def test_zero_stages_precision_and_checkpoint_match_one_process(tmp_path: Any) -
             assert all(rounded) and not any(averaged), (stage, dtype, r["wire"])
             assert r["wire"]["items", stage, dtype] == {2}, (stage, dtype, r["wire"])
         assert r["16bit"] == ({"torch.bfloat16"}, 0.0), r["16bit"]
+        assert r["resized"][0] < 1e-6 and "parameter 'head.weight' replaced, put in or " \
+            "reshaped after initialize: at ZeRO stage 0" in r["resized"][1], r["resized"]
         # ZeRO 2 keeps its share's gradients as backward makes them (each reduced to its
         # owner); ZeRO 3 gathers module by module: each peak below the stage before's
         one, two, three = r["held"]
