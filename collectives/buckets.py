@@ -233,6 +233,7 @@ class GradReducer:
             self.buckets = [_Bucket(m, sizes, empty, flags and _floating(wide[m[0]]))
                             for m in plan]
         self._where = {i: b for b in self.buckets for i in b.members}
+        self._planned = list(self.buckets)     # (reorder's numbering: the plan's order)
         # every rank must reduce the same gradients in the same order: checked once
         self._layout = hashlib.blake2b(repr(self._specs).encode(), digest_size=16).digest()
         self._versions = [0] * len(items)   # torch: each .grad's version as its bucket took it
@@ -357,6 +358,22 @@ class GradReducer:
                 break
             if b.work is None:
                 self._launch(b)
+
+    def reorder(self, order: Sequence[int]) -> None:
+        """From the next step on, the buckets launch in ``order``: indices
+        of the plan's buckets (``bucket_plan``'s order), each once; alike on
+        every rank, as collectives must (an order the ranks agreed on, such
+        as the order their gradients became ready in). The buckets hold the
+        same gradients at the same offsets: the results are the same bits.
+        Between steps only (no bucket launched)."""
+        got = [int(k) for k in order]
+        if sorted(got) != list(range(len(self._planned))):
+            raise ValueError(f"{self._me}: reorder({list(order)!r}): each of the buckets 0.."
+                             f"{len(self._planned) - 1} once")
+        if any(b.work is not None for b in self.buckets):
+            raise RuntimeError(f"{self._me}: reorder() while buckets are launched: call it "
+                               f"after wait(), before the next step's ready()")
+        self.buckets = [self._planned[k] for k in got]
 
     def _agree(self) -> None:
         """Once per group and layout: the ranks pass gradients of the same

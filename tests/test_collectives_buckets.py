@@ -52,6 +52,21 @@ def reducer_cases(world: Any) -> bool:
         red.wait()
         for g, w in zip(grads, want_sum):
             np.testing.assert_allclose(g, w / n, rtol=1e-6, err_msg=f"step {step}")
+    # reordered (gradients made first to last): each bucket launches once full, same bits
+    with pytest.raises(ValueError, match="once"):
+        red.reorder([0, 0])
+    red.reorder(list(reversed(range(len(red.buckets)))))
+    before = [g.copy() for g in grads]
+    for i, g in enumerate(_grads(0, r)):
+        grads[i][...] = g
+        red.ready(i)
+        assert [b.work is not None for b in red.buckets] == [not b.pending
+                                                             for b in red.buckets], i
+        if i == 1:
+            with pytest.raises(RuntimeError, match="launched"):
+                red.reorder(range(len(red.buckets)))
+    red.wait()
+    assert all(np.array_equal(g, w) for g, w in zip(grads, before))
     fresh = _grads(1, r)
     red.ready(0, fresh[0])
     red.wait()
