@@ -37,6 +37,27 @@ class _Net:
         return ((m["l2"](h) - y) ** 2).mean()
 
 
+class _Turned:
+    """Layers declared last to first (their gradients come in the reverse
+    of reverse parameter order), ``never`` used by no rank and ``gone`` at
+    the first step only, both in the middle: in reverse parameter order
+    each would hold back l1's and l0's buckets."""
+
+    def __init__(self) -> None:
+        import torch
+        torch.manual_seed(1)
+        L = torch.nn.Linear
+        self.m = torch.nn.ModuleDict({"l2": L(6, 3), "never": L(6, 6), "gone": L(6, 6),
+                                      "l1": L(6, 6), "l0": L(4, 6)}).double()
+
+    def loss(self, x: Any, y: Any, step: int) -> Any:
+        m = self.m
+        h = m["l1"](m["l0"](x).relu()).tanh()
+        if step == 0:
+            h = m["gone"](h)
+        return ((m["l2"](h) - y) ** 2).mean()
+
+
 def _batch(step: int, r: int) -> tuple[Any, Any]:
     import torch
     g = torch.Generator().manual_seed(100 * step + r)
@@ -94,6 +115,33 @@ def _cases(world: Any, out: str) -> None:
                                   for a, b in zip(net.m.parameters(), ref.m.parameters())),
                         net.m["spare"].weight.grad is not None and
                         not net.m["spare"].weight.grad.any().item())
+    # readiness order: after each used gradient is final, how many buckets are out
+    net, ref = _Turned(), _Turned()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(net.m.parameters(), lr=LR, momentum=0.5),
+                                   named_parameters=net.m.named_parameters())
+    ref_opt = torch.optim.SGD(ref.m.parameters(), lr=LR, momentum=0.5)
+    outs: list[int] = []
+    for name in ("l2", "l1", "l0"):
+        for p in net.m[name].parameters():
+            p.register_post_accumulate_grad_hook(lambda p: outs.append(launched[0]))
+    turned = []
+    for step in range(4):
+        launched[0] = 0
+        outs.clear()
+        opt.zero_grad()
+        net.loss(*_batch(step, r), step).backward()
+        turned.append(list(outs))
+        opt.step()
+        ref_opt.zero_grad()
+        for q in range(n):
+            (ref.loss(*_batch(step, q), step) / n).backward()
+        for p in ref.m.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        ref_opt.step()
+    res["turned"] = (turned, all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in
+                                 zip(net.m.parameters(), ref.m.parameters())),
+                     [n for n, p in net.m.named_parameters() if p.grad is None or p.grad.any()])
     # fp16: a gradient this rank did not make still gets the others' average
     net = _Net()
     opt = hvd.DistributedOptimizer(torch.optim.SGD(net.m.parameters(), lr=LR),
@@ -160,7 +208,10 @@ def test_distributed_optimizer_launches_buckets_during_the_first_backward(
     at the last of backward_passes_per_step=2 passes only); weights equal
     one process on the full batch, with a layer applied twice, one used by
     no rank (Horovod's zeros: weight decay moves it) and one by rank 0
-    only; fp16 gives the unused-here gradient too; a gradient accumulated
+    only; from the second step the buckets launch in the order they were
+    filled (layers declared last to first) and one with a gradient no rank
+    makes, or that went missing, no longer holds back those after it;
+    fp16 gives the unused-here gradient too; a gradient accumulated
     twice in one backward raises Horovod's error; parameters that differ
     between ranks raise on both, naming them, as does a
     HOROVOD_FUSION_THRESHOLD that differs; a rank dying in backward
@@ -178,6 +229,14 @@ def test_distributed_optimizer_launches_buckets_during_the_first_backward(
         seen2, same2, zeros2 = o["k2"]
         assert len(seen2) == 2 * STEPS and seen2[0::2] == [0] * STEPS, seen2
         assert all(c >= 4 for c in seen2[1::2]) and same2 and zeros2, o["k2"]
+        # the first step in reverse parameter order (l0's bias, backward's last, first);
+        # then the order the hooks fired in, never's in the tail: each gradient's bucket out
+        # as it comes; gone's, missed at step 1, holds back l1's and l0's there, then no more
+        turned, same, made = o["turned"]
+        assert turned[0][:4] == [0] * 4 and turned[1] == [1, 2, 2, 2, 2, 2], turned
+        assert turned[2] == turned[3] == [1, 2, 3, 4, 5, 6] and same, o["turned"]
+        assert made == ["l2.weight", "l2.bias", "l1.weight", "l1.bias", "l0.weight",
+                        "l0.bias"], made      # (never's and gone's: zeros, Horovod's)
         assert o["fp16_unused_here"] is True, o
         assert "more than backward_passes_per_step" in o["twice"], o["twice"]
         assert o["differ"].startswith(f"ValueError: rank {r}: DistributedOptimizer") and \
@@ -188,3 +247,22 @@ def test_distributed_optimizer_launches_buckets_during_the_first_backward(
     line = (tmp_path / "0.raised").read_text()
     assert "LostPeerError" in line and "rank 1" in line, line
     assert int(line.split()[2].rstrip("s:")) < 20, line
+
+
+def test_launch_order_keeps_the_buckets_every_rank_filled_in_the_first_ones_order() -> None:
+    """The buckets' next launch order: those every rank with a backward
+    filled, in the first such rank's order; a tail of those a gradient of
+    which some rank did not make (kept there, the new ones after it, in
+    their order); a rank with no backward (a row of -2, joined) is not
+    asked. A bucket is full at its last gradient's place."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("torch")
+    from collectives.horovod.optimizer import _filled, _launch_order
+    rows = np.array([[2, 0, -1, 1], [-2, -2, -2, -2], [0, 2, 3, 1]])
+    assert _launch_order(rows, [0, 1, 2, 3], []) == ([1, 3, 0], [2])
+    assert _launch_order(rows[1:], [0, 1, 3], [2]) == ([0, 3, 1], [2])
+    assert _launch_order(np.array([[0, -1, 1, -1]]), [2, 0], [3, 1]) == ([0, 2], [3, 1])
+    assert _launch_order(np.array([[0, 1, -1, -1]]), [3, 0, 2, 1], [9]) == ([0, 1], [9, 3, 2])
+    assert _launch_order(rows[1:2], [3, 2, 1, 0], []) == ([3, 2, 1, 0], [])
+    assert _filled(rows, [[3, 2], [1, 0], [1]]).tolist() == [[-1, 2, 0], [-2, -2, -2],
+                                                             [3, 2, 2]]

@@ -85,8 +85,8 @@ class _DistributedAdasumOptimizer(torch.optim.Optimizer):
                 start.add_(self._hvd_compression.decompress(t, ctx))
                 p.copy_(start)
 
-    def _hvd_join_step(self) -> None:
-        self._hvd_combine(joined=True)
+    def _hvd_join_step(self, regroup: bool = False) -> None:
+        self._hvd_combine(joined=True)      # (no buckets: never asked to regroup)
 
     def synchronize(self) -> None:
         """Nothing to wait for before ``step()`` (as Horovod's Adasum)."""

@@ -45,11 +45,14 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
 _DIMS = 8
 # [0] 1 where a rank has not joined, [1] a joined rank, [2] a rank joining in this round,
 # [3] the kind, [4] the op or optimizer, [5] the dtype, [6] ndim, [7:] the shape, then
-# [_SD] a sparse tensor's sparse dimensions, [_TL] 1 where rank 0 writes a timeline; while
-# it does (the last round said so, alike on every rank), [_LEN + r] when rank r entered
+# [_SD] a sparse tensor's sparse dimensions, [_TL] 1 where rank 0 writes a timeline,
+# [_REGROUP] 1 where a rank asks a DistributedOptimizer to regroup its buckets; while
+# rank 0 writes a timeline (the last round said so, alike on every rank), [_LEN + r]
+# when rank r entered
 _SD = 7 + _DIMS
 _TL = _SD + 1
-_LEN = _TL + 1
+_REGROUP = _TL + 1
+_LEN = _REGROUP + 1
 
 
 def _vector(g: Comm) -> np.ndarray:
@@ -78,17 +81,20 @@ def _round(v: np.ndarray, what: str) -> None:
 
 
 def announce(g: Comm, kind: int, what: str, tensor: Any = None, op: int = 0,
-             row: str | None = None) -> None:
+             row: str | None = None, regroup: bool = False) -> bool:
     """Before a call on the global set: tell a joined rank what it is (a
     tiny all_reduce, max, on the control group). A kind join does not
     cover raises on every rank where one has joined. ``row``: the call's
-    timeline row where rank 0 writes one (its NEGOTIATE_ phase)."""
+    timeline row where rank 0 writes one (its NEGOTIATE_ phase). Returns
+    whether a rank passed ``regroup=True`` (a DistributedOptimizer's step:
+    a gradient its buckets waited for did not come; False, alike on every
+    rank, where no round is made)."""
     if g is not _s.world or g.size == 1 or _s.ctl is None:
         if row is not None and g is _s.world and _s.timeline is not None:
             _negotiated(row, kind, op, {0: now()})
-        return
+        return False
     v = _vector(g)
-    v[0], v[3], v[4] = 1, kind, op
+    v[0], v[3], v[4], v[_REGROUP] = 1, kind, op, int(regroup)
     if tensor is not None:
         shape = tuple(tensor.shape)
         if len(shape) > _DIMS or tensor.dtype not in _DTYPES:
@@ -112,6 +118,7 @@ def announce(g: Comm, kind: int, what: str, tensor: Any = None, op: int = 0,
         raise RuntimeError(f"rank {g.rank}: hvd.{what}: rank {v[1]} has called hvd.join() and "
                            f"cannot stand in for a {tensor.dtype} tensor of {tensor.dim()} "
                            f"dimensions")
+    return bool(v[_REGROUP] > 0)
 
 
 def _negotiated(row: str, kind: int, op: int, stamps: dict[int, int]) -> None:
@@ -157,7 +164,7 @@ def join(device: int = -1) -> int:
                 raise RuntimeError(f"rank {g.rank}: hvd.join: the others step "
                                    f"DistributedOptimizer {int(v[4])}, which this rank no "
                                    f"longer has")
-            opt._hvd_join_step()
+            opt._hvd_join_step(bool(v[_REGROUP] > 0))
         else:
             raise RuntimeError(f"rank {g.rank}: hvd.join: the ranks that have not joined called "
                                f"hvd.{_UNJOINABLE.get(kind, 'allreduce')}, which join does not "

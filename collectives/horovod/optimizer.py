@@ -19,6 +19,20 @@ second step on the buckets hold the dense ones only, and the sparse ones
 are reduced in ``step()``, in parameter order (every rank alike).
 ``sparse_as_dense=True`` reduces them dense.
 
+The buckets are filled in reverse parameter order (DDP's) and launch, at
+the first step, in that order; then in the order they became full, which
+the ranks agree on in the first step's all_gather (where each gradient
+came in each rank's backward: rank 0's order, as DDP's rebuilt buckets).
+A bucket holding a gradient that some rank did not make in a step's
+backward (a parameter unused there: a branch not taken, a frozen part of
+the graph) moves, with the ranks' agreement, to the tail: it launches
+after the others (in ``step()`` where the gradient is still missing), so
+it no longer holds back the buckets after it. Whether a rank missed one
+rides on ``synchronize()``'s round on the control group (join's); only
+then do the ranks gather where each gradient came (one small all_gather,
+at most once per bucket moved). The buckets hold the same gradients at the
+same offsets whatever their order: the results are the same bits.
+
 A parameter that had no gradient (unused in the forward) is reduced as
 zeros, and ``.grad`` is then the average of the ranks that had one, zeros
 where none had (Horovod's; the wrapped optimizer steps it: momentum and
@@ -49,6 +63,43 @@ from .named import check_named, one_more_pass
 from .timeline import now
 
 __all__ = ["DistributedOptimizer"]
+
+
+def _launch_order(table: np.ndarray, front: list[int],
+                  tail: list[int]) -> tuple[list[int], list[int]]:
+    """The buckets' next launch order, from ``table``: a row a rank, when
+    each bucket was full in this step's backward (0 first; -1: a gradient
+    of it not made there; a row of -2: no backward there, a joined rank).
+    The buckets of ``front`` (the current launch order) full on every rank
+    with a backward, in the order the first such rank filled them; then
+    ``tail`` and, after it, the others of ``front`` (in front's order).
+    Unchanged where no rank had a backward.
+
+    >>> _launch_order(np.array([[1, -1, 0], [0, 1, 2]]), [0, 1, 2], [])
+    ([2, 0], [1])
+    """
+    rows = [row for row in np.asarray(table) if not (row == -2).all()]
+    if not rows:
+        return list(front), list(tail)
+    missing = [k for k in front if any(row[k] < 0 for row in rows)]
+    first = rows[0]
+    full = sorted((k for k in front if k not in missing), key=lambda k: int(first[k]))
+    return full, list(tail) + missing
+
+
+def _filled(at: np.ndarray, buckets: list[list[int]]) -> np.ndarray:
+    """When each bucket was full, from where each of its gradients came
+    (``at``, a row a rank, as ``_launch_order``'s table; ``buckets``: each
+    one's gradients): its last one's place, -1 where one did not come.
+
+    >>> _filled(np.array([[0, 2, -1], [-2, -2, -2]]), [[1, 0], [2]]).tolist()
+    [[2, -1], [-2, -2]]
+    """
+    out = np.empty((len(at), len(buckets)), np.int64)
+    for k, members in enumerate(buckets):
+        came = at[:, members]
+        out[:, k] = np.where((came < 0).any(axis=1), came.min(axis=1), came.max(axis=1))
+    return out
 
 
 class _Reducer(GradReducer):
@@ -110,6 +161,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._hvd_plan: list[int] | None = None
         self._hvd_aside: set[int] = set()       # the first step's sparse ones (no trace)
         self._hvd_dense: list[int] = []         # the reducer's gradients (parameter indices)
+        # the buckets' launch order (the reducer's plan's numbering): the front, then the
+        # tail (those holding a gradient a rank once did not make)
+        self._hvd_front: list[int] = []
+        self._hvd_tail: list[int] = []
+        self._hvd_fired: list[int] = []         # this step's gradients final by hooks, in order
         self._hvd_slot: dict[int, int] = {}     # parameter index -> the reducer's
         self._hvd_reducer: GradReducer | None = None
         self._hvd_ready: dict[int, int] = {}    # timeline: when each gradient was final
@@ -126,10 +182,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             p.register_post_accumulate_grad_hook(self._hvd_hook(i))
 
     def _hvd_make(self, plan: list[int]) -> None:
-        """The reducer of the gradients ``plan`` puts in buckets."""
+        """The reducer of the gradients ``plan`` puts in buckets (launched
+        in plan order until the ranks agree on another)."""
         self._hvd_reducer = None
         self._hvd_dense = [i for i, sd in enumerate(plan) if sd == 0]
         self._hvd_slot = {i: j for j, i in enumerate(self._hvd_dense)}
+        self._hvd_front, self._hvd_tail = [], []
         if not self._hvd_dense:
             return
         dense = [self._hvd_params[i] for i in self._hvd_dense]
@@ -141,7 +199,42 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._hvd_reducer = _Compressed(self._hvd_g, like, self._hvd_bytes,
                                             op=OPS[self._hvd_op])
         self._hvd_reducer._trace = self._hvd_trace
+        self._hvd_front = list(range(len(self._hvd_reducer.buckets)))
         self._hvd_agree(self._hvd_reducer)
+
+    def _hvd_positions(self) -> np.ndarray:
+        """Where each gradient came in this step's backward (0 first; -1:
+        not made); all -2 where there was no backward (a joined rank)."""
+        at = np.full(len(self._hvd_params), -1 if self._hvd_fired else -2, np.int64)
+        at[self._hvd_fired] = np.arange(len(self._hvd_fired))
+        return at
+
+    def _hvd_members(self) -> list[list[int]]:
+        """Each of the reducer's buckets' gradients (parameter indices), in
+        its plan's order."""
+        red = self._hvd_reducer
+        return [] if red is None else \
+            [[self._hvd_dense[j] for j in b.members] for b in red._planned]
+
+    def _hvd_regroup(self, table: np.ndarray) -> None:
+        """The buckets launched from now on in the order the ranks' places
+        ``table`` (``_hvd_positions``, a row a rank) give them
+        (``_launch_order``), where it differs."""
+        if self._hvd_reducer is None:
+            return
+        front, tail = _launch_order(_filled(table, self._hvd_members()), self._hvd_front,
+                                    self._hvd_tail)
+        if (front, tail) != (self._hvd_front, self._hvd_tail):
+            self._hvd_reducer.reorder(front + tail)
+            self._hvd_front, self._hvd_tail = front, tail
+
+    def _hvd_missed(self) -> bool:
+        """A gradient the front buckets wait for did not come in this
+        step's backward (which there was), past the first step."""
+        if self._hvd_plan is None or not self._hvd_fired:
+            return False
+        members = self._hvd_members()
+        return not {i for k in self._hvd_front for i in members[k]} <= set(self._hvd_fired)
 
     def _hvd_agree(self, red: GradReducer) -> None:
         """The ranks' parameters agree (shapes and dtypes, in order), and so
@@ -176,18 +269,21 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                          f"every rank wraps an optimizer of the same model's parameters, in "
                          f"the same order")
 
-    def _hvd_decide(self) -> list[int]:
+    def _hvd_decide(self, at: np.ndarray) -> tuple[list[int], np.ndarray]:
         """The first step: a parameter whose gradient is sparse on a rank is
         reduced sparse (from then on: a rank without one sends none), the
         others in buckets. One dense on a rank and sparse on another raises
         on every rank, naming both. (On the control group: the buckets
         launched during backward may differ between ranks until step()'s
-        feed, and nothing may come between them on the world.)"""
+        feed, and nothing may come between them on the world.) The same
+        all_gather brings every rank's positions ``at`` (``_hvd_positions``),
+        returned as a table, a row a rank."""
         g, params = self._hvd_g, self._hvd_params
         codes = np.array([-1 if p.grad is None else p.grad.sparse_dim() if p.grad.is_sparse
                           else 0 for p in params], np.int64)
         ctl = _s.ctl if _s.ctl is not None and _s.ctl.size == g.size else g
-        table = np.asarray(C.all_gather(ctl, codes)).reshape(g.size, len(params))
+        both = np.asarray(C.all_gather(ctl, np.concatenate([codes, at]))).reshape(g.size, -1)
+        table = both[:, :len(params)]
         plan = []
         for i, col in enumerate(table.T):
             dense = [r for r in range(g.size) if col[r] == 0]
@@ -211,13 +307,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                                       f"has sparse gradients, reduced with op=hvd.Average or "
                                       f"hvd.Sum only (as Horovod's sparse allreduce: indices and "
                                       f"values gathered and summed); pass sparse_as_dense=True")
-        return plan
+        return plan, both[:, len(params):]
 
     def _hvd_hook(self, i: int) -> Any:
         def hook(p: Any) -> None:
             one_more_pass(self._hvd_delay, i)
             self._hvd_fresh = True
             if self._hvd_delay[i] == 0:
+                self._hvd_fired.append(i)
                 self._hvd_feed(i, p)
         return hook
 
@@ -270,19 +367,23 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                          self._hvd_ready.pop(i, begin), work, start=begin)
         return works
 
-    def _hvd_wait(self) -> None:
+    def _hvd_wait(self, regroup: bool = False) -> None:
         """Every gradient not yet fed (fewer backward passes, or none) goes
         now, then the sparse ones; then the calls are waited for and the
         results written back. The first step learns the plan first; its
         sparse gradients stand aside (None) while the buckets reduce zeros
         in their place, and the buckets are finished alike on every rank
-        before the plan's error is raised."""
+        before the plan's error is raised. The first step, and one where
+        the ranks said ``regroup`` (a rank missed a gradient), then reorder
+        the buckets as they were filled."""
         params, plan = self._hvd_params, self._hvd_plan
         err: BaseException | None = None
         aside: dict[int, Any] = {}
+        at = self._hvd_positions()
+        table = None
         if plan is None:
             try:
-                plan = self._hvd_decide()
+                plan, table = self._hvd_decide(at)
             except (MismatchError, NotImplementedError) as e:
                 err = e
             aside = {i: p.grad for i, p in enumerate(params)
@@ -311,6 +412,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         finally:
             self._hvd_delay = [self._hvd_k] * len(self._hvd_params)
             self._hvd_pending = self._hvd_fresh = False
+            self._hvd_fired = []
             fed, self._hvd_fed = self._hvd_fed, {}
             self._hvd_ready.clear()
             self._hvd_aside = set()
@@ -324,6 +426,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._hvd_plan = plan
             if any(plan):       # from now on: the dense ones alone in buckets
                 self._hvd_make(plan)
+            assert table is not None
+            self._hvd_regroup(table)
+        elif regroup:
+            g = self._hvd_g
+            ctl = _s.ctl if _s.ctl is not None and _s.ctl.size == g.size else g
+            self._hvd_regroup(np.asarray(C.all_gather(ctl, at)).reshape(g.size, -1))
         n = self._hvd_g.size if self._hvd_op == Average else 1
         with torch.no_grad():
             for i, out in got:
@@ -372,13 +480,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                    ("MESHRUN_ALLREDUCE", copied, done),
                    ("MEMCPY_OUT_FUSION_BUFFER", out, t)], t, self._hvd_params[i])
 
-    def _hvd_join_step(self) -> None:
+    def _hvd_join_step(self, regroup: bool = False) -> None:
         """On a rank that has joined: zeros for every gradient of the step
-        the others reduce (their average counts them, as Horovod's)."""
+        the others reduce (their average counts them, as Horovod's); it
+        regroups the buckets with them (``regroup``: their round said so)."""
         for p in self._hvd_params:
             p.grad = None
         if self._hvd_on:
-            self._hvd_wait()
+            self._hvd_wait(regroup)
         for p in self._hvd_params:
             p.grad = None
 
@@ -389,9 +498,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._hvd_synced = True
             return
         row = None if _s.timeline is None else f"DistributedOptimizer.{self._hvd_id}"
-        control.announce(self._hvd_g, control.OPTIMIZER, "DistributedOptimizer.synchronize",
-                         op=self._hvd_id, row=row)
-        self._hvd_wait()
+        regroup = control.announce(self._hvd_g, control.OPTIMIZER,
+                                   "DistributedOptimizer.synchronize", op=self._hvd_id, row=row,
+                                   regroup=self._hvd_missed())
+        self._hvd_wait(regroup)
         self._hvd_synced = True
 
     @contextlib.contextmanager
