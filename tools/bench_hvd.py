@@ -12,7 +12,10 @@ DistributedOptimizer: the one that learns which gradients are sparse), a
 warm-up step, then ``--steps`` steps; rank 0's seconds a step, between
 barriers. Then the same with DDP (HEAD's tree, ``dist.init_process_group
 ("meshrun")``, DDP's default 25 MiB buckets). Prints each pass and the
-medians over the passes.
+medians over the passes. ``--turned``: the layers declared last to first
+(their gradients come in parameter order, the reverse of the buckets'
+first order) and, declared after them, one more layer no step uses (DDP:
+``find_unused_parameters=True``).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import mesh
 __all__ = ["main"]
 
 
-def _model(params: int) -> Any:
+def _model(params: int, turned: bool = False) -> Any:
     import torch
     depth = 4 if params < 4_000_000 else 5
     width = int((params / depth) ** 0.5)
@@ -38,10 +41,24 @@ def _model(params: int) -> Any:
     layers: list[Any] = []
     for i in range(depth):
         layers += [torch.nn.Linear(width, width)] + ([torch.nn.ReLU()] if i < depth - 1 else [])
-    return torch.nn.Sequential(*layers), width
+    if not turned:
+        return torch.nn.Sequential(*layers), width
+
+    class Turned(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rev = torch.nn.ModuleList(layers[::-1])
+            self.spare = torch.nn.Linear(width, width)
+
+        def forward(self, x: Any) -> Any:
+            for m in reversed(self.rev):
+                x = m(x)
+            return x
+    return Turned(), width
 
 
-def _rank(world: Any, kind: str, sizes: list[int], rows: int, steps: int) -> Any:
+def _rank(world: Any, kind: str, sizes: list[int], rows: int, steps: int,
+          turned: bool = False) -> Any:
     import torch
     torch.set_num_threads(1)
     out = {}
@@ -57,11 +74,11 @@ def _rank(world: Any, kind: str, sizes: list[int], rows: int, steps: int) -> Any
         hvd.init()
         barrier = hvd.barrier
     for params in sizes:
-        model, width = _model(params)
+        model, width = _model(params, turned)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         if kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
-            model = DistributedDataParallel(model)
+            model = DistributedDataParallel(model, find_unused_parameters=turned)
         else:
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
@@ -93,7 +110,7 @@ def _rank(world: Any, kind: str, sizes: list[int], rows: int, steps: int) -> Any
 
 def _worker(args: argparse.Namespace) -> None:
     res = mesh.spawn(_rank, args.worker_n, args.kind, args.sizes, args.rows, args.steps,
-                     timeout=900)
+                     args.turned, timeout=900)
     print(json.dumps({str(k): v for k, v in res[0].items()}))
 
 
@@ -106,6 +123,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--kind", default="hvd")
+    ap.add_argument("--turned", action="store_true")
     ap.add_argument("--worker-n", type=int, default=0)
     args = ap.parse_args()
     if args.worker_n:
@@ -120,7 +138,8 @@ def main() -> None:
                 env = dict(os.environ, PYTHONPATH=tree, PYTHONDONTWRITEBYTECODE="1")
                 cmd = [sys.executable, os.path.abspath(__file__), "--kind", kind,
                        "--worker-n", str(n), "--rows", str(args.rows), "--steps",
-                       str(args.steps), "--sizes", *map(str, args.sizes)]
+                       str(args.steps), "--sizes", *map(str, args.sizes)] + \
+                    ["--turned"] * args.turned
                 line = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                                       timeout=1200).stdout.strip().splitlines()[-1]
                 for size, (first, each, count) in json.loads(line).items():
