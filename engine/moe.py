@@ -35,9 +35,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 import collectives
-from mesh.errors import MismatchError
+from mesh.errors import MeshError, MismatchError
 
 from .moe_gate import TopKGate
+from .step import _in_action
 
 __all__ = ["MoE", "expert_groups", "is_moe_param", "has_moe_layers", "MoEGradReducer",
            "split_params_into_different_moe_groups_for_optimizer", "meshrun_exchange"]
@@ -112,6 +113,9 @@ def _exchanged(exchange: Callable[[Any, Any], Any], group: Any, x: Any, what: st
             f"{what}: all_to_all of a {tuple(x.shape)} {x.dtype} block over the "
             f"expert-parallel group {group.name} (every rank's tokens, hidden size, experts "
             f"and capacity must agree): {e}") from e
+    except MeshError as e:      # (a peer lost, a timeout: its class and peer kept)
+        raise _in_action(e, f"{what.partition(': ')[2]}: its all_to_all over the "
+                            f"expert-parallel group {group.name}") from None
 
 
 class MoE(torch.nn.Module):
@@ -171,8 +175,42 @@ class MoE(torch.nn.Module):
     def _group(self) -> Any:
         if self.ep_group is None:
             self.world = _world(self.world)
+            self._agree(self.world)
             self.ep_group = expert_groups(self.world, self.ep_size)[0]
+        elif not self.__dict__.get("_agreed"):
+            self._agree(self.ep_group)
         return self.ep_group
+
+    def _agree(self, group: Any) -> None:
+        """At the layer's first forward: its settings all-gathered over
+        ``group`` (the world, or the ep_group given), a MismatchError on
+        every rank naming the ranks and the setting where any differs (one
+        small message: else a rank of another ep_size ran alone, or its
+        all_to_all met a block of another shape)."""
+        self._agreed = True
+        mine: dict[str, Any] = {a: getattr(self, a) for a in (
+            "hidden_size", "num_experts", "ep_size", "k", "use_residual", "drop_tokens")}
+        mine.update({a: getattr(self.gate, a, None) for a in (
+            "capacity_factor", "eval_capacity_factor", "min_capacity")})
+        if group.size == 1:
+            return
+        me = f"MoE layer ({self.num_experts} experts, ep_size {self.ep_size}) forward"
+        try:
+            told = collectives.all_gather_object(group, mine)
+        except MeshError as e:      # (a rank that never runs the layer: named so)
+            raise _in_action(e, f"{me}: the all-gather of its settings over group "
+                                f"{group.name}, at its first forward") from None
+        for name, here in mine.items():
+            there = {r: t.get(name) for r, t in enumerate(told) if t.get(name) != here}
+            if there:
+                r = min(there)
+                raise MismatchError(
+                    f"rank {group.ranks[group.rank]}: {me}: its {name} is {here!r} here but "
+                    f"{there[r]!r} on rank {group.ranks[r]}"
+                    + (f" (and {len(there) - 1} more ranks differ)" if len(there) > 1 else "")
+                    + f" (group {group.name}, checked at the layer's first forward): every "
+                    f"rank builds the layer alike (num_experts, ep_size, k, capacity and "
+                    f"hidden size)")
 
     def forward(self, hidden_states: Any, used_token: Any = None) -> tuple[Any, Any, Any]:
         group = self._group()

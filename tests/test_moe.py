@@ -227,19 +227,55 @@ def _resumed(world: Any, stage: int, where: str) -> tuple[list[float], str]:
 
 
 def _mismatches(world: Any) -> list[str]:
-    """A rank whose layer's hidden size (or tokens) differs: both raise,
-    naming the rank and the dispatch; num_experts and ep_size checked."""
+    """A rank whose layer's hidden size, ep_size (1: it would run alone), k
+    or num_experts (or tokens) differs: both raise, naming the rank, the
+    setting and the peer (the tokens: the dispatch); a peer lost in the
+    backward's all_to_all, or a timeout in the first forward's check,
+    named with the layer; num_experts and ep_size checked."""
     said = []
-    for bad in ("hidden", "tokens"):
+    for bad in ("hidden", "ep_size", "k", "num_experts", "tokens"):
         h = H + (world.rank if bad == "hidden" else 0)
-        layer = moe.MoE(h, torch.nn.Linear(h, h), num_experts=E, ep_size=2, world=world,
-                        min_capacity=0)
+        kw = {"num_experts": E, "ep_size": 2, "k": 1}
+        if bad in kw:
+            kw[bad] = {"num_experts": E * 2, "ep_size": 1, "k": 2}[bad] if world.rank else \
+                kw[bad]
+        layer = moe.MoE(h, torch.nn.Linear(h, h), world=world, min_capacity=0, **kw)
         rows = ROWS + (world.rank if bad == "tokens" else 0)
         try:
             layer(torch.randn(rows, h))
             said.append("no error")
         except Exception as e:
             said.append(f"{type(e).__name__}: {e}")
+    layer = moe.MoE(H, torch.nn.Linear(H, H), num_experts=E, ep_size=2, world=world)
+    calls = []
+
+    def lost(group: Any, x: Any) -> Any:     # (the backward's first exchange: a peer lost)
+        calls.append(x)
+        if len(calls) > 2:
+            raise mesh.LostPeerError(f"rank {world.rank}: all_to_all #9 on group {group.name}: "
+                                     f"recv from rank {1 - world.rank} failed: peer rank "
+                                     f"{1 - world.rank} is gone", 1 - world.rank)
+        return moe.meshrun_exchange(group, x)
+    layer.exchange = lost
+    try:
+        layer(torch.randn(ROWS, H))[0].sum().backward()
+        said.append("no error")
+    except mesh.LostPeerError as e:
+        said.append(f"{type(e).__name__} {e.peer}: {e}")
+    gather = collectives.all_gather_object
+
+    def silent(group: Any, obj: Any) -> Any:     # (a peer that never runs the layer)
+        raise mesh.MeshTimeoutError(f"rank {world.rank}: all_gather_object #7 on group "
+                                    f"{group.name} timed out after 5s")
+    collectives.all_gather_object = silent
+    try:
+        moe.MoE(H, torch.nn.Linear(H, H), num_experts=E, ep_size=2, world=world)(
+            torch.randn(ROWS, H))
+        said.append("no error")
+    except mesh.MeshTimeoutError as e:
+        said.append(str(e))
+    finally:
+        collectives.all_gather_object = gather
     for kw in ({"num_experts": 3, "ep_size": 2}, {"num_experts": 3, "ep_size": 3}):
         try:
             moe.MoE(H, torch.nn.Linear(H, H), world=world, **kw)(torch.randn(2, H))
@@ -297,10 +333,25 @@ def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any)
     assert len(res[0]["deepspeed"]["resumed"]) == (3 if ranks == 4 else 0)
     if ranks == 2:
         for rank, r in enumerate(res):
-            hidden, tokens, three, world = r["mismatch"]
-            assert hidden.startswith("MismatchError: ") and f"rank {rank}: MoE layer" in hidden \
-                and "dispatch: all_to_all" in hidden, hidden
+            hidden, ep, k, experts, tokens, lost, silent, three, world = r["mismatch"]
+            other = 1 - rank
+            for got, name, here, there in ((hidden, "hidden_size", H + rank, H + other),
+                                           (ep, "ep_size", 1 + (rank == 0), 1 + (other == 0)),
+                                           (k, "k", 1 + rank, 1 + other),
+                                           (experts, "num_experts", E * (1 + rank),
+                                            E * (1 + other))):
+                assert got.startswith(f"MismatchError: rank {rank}: MoE layer (") and \
+                    f" forward: its {name} is {here} here but {there} on rank {other} (group " \
+                    f"world, checked at the layer's first forward)" in got, got
             assert tokens.startswith("MismatchError: ") and "dispatch" in tokens, tokens
+            assert lost.startswith(f"LostPeerError {other}: rank {rank}: MoE layer (4 experts, "
+                                   f"ep_size 2) combine (backward): its all_to_all over the "
+                                   f"expert-parallel group world/[0, 1]: all_to_all #9 on "
+                                   f"group world/[0, 1]: recv from rank {other} failed"), lost
+            assert silent == f"rank {rank}: MoE layer (4 experts, ep_size 2) forward: the " \
+                             f"all-gather of its settings over group world, at its first " \
+                             f"forward: all_gather_object #7 on group world timed out after " \
+                             f"5s", silent
             assert "num_experts=3 is not divisible by ep_size=2" in three, three
             assert f"rank {rank}: MoE: ep_size=3 must be a whole number >= 1 dividing the " \
                 f"world's 2 ranks" in world, world
