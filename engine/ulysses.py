@@ -30,8 +30,9 @@ from typing import Any, Callable
 import torch
 
 import collectives
-from mesh import Comm, MismatchError
+from mesh import Comm, MeshError, MismatchError
 
+from .step import _in_action
 from .tp_plan import PlanError
 
 __all__ = ["DistributedAttention", "ulysses_attention", "seq_all_to_all", "sp_comm"]
@@ -64,15 +65,12 @@ def sp_comm(group: Any, call: str) -> Comm:
 
 
 def _exchange(group: Comm, where: str) -> Exchange:
-    """meshrun's all_to_all of ``[P, ...]`` blocks (block j to rank j); a
-    mismatch with another rank (its sequence part of another length) raised
-    again naming ``where``."""
+    """meshrun's all_to_all of ``[P, ...]`` blocks (block j to rank j) over
+    ``group`` (its errors named by ``_trade``: ``where`` is in the text)."""
     def run(blocks: torch.Tensor) -> torch.Tensor:
-        try:
-            out: torch.Tensor = collectives.all_to_all(group, blocks)
-        except MismatchError as e:
-            raise MismatchError(f"rank {group.rank}: {where}: {e}") from e
+        out: torch.Tensor = collectives.all_to_all(group, blocks)
         return out
+    run.group = group       # type: ignore[attr-defined]
     return run
 
 
@@ -88,7 +86,15 @@ def _trade(x: torch.Tensor, n: int, rank: int, scatter: int, gather: int,
     if n == 1:
         return x.detach().clone()
     blocks = x.detach().unflatten(scatter, (n, x.shape[scatter] // n)).movedim(scatter, 0)
-    got = exchange(blocks.contiguous())
+    try:
+        got = exchange(blocks.contiguous())
+    except MeshError as e:      # (a mismatch, a peer lost, a timeout: its class and peer kept)
+        group = getattr(exchange, "group", None)
+        over = f" over the sequence-parallel group {group.name}" if group is not None else ""
+        agree = " (every rank's part of the sequence, heads, head size and dtype must " \
+            "agree)" if isinstance(e, MismatchError) else ""
+        raise _in_action(e, f"{where}: the all_to_all of this rank's {tuple(x.shape)} "
+                            f"{str(x.dtype).replace('torch.', '')} part{over}{agree}") from None
     return got.movedim(0, gather).flatten(gather, gather + 1)
 
 

@@ -171,6 +171,19 @@ def _errors(world: Any) -> list[str]:
         DistributedAttention(_local, world)(q, q, q)
     except mesh.MismatchError as e:
         said.append(str(e))
+    calls = []
+
+    def lost(blocks: Any) -> Any:        # (the backward's first all_to_all: a peer lost)
+        calls.append(blocks)
+        if len(calls) > 4:
+            raise mesh.LostPeerError(f"rank {world.rank}: all_to_all #9 on group world: recv "
+                                     f"from rank 0 failed: peer rank 0 is gone", 0)
+        return collectives.all_to_all(world, blocks)
+    q = torch.zeros(B, S // world.size, HEADS, 2, requires_grad=True)
+    try:
+        DistributedAttention(_local, world, exchange=lost)(q, q, q).sum().backward()
+    except mesh.LostPeerError as e:
+        said.append(f"{e.peer}: {e}")
     return said
 
 
@@ -315,7 +328,7 @@ def test_ulysses_matches_one_process(ranks: int) -> None:
             assert max(got[how].values()) < 1e-5, (r, how, got[how])
         assert got["deepspeed"] < 1e-5, (r, got["deepspeed"])
         assert all(got["copy"]), got["copy"]      # a deepcopy's gradients its own
-        heads, nomatch, nosdpa, mismatch = got["errors"]
+        heads, nomatch, nosdpa, mismatch, lost = got["errors"]
         assert heads.startswith(f"rank {r}: Ulysses attention's query forward: axis 2 of a "
                                 f"(2, {S // ranks}, 3, 2) tensor is 3, not divisible by the "
                                 f"sequence-parallel group size {ranks}"), heads
@@ -323,8 +336,16 @@ def test_ulysses_matches_one_process(ranks: int) -> None:
                           f"of the _Block", nomatch
         assert nosdpa.startswith(f"rank {r}: ulysses_attention: mlp's forward called no "
                                  f"torch.nn.functional.scaled_dot_product_attention"), nosdpa
-        assert mismatch.startswith(f"rank {r}: Ulysses attention's query: "), mismatch
+        part = S // ranks + (r == 0)
+        assert mismatch.startswith(f"rank {r}: Ulysses attention's query forward: the "
+                                   f"all_to_all of this rank's (2, {part}, {HEADS}, 2) float32 "
+                                   f"part over the sequence-parallel group world (every rank's "
+                                   f"part of the sequence, heads, head size and dtype must "
+                                   f"agree): "), mismatch
         assert "mismatch" in mismatch and "all_to_all" in mismatch, mismatch
+        assert lost == f"0: rank {r}: Ulysses attention's output backward: the all_to_all of " \
+                       f"this rank's (2, {S // ranks}, {HEADS}, 2) float32 part: all_to_all #9 " \
+                       f"on group world: recv from rank 0 failed: peer rank 0 is gone", lost
         _check_distributed(r, ranks, got["distribute"])
 
 
