@@ -109,6 +109,7 @@ def _sync_job(world: Any, folder: str) -> dict[str, Any]:
     Path(folder, f"{rank}.json").write_text(json.dumps(out))
     mutex = sync.Mutex(comm=comm)       # rank 2 dies holding it: rank 0's acquire and
     cv = sync.Condition(comm=comm)      # rank 1's wait raise, naming it
+    held = sync.Counter(comm=comm, root=2)      # (its value on rank 2: next() raises then)
     if rank == 2:
         mutex.acquire()
     comm.Barrier()
@@ -123,6 +124,11 @@ def _sync_job(world: Any, folder: str) -> dict[str, Any]:
         said = "no error"
     except mesh.LostPeerError as e:
         said = f"{type(e).__name__} {e.peer}: {e}"
+    try:
+        held.next()
+        said += "\nno error"
+    except mesh.LostPeerError as e:
+        said += f"\n{type(e).__name__} {e.peer}: {e}"
     Path(folder, f"{rank}.lost").write_text(said)
     if rank == 0:       # (rank 0 keeps the windows: it waits for rank 1 to be done)
         comm.recv(source=1)
@@ -134,10 +140,16 @@ def _sync_job(world: Any, folder: str) -> dict[str, Any]:
 def test_sync_at_three_ranks(tmp_path: Path) -> None:
     """(one job of 3 ranks: 2-8 s) The last, rank 2 dies holding a Mutex:
     rank 0's acquire and rank 1's Condition.wait raise LostPeerError naming
-    it and the call (they polled for ever)."""
+    it and the call (they polled for ever); then a Counter.next of the
+    counter rank 2 held, naming it and the call (a window's lock before)."""
     with pytest.raises(mesh.WorkerError, match="rank 2"):
         mesh.spawn(_sync_job, 3, str(tmp_path), timeout=100, settle=20)
-    lost = [(tmp_path / f"{rank}.lost").read_text() for rank in (0, 1)]
+    lost = [(tmp_path / f"{rank}.lost").read_text().split("\n") for rank in (0, 1)]
+    for rank, (_, counter) in enumerate(lost):
+        assert counter.startswith(f"LostPeerError 2: rank {rank}: collectives.util.sync."
+                                  f"Counter.next failed: rank 2, which holds the counter's "
+                                  f"value, is lost: "), counter
+    lost = [said for said, _ in lost]
     assert lost[0].startswith("LostPeerError 2: rank 0: collectives.util.sync."
                               "Mutex.acquire failed: rank 2, which holds the mutex, "
                               "is lost: "), lost

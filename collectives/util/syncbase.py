@@ -163,9 +163,14 @@ class Counter:
         got = np.zeros(1, self._dtype)
         op = MPI.SUM if add[0] != 0 else MPI.NO_OP
         win = self._window
-        win.Lock(self._root, MPI.LOCK_SHARED)
-        win.Fetch_and_op(add, got, self._root, 0, op)
-        win.Unlock(self._root)
+        try:
+            win.Lock(self._root, MPI.LOCK_SHARED)
+            win.Fetch_and_op(add, got, self._root, 0, op)
+            win.Unlock(self._root)
+        except LostPeerError as e:
+            raise LostPeerError(f"rank {self._comm.Get_rank()}: collectives.util.sync.Counter."
+                                f"next failed: rank {self._root}, which holds the counter's "
+                                f"value, is lost: {e}", e.peer) from e
         return got[0].item()
 
     def free(self) -> None:
