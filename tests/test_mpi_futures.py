@@ -195,12 +195,17 @@ def test_pool_of_spawned_workers_under_mesh_spawn() -> None:
 def test_comm_executor_under_meshrun(tmp_path: Path) -> None:
     """MPICommExecutor(COMM_WORLD, root=1) at 3 ranks: rank 1 the master,
     ranks 0 and 2 its workers, whose ``with`` body is skipped, and whose
-    tasks' get_comm_workers() is the two of them. (3-10 s)"""
+    tasks' get_comm_workers() is the two of them; a task of the script's
+    own, whose unguarded top level a worker runs to find it, raises the
+    RuntimeError saying to guard it (the executor it meets made no
+    collective: that waited for the timeout). (3-10 s)"""
     script = tmp_path / "comm.py"
     script.write_text(
         "from collectives import MPI\n"
         "from collectives.futures import MPICommExecutor\n"
         "from test_mpi_futures import pair, workers_comm\n"
+        "def mine(x):\n"
+        "    return x\n"
         "with MPICommExecutor(MPI.COMM_WORLD, root=1) as ex:\n"
         "    if ex is not None:\n"
         "        got = list(ex.map(pair, range(6), range(6)))\n"
@@ -208,6 +213,10 @@ def test_comm_executor_under_meshrun(tmp_path: Path) -> None:
         "              [a for a, _, _ in got], len({p for _, _, p in got}) >= 1)\n"
         "        comms = {tuple(c[1:]) for c in ex.map(workers_comm, range(4))}\n"
         "        print('workers comm', comms <= {(2, 0), (2, 1)} and len(comms) >= 1)\n"
+        "        try:\n"     # (a worker runs this unguarded script to find mine: refused)
+        "            ex.submit(mine, 1).result(timeout=60)\n"
+        "        except RuntimeError as e:\n"
+        "            print('unguarded', 'executor made at the script' in str(e))\n"
         "print('after', MPI.COMM_WORLD.rank)\n")
     env = launch_env(ROOT)
     env["PYTHONPATH"] += os.pathsep + str(ROOT / "tests")
@@ -216,6 +225,7 @@ def test_comm_executor_under_meshrun(tmp_path: Path) -> None:
     assert code == 0, out
     assert "[1] master 1 2 [0, 1, 2, 3, 4, 5] True\n" in out, out
     assert "[1] workers comm True\n" in out, out      # (get_comm_workers: the 2 workers')
+    assert "[1] unguarded True\n" in out, out       # (not a worker's collective: a hang)
     assert all(f"[{r}] after {r}\n" in out for r in range(3)), out
 
 

@@ -193,6 +193,7 @@ class MPICommExecutor:
 
     def __enter__(self) -> Any:
         comm, root = self._comm, self._root
+        codec.check_not_in_main()   # (a worker's run of the main script: before any collective)
         if comm.Get_size() == 1:
             self._executor = MPIPoolExecutor(1, **self._options)
             return self._executor
