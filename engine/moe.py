@@ -12,11 +12,13 @@ The world's ranks are cut into expert-parallel groups of ``ep_size``
 consecutive ranks ([0, 1], [2, 3] at 4 ranks and ep_size 2); each rank of
 a group holds ``num_experts / ep_size`` experts (rank j of the group the
 j-th run of them). A forward gates this rank's tokens (engine.moe_gate),
-lays them out (experts, capacity, hidden), sends each expert's rows to
-its rank by an all_to_all over the group (collectives.all_to_all, in an
-autograd Function whose backward is the reverse all_to_all), runs the
-local experts on what came, sends the outputs back the same way and sums
-each token's expert outputs weighted by its gates. The ranks at one
+sends each expert's tokens to its rank (``dispatch="capacity"``, the
+default: DeepSpeed's (experts, capacity, hidden), padding included, by
+all_to_all; ``"tokens"``: the kept tokens alone, by all_to_all_v;
+engine.moe_dispatch, autograd Functions whose backward is the transposed
+exchange; the same bits),
+runs the local experts on what came, sends the outputs back the same way
+and sums each token's expert outputs weighted by its gates. The ranks at one
 position of every group (``r % ep_size`` alike: the expert-data-parallel
 group) hold copies of the same experts: their gradients are summed over
 that group and divided by the world's size, the other parameters'
@@ -37,11 +39,14 @@ import torch
 import collectives
 from mesh.errors import MeshError, MismatchError
 
+from .moe_dispatch import DISPATCHES, by_capacity, by_tokens, meshrun_exchange, \
+    meshrun_exchange_v
 from .moe_gate import TopKGate
 from .step import _in_action
 
 __all__ = ["MoE", "expert_groups", "is_moe_param", "has_moe_layers", "MoEGradReducer",
-           "split_params_into_different_moe_groups_for_optimizer", "meshrun_exchange"]
+           "split_params_into_different_moe_groups_for_optimizer", "meshrun_exchange",
+           "meshrun_exchange_v"]
 
 _GROUPS: "weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, Any]]]" = \
     weakref.WeakKeyDictionary()
@@ -77,47 +82,6 @@ def _world(world: Any) -> Any:
     return comm_of()
 
 
-def meshrun_exchange(group: Any, x: Any) -> Any:
-    """The all_to_all of ``x``'s first axis (``group.size`` equal blocks)
-    over ``group``: meshrun's."""
-    return collectives.all_to_all(group, x)
-
-
-class _AllToAll(torch.autograd.Function):
-    """An exchange as an autograd Function: the backward is the reverse
-    all_to_all (of the gradient, the same exchange)."""
-
-    @staticmethod
-    def forward(ctx: Any, exchange: Any, group: Any, what: str, t: Any) -> Any:
-        ctx.exchange, ctx.group, ctx.what = exchange, group, what
-        return _exchanged(exchange, group, t.contiguous(), what)
-
-    @staticmethod
-    def backward(ctx: Any, g: Any) -> Any:
-        return None, None, None, _exchanged(ctx.exchange, ctx.group, g.contiguous(),
-                                            ctx.what + " (backward)")
-
-
-def _all_to_all(exchange: Callable[[Any, Any], Any], group: Any, x: Any, what: str) -> Any:
-    """``exchange`` of ``x`` (autograd's). An error (another rank's hidden
-    size, capacity or dtype: collectives' MismatchError) names the layer
-    and the step."""
-    return _AllToAll.apply(exchange, group, what, x)
-
-
-def _exchanged(exchange: Callable[[Any, Any], Any], group: Any, x: Any, what: str) -> Any:
-    try:
-        return exchange(group, x)
-    except MismatchError as e:
-        raise MismatchError(
-            f"{what}: all_to_all of a {tuple(x.shape)} {x.dtype} block over the "
-            f"expert-parallel group {group.name} (every rank's tokens, hidden size, experts "
-            f"and capacity must agree): {e}") from e
-    except MeshError as e:      # (a peer lost, a timeout: its class and peer kept)
-        raise _in_action(e, f"{what.partition(': ')[2]}: its all_to_all over the "
-                            f"expert-parallel group {group.name}") from None
-
-
 class MoE(torch.nn.Module):
     """DeepSpeed's ``deepspeed.moe.layer.MoE``: ``layer(x, used_token=None)``
     -> ``(output, l_aux, exp_counts)``. ``world``: the meshrun Comm the
@@ -125,8 +89,9 @@ class MoE(torch.nn.Module):
     "meshrun"), cut into groups of ``ep_size``; or ``ep_group``: the
     expert-parallel group itself (its copies elsewhere are then the user's
     to reduce). The groups are made at the first forward (or by
-    ``MoEGradReducer``). Refused: ``use_tutel``,
-    ``enable_expert_tensor_parallelism``, noisy gates."""
+    ``MoEGradReducer``). ``dispatch``: ``"capacity"`` (the default) or ``"tokens"``
+    (what ``use_tutel=True`` asks; engine.moe_dispatch).
+    Refused: ``enable_expert_tensor_parallelism``, noisy gates."""
 
     def __init__(self, hidden_size: int, expert: Any, num_experts: int = 1, ep_size: int = 1,
                  k: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
@@ -135,11 +100,15 @@ class MoE(torch.nn.Module):
                  use_rts: bool = True, use_tutel: bool = False,
                  enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: bool = True, world: Any = None,
-                 ep_group: Any = None) -> None:
+                 ep_group: Any = None, dispatch: str | None = None) -> None:
         super().__init__()
-        if use_tutel or enable_expert_tensor_parallelism:
-            raise ValueError("MoE: use_tutel / enable_expert_tensor_parallelism: not supported "
-                             "on meshrun (leave them False)")
+        if enable_expert_tensor_parallelism:
+            raise ValueError("MoE: enable_expert_tensor_parallelism: not supported on meshrun "
+                             "(leave it False)")
+        if dispatch is None:        # (Tutel's: DeepSpeed's faster dispatch, the same values)
+            dispatch = "tokens" if use_tutel else "capacity"
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"MoE: dispatch={dispatch!r}: one of {', '.join(DISPATCHES)}")
         if ep_group is not None:
             ep_size = ep_group.size
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or \
@@ -169,6 +138,9 @@ class MoE(torch.nn.Module):
         self.world, self.ep_group = world, ep_group
         # the all_to_all (group, tensor) -> tensor: meshrun's (engine.bench_moe swaps it)
         self.exchange: Callable[[Any, Any], Any] = meshrun_exchange
+        # the uneven one (group, tensor, send counts, receive counts) -> tensor
+        self.exchange_v: Callable[..., Any] = meshrun_exchange_v
+        self.dispatch = dispatch
         self.l_aux: Any = None
         self.exp_counts: Any = None
 
@@ -229,14 +201,11 @@ class MoE(torch.nn.Module):
 
         l_aux, combine, dispatch, counts = self.gate(flat, used_token, agree)
         self.l_aux, self.exp_counts = l_aux, counts
-        sent = torch.einsum("sec,sm->ecm", dispatch.to(x.dtype), flat)
-        got = _all_to_all(self.exchange, group, sent, f"{me} dispatch")
-        cap = got.shape[1]
-        got = got.reshape(self.ep_size, self.num_local_experts, cap, self.hidden_size)
-        outs = [e(c) for e, c in zip(self.experts, got.chunk(self.num_local_experts, dim=1))]
-        done = torch.cat(outs, dim=1).reshape(self.num_experts, cap, -1)
-        back = _all_to_all(self.exchange, group, done, f"{me} combine")
-        out = torch.einsum("sec,ecm->sm", combine.to(x.dtype), back)
+        if self.dispatch == "tokens":
+            out = by_tokens(self.experts, group, flat, combine, dispatch, me, self.exchange,
+                            self.exchange_v)
+        else:
+            out = by_capacity(self.experts, group, flat, combine, dispatch, me, self.exchange)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         if self.use_residual:
             coef = torch.nn.functional.softmax(self.coefficient(x), dim=-1)

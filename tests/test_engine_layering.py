@@ -26,7 +26,7 @@ ORDER = ["ir", "schedules", "user_schedules", "lower", "replay", "verify", "simu
          "agree", "calibrate", "given", "layer_timing", "measured_choice", "stage_state",
          "job_retime", "job_state", "job_optim", "job",
          "distribute_schedules", "distribute_measure", "distribute", "zero_args", "zero",
-         "moe_gate", "moe", "moe_zero", "moe_checkpoint", "ds_config", "ds_compat",
+         "moe_gate", "moe_dispatch", "moe", "moe_zero", "moe_checkpoint", "ds_config", "ds_compat",
          "ds_checkpoint", "ds_partition", "ds_pipe", "ds_zero", "deepspeed", "show", "bench_torch",
          "bench_distribute", "bench_memory", "bench", "bench_zero", "bench_moe"]
 

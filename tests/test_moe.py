@@ -6,7 +6,9 @@ The gating is each rank's own tokens' (DeepSpeed's: a rank's capacity is
 ceil(its tokens / experts * capacity_factor), the tokens over it dropped),
 so the one-process reference gates each rank's rows in a forward of their
 own, and its loss is the mean of those forwards' losses: the whole batch's
-mean, as the ranks' averaged gradients make it."""
+mean, as the ranks' averaged gradients make it. The two dispatches (each
+expert's tokens alone, and DeepSpeed's padded capacity) against each other:
+the same bits."""
 from __future__ import annotations
 
 from typing import Any
@@ -233,14 +235,15 @@ def _mismatches(world: Any) -> list[str]:
     backward's all_to_all, or a timeout in the first forward's check,
     named with the layer; num_experts and ep_size checked."""
     said = []
-    for bad in ("hidden", "ep_size", "k", "num_experts", "tokens"):
+    for bad in ("hidden", "ep_size", "k", "num_experts", "tokens", "tokens by tokens"):
         h = H + (world.rank if bad == "hidden" else 0)
         kw = {"num_experts": E, "ep_size": 2, "k": 1}
         if bad in kw:
             kw[bad] = {"num_experts": E * 2, "ep_size": 1, "k": 2}[bad] if world.rank else \
                 kw[bad]
-        layer = moe.MoE(h, torch.nn.Linear(h, h), world=world, min_capacity=0, **kw)
-        rows = ROWS + (world.rank if bad == "tokens" else 0)
+        layer = moe.MoE(h, torch.nn.Linear(h, h), world=world, min_capacity=0,
+                        dispatch="tokens" if bad == "tokens by tokens" else "capacity", **kw)
+        rows = ROWS + (world.rank if bad.startswith("tokens") else 0)
         try:
             layer(torch.randn(rows, h))
             said.append("no error")
@@ -285,8 +288,44 @@ def _mismatches(world: Any) -> list[str]:
     return said
 
 
+def _dispatches(world: Any) -> list[tuple[Any, ...]]:
+    """The same layer at ep_size 2 by each dispatch, top-1 and top-2,
+    dropping tokens and not, random token selection and second-expert
+    sampling on (the RNG seeded alike): whether the outputs, l_aux and
+    every gradient (input's, gate's, experts') are equal bit for bit
+    (float64), and the rows the tokens way sent against the padded way's."""
+    out = []
+    x0 = torch.randn(16, H, generator=torch.Generator().manual_seed(world.rank),
+                     dtype=torch.float64)
+    for k in (1, 2):
+        for drop in (True, False):
+            got = []
+            for way in ("capacity", "tokens"):
+                torch.manual_seed(7)
+                layer = moe.MoE(H, torch.nn.Linear(H, H), num_experts=E, ep_size=2, k=k,
+                                capacity_factor=0.5 * k, min_capacity=0, drop_tokens=drop,
+                                world=world, dispatch=way).double()
+                sent = [0]          # (the float rows every exchange sends)
+                plain, plain_v = layer.exchange, layer.exchange_v
+                layer.exchange = lambda g, t: (sent.__setitem__(0, sent[0] + (
+                    t.shape[0] * t.shape[1] if t.is_floating_point() else 0)), plain(g, t))[1]
+                layer.exchange_v = lambda g, t, sc, rc: (sent.__setitem__(0, sent[0] + len(
+                    t)), plain_v(g, t, sc, rc))[1]
+                x = x0.clone().requires_grad_()
+                torch.manual_seed(8 + world.rank)
+                y, l_aux, _ = layer(x)
+                (y.pow(2).sum() + l_aux).backward()
+                got.append([y, l_aux, x.grad] + [p.grad for p in layer.parameters()] +
+                           [sent[0]])
+            cap, tok = got
+            same = all(torch.equal(a, b) for a, b in zip(cap[:-1], tok[:-1]))
+            out.append((k, drop, same, len(cap) - 1, cap[-1], tok[-1]))
+    return out
+
+
 def _cases(world: Any, where: str) -> dict[str, Any]:
-    res: dict[str, Any] = {"trained": _trained(world, 2), "deepspeed": _deepspeed(world, where)}
+    res: dict[str, Any] = {"trained": _trained(world, 2), "deepspeed": _deepspeed(world, where),
+                           "dispatches": _dispatches(world)}
     if world.size == 2:
         res["mismatch"] = _mismatches(world)
     return res
@@ -301,12 +340,21 @@ def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any)
     ZeRO 1 and 2, AdamW (at 4 ranks SGD too, and ZeRO 0), ZeRO 2 holding its
     share of the gradients and optimizer state alone; at 4 its checkpoint
     saved after 2 steps resumed at ep_size 2 and 4 under ZeRO 0, 1 and 2:
-    the third step the uninterrupted run's."""
+    the third step the uninterrupted run's. At both, the tokens dispatch
+    against the padded one: the same bits, fewer rows."""
     res = mesh.spawn(_cases, ranks, str(tmp_path), timeout=150)
     for r in res:
         for case, gap, counts, marks in r["trained"]:
             assert gap < 1e-10, (case, gap)
             assert sum(counts) == ROWS * case[0] and marks == [False] * len(marks), (case, counts)
+        # (output, l_aux, the input's gradient, the gate's and the experts' parameters')
+        assert [d[:4] for d in r["dispatches"]] == [
+            (k, drop, True, 8) for k in (1, 2) for drop in (True, False)], r["dispatches"]
+    for i, (k, drop, *_) in enumerate(res[0]["dispatches"]):
+        padded, tokens = (sum(r["dispatches"][i][j] for r in res) for j in (4, 5))
+        # (without drops every token's row goes out and back, forward and backward)
+        assert tokens <= padded and (drop or padded > tokens == 4 * ranks * 16 * k), \
+            (k, drop, padded, tokens)
     for rank, r in enumerate(res):
         ds = r["deepspeed"]
         assert max(ds["gaps"]) < 1e-10 and ds["norm"] > 0.3 and ds["layer"], ds
@@ -333,7 +381,8 @@ def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any)
     assert len(res[0]["deepspeed"]["resumed"]) == (3 if ranks == 4 else 0)
     if ranks == 2:
         for rank, r in enumerate(res):
-            hidden, ep, k, experts, tokens, lost, silent, three, world = r["mismatch"]
+            hidden, ep, k, experts, tokens, by_tokens, lost, silent, three, world = \
+                r["mismatch"]
             other = 1 - rank
             for got, name, here, there in ((hidden, "hidden_size", H + rank, H + other),
                                            (ep, "ep_size", 1 + (rank == 0), 1 + (other == 0)),
@@ -344,6 +393,9 @@ def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any)
                     f" forward: its {name} is {here} here but {there} on rank {other} (group " \
                     f"world, checked at the layer's first forward)" in got, got
             assert tokens.startswith("MismatchError: ") and "dispatch" in tokens, tokens
+            assert by_tokens.startswith("MismatchError: ") and "dispatch" in by_tokens and \
+                f"rank {other}'s capacity is {2 + other} and hidden size 6, this rank's " \
+                f"{2 + rank} and 6" in by_tokens, by_tokens
             assert lost.startswith(f"LostPeerError {other}: rank {rank}: MoE layer (4 experts, "
                                    f"ep_size 2) combine (backward): its all_to_all over the "
                                    f"expert-parallel group world/[0, 1]: all_to_all #9 on "
@@ -355,3 +407,16 @@ def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any)
             assert "num_experts=3 is not divisible by ep_size=2" in three, three
             assert f"rank {rank}: MoE: ep_size=3 must be a whole number >= 1 dividing the " \
                 f"world's 2 ranks" in world, world
+
+
+def test_dispatch_argument() -> None:
+    """``dispatch``: DeepSpeed's padded capacity by default, the tokens way
+    for ``use_tutel=True`` (DeepSpeed's faster dispatch), anything else
+    refused naming the two."""
+    def made(**kw: Any) -> Any:
+        return moe.MoE(H, torch.nn.Linear(H, H), num_experts=E, ep_size=2, **kw).dispatch
+    assert [made(), made(use_tutel=True), made(dispatch="tokens"),
+            made(use_tutel=True, dispatch="capacity")] == ["capacity", "tokens", "tokens",
+                                                          "capacity"]
+    with pytest.raises(ValueError, match="dispatch='padded': one of capacity, tokens"):
+        made(dispatch="padded")
