@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
+import json
 import math
 import os
 import random
+import secrets
+import socket
 import stat
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -32,12 +36,14 @@ from mesh.rdvlaunch import job_folder
 from ..mpi_compat.tuples import unwrap, wrap
 from . import basics
 from .basics import HorovodInternalError
-from .functions import broadcast_object, broadcast_optimizer_state, broadcast_parameters
+from .functions import (allgather_object, broadcast_object, broadcast_optimizer_state,
+                        broadcast_parameters)
 
 __all__ = ["run", "State", "ObjectState", "TorchState", "ElasticSampler",
            "HorovodInternalError", "HostsUpdatedInterrupt", "commit_file", "restart_count"]
 
 _FORMAT = "meshrun hvd.elastic 1"
+_JOB = "hvd-elastic.job"       # every node's word of the job's rank 0 and its folder
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -69,10 +75,17 @@ def restart_count() -> int:
 def commit_file() -> str | None:
     """Where rank 0 writes each commit: ``<tmp>/meshrun-job-<uid>-<run id>/
     hvd-elastic.pt``, the job's TORCHELASTIC_RUN_ID (the same in every try);
-    None without restarts to come (TORCHELASTIC_MAX_RESTARTS 0 or unset)."""
+    None without restarts to come (TORCHELASTIC_MAX_RESTARTS 0 or unset).
+    torchrun's run id without ``--rdzv-id``, ``none``, is refused: every
+    such job of the user's would share (and clear) one folder."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if not run_id or _env_int("TORCHELASTIC_MAX_RESTARTS") <= 0:
         return None
+    if run_id == "none":
+        raise ValueError("hvd.elastic: TORCHELASTIC_RUN_ID is 'none', torchrun's without "
+                         "--rdzv-id: every such job would keep its commits in one folder "
+                         "and clear the others'; give torchrun --rdzv-id <this job's name> "
+                         "(or --standalone on one host), or run under meshrun")
     return os.path.join(job_folder(run_id), "hvd-elastic.pt")
 
 
@@ -143,18 +156,87 @@ class State:
         """``_kept()``'s values, read back, as what ``save()`` kept."""
         raise NotImplementedError
 
-    def _resume(self, path: str) -> bool:
-        """The last commit's state from ``path``, restored; False if none."""
-        try:
-            kept = torch.load(path, weights_only=True)
-        except FileNotFoundError:
-            return False
+    def _resume(self, commit: bytes) -> None:
+        """The last commit's state (the file's bytes, rank 0's), restored."""
+        kept = torch.load(io.BytesIO(commit), weights_only=True)
         if not isinstance(kept, dict) or kept.get("format") != _FORMAT:
-            raise ValueError(f"hvd.elastic: {path} is not a commit of hvd.elastic's: remove it")
+            raise ValueError(f"hvd.elastic: {commit_file()} on rank 0 is not a commit of "
+                             f"hvd.elastic's: remove it")
         self._commits = int(kept["commits"])
         self._take(kept)
         self.restore()
-        return True
+
+
+def _read_job(folder: str) -> dict[str, str] | None:
+    """This node's word of the job's rank 0 (``_JOB`` in its job folder)."""
+    try:
+        with open(os.path.join(folder, _JOB)) as f:
+            job = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    return job if isinstance(job, dict) and isinstance(job.get("token"), str) else None
+
+
+def _write_whole(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _join_try(state: State, path: str) -> None:
+    """A try's start, on every rank (collective): rank 0 reads the last
+    commit on its host (in the first try it removes an earlier job's and
+    names this job anew: a random token, its host and folder) and
+    broadcasts it with that name, so every rank restores it wherever it
+    runs (no shared disk); every rank keeps the name in its own host's job
+    folder. Where a rank's host kept another name, or rank 0's kept the
+    name of a rank 0 elsewhere, every rank fails, saying so: rank 0 runs on
+    another host than the one that holds the commits."""
+    folder = os.path.dirname(path)
+    restart = restart_count()
+    host = socket.gethostname()
+    word: dict[str, Any] = {}
+    if basics.rank() == 0:
+        _own_folder(folder)
+        job = _read_job(folder) if restart > 0 else None
+        commit = None
+        if job is not None and (job.get("host"), job.get("folder")) != (host, folder):
+            word = {"job": {"token": ""}, "commit": None, "elsewhere": job}
+        elif job is not None:
+            try:
+                with open(path, "rb") as f:
+                    commit = f.read()
+            except FileNotFoundError:
+                pass                # (the job failed before its first commit)
+        else:                       # (an earlier job's, with the same run id: not this one's)
+            for stale in (path, os.path.join(folder, _JOB)):
+                try:
+                    os.unlink(stale)
+                except FileNotFoundError:
+                    pass
+            job = {"token": secrets.token_hex(8), "host": host, "folder": folder}
+        word = word or {"job": job, "commit": commit, "elsewhere": None}
+    word = broadcast_object(word)
+    job, commit = word["job"], word["commit"]
+    mine = _read_job(folder) if restart > 0 else None
+    other = mine is not None and mine["token"] != job["token"]
+    kept = allgather_object([host, folder, mine if other else None])
+    moved = [(r, h, f, m) for r, (h, f, m) in enumerate(kept) if m is not None]
+    if word["elsewhere"] is not None or moved:
+        r, h, f, m = moved[0] if moved else (0, *kept[0][:2], word["elsewhere"])
+        raise RuntimeError(
+            f"hvd.elastic: rank {basics.rank()}: try {restart} (TORCHELASTIC_RESTART_COUNT="
+            f"{restart}): rank 0 runs on host {kept[0][0]}, whose job folder {kept[0][1]} "
+            f"holds none of this job's commits, but rank {r} on host {h} ({f}) kept word "
+            f"that the job's rank 0 wrote them on host {m.get('host')} in {m.get('folder')}: "
+            f"the node of rank 0 changed between tries. Run rank 0 on that host again "
+            f"(meshrun: --node-rank 0 there; torchrun's rendezvous may give node rank 0 to "
+            f"another node in a try) or give every node's ranks one shared folder as TMPDIR")
+    _own_folder(folder)
+    _write_whole(os.path.join(folder, _JOB), json.dumps(job).encode())
+    if commit is not None:
+        state._resume(commit)
 
 
 class ObjectState(State):
@@ -308,14 +390,8 @@ def run(func: F) -> F:
                             f"argument is a hvd.elastic state (TorchState, ObjectState), "
                             f"not {type(state).__name__}")
         path = commit_file()
-        if path is not None and basics.rank() == 0:
-            if restart_count() > 0:
-                state._resume(path)
-            else:           # (an earlier job's, with the same run id: not this one's)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        if path is not None:
+            _join_try(state, path)
         if restart_count() > 0:
             state.on_reset()
         skip_sync = False
