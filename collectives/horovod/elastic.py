@@ -6,8 +6,12 @@ at the same N. ``@hvd.elastic.run`` makes such a try resume where the last
 ``state.commit()`` left it: ``commit()`` keeps the state in memory, as
 Horovod's, and rank 0 also writes it to a file of the job's that outlives
 its tries (``commit_file()``: written whole, then renamed over the last
-one); the next try's rank 0 reads it back before ``func`` runs, every rank
-calls the reset callbacks, and ``sync()`` gives every rank rank 0's state.
+one); the next try's rank 0 reads it back before ``func`` runs and
+broadcasts it, so every rank restores it wherever it runs (no shared disk),
+every rank calls the reset callbacks, and ``sync()`` gives every rank rank
+0's state. A try whose rank 0 runs on another node than the one holding the
+commits fails on every rank, saying so (each host's job folder keeps which
+job's rank 0 wrote them); torchrun's run id without --rdzv-id is refused.
 A failure inside a try (a peer lost: ``HorovodInternalError``, meshrun's
 ``MeshError``) ends the process, and the launcher starts the next try.
 The file holds the models' and optimizers' ``state_dict()`` (``torch.save``,
