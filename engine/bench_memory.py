@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         for schedule in a.schedules.split(","):
             for recompute in _ways(a):
                 r = mesh.spawn(_memory_worker, a.pp, a, schedule, recompute, None, timeout=900)
-                n = r[0]["layered"]
+                n = r[0]["layered"]     # (per stage: "2,1", "all" where whole)
+                n = ",".join(str(k or "all") for k in n) if isinstance(n, (list, tuple)) else n
                 way = _way(recompute) + (" by layer" if n == 1 else f" by {n} layers" if n else "")
                 live = ("" if r[0]["live"] is None else "  live heap's most in a step "
                         + " / ".join(f"{v['live']:.2f}" for v in r) + " MB")

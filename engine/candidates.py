@@ -62,7 +62,7 @@ class Candidate:
     # the recomputing stages go layer by layer (each keeps its layers' inputs
     # and makes one layer's activations again at a time), not whole; N > 1 (an int):
     # in runs of N layers (each run's input kept, its activations made again at once)
-    layered: bool | int = False
+    layered: bool | int | tuple[int, ...] = False
     # per stage, the mesh threads' CPU (helper_charge) its F, B and I costs hold
     charge: tuple[float, ...] = ()
     # the executor's own seconds per compute action its costs hold (in each F, B, I
@@ -119,7 +119,7 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
                helper: float = 0.0, recv: float | Mapping[int, float] = 0.0,
                cores: float | None = None, recompute: bool | str = False,
                inputs: Mapping[int, int] | None = None, copies: bool = True,
-               layers: bool = False, runs: int = 0) -> list[Candidate]:
+               layers: bool = False, runs: int | tuple[int, ...] = 0) -> list[Candidate]:
     """Each schedule of ``scheds`` with its layers cut by ``balance`` and
     simulated; best first. ``profile`` has a row for each micro-batch size
     ``ceil(rows / m)``; ``stages`` (``measure_stages``), where it has a
@@ -159,13 +159,18 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     once more; ``Candidate.layered``: True, or N): blocks that hold many
     times their input gain, (Linear, GELU) pairs, which keep their inputs
     anyway, do not.
+    The way is chosen for each rank's stages on their own (``_least``: a
+    rank's peak is its own stages' alone), so stages of 4 and 3 layers may
+    go in runs of 2 and 3 (``Candidate.layered`` then per stage, 0 where
+    whole or kept: ``(2, 3)``).
     ``runs=N`` (with ``layers``): the stages that recompute go in runs of N
     layers (``TorchStage(..., layered=N)``), costed so (``layer_by_layer``'s
-    ``runs``) whatever their peak whole."""
+    ``runs``) whatever their peak whole; a tuple, one N per stage (0:
+    whole), the schedules of another number of stages left out."""
     L = len(params)
     out = []
     for sched in scheds:
-        if sched.num_stages > L:
+        if sched.num_stages > L or isinstance(runs, tuple) and len(runs) != sched.num_stages:
             continue
         size = -(-rows // sched.num_microbatches)
         m = sched.num_microbatches
@@ -205,17 +210,15 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
             held = None if not again else [k if again is True or s in again else None
                                            for s, k in enumerate(hold)]
             peaks = peak_bytes(sched, act, held, overlap, grads)
-            layered: bool | int = False
+            layered: Layered = False
             if again and layers and held is not None:
                 split = any(a.kind == I for r in sched.ranks for a in r)
-                # runs=0: layer by layer, then runs of each N from 2 to one fewer than
-                # the longest recomputing stage's layers, each kept where it holds
-                # strictly less than the best before it (whole the first)
-                most = max(c for c, h in zip(counts, held) if h is not None)
-                for n in [runs] if runs else [1, *range(2, most)]:
-                    twin = _in_runs(sched, row, counts, kept, held, act, grads, split, n)
-                    if runs or max(twin) < max(peaks):
-                        peaks, layered = twin, (n if runs or n > 1 else True)
+                walk = _Walk(sched, row, counts, kept, held, act, grads, split, overlap)
+                if runs:
+                    each = runs if isinstance(runs, tuple) else (runs,) * len(counts)
+                    peaks, layered = walk(each), _said(each, held)
+                else:
+                    peaks, layered = _least(walk, peaks, counts, held)
             peak = max(peaks)
             fits = memory_limit is None or peak <= memory_limit
             out.append(Candidate(sched, counts, rep.makespan, rep.bubble, peak, fits, costs,
@@ -234,18 +237,76 @@ def candidates(profile: dict[int, dict[int, LayerCost]], params: Sequence[int], 
     return best_first(out)
 
 
-def _in_runs(sched: Schedule, row: Mapping[int, LayerCost], counts: Sequence[int],
-             kept: Sequence[int], held: Sequence[int | None], act: Sequence[int],
-             grads: Sequence[int], split: bool, n: int) -> tuple[int, ...]:
-    """Per rank, the peak of ``sched`` with its recomputing stages (``held``
-    not None) in runs of ``n`` layers (1: layer by layer; ``layer_by_layer``),
+# how a candidate's recomputing stages go: False whole, True layer by layer, N in runs
+# of N layers, or per stage (0: whole, or not recomputing)
+Layered = bool | int | tuple[int, ...]
+
+
+class _Walk:
+    """``__call__(ns)``: per rank, the peak of ``sched`` with each
+    recomputing stage ``s`` (``held`` not None) in runs of ``ns[s]``
+    layers (1: layer by layer; ``layer_by_layer``), or whole where it is 0,
     each stage's input as given (``kept``) and what it keeps besides, the
     loss's gradient, as in ``held``."""
-    by = [layer_by_layer(row, b, b + c, k, split, n) if h is not None else (0, a)
-          for b, c, k, h, a in zip(_starts(counts), counts, kept, held, act)]
-    return peak_bytes(sched, [x for _, x in by],
-                      [h if h is None else k + h - g for (k, _), h, g in zip(by, held, kept)],
-                      flowing=grads)
+
+    def __init__(self, sched: Schedule, row: Mapping[int, LayerCost], counts: Sequence[int],
+                 kept: Sequence[int], held: Sequence[int | None], act: Sequence[int],
+                 grads: Sequence[int], split: bool, shared: Sequence[int]) -> None:
+        self.sched, self.row, self.counts, self.kept = sched, row, counts, kept
+        self.held, self.act, self.grads, self.split = held, act, grads, split
+        self.shared = shared
+
+    def __call__(self, ns: Sequence[int]) -> tuple[int, ...]:
+        by = [layer_by_layer(self.row, b, b + c, k, self.split, n) if h is not None and n
+              else (k, a) for b, c, k, h, a, n in zip(_starts(self.counts), self.counts,
+                                                      self.kept, self.held, self.act, ns)]
+        return peak_bytes(self.sched, [x for _, x in by],
+                          [h if h is None else k + h - g
+                           for (k, _), h, g in zip(by, self.held, self.kept)],
+                          [0 if n and h is not None else sh
+                           for n, h, sh in zip(ns, self.held, self.shared)],
+                          self.grads)
+
+
+def _least(walk: _Walk, peaks: tuple[int, ...], counts: Sequence[int],
+           held: Sequence[int | None]) -> tuple[tuple[int, ...], Layered]:
+    """Each rank's recomputing stages (``held`` not None) whole (``peaks``),
+    layer by layer or in runs of N, each N from 2 to one fewer than the
+    stage's layers, the way that rank's peak is lowest with, a later way
+    only where it is strictly lower: first one N for all of a rank's
+    stages, then (a rank of several stages) each stage's own in turn,
+    the others' as chosen. A rank's peak is its own stages' alone, so
+    each stage of a rank of one has its own best N."""
+    sched = walk.sched
+    ns = [0] * len(counts)
+    best = list(peaks)
+    again = [h is not None for h in held]
+    for n in [1, *range(2, max(c for c, a in zip(counts, again) if a))]:
+        twin = walk([n if a and (n == 1 or n < c) else 0 for c, a in zip(counts, again)])
+        for r, pk in enumerate(twin):
+            if pk < best[r]:
+                best[r] = pk
+                for s in sched.stages_of(r):
+                    ns[s] = n if again[s] and (n == 1 or n < counts[s]) else 0
+    for r in range(sched.num_ranks):
+        mine = [s for s in sched.stages_of(r) if again[s]]
+        for s in mine if len(mine) > 1 else []:
+            for n in [0, 1, *range(2, counts[s])]:
+                twin = walk([n if t == s else m for t, m in enumerate(ns)])
+                if twin[r] < best[r]:
+                    best[r], ns[s] = twin[r], n
+    return walk(ns), _said(tuple(ns), held)
+
+
+def _said(ns: tuple[int, ...], held: Sequence[int | None]) -> Layered:
+    """``Candidate.layered`` of stages in runs of ``ns[s]``: one N for every
+    recomputing stage as before (1: True; 0: False), else ``ns`` (0 where a
+    stage is whole or keeps)."""
+    mine = {n for n, h in zip(ns, held) if h is not None}
+    if len(mine) > 1:
+        return tuple(n if h is not None else 0 for n, h in zip(ns, held))
+    n = mine.pop() if mine else 0
+    return True if n == 1 else n if n else False
 
 
 def fewest(sched: Schedule, act: Sequence[int], kept: Sequence[int],

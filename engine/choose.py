@@ -49,9 +49,17 @@ __all__ = ["LayerCost", "KEEPS_INPUT", "KEEPS_OUTPUT", "stage_held", "layer_by_l
            "in_bytes"]
 
 
-def recomputing(recompute: bool | frozenset[int], layered: bool | int = False) -> str:
-    """How a candidate's stages hold their activations, in words."""
-    how = " by layer" if layered == 1 else f" by {layered} layers" if layered else ""
+def recomputing(recompute: bool | frozenset[int],
+                layered: bool | int | Sequence[int] = False) -> str:
+    """How a candidate's stages hold their activations, in words (per stage
+    runs: the recomputing stages' Ns in stage order, "all" where whole:
+    "recomputed by 2,3 layers")."""
+    if isinstance(layered, (tuple, list)):
+        stages = sorted(recompute) if isinstance(recompute, frozenset) else range(len(layered))
+        how = " by " + ",".join(str(layered[s]) if layered[s] else "all" for s in stages) + \
+            " layers"
+    else:
+        how = " by layer" if layered == 1 else f" by {layered} layers" if layered else ""
     if isinstance(recompute, frozenset):
         return f"recomputed{how} in stage" + ("s " if len(recompute) > 1 else " ") + ",".join(
             map(str, sorted(recompute)))

@@ -119,7 +119,7 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                overhead: float | None = None, tag_base: int = 0,
                init: Callable[[Any], Any] | None = None,
                recompute: bool | str | Sequence[str] = False,
-               layered: bool | int | None = None) -> Job:
+               layered: bool | int | Sequence[bool | int | None] | None = None) -> Job:
     """Partition ``model`` over the grid's pp axis, shard it by ``plan``
     over tp, and build the pipeline (gradients averaged over dp; an sp
     axis splits the sequence, the plan's ``"ulysses"`` entries naming the
@@ -170,11 +170,14 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
     stages (engine.layers.Recompute).
     ``layered``: how a torch stage that recomputes does (Pipeline's
     ``layered``): None (the default) whole, layer by layer or in runs of
-    N layers (each N from 2 to one fewer than the longest recomputing
-    stage's layers), whichever the candidate's peak is lowest with (ties:
-    the first of those); False whole; True layer by layer;
-    an int N in runs of N layers (Megatron's ``--recompute-num-layers``),
-    each costed and counted so (engine.choose.layer_by_layer).
+    N layers (each N from 2 to one fewer than the stage's layers),
+    whichever its rank's peak is lowest with (ties: the first of those),
+    chosen for each rank's stages on their own (the table then says
+    ``recomputed by 2,3 layers`` where they differ); False whole; True
+    layer by layer; an int N in runs of N layers (Megatron's
+    ``--recompute-num-layers``); a list of those, one per stage (None:
+    whole), the candidates of another number of stages left out: each
+    costed and counted so (engine.choose.layer_by_layer).
     A torch model built on the meta device (``with torch.device("meta"):``)
     holds no memory: each rank makes only its own stages (with a plan, its
     own shards of them) real, on the CPU, as zeros that ``init(stage)``
@@ -442,12 +445,15 @@ class _Found(NamedTuple):
 
 
 def _layered_checked(layered: Any, recompute: Any) -> None:
-    """``distribute``'s ``layered``: None, a bool or an int >= 1, with a
+    """``distribute``'s ``layered``: None, a bool or an int >= 1, or a list
+    or tuple, one per stage, of bools and ints (None: False), with a
     ``recompute`` of whole stages (True or "auto") where it asks for any."""
-    if layered is not None and (not isinstance(layered, int) or layered < 0):
-        raise ValueError(f"layered={layered!r}: None (chosen), False, True (layer by layer) "
-                         f"or an int N >= 1 (runs of N layers)")
-    if layered and recompute not in (True, "auto"):
+    each = list(layered) if isinstance(layered, (list, tuple)) else [layered]
+    if not each or any(n is not None and (not isinstance(n, int) or n < 0) for n in each):
+        raise ValueError(f"layered={layered!r}: None (chosen), False, True (layer by layer), "
+                         f"an int N >= 1 (runs of N layers), or a list of those, one per "
+                         f"stage (None: whole)")
+    if any(each) and recompute not in (True, "auto"):
         raise ValueError(f"layered={layered!r} is how a stage that recomputes does: it needs "
                          f"recompute=True or 'auto', not recompute={recompute!r}")
 
@@ -455,7 +461,7 @@ def _layered_checked(layered: Any, recompute: Any) -> None:
 def _found(grid: Grid, given: _Given, asked: _Asked, ready: _Prepared, way: bool | str, *,
            plan: dict[str, str] | None, init: Callable[[Any], Any] | None, reps: int,
            memory_limit: float | None, overhead: float | None, tag_base: int,
-           timeout: float | None, layered: bool | int | None = None) -> _Found:
+           timeout: float | None, layered: Any = None) -> _Found:
     """The schedule: measured (the cut by time, the choice, the prediction:
     engine.distribute_measure) where there is a sample, else the one given.
     ``ready.early`` is told in the measured phase's first exchange."""
@@ -507,21 +513,32 @@ def _own_layers(counts: Sequence[int], mine: Sequence[int]) -> list[int]:
     return [i for s in mine for i in _span(counts, s)]
 
 
-def _cut_said(sched: Schedule, cut: Any, again: bool | frozenset[int], layered: bool | int,
+def _cut_said(sched: Schedule, cut: Any, again: bool | frozenset[int], layered: Any,
               patterns: tuple[str, ...]) -> str:
     """The line rank 0 prints under the table: the schedule, the cut and
     what recomputes."""
     return (f"engine.distribute: {sched.name} cuts the model into {cut}"
             + (f"\n  ({'each stage recomputes' if again is True else recomputing(again)}"
-               f"{'' if not layered else ', layer by layer' if layered == 1 else ''}"
-               f"{f', in runs of {layered} layers' if layered > 1 else ''}: "
+               f"{_runs_said(sched, again, layered)}: "
                "its forward again in its backward)" if again else "")
             + (f"\n  (recomputed in their backward: {', '.join(patterns)})"
                if patterns else ""))
 
 
+def _runs_said(sched: Schedule, again: bool | frozenset[int], layered: Any) -> str:
+    """How ``_cut_said``'s recomputing stages go: whole (nothing said),
+    layer by layer, in runs of N layers, or each stage its own way."""
+    if isinstance(layered, (list, tuple)):
+        stages = range(sched.num_stages) if again is True else sorted(again or ())
+        return "".join(f", stage {s} " + ("layer by layer" if layered[s] == 1 else
+                                          f"in runs of {layered[s]} layers" if layered[s]
+                                          else "whole") for s in stages)
+    return ("" if not layered else ", layer by layer" if layered == 1 else
+            f", in runs of {layered} layers")
+
+
 def _pipeline(grid: Grid, cut: Any, mine: Sequence[int], sched: Schedule, wrapped: Any,
-              again: bool | frozenset[int], layered: bool | int, timeout: float | None,
+              again: bool | frozenset[int], layered: Any, timeout: float | None,
               tag_base: int
               ) -> tuple[Pipeline | None, list[Any], list[Any], BaseException | None]:
     """This rank's Pipeline over its stages, and, with a dp axis, what

@@ -51,7 +51,7 @@ def _measured(grid: Grid, named: list[tuple[str, Any]], sample: Any, scheds: lis
               tp_runs: bool, params: list[int], grads: list[Any] | None, balance: Any,
               memory_limit: float | None, overhead: float | None, way: bool | str,
               patterns: Any, auto: bool, tag_base: int, timeout: float | None,
-              layered: bool | int | None = None) -> _Measured:
+              layered: Any = None) -> _Measured:
     """Time, simulate and choose (see the module docstring) among ``scheds``
     (``skipped``: the rows of those that cannot run so far); ``early``: this
     rank's own error before it, told in the first exchange. ``tp_runs``:
@@ -59,10 +59,24 @@ def _measured(grid: Grid, named: list[tuple[str, Any]], sample: Any, scheds: lis
     the grid."""
     p = grid.size("pp")
     L = len(named)
-    # torch stages costed layer by layer too (None: kept where lower), or only in runs
-    by_layer, in_runs = is_torch and layered is not False, int(layered or 0)
-    runs = _TP_RUNS if tp_runs else None
     skipped = list(skipped)
+    # torch stages costed layer by layer too (None: kept where lower), or only in runs
+    # (per stage: the schedules of as many stages)
+    by_layer = is_torch and layered is not False
+    in_runs: int | tuple[int, ...] = 0
+    if not isinstance(layered, (list, tuple)):
+        in_runs = int(layered or 0)
+    else:
+        in_runs = tuple(int(n or 0) for n in layered)
+        skipped += [(sc.name, sc.num_microbatches, f"layered={list(layered)!r} gives runs for "
+                     f"{len(in_runs)} stages, it has {sc.num_stages}")
+                    for sc in scheds if sc.num_stages != len(in_runs)]
+        scheds = [sc for sc in scheds if sc.num_stages == len(in_runs)]
+        if not scheds:
+            raise ValueError(f"rank {grid.comm.rank}: engine.distribute: layered="
+                             f"{list(layered)!r} gives runs for {len(in_runs)} stages: no "
+                             f"candidate schedule has as many")
+    runs = _TP_RUNS if tp_runs else None
     cands: list[Candidate] = []
     # no collection of a large heap inside the figures; the random streams and
     # the layers' buffers put back after (the layers' dropouts draw, and their

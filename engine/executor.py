@@ -178,7 +178,10 @@ class Pipeline:
     (TorchStage's ``layered``: each layer keeps its input and runs again
     just before its own backward); ``layered=N`` (an int) in runs of N
     layers (each run keeps its input and runs again whole before its
-    backward); other stages recompute whole. Step n's messages use tags
+    backward); a list or tuple, one entry per stage of the schedule (the
+    same on every rank; True, an int N, False or None: whole), each stage
+    its own way (Megatron's ``--recompute-num-layers`` per stage); other
+    stages recompute whole. Step n's messages use tags
     ``tag_base + i + (n << 32)`` for ``i <= 2 * micro-batches * stages`` (n
     counting on from the steps earlier Pipelines made on the group)
     (the last one is the trace's): two pipelines on one group need
@@ -196,7 +199,7 @@ class Pipeline:
                  optimizer: Callable[[Any], None] | None = None,
                  timeout: float | None = None, tag_base: int = 0,
                  recompute: bool | Collection[int] | str | Collection[str] = False,
-                 layered: bool | int = False) -> None:
+                 layered: bool | int | Sequence[bool | int | None] = False) -> None:
         self.pp, self.dp, self.dp_index = _axes(grid_or_group)
         # every rank of the pipeline: where the step's outcome is agreed on
         self.whole = grid_or_group.comm if isinstance(grid_or_group, Grid) else grid_or_group
@@ -319,13 +322,18 @@ class Pipeline:
 
     def _take(self, given: Sequence[Any], mine: Sequence[int], recompute: Any,
               patterns: Sequence[str], loss_fn: Any, optimizer: Any, tag_base: int,
-              layered: bool | int) -> None:
+              layered: Any) -> None:
         """Check this rank's own arguments and wrap its stages (raises
         TypeError or ValueError, which __init__ has every rank raise)."""
         lowered, schedule = self.schedule, self.schedule
-        if not isinstance(layered, int) or layered < 0:
+        each = (list(layered) if isinstance(layered, (list, tuple)) else
+                [layered] * lowered.num_stages)
+        if len(each) != lowered.num_stages or any(
+                n is not None and (not isinstance(n, int) or n < 0) for n in each):
             raise ValueError(f"pp rank {self.rank}: layered={layered!r}: True (layer by "
-                             f"layer), an int N >= 1 (runs of N layers) or False")
+                             f"layer), an int N >= 1 (runs of N layers), False, or a list "
+                             f"of those, one per stage of {schedule.name!r} "
+                             f"({lowered.num_stages}; None: whole)")
         if recompute == "auto":
             raise TypeError("recompute='auto' is engine.distribute's (it chooses); a Pipeline "
                             "takes True, False, stage indices or submodule name patterns")
@@ -335,7 +343,7 @@ class Pipeline:
             raise ValueError(f"pp rank {self.rank} holds stages {list(mine)} of "
                              f"{schedule.name!r} but was given {len(given)} stage object(s)")
         _in_place(given, mine, self.rank, schedule)
-        stages = [_as_stage(obj, s in again, s, recompute, layered)
+        stages = [_as_stage(obj, s in again, s, recompute, each[s] or 0)
                   for s, obj in zip(mine, given)]
         self.stages = dict(zip(mine, stages))
         # a traced model's pieces at each step's input shapes (engine.traced.Reshaped: of

@@ -442,15 +442,20 @@ def test_the_automatic_choice_costs_runs_of_n_layers_too():
     assert auto.peak_bytes < whole.peak_bytes < each.peak_bytes
     assert auto.peak_bytes == way(prof, "gpipe", layers=True, runs=2).peak_bytes
     assert "recomputed by 2 layers" in choose.table([auto], auto)
-    # 9 layers a stage holding twice their output, 1F1B: runs of 3 the least
-    # (rank 1: one micro-batch of its input, two runs' and the loss's gradient,
-    # then a run's 3 x 2 x 200 and the input's copy, flowing), runs of 2 next
+    # 9 layers a stage holding twice their output, 1F1B: one N for both, runs of 3
+    # the least (rank 1: one micro-batch of its input, two runs' and the loss's
+    # gradient, then a run's 3 x 2 x 200 and the input's copy, flowing), runs of
+    # 2 next. Each rank its own: rank 0 as low whole as in runs of 3, rank 1 in
+    # runs of 2 as in runs of 3 (its 5 runs' inputs and the loss's gradient,
+    # then a run's 2 x 2 x 200 and the input's copy, flowing): the earlier of each
     prof = blocks(18, 1)
     auto = way(prof, "1f1b", layers=True)
-    assert auto.layered == 3 and auto.peak_bytes == 4 * 200 + 7 * 200 + 2 * 200
+    assert way(prof, "1f1b", layers=True, runs=3).peak_bytes == 4 * 200 + 7 * 200 + 2 * 200
+    assert auto.layered == (0, 2) and auto.peak_bytes == 6 * 200 + 5 * 200 + 2 * 200
     assert auto.peak_bytes < min(way(prof, "1f1b", layers=True, runs=n).peak_bytes
                                  for n in (1, 2, 4, 5, 6, 7, 8))
     assert auto.peak_bytes < way(prof, "1f1b").peak_bytes
+    assert "recomputed by all,2 layers" in choose.table([auto], auto)
     # runs no lower than the choice before: it stands. A tie with layer by layer
     # (8 layers, 8 times the output, GPipe) stays layer by layer; a tie with
     # whole (6 a stage, 3 times, GPipe: runs of 3) and runs above both stay whole
@@ -463,6 +468,48 @@ def test_the_automatic_choice_costs_runs_of_n_layers_too():
     assert way(prof, "gpipe", layers=True).layered is False
     assert way(blocks(18, 0), "gpipe", layers=True).layered is False
     assert way(blocks(8, 15), "1f1b", layers=True).layered is True
+
+
+def test_each_stage_recomputes_in_runs_of_its_own_n():
+    """Each rank's stages take the N their own peak is lowest with (a
+    rank's peak is its stages' alone): stages of 4 and 3 blocks holding
+    3 times their output, 1F1B, go in runs of 2 and layer by layer, which
+    holds less than any one N for both; asked per stage (``runs=(2, 1)``),
+    the same; a tuple of another length leaves the schedule out."""
+    rows, ms = 8, [4]
+    prof = {size: {i: replace(lc, saved_bytes=2 * lc.act_bytes, keeps=0)
+                   for i, lc in row.items()}
+            for size, row in _profile(rows, ms, [1] * 7).items()}
+    (sched,) = choose.builtin(["1f1b"], 2, ms)
+
+    def way(**kw):
+        c, = choose.candidates(prof, [1] * 7, rows, [sched], balance=[4, 3], recompute=True,
+                               **kw)
+        return c
+    auto = way(layers=True)
+    assert auto.layered == (2, 1) and auto.counts == (4, 3)
+    # rank 0: 2 micro-batches' second run's input (2 x 200 B; the batch's not counted),
+    # then a run's 2 x 3 x 200, and the gradients flowing (2 x 200); rank 1 as much:
+    # one micro-batch's input, 2 later layers' and the loss's gradient, then a layer's
+    # 3 x 200 and the input's copy, flowing
+    assert auto.peak_bytes == 2 * 200 + 6 * 200 + 2 * 200 == 4 * 200 + 4 * 200 + 2 * 200
+    assert auto.peak_bytes < min([way().peak_bytes] + [way(layers=True, runs=n).peak_bytes
+                                                        for n in (1, 2, 3)])
+    assert way(layers=True, runs=(2, 1)).peak_bytes == auto.peak_bytes
+    assert way(layers=True, runs=(2, 1)).layered == (2, 1)
+    assert way(layers=True, runs=(2, 2)).layered == 2
+    assert "recomputed by 2,1 layers" in choose.table([auto], auto)
+    assert choose.candidates(prof, [1] * 7, rows, [sched], recompute=True, layers=True,
+                             runs=(2, 1, 1)) == []
+    from engine.distribute import _cut_said, _layered_checked
+    assert _cut_said(sched, "2 stages", True, (2, 1), ()).endswith(
+        "(each stage recomputes, stage 0 in runs of 2 layers, stage 1 layer by layer: its "
+        "forward again in its backward)")
+    _layered_checked([2, True, None, False], True)
+    with pytest.raises(ValueError, match=r"layered=\[2, -1\]: None \(chosen\), False"):
+        _layered_checked([2, -1], True)
+    with pytest.raises(ValueError, match=r"layered=\[0, 2\] is how a stage that recomputes"):
+        _layered_checked([0, 2], "blocks.*")
 
 
 def test_a_stage_holds_each_output_once_where_a_layer_keeps_it():

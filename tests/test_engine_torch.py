@@ -1134,15 +1134,17 @@ def _recompute_pipeline(world):
     grid = mesh.grid(world, pp=2)
     sched = schedules.by_name("1f1b", 2, 4)
     out = {}
-    for recompute in (False, True, frozenset({0}), ("1", "2"), "3", "9", "layered", "runs"):
+    # runs: of 2 layers; per stage: stage 0's 3 layers in runs of 2, stage 1's 4 of 3
+    runs = {"layered": True, "runs": 2, "per stage": [2, 3], "one short": [2]}
+    for recompute in (False, True, frozenset({0}), ("1", "2"), "3", "9", *runs):
         layers = list(_dropout_model())
         stages = [torch.nn.Sequential(*layers[:3]), torch.nn.Sequential(*layers[3:])]
         try:
             pipe = Pipeline(grid, stages_for_rank(stages, sched, grid.group("pp").rank), sched,
                             loss_fn=torch_loss(torch.nn.functional.mse_loss), timeout=30,
-                            recompute=True if recompute in ("layered", "runs") else recompute,
-                            layered={"layered": True, "runs": 2}.get(recompute, False))
-        except ValueError as e:        # "9": no stage holds it
+                            recompute=True if recompute in runs else recompute,
+                            layered=runs.get(recompute, False))
+        except ValueError as e:        # "9": no stage holds it; "one short"
             out[recompute] = str(e)
             continue
         torch.manual_seed(5 + pipe.rank)
@@ -1168,7 +1170,11 @@ def test_a_recomputing_pipeline_steps_as_a_plain_one():
         assert "recompute=['9']: ['9'] match no submodule of any stage" in rank["9"]
         assert rank["layered"][2] == [True] and rank["layered"][4] == [True]
         assert rank["runs"][2] == [True] and rank["runs"][4] == [2]     # (runs of 2 layers)
-        for k in (True, frozenset({0}), ("1", "2"), "3", "layered", "runs"):
+        assert rank["per stage"][2] == [True] and rank["per stage"][4] == [[2], [3]][pp_rank]
+        assert (f"pp rank {pp_rank}: layered=[2]: True (layer by layer), an int N >= 1 (runs "
+                f"of N layers), False, or a list of those, one per stage of '1f1b(2,4)' (2; "
+                f"None: whole)") in rank["one short"]
+        for k in (True, frozenset({0}), ("1", "2"), "3", "layered", "runs", "per stage"):
             assert rank[False][0] == rank[k][0]
             for a, b in zip(rank[False][1], rank[k][1], strict=True):
                 np.testing.assert_array_equal(a, b)
@@ -1284,8 +1290,10 @@ def _layered_job(world, tp):
                        [(st.recompute, st.layered) for st in kept.stages]),
            "stages": [(type(st).__name__, getattr(st, "layered", None)) for st in job.stages]}
     jobs = [("job", job), ("kept", kept)]
-    if tp == 1:     # in runs of 2 layers, asked (layered=2): each stage's 2 blocks one run
-        runs = engine.distribute(blocks(), **args, recompute=True, layered=2, tag_base=2 << 20)
+    if tp == 1:     # asked per stage (layered=[2, True]): stage 0's 2 blocks one run,
+        # stage 1's one by one
+        runs = engine.distribute(blocks(), **args, recompute=True, layered=[2, True],
+                                 tag_base=2 << 20)
         out["runs_as"] = (runs.chosen.layered, [(st.recompute, st.layered, len(st._runs))
                                              for st in runs.stages])
         jobs.append(("runs", runs))
@@ -1322,8 +1330,9 @@ def test_distribute_recomputes_transformer_blocks_layer_by_layer(tp):
         assert r["job"][0] == r["kept"][0]
         for a, b in zip(r["job"][1], r["kept"][1], strict=True):
             assert torch.equal(a, b)
-        if tp == 1:     # layered=2: costed, cut and run in runs of 2, the same two steps
-            assert r["runs_as"] == (2, [(True, 2, 1)]) and r["runs"][0] == r["kept"][0]
+        if tp == 1:     # layered=[2, True]: costed, cut and run so, the same two steps
+            assert r["runs_as"] == ((2, 1), [[(True, 2, 1)], [(True, 1, 2)]][pp_rank])
+            assert r["runs"][0] == r["kept"][0]
             for a, b in zip(r["runs"][1], r["kept"][1], strict=True):
                 assert torch.equal(a, b)
         # a job's first step imports nothing: distribute's profile, dry runs and
