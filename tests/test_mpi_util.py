@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -107,54 +108,88 @@ def _sync_job(world: Any, folder: str) -> dict[str, Any]:
     counter.free()
     inside.free()
     Path(folder, f"{rank}.json").write_text(json.dumps(out))
-    mutex = sync.Mutex(comm=comm)       # rank 2 dies holding it: rank 0's acquire and
-    cv = sync.Condition(comm=comm)      # rank 1's wait raise, naming it
+    # rank 1 dies queued for the mutex rank 0 holds, beside rank 2: its ticket is
+    # passed over (by rank 2's acquire, or rank 0's next, whichever comes after it)
+    mutex = sync.Mutex(comm=comm)
+    cv = sync.Condition(comm=comm)
     held = sync.Counter(comm=comm, root=2)      # (its value on rank 2: next() raises then)
-    if rank == 2:
+    if rank == 0:
         mutex.acquire()
     comm.Barrier()
-    if rank == 2:
+    if rank == 1:
+        threading.Thread(target=_dies_when_told, args=(comm,), daemon=True).start()
+        mutex.acquire()
+    elif rank == 2:
+        with mutex:
+            comm.send(None, 0)
+        comm.recv(source=0)         # rank 2 dies holding it: rank 0's acquire raises
+        mutex.acquire()
+        comm.send(None, 0)
         os._exit(3)
+    said: dict[str, Any] = {}
+    while mutex._window.tomemory()[0] < 3:      # (rank 0's word: 3 tickets taken)
+        time.sleep(0.01)
+    comm.send(None, 1, tag=7)
     try:
-        if rank == 0:
-            mutex.acquire()
-        else:
-            with cv:
-                cv.wait()
-        said = "no error"
+        comm.recv(source=1)
+    except mesh.LostPeerError:      # (the mesh knows rank 1 lost)
+        pass
+    mutex.release()
+    comm.recv(source=2)
+    with mutex:
+        said["passed"] = True
+    comm.send(None, 2)
+    comm.recv(source=2)
+    try:
+        mutex.acquire()
     except mesh.LostPeerError as e:
-        said = f"{type(e).__name__} {e.peer}: {e}"
+        said["acquire"] = f"{type(e).__name__} {e.peer}: {e}"
+    try:
+        with cv:
+            cv.wait()
+    except mesh.LostPeerError as e:
+        said["wait"] = f"{type(e).__name__} {e.peer}: {e}"
     try:
         held.next()
-        said += "\nno error"
     except mesh.LostPeerError as e:
-        said += f"\n{type(e).__name__} {e.peer}: {e}"
-    Path(folder, f"{rank}.lost").write_text(said)
-    if rank == 0:       # (rank 0 keeps the windows: it waits for rank 1 to be done)
-        comm.recv(source=1)
-    else:
-        comm.send(None, 0)
+        said["counter"] = f"{type(e).__name__} {e.peer}: {e}"
+    with cv:        # rank 1, lost, queued before rank 0: passed over
+        cv._window.Lock(0)
+        cv._set_queue(np.array([2, 1, 0, 0], np.intc))
+        cv._window.Unlock(0)
+        # (rank 0's words: its own flag, set; the count of waiters, none left)
+        said["notify"] = [cv.notify(), cv._window.tomemory()[:2].tolist()]
+    Path(folder, "0.lost").write_text(json.dumps(said))
     return out
 
 
+def _dies_when_told(comm: Any) -> None:
+    """Rank 1's: its process ends (queued for a mutex) once rank 0 says."""
+    comm.recv(source=0, tag=7)
+    os._exit(3)
+
+
 def test_sync_at_three_ranks(tmp_path: Path) -> None:
-    """(one job of 3 ranks: 2-8 s) The last, rank 2 dies holding a Mutex:
-    rank 0's acquire and rank 1's Condition.wait raise LostPeerError naming
-    it and the call (they polled for ever); then a Counter.next of the
-    counter rank 2 held, naming it and the call (a window's lock before)."""
-    with pytest.raises(mesh.WorkerError, match="rank 2"):
+    """(one job of 3 ranks: 2-8 s) Rank 1 dies queued for a Mutex: its
+    ticket is passed over, and rank 2, then rank 0 take it in turn. Then
+    rank 2 dies holding it: rank 0's acquire raises LostPeerError naming
+    it and the call (they polled for ever), as does its Condition.wait
+    (any lost rank: the notifier is not known), and a Counter.next of the
+    counter rank 2 held; its notify passes a lost waiter over."""
+    with pytest.raises(mesh.WorkerError, match="rank [12]"):
         mesh.spawn(_sync_job, 3, str(tmp_path), timeout=100, settle=20)
-    lost = [(tmp_path / f"{rank}.lost").read_text().split("\n") for rank in (0, 1)]
-    for rank, (_, counter) in enumerate(lost):
-        assert counter.startswith(f"LostPeerError 2: rank {rank}: collectives.util.sync."
-                                  f"Counter.next failed: rank 2, which holds the counter's "
-                                  f"value, is lost: "), counter
-    lost = [said for said, _ in lost]
-    assert lost[0].startswith("LostPeerError 2: rank 0: collectives.util.sync."
-                              "Mutex.acquire failed: rank 2, which holds the mutex, "
-                              "is lost: "), lost
-    assert lost[1].startswith("LostPeerError 2: rank 1: collectives.util.sync."
-                              "Condition.wait failed: ") and "rank 2" in lost[1], lost
+    said = json.loads((tmp_path / "0.lost").read_text())
+    assert said["passed"], said
+    assert said["acquire"].startswith("LostPeerError 2: rank 0: collectives.util.sync."
+                                      "Mutex.acquire failed: rank 2, which holds the mutex "
+                                      "and may have left what it guards half-written, is "
+                                      "lost: "), said
+    assert said["wait"].startswith("LostPeerError ") and (
+        "rank 0: collectives.util.sync.Condition.wait failed: rank " in said["wait"]), said
+    assert said["notify"] == [1, [1, 0]], said
+    assert said["counter"].startswith("LostPeerError 2: rank 0: collectives.util.sync."
+                                      "Counter.next failed: rank 2, which holds the counter's "
+                                      "value, is lost: "), said
     got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(3)]
     for rank, out in enumerate(got):
         assert out["counter"] == [10.0 + 2 * i for i in range(12)], out

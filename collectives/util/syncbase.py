@@ -71,6 +71,17 @@ class _Watch:
             raise LostPeerError(f"rank {me}: collectives.util.sync.{what} failed: {who}: {e}",
                                 e.peer) from e
 
+    def lost(self, rank: int) -> bool:
+        """Whether rank ``rank`` of the communicator is lost, as the mesh knows now."""
+        if self._dup is None:
+            return False
+        self._next = time.monotonic() + self._every
+        try:
+            self._dup.Iprobe(rank, 0)
+        except LostPeerError:
+            return True
+        return False
+
     def free(self) -> None:
         if self._dup is not None:
             self._dup.Free()

@@ -1,11 +1,13 @@
 """collectives.util.sync's locks over collectives.MPI's windows: ``Mutex``,
 ``Condition``, ``Semaphore`` (mpi4py.util.sync's; see sync.py). A wait
 polls with syncbase's backoff and watches the peers it waits on: the
-mutex's holder, whose rank the window keeps beside the tickets, or, where
-no rank is known to hold it (between a release and the next holder's
-taking it, a waiter queued ahead, a notifier to come), any rank of the
-communicator; one lost (died, or left on an error), the wait raises
-LostPeerError naming it and the call, as soon as the mesh learns of the loss."""
+mutex's holder, whose rank the window keeps beside the tickets, lost (died,
+or left on an error), raises LostPeerError naming it and the call, as soon
+as the mesh learns of the loss (what it guards may be half-written); where
+no rank holds it (between a release and the next holder's taking it), the
+ticket served's taker, whose ticket the window keeps too, lost before it
+held the mutex, is passed over (the next ticket served); a notifier to
+come is not known: any rank of the communicator lost ends the wait."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -19,9 +21,12 @@ from .syncbase import Counter, _Backoff, _freed, _ints, _rank, _Watch
 
 __all__ = ["Mutex", "Condition", "Semaphore"]
 
-_NEXT, _SERVED, _HOLDER = 0, 1, 2   # Mutex: rank 0's words (the holder's rank; -1: none known)
+# Mutex: rank 0's words (the holder's rank; -1: none known), then each rank's ticket
+# (-1: none; _TAKING: about to take one)
+_NEXT, _SERVED, _HOLDER, _TICKETS = 0, 1, 2, 3
+_TAKING = -2
 _FLAG, _WAITING = 0, 1          # Condition: each rank's flag; rank 0's count, then the queue
-_HOLDS = "which holds the mutex"
+_HOLDS = "which holds the mutex and may have left what it guards half-written"
 
 
 def _named(e: LostPeerError, rank: int, what: str) -> LostPeerError:
@@ -34,18 +39,20 @@ def _named(e: LostPeerError, rank: int, what: str) -> LostPeerError:
 class Mutex:
     """Mutual exclusion among the processes of ``comm``: one holds it at a
     time, the others' ``acquire`` waiting in the order they came
-    (``recursive``: its holder may acquire it again, ``count()`` times)."""
+    (``recursive``: its holder may acquire it again, ``count()`` times); a
+    waiter lost is passed over, a holder lost makes the waiters raise."""
 
     def __init__(self, *, recursive: bool = False, comm: Any = MPI.COMM_SELF,
                  info: Any = MPI.INFO_NULL) -> None:
-        rank, _ = _rank(comm, "Mutex")
+        rank, size = _rank(comm, "Mutex")
         self._recursive = bool(recursive)
         self._comm = comm
         self._rank = rank
+        self._size = size
         self._held = 0
-        self._window = _ints(comm, 3 if rank == 0 else 0)
+        self._window = _ints(comm, _TICKETS + size if rank == 0 else 0)
         if rank == 0:
-            self._window.tomemory()[_HOLDER] = -1
+            self._window.tomemory()[_HOLDER:] = -1
         self._watch = _Watch(comm)
         comm.Barrier()
 
@@ -56,27 +63,33 @@ class Mutex:
         return int(got[0])
 
     def _acquire(self, blocking: bool = True, what: str = "Mutex.acquire") -> bool:
-        """Take a ticket and wait for its turn, watching the holder (its rank
-        at _HOLDER; none known: every rank); then write this rank there."""
+        """Take a ticket (this rank's word says it takes one, then which) and
+        wait for its turn, watching the holder (its rank at _HOLDER) or,
+        none known, the ticket served's taker (``_looked``); then write this
+        rank there."""
         win = self._window
+        mine = _TICKETS + self._rank
         try:
             win.Lock(0, MPI.LOCK_SHARED)
             try:
+                self._fetch(_TAKING, mine, MPI.REPLACE)
                 if blocking:
                     ticket = self._fetch(1, _NEXT, MPI.SUM)
+                    self._fetch(ticket, mine, MPI.REPLACE)
                     backoff = _Backoff()
                     while self._fetch(0, _SERVED, MPI.NO_OP) != ticket:
                         if self._watch.due():
-                            holder = self._fetch(0, _HOLDER, MPI.NO_OP)
-                            self._watch.check(what, holder if holder >= 0 else None, _HOLDS)
+                            self._looked(what)
                         backoff()
                 else:       # a ticket only if it is served at once: next == served
-                    served = self._fetch(0, _SERVED, MPI.NO_OP)
+                    ticket = self._fetch(0, _SERVED, MPI.NO_OP)
                     got = np.zeros(1, np.intc)
-                    win.Compare_and_swap(np.array([served + 1], np.intc),
-                                         np.array([served], np.intc), got, 0, _NEXT)
-                    if int(got[0]) != served:
+                    win.Compare_and_swap(np.array([ticket + 1], np.intc),
+                                         np.array([ticket], np.intc), got, 0, _NEXT)
+                    if int(got[0]) != ticket:
+                        self._fetch(-1, mine, MPI.REPLACE)
                         return False
+                    self._fetch(ticket, mine, MPI.REPLACE)
                 self._fetch(self._rank, _HOLDER, MPI.REPLACE)
             finally:
                 win.Unlock(0)
@@ -85,8 +98,34 @@ class Mutex:
         self._held = 1
         return True
 
+    def _looked(self, what: str) -> None:
+        """A waiter's look at what it waits on: the holder, lost, raises
+        (what it guards may be half-written); none known, the ticket
+        served's taker (the rank whose word is that ticket, else those
+        about to take one), lost before it held the mutex, is passed over
+        (the ticket served is the next, unless another waiter passed it
+        first); none found, any lost rank raises."""
+        holder = self._fetch(0, _HOLDER, MPI.NO_OP)
+        if holder >= 0:
+            self._watch.check(what, holder, _HOLDS)
+            return
+        served = self._fetch(0, _SERVED, MPI.NO_OP)
+        words = np.zeros(self._size, np.intc)
+        self._window.Get(words, 0, (_TICKETS, self._size))
+        self._window.Flush(0)
+        takers = [r for r, t in enumerate(words) if t == served] or [
+            r for r, t in enumerate(words) if t == _TAKING]
+        if not takers:
+            self._watch.check(what)
+        elif all(self._watch.lost(r) for r in takers) and \
+                self._fetch(0, _HOLDER, MPI.NO_OP) < 0:     # (it took it and died: raised next)
+            got = np.zeros(1, np.intc)
+            self._window.Compare_and_swap(np.array([served + 1], np.intc),
+                                          np.array([served], np.intc), got, 0, _SERVED)
+
     def _release(self, what: str = "Mutex.release") -> None:
-        """No holder known, then the next ticket served."""
+        """No holder known, then the next ticket served (this rank's word
+        left as it is: a ticket before the one served names no taker)."""
         win = self._window
         try:
             win.Lock(0, MPI.LOCK_SHARED)
@@ -241,7 +280,7 @@ class Condition:
         self._check("wait")
         win = self._window
         me = self._comm.Get_rank()
-        win.Lock_all()
+        win.Lock(0, MPI.LOCK_SHARED)
         try:
             queue = self._queue()
             n = int(queue[0])
@@ -249,7 +288,7 @@ class Condition:
             queue[0] = n + 1
             self._set_queue(queue)
         finally:
-            win.Unlock_all()
+            win.Unlock(0)
         state = self._mutex._release_save(what)
         flag = win.tomemory()
         backoff = _Backoff()
@@ -273,7 +312,8 @@ class Condition:
         return result
 
     def notify(self, n: int = 1) -> int:
-        """Wake up to ``n`` waiters, the longest waiting first; how many."""
+        """Wake up to ``n`` waiters, the longest waiting first; how many (a
+        waiter lost is passed over, out of the queue)."""
         try:
             return self._notify(n)
         except LostPeerError as e:
@@ -282,22 +322,36 @@ class Condition:
     def _notify(self, n: int) -> int:
         self._check("notify")
         win = self._window
-        win.Lock_all()
+        win.Lock(0, MPI.LOCK_SHARED)
         try:
             queue = self._queue()
-            waiting = int(queue[0])
-            woken = [int(r) for r in queue[1:1 + min(max(int(n), 0), waiting)]]
-            if woken:
-                rest = queue[1 + len(woken):1 + waiting].copy()
-                queue[1:1 + len(rest)] = rest
-                queue[0] = len(rest)
-                self._set_queue(queue)
-                one = np.ones(1, np.intc)
-                for rank in woken:
-                    win.Accumulate(one, rank, _FLAG, MPI.REPLACE)
-                win.Flush_all()
         finally:
-            win.Unlock_all()
+            win.Unlock(0)
+        waiting = int(queue[0])
+        woken: list[int] = []
+        taken = 0
+        one = np.ones(1, np.intc)
+        for rank in (int(r) for r in queue[1:1 + waiting]):
+            if len(woken) >= n:
+                break
+            taken += 1
+            try:        # (each waiter's flag in an epoch of its own: a lost one passed over)
+                win.Lock(rank, MPI.LOCK_SHARED)
+                try:
+                    win.Accumulate(one, rank, _FLAG, MPI.REPLACE)
+                finally:
+                    win.Unlock(rank)
+                woken.append(rank)
+            except LostPeerError:
+                pass
+        if taken:
+            queue[1:1 + waiting - taken] = queue[1 + taken:1 + waiting].copy()
+            queue[0] = waiting - taken
+            win.Lock(0, MPI.LOCK_SHARED)
+            try:
+                self._set_queue(queue)
+            finally:
+                win.Unlock(0)
         return len(woken)
 
     def notify_all(self) -> int:
