@@ -90,9 +90,9 @@ from .traced import Reshaped, few, given_as_returned, sequential, traceable
 from .torch_stage import patterns_of, torch_loss
 from .tp_layers import refuse_fed_whole
 from .agree import DistributeFailed, GatherFailed, _raised, _told
-from .given import (_agreed_sample, _as_grid, _checkpoint_model, _held_before, _mark_held,
-                    _model_layers, _not_sharded, _recompute_names, _same_model, _size,
-                    _takes_two, _valid_balance)
+from .given import (_agreed_sample, _as_grid, _checkpoint_model, _held_before, _knobs,
+                    _mark_held, _model_layers, _not_sharded, _recompute_names, _same_model,
+                    _size, _takes_two, _valid_balance)
 from .layer_timing import _exchange, _timing
 from .measured_choice import _grad_bytes, _stage_messages
 from .stage_state import (_aliases, _broadcast_replicas, _materialize, _on_meta, _real_rest,
@@ -202,7 +202,12 @@ def distribute(model: Any, grid: Grid | Comm, plan: dict[str, str] | None = None
                               ulysses)
     _same_model(grid, given.named, given.is_torch, given.fault, timeout,
                 None if given.fault is not None else _held_before(given.source, len(given.named)),
-                given.listed, given.mades)
+                given.listed, given.mades,
+                _knobs(microbatches=microbatches, recompute=recompute, layered=layered,
+                       chunks=chunks, memory_limit=memory_limit, overhead=overhead, reps=reps,
+                       tag_base=tag_base, balance=balance,
+                       schedule=schedule.lower().replace("_", "-") if isinstance(schedule, str)
+                       else None))
     assert asked is not None and given.loss_fn is not None
     ready = _prepared(given, grid, plan, asked.sample, ulysses)
     found = _found(grid, given, asked, ready, way, plan=plan, init=init, reps=reps,

@@ -234,7 +234,8 @@ def _cut(text: str, most: int = 300) -> str:
 def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
                 fault: BaseException | None = None, timeout: float | None = None,
                 held: Sequence[int] | None = None, listed: Sequence[str] | None = None,
-                made: Sequence[Sequence[str]] | None = None) -> None:
+                made: Sequence[Sequence[str]] | None = None,
+                knobs: dict[str, str] | None = None) -> None:
     """Raise on every rank, before anything is measured or cut, unless every
     rank built the same model: as many layers, each of the same make; and,
     within each dp replica (whose pp and tp ranks cut their stages and
@@ -256,7 +257,10 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
     schedules and families (engine.distribute_schedules' ``_schedules``;
     None where it failed before them): where ranks made one otherwise
     (code that depends on the rank), every rank raises the same error
-    naming them, whatever each raised of it (``made_agreed``)."""
+    naming them, whatever each raised of it (``made_agreed``). ``knobs``:
+    this rank's arguments that must be alike (``layered``, ``recompute``,
+    ``microbatches``...: ``_knobs``), each in words: one that differs is
+    refused on every rank, naming the ranks and their values."""
     said: Any = None if fault is None else [type(fault).__name__, str(fault)]
     own: BaseException | None = None
     try:
@@ -265,7 +269,7 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
         own, prints, said = e, [], [type(e).__name__, str(e), True]
     mine = (_coord(grid, "dp"), prints, said, None if held is None else list(held),
             None if listed is None else list(listed),
-            None if made is None else [list(e) for e in made])
+            None if made is None else [list(e) for e in made], knobs or {})
     everyone = collectives.all_gather_object(grid.comm, mine, timeout=timeout)
     _raised(own)
     if len({repr(t[4]) for t in everyone}) == 1 or any(t[2] is not None for t in everyone):
@@ -305,6 +309,13 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
                                                       if everyone[rs[0]][4] is not None
                                                       else "no list")
                              for _, rs in lists) + "; pass the same schedule=[...] on every rank")
+    for key in sorted({k for t in everyone for k in t[6]}):
+        said = by(lambda r: everyone[r][6].get(key), world)
+        if len(said) > 1:
+            raise ValueError(f"rank {grid.comm.rank}: engine.distribute: {key}= differs across "
+                             f"ranks: " + "; ".join(f"{key}={_cut(str(v))} on ranks {rs}"
+                                                    for v, rs in said)
+                             + "; pass the same on every rank (a collective call)")
     sizes = by(lambda r: len(everyone[r][1]), world)
     if len(sizes) > 1:
         raise ValueError(f"{who}: " + ", ".join(f"ranks {rs} built {n} layers"
@@ -339,6 +350,19 @@ def _same_model(grid: Grid, named: list[tuple[str, Any]], is_torch: bool,
                     "stages (and tensor-parallel shards) are cut from each rank's own copy: "
                     f"{fix}, seeded alike (torch.manual_seed(0) before building it), "
                     "or load the same weights into each")
+
+
+def _knobs(**given: Any) -> dict[str, str]:
+    """distribute's arguments that every rank must pass alike, each in
+    words (a callable or an object by its type's name: set beside the
+    others' by ``_same_model``)."""
+    def said(v: Any) -> str:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(said(x) for x in v) + "]"
+        return type(v).__name__
+    return {k: said(v) for k, v in given.items()}
 
 
 def _agreed_sample(grid: Grid, sample: Any, timeout: float | None = None) -> Any:

@@ -2560,6 +2560,13 @@ def _one_row_worker(world):
             yours[case] = "no error"
         except ValueError as e:
             yours[case] = str(e)
+    try:        # recompute in runs of another length on rank 1: it went on unnoticed
+        engine.distribute(_yours_model(), mesh.grid(world, pp=2), sample=x, schedule="1f1b",
+                          recompute=True, layered=2 if world.rank else True, loss_fn=mse,
+                          timeout=30, reps=1, verbose=False, tag_base=4 << 20)
+        yours["knobs"] = "no error"
+    except ValueError as e:
+        yours["knobs"] = str(e)
     fam = engine.distribute(_yours_model(), mesh.grid(world, pp=2), sample=x, balance="uniform",
                             schedule=[deeper, backwards_first], microbatches=4, reps=1,
                             overhead=0.0, loss_fn=mse, timeout=30, verbose=False,
@@ -2642,6 +2649,9 @@ def _yours_trained_alike(results: list[dict]) -> None:
             f"[0] passed ['1f1b', Schedule 'deep' #"), got["apart"]
         assert "]; ranks [1] passed ['1f1b', Schedule 'deep' #" in got["apart"] and \
             got["apart"].endswith("]; pass the same schedule=[...] on every rank"), got["apart"]
+        assert got["knobs"] == f"rank {r}: engine.distribute: layered= differs across ranks: " \
+            f"layered=True on ranks [0]; layered=2 on ranks [1]; pass the same on every rank " \
+            f"(a collective call)", got["knobs"]
         assert got["broken"].startswith(
             f"rank {r}: engine.distribute: schedule 'mine' is invalid: rank 1 runs 1B0 before "
             f"its forward 1F0"), got["broken"]
