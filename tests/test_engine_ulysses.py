@@ -7,9 +7,12 @@ gradients and SGD weights on the whole sequence, by
 ``deepspeed.initialize``; bad head counts and parts of unequal lengths
 raise naming the rank and the tensor. In the same spawns, ``engine.distribute``
 over a grid with an sp axis (``plan={"*.attn": "ulysses"}``): sp=2 at 2 ranks
-(its layers timed with the sp peers at once) and dp=1 x sp=2 x pp=2 at 4 give
-one process's float64 weights after three SGD steps on the whole batch; what
-it refuses names the rank."""
+(its layers timed with the sp peers at once; ZeRO stage 2; the Ulysses
+attentions recomputed) and dp=1 x sp=2 x pp=2 at 4 (ZeRO stage 3; every block
+recomputed, layered=1) give one process's float64 weights, momentum
+(``optimizer_state_dict``), clipped norms, losses and eval outputs after
+three SGD steps on the whole batch, ZeRO's shares over dp x sp; what it
+refuses names the rank."""
 from __future__ import annotations
 
 import copy
@@ -24,6 +27,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 B, S, C, HEADS, STEPS, LR = 2, 8, 16, 4, 3, 0.1
+CLIP = 0.5     # (below the gradients' norm: the clip changes every step)
 
 
 def _local(q: Any, k: Any, v: Any) -> Any:
@@ -241,42 +245,63 @@ def _sp_job(world: Any, axes: dict[str, int], model: Any = None, **kw: Any) -> A
 
 
 def _distributed(world: Any) -> dict[str, Any]:
-    """engine.distribute with an sp axis: STEPS of SGD on the whole batch
-    (each sp rank its part of the sequence) against one process's; then
-    what it refuses, each message. 2 ranks: sp=2, a traced model, a cross
-    entropy ignoring some tokens (unequal counts on the sp ranks), the
-    layers timed on the sample (the sp peers at once); 4: dp=1 x sp=2 x
-    pp=2, an nn.Sequential, mse."""
+    """engine.distribute with an sp axis: STEPS of SGD with momentum on the
+    whole batch (each sp rank its part of the sequence) against one
+    process's, under ZeRO (its shares over dp x sp) and recompute, the
+    gradients' norm clipped; then what it refuses, each message. 2 ranks:
+    sp=2, a traced model, a cross entropy ignoring some tokens (unequal
+    counts on the sp ranks), the layers timed on the sample (the sp peers at
+    once), ZeRO stage 2, the Ulysses attentions alone recomputed (their
+    all_to_alls run again in the backward); 4: dp=1 x sp=2 x pp=2, an
+    nn.Sequential, mse, ZeRO stage 3, every block recomputed layer by layer."""
+    import engine
     if world.size == 2:
         make, data, loss_fn = _lm, _ids, _lm_loss
         job = _sp_job(world, {"sp": 2, "pp": 1}, make(), sample=_ids(0)[0], balance="time",
-                      overhead=0.0, reps=1, loss_fn=loss_fn, plan={"blocks.*.attn": "ulysses"})
+                      overhead=0.0, reps=1, loss_fn=loss_fn, plan={"blocks.*.attn": "ulysses"},
+                      recompute=["blocks.*.attn"])
     else:
         make, data, loss_fn = _stack, _batch64, F.mse_loss
-        job = _sp_job(world, {"dp": 1, "sp": 2, "pp": 2})
-    opt = torch.optim.SGD(job.parameters(), lr=LR)
-    losses = []
+        job = _sp_job(world, {"dp": 1, "sp": 2, "pp": 2}, recompute=True, layered=1)
+    opt = engine.ZeroRedundancyOptimizer(job.parameters(), torch.optim.SGD, job,
+                                         stage=world.size // 2 + 1, lr=LR, momentum=0.9)
+    losses, norms = [], []
     for step in range(STEPS):
         opt.zero_grad()
         losses.append(job.step(*data(step)))
+        norms.append(float(job.clip_grad_norm_(CLIP)))
         opt.step()
-    state = job.state_dict()
-    said: dict[str, Any] = {"losses": losses, "eval": job.eval_step(*data(0))}
+    shares = sum(v["momentum_buffer"].numel() for v in opt.optim.state.values())
+    state, optim = job.state_dict(), job.optimizer_state_dict(opt)
+    loss0, outs = job.eval_step(*data(0), outputs=True)
+    said: dict[str, Any] = {"losses": losses, "eval": loss0, "shares": shares,
+                            "whole": sum(v.numel() for v in make().parameters())}
+    m = make()
+    sgd = torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)
+    want, wnorms = [], []
+    for step in range(STEPS):
+        x, y = data(step)
+        sgd.zero_grad()
+        loss = loss_fn(m(x), y)
+        loss.backward()
+        wnorms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP)))
+        sgd.step()
+        want.append(loss.item())
+    said["norm_gap"] = max(abs(a - b) for a, b in zip(norms, wnorms))
+    with torch.no_grad():
+        whole = m(data(0)[0])
+        said["eval_gap"] = abs(said["eval"] - float(loss_fn(whole, data(0)[1])))
+    if outs is not None:    # (the last stage's: this sp rank's part of the outputs)
+        part = S // 2
+        sp = job.grid.coord("sp")
+        said["outs_gap"] = float((outs - whole[:, sp * part:(sp + 1) * part]).abs().max())
+    said["loss_gap"] = max(abs(a - b) for a, b in zip(losses, want))
     if world.rank == 0:
-        m = make()
-        sgd = torch.optim.SGD(m.parameters(), lr=LR)
-        want = []
-        for step in range(STEPS):
-            x, y = data(step)
-            sgd.zero_grad()
-            loss = loss_fn(m(x), y)
-            loss.backward()
-            sgd.step()
-            want.append(float(loss))
         said["gap"] = max(float((state[k] - v).abs().max()) for k, v in m.state_dict().items())
-        with torch.no_grad():
-            said["eval_gap"] = abs(said["eval"] - float(loss_fn(m(data(0)[0]), data(0)[1])))
-        said["loss_gap"] = max(abs(a - b) for a, b in zip(losses, want))
+        moms = sgd.state_dict()["state"]
+        said["optim_gap"] = max(
+            float((optim["state"][n]["momentum_buffer"] - moms[i]["momentum_buffer"]).abs().max())
+            for i, (n, _) in enumerate(m.named_parameters()))
     errors = []
     x, y = data(0)
     try:
@@ -353,7 +378,12 @@ def _check_distributed(r: int, ranks: int, got: dict[str, Any]) -> None:
     """engine.distribute with an sp axis: one process's weights and losses
     (float64, 1e-10), and each refusal's message."""
     if r == 0:
-        assert got["gap"] < 1e-10 and got["loss_gap"] < 1e-10 and got["eval_gap"] < 1e-10, got
+        assert got["gap"] < 1e-10 and got["optim_gap"] < 1e-10, got
+    assert got["loss_gap"] < 1e-10 and got["eval_gap"] < 1e-10 and got["norm_gap"] < 1e-10, got
+    assert got.get("outs_gap", 0.0) < 1e-10, got
+    assert ("outs_gap" in got) == (ranks == 2 or r % 2 == 1), got    # (the last stage's)
+    # (ZeRO's shares over dp x sp: each sp rank keeps the momentum of about half the weights)
+    assert 0 < got["shares"] < got["whole"] * (0.75 if ranks == 2 else 0.5), got
     errors = got["errors"]
     # (sp=2: rank r is sp rank r; dp=1 x sp=2 x pp=2: sp rank r // 2, pp rank r % 2, whose
     # first stage is given the inputs, its last the targets)
