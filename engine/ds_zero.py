@@ -237,12 +237,7 @@ class OwnerReducer:
             r = owner.get(id(p))
             if (r == me or r is None and me == 0) and p.grad is not None:
                 sq += float(p.grad.detach().double().square().sum())
-        norm = self.summed(sq) ** 0.5
-        coef = min(1.0, max_norm / (norm + 1e-6))
-        for p in held:
-            if p.grad is not None:
-                p.grad.detach().mul_(coef)
-        return norm
+        return _scaled(held, self.summed(sq) ** 0.5, max_norm)
 
     def wait(self) -> None:
         """Post what is left, then wait for every reduce."""
@@ -269,6 +264,16 @@ def _taken(cls: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     if any(q.kind is q.VAR_KEYWORD for q in sig.parameters.values()):
         return dict(defaults)
     return {k: v for k, v in defaults.items() if k in sig.parameters}
+
+
+def _scaled(held: list[Any], norm: float, max_norm: float) -> float:
+    """``held``'s gradients scaled as torch's ``clip_grad_norm_`` does for a
+    total ``norm``; the norm."""
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    for p in held:
+        if p.grad is not None:
+            p.grad.detach().mul_(coef)
+    return norm
 
 
 class MoEOwnerReducer:
@@ -336,12 +341,7 @@ class MoEOwnerReducer:
                 if id(p) in ids and p.grad is not None and \
                         (r == group.rank or r is None and group.rank == 0):
                     sq += float(p.grad.detach().double().square().sum())
-        norm = self.summed(sq) ** 0.5
-        coef = min(1.0, max_norm / (norm + 1e-6))
-        for p in held:
-            if p.grad is not None:
-                p.grad.detach().mul_(coef)
-        return norm
+        return _scaled(held, self.summed(sq) ** 0.5, max_norm)
 
 
 class _GatheredParameters:
