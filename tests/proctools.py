@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["alive", "free_port", "run_in_session", "rank_env", "run_ranks"]
+__all__ = ["alive", "free_port", "run_in_session", "rank_env", "run_ranks", "node0_port"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,3 +162,17 @@ def launch_env(root: Any) -> dict[str, str]:
              OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
              PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
     return e
+
+
+def node0_port(proc: "subprocess.Popen[str]", timeout: float = 30) -> int:
+    """The port node 0's meshrun (``--nnodes``, started with port 0 and its
+    standard error piped as text) says it serves the rendezvous on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        if "serves the rendezvous on port" in line:
+            return int(line.rsplit(" ", 1)[1])
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"node 0 never reported its port (exit {proc.poll()})")

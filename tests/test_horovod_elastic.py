@@ -9,9 +9,9 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
+from proctools import node0_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,18 +90,6 @@ def _result(out: str) -> dict:
     return json.loads(lines[0].split("RESULT ", 1)[1])
 
 
-def _node0_port(proc: subprocess.Popen, timeout: float = 30) -> int:
-    """Node 0's meshrun binds port 0 and says which port it got."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if "serves the rendezvous on port" in line:
-            return int(line.rsplit(" ", 1)[1])
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError(f"node 0 never reported its port (exit {proc.poll()})")
-
-
 @pytest.mark.timeout(150)
 def test_hvd_elastic_run_resumes_at_the_last_commit_after_a_restart(tmp_path: object) -> None:
     """Horovod's elastic script (TorchState, commit, reset callbacks,
@@ -143,7 +131,7 @@ def test_hvd_elastic_run_resumes_at_the_last_commit_after_a_restart(tmp_path: ob
             node + ["--node-rank", "0", "--master-port", "0", script, "die"], cwd=tmp,
             env=dict(secret, TMPDIR=node_tmp[0]), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True))
-        port = _node0_port(procs[1])
+        port = node0_port(procs[1])
         procs.append(subprocess.Popen(
             node + ["--node-rank", "1", "--master-port", str(port), script, "die"], cwd=tmp,
             env=dict(secret, TMPDIR=node_tmp[1]), stdout=subprocess.PIPE,

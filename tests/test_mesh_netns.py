@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from proctools import node0_port
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "scripts" / "netns_job.py"
@@ -225,18 +226,6 @@ def _torchrun(hosts: Hosts, script: Path, out: Path) -> None:
                 p.wait()
 
 
-def _node0_port(proc: subprocess.Popen[str], timeout: float = 20) -> int:
-    """Node 0 binds port 0 and says which port it got."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if "serves the rendezvous on port" in line:
-            return int(line.rsplit(" ", 1)[1])
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError(f"node 0 never reported its port (exit {proc.poll()})")
-
-
 def _reports(out: Path) -> list[dict]:
     return [json.loads((out / f"{r}.json").read_text()) for r in range(4)]
 
@@ -249,7 +238,7 @@ def _both(hosts: Hosts, out: Path, secret: str, curve: bool, job: list[str] | No
     each one's (stdout, stderr)."""
     procs = [hosts.launch(0, 0, out, secret, curve, job, opts, **extra)]
     try:
-        port = _node0_port(procs[0])
+        port = node0_port(procs[0], 20)
         procs.append(hosts.launch(1, port, out, secret, curve, job, opts, **extra))
         ends = [p.communicate(timeout=timeout) for p in procs]
     finally:
@@ -446,7 +435,7 @@ def test_a_host_whose_link_comes_up_late_joins(hosts: Hosts, tmp_path: Path) -> 
     secret, extra = secrets.token_hex(16), {"CUT": "1", "MESH_PEER_TIMEOUT": "2"}
     procs = [hosts.launch(0, 0, tmp_path, secret, False, **extra)]
     try:
-        port = _node0_port(procs[0])
+        port = node0_port(procs[0], 20)
         hosts.link(1, "down")
         procs.append(hosts.launch(1, port, tmp_path, secret, False, **extra))
         deadline = time.monotonic() + 5     # (its ranks say they wait for the route)
@@ -489,7 +478,7 @@ def test_a_host_that_cannot_reach_master_addr_says_so(hosts: Hosts, tmp_path: Pa
     secret = secrets.token_hex(16)
     procs = [hosts.launch(0, 0, tmp_path, secret, False, MESH_RENDEZVOUS_TIMEOUT="2")]
     try:
-        port = _node0_port(procs[0])
+        port = node0_port(procs[0], 20)
         hosts.link(1, "down")
         t = time.monotonic()
         procs.append(hosts.launch(1, port, tmp_path, secret, False,
@@ -511,7 +500,7 @@ def test_a_rank_ended_before_the_mesh_was_complete_is_named_by_its_host(
     job = [str(REPO / "tests" / "scripts" / "launch_mesh.py")]
     procs = [hosts.launch(0, 0, tmp_path, secret, False, job, **exits)]
     try:
-        port = _node0_port(procs[0])
+        port = node0_port(procs[0], 20)
         procs.append(hosts.launch(1, port, tmp_path, secret, False, job, **exits))
         errs = [p.communicate(timeout=40)[1] for p in procs]
     finally:
