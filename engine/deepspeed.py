@@ -113,11 +113,14 @@ class DeepSpeedEngine(torch.nn.Module):
         # each expert's gradients over its expert-data-parallel group, engine.moe, at ZeRO 2
         # to its owner there, engine.ds_zero.MoEOwnerReducer)
         # (communication_data_type "fp16" / "bf16": each gradient rounded to it on the wire,
-        # engine.ds_zero.OwnerReducer's ``wire``; MoE's in the gradients' own dtype)
+        # engine.ds_zero.OwnerReducer's ``wire``; MoE's: MoEOwnerReducer's, of no owner below
+        # ZeRO 2)
         wire = dtype_of(cfg.comm_dtype)
         owned = cfg.zero_stage >= 2 and (optimizer is not None or cfg.optimizer is not None)
-        self.reducer: Any = None if owned else moe.MoEGradReducer(world, trained) \
-            if experts else collectives.GradReducer(world, trained) if wire is None else \
+        self.reducer: Any = None if owned else \
+            (moe.MoEGradReducer(world, trained) if wire is None else
+             MoEOwnerReducer(world, trained, None, wire)) if experts else \
+            collectives.GradReducer(world, trained) if wire is None else \
             OwnerReducer(world, trained, [None] * len(trained), wire)
         self._boundary = [False]
         self._index: dict[int, int] = {}    # each trained parameter's place (by id)
@@ -125,7 +128,7 @@ class DeepSpeedEngine(torch.nn.Module):
         self._hook(trained)
         self.optimizer = zero_optimizer(cfg, world, self.job, optimizer, params, trained)
         if owned and experts:   # (ZeRO 2: each over its own part's group, engine.ds_zero)
-            self.reducer = MoEOwnerReducer(world, trained, self.optimizer)
+            self.reducer = MoEOwnerReducer(world, trained, self.optimizer, wire)
         elif owned:
             # ZeRO 2 and 3: each gradient reduced to its owner alone, dropped on the others
             owner = {id(p): r for p, r in zip(self.optimizer.params, self.optimizer.owner)}

@@ -284,13 +284,15 @@ class MoEOwnerReducer:
     non-expert ones averaged over the world, an expert's averaged over its
     expert-data-parallel group and divided by ``ep_size`` (the sum over the
     world divided by its size, as ``engine.MoEGradReducer``'s). A
-    parameter of no optimizer group is reduced to every rank of its group.
+    parameter of no optimizer group is reduced to every rank of its group
+    (``opt`` None: every parameter, ZeRO 0 and 1's with ``wire``). ``wire``:
+    each part's ``OwnerReducer``'s (DeepSpeed's ``communication_data_type``).
     ``ready(i)`` (``params``' order), ``wait()``, ``clip`` and ``summed``
     as the engine calls them."""
 
-    def __init__(self, world: Any, params: list[Any], opt: Any) -> None:
+    def __init__(self, world: Any, params: list[Any], opt: Any, wire: Any = None) -> None:
         self.world = world
-        owner = opt.owners()
+        owner = opt.owners() if opt is not None else {}
         held: dict[Any, list[Any]] = {}
         for p in params:
             held.setdefault(p.group_name if is_moe_param(p) else None, []).append(p)
@@ -302,7 +304,7 @@ class MoEOwnerReducer:
             for j, p in enumerate(ps):
                 self._where[id(p)] = (len(self.parts), j)
             ep = 1 if key is None else int(str(key).rpartition("_")[2])
-            self.parts.append((OwnerReducer(group, ps, own) if group.size > 1 else None,
+            self.parts.append((OwnerReducer(group, ps, own, wire) if group.size > 1 else None,
                                group, ps, own, ep))
         self._index = [self._where[id(p)] for p in params]
 

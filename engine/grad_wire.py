@@ -2,7 +2,8 @@
 16-bit type, summed in it over the dp group, multiplied there by 1 /
 replicas and copied back into the gradient's own dtype (DeepSpeed's
 ``allreduce_bucket``); posted as backward makes the gradient final, waited
-for at the step: engine.ds_zero.OwnerReducer's (the plain engine) and
+for at the step: engine.ds_zero.OwnerReducer's (the plain engine; with MoE
+layers, each of MoEOwnerReducer's, over its group) and
 engine.step's dp all-reduce where ``Pipeline.grad_wire`` is set (a
 PipelineModule's engine sets it).
 

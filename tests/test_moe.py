@@ -128,17 +128,17 @@ def _renamed(net: Any, j: int, ep: int) -> dict[str, Any]:
 
 
 def _engine(world: Any, ep: int, stage: int, optimizer: dict[str, Any],
-            experts: int = E) -> tuple[Any, Any]:
+            experts: int = E, **more: Any) -> tuple[Any, Any]:
     """A model with a deepspeed.moe.layer.MoE at ``ep`` through
     deepspeed.initialize, clipping on, its parameter groups split as
-    DeepSpeedExamples' cifar10 does."""
+    DeepSpeedExamples' cifar10 does (``more``: config keys)."""
     from engine import deepspeed
     net = _Net(ep, *CASES[2], first=(world.rank % ep) * (E // ep), experts=experts)
     groups = deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer(
         {"params": list(net.parameters()), "name": "parameters"})
     cfg = {"train_batch_size": ROWS * world.size, "steps_per_print": None,
            "gradient_clipping": 0.3, "optimizer": optimizer,
-           "zero_optimization": {"stage": stage}}
+           "zero_optimization": {"stage": stage}, **more}
     return net, deepspeed.initialize(model=net, model_parameters=groups, config=cfg)[0]
 
 
@@ -192,9 +192,46 @@ def _deepspeed(world: Any, where: str) -> dict[str, Any]:
                 "optimizer": {"type": "SGD", "params": {"lr": LR}}})
         except ValueError as e:
             refused.append(str(e))
-    return dict(out, gaps=gaps, refused=refused,
+    return dict(out, gaps=gaps, refused=refused, wire=_wire(world) if world.size == 2 else [],
                 resumed=[_resumed(world, stage, where) for stage in (0, 1, 2)]
                 if world.size == 4 else [])
+
+
+def _wire(world: Any) -> list[tuple[Any, ...]]:
+    """communication_data_type at ZeRO 1 and 2, "fp16" and "bf16", ep_size
+    1 (the experts over their expert-data-parallel group, the world) and 2
+    (a group of one: this rank's, divided by 2): whether each gradient
+    after the backward (at ZeRO 2 those kept) is that rounding by hand
+    (every rank's own rounded, summed in the type, times 1 / ranks, then
+    divided by ep_size), whether all are the float64 average (not), and
+    whether one was dropped here (ZeRO 2's)."""
+    out = []
+    for stage, name, dt, ep in ((1, "fp16", torch.float16, 1), (1, "bf16", torch.bfloat16, 2),
+                                (2, "bf16", torch.bfloat16, 1), (2, "fp16", torch.float16, 2)):
+        net, eng = _engine(world, ep, stage, {"type": "SGD", "params": {"lr": LR}},
+                           communication_data_type=name)
+        mine = _Net(ep, *CASES[2], first=(world.rank % ep) * (E // ep))
+        _ds_step(world, eng, 0, step=False)
+        x, y = _data(0, world.size)
+        me = slice(world.rank * ROWS, (world.rank + 1) * ROWS)
+        _loss(mine, x[me], y[me]).backward()
+        local = [p.grad for p in mine.parameters()]
+        every = collectives.all_gather_object(world, [g.tolist() for g in local])
+        same, full = [], []
+        for k, (n, p) in enumerate(net.named_parameters()):
+            div = ep if ".experts." in n else 1
+            if div == world.size:       # (an expert-data-parallel group of one: not sent)
+                want = fully = local[k] / div
+            else:
+                gs = [torch.tensor(e[k], dtype=torch.float64) for e in every]
+                want = (sum(g.to(dt) for g in gs) * (1.0 / world.size)).double() / div
+                fully = sum(gs) / world.size / div
+            same.append(p.grad is None and stage == 2 or p.grad is not None and
+                        torch.equal(p.grad, want))
+            full.append(p.grad is not None and torch.equal(p.grad, fully))
+        out.append((stage, name, ep, all(same), all(full),
+                    any(p.grad is None for p in net.parameters())))
+    return out
 
 
 def _resumed(world: Any, stage: int, where: str) -> tuple[list[float], str]:
@@ -359,6 +396,11 @@ def test_expert_parallel_training_matches_one_process(ranks: int, tmp_path: Any)
         ds = r["deepspeed"]
         assert max(ds["gaps"]) < 1e-10 and ds["norm"] > 0.3 and ds["layer"], ds
         assert ds["groups"] == [("parameters", False, 5), ("ep_size_2", True, 4)], ds
+        # (communication_data_type: DeepSpeed's rounding, not the float64 average)
+        assert ds["wire"] == ([
+            (1, "fp16", 1, True, False, False), (1, "bf16", 2, True, False, False),
+            (2, "bf16", 1, True, False, True), (2, "fp16", 2, True, False, True)]
+            if ranks == 2 else []), ds["wire"]
         mine, whole, only = ds["state AdamW"]       # (ZeRO 2: this rank's share alone)
         assert only and 0 < mine < whole, ds["state AdamW"]
         mixed, zero3 = ds["refused"]
