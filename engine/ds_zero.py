@@ -42,8 +42,8 @@ import collectives
 import mesh
 
 from .grad_wire import post, wired
-from .moe import is_moe_param
-from .moe_zero import MoEZeroOptimizer, shared_over
+from .moe import PartsReducer, expert_parts, is_moe_param
+from .moe_zero import MoEZeroOptimizer
 
 __all__ = ["zero", "Gathers", "OwnerReducer", "MoEOwnerReducer", "zero_job", "zero_optimizer",
            "ENGINES"]
@@ -276,7 +276,7 @@ def _scaled(held: list[Any], norm: float, max_norm: float) -> float:
     return norm
 
 
-class MoEOwnerReducer:
+class MoEOwnerReducer(PartsReducer):
     """ZeRO 2's gradients of a model with MoE layers: an ``OwnerReducer``
     per expert group name (and one for the others), each
     gradient reduced to its owner in ``opt``'s (a ``MoEZeroOptimizer``)
@@ -293,37 +293,14 @@ class MoEOwnerReducer:
     def __init__(self, world: Any, params: list[Any], opt: Any, wire: Any = None) -> None:
         self.world = world
         owner = opt.owners() if opt is not None else {}
-        held: dict[Any, list[Any]] = {}
-        for p in params:
-            held.setdefault(p.group_name if is_moe_param(p) else None, []).append(p)
-        self._where: dict[int, tuple[int, int]] = {}     # id -> (part, index in it)
-        self.parts: list[tuple[Any, Any, list[Any], list[int | None], int]] = []
-        for key in sorted(held, key=lambda k: (k is not None, str(k))):     # (one order)
-            group, ps = shared_over(world, key), held[key]
+        parts, self._where = expert_parts(world, params)
+        self.parts: list[tuple[Any, list[Any], list[int | None]]] = []
+        self._run = []
+        for group, ps, ep in parts:
             own = [owner.get(id(p)) for p in ps]
-            for j, p in enumerate(ps):
-                self._where[id(p)] = (len(self.parts), j)
-            ep = 1 if key is None else int(str(key).rpartition("_")[2])
-            self.parts.append((OwnerReducer(group, ps, own, wire) if group.size > 1 else None,
-                               group, ps, own, ep))
-        self._index = [self._where[id(p)] for p in params]
-
-    def ready(self, i: int) -> None:
-        part, j = self._index[i]
-        reducer = self.parts[part][0]
-        if reducer is not None:
-            reducer.ready(j)
-
-    def wait(self) -> None:
-        """Post what is left, wait for every reduce, then divide the experts'
-        kept here by ``ep_size``."""
-        for reducer, _, ps, _, ep in self.parts:
-            if reducer is not None:
-                reducer.wait()
-            if ep > 1:
-                for p in ps:
-                    if p.grad is not None:
-                        p.grad.div_(ep)
+            reducer = OwnerReducer(group, ps, own, wire) if ps and group.size > 1 else None
+            self.parts.append((group, ps, own))
+            self._run.append((reducer, ps, ep))
 
     def summed(self, x: float) -> float:
         """``x`` summed over the world (fp16's overflow flag: each rank holds
@@ -338,7 +315,7 @@ class MoEOwnerReducer:
         summed over the world, then ``held``'s scaled alike. The norm."""
         ids = {id(p) for p in held}
         sq = 0.0
-        for _, group, ps, own, _ in self.parts:
+        for group, ps, own in self.parts:
             for p, r in zip(ps, own):
                 if id(p) in ids and p.grad is not None and \
                         (r == group.rank or r is None and group.rank == 0):

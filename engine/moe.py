@@ -45,6 +45,7 @@ from .moe_gate import TopKGate
 from .step import _in_action
 
 __all__ = ["MoE", "expert_groups", "is_moe_param", "has_moe_layers", "MoEGradReducer",
+           "PartsReducer", "expert_parts",
            "split_params_into_different_moe_groups_for_optimizer", "meshrun_exchange",
            "meshrun_exchange_v"]
 
@@ -240,7 +241,51 @@ def split_params_into_different_moe_groups_for_optimizer(
     return out
 
 
-class MoEGradReducer:
+def expert_parts(world: Any, params: list[Any]) -> tuple[list[tuple[Any, list[Any], int]],
+                                                          list[tuple[int, int]]]:
+    """``params`` split by expert group name, in one order on every rank
+    (the non-expert ones first, then by name): each part's (group its
+    gradients are reduced over: ``world``, or the experts' expert-data-
+    parallel group; its parameters; its ep_size, 1 for the others), and
+    each parameter's (part, index in it), in ``params``' order."""
+    held: dict[Any, list[Any]] = {None: []}
+    for p in params:
+        held.setdefault(p.group_name if is_moe_param(p) else None, []).append(p)
+    parts = []
+    for key in sorted(held, key=lambda k: (k is not None, str(k))):
+        ep = 1 if key is None else int(str(key).rpartition("_")[2])
+        parts.append((world if key is None else expert_groups(world, ep)[1], held[key], ep))
+    where = {id(p): (k, j) for k, (_, ps, _) in enumerate(parts) for j, p in enumerate(ps)}
+    return parts, [where[id(p)] for p in params]
+
+
+class PartsReducer:
+    """``ready(i)`` and ``wait()`` over ``expert_parts``' parts, each with
+    its own reducer (``_run``: (reducer or None, parameters, ep_size)); an
+    expert's gradient divided by its ep_size once reduced (averaged over
+    world / ep copies: the sum over the world divided by its size)."""
+    _where: list[tuple[int, int]]
+    _run: list[tuple[Any, list[Any], int]]
+
+    def ready(self, i: int) -> None:
+        part, j = self._where[i]
+        reducer = self._run[part][0]
+        if reducer is not None:
+            reducer.ready(j)
+
+    def wait(self) -> None:
+        """Post what is left, wait for every reduce, then divide the experts'
+        by ``ep_size``."""
+        for reducer, held, ep in self._run:
+            if reducer is not None:
+                reducer.wait()
+            if ep > 1:
+                for p in held:
+                    if p.grad is not None:
+                        p.grad.div_(ep)
+
+
+class MoEGradReducer(PartsReducer):
     """The gradients of a model with MoE layers reduced as DeepSpeed's: the
     non-expert parameters' averaged over ``world``, each expert group's
     summed over its expert-data-parallel group and divided by the world's
@@ -253,34 +298,9 @@ class MoEGradReducer:
     def __init__(self, world: Any, params: Iterable[Any]) -> None:
         self.world = world
         self.params = [p for p in params if p.requires_grad]
-        self._where: list[tuple[int, int]] = []     # (part, index in it)
-        parts: dict[Any, list[Any]] = {None: []}
-        for p in self.params:
-            key = p.group_name if is_moe_param(p) else None
-            parts.setdefault(key, [])
-            self._where.append((list(parts).index(key), len(parts[key])))
-            parts[key].append(p)
-        self._parts: list[tuple[Any, list[Any], int]] = []
-        for key, held in parts.items():
-            ep = 1 if key is None else int(str(key).rpartition("_")[2])
-            group = world if key is None else expert_groups(world, ep)[1]
-            self._parts.append((collectives.GradReducer(group, held) if held and group.size > 1
-                                else None, held, ep))
-
-    def ready(self, i: int) -> None:
-        part, j = self._where[i]
-        reducer = self._parts[part][0]
-        if reducer is not None:
-            reducer.ready(j)
-
-    def wait(self) -> None:
-        for reducer, held, ep in self._parts:
-            if reducer is not None:
-                reducer.wait()
-            if ep > 1:          # (averaged over world / ep copies: the sum over the world)
-                for p in held:
-                    if p.grad is not None:
-                        p.grad.div_(ep)
+        parts, self._where = expert_parts(world, self.params)
+        self._run = [(collectives.GradReducer(group, held) if held and group.size > 1
+                      else None, held, ep) for group, held, ep in parts]
 
     def reduce(self) -> None:
         """Every gradient reduced now (after backward)."""
