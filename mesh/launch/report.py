@@ -92,11 +92,7 @@ def _meant(e: WorkerExit, outcome: JobOutcome, records: dict[int, dict[str, Any]
     meant, or failed only once stopped."""
     rec = records.get(e.rank)
     code = rec.get("exit_code") if rec else None
-    if (rec is not None and type(code) is int and code > 0 and e.returncode is not None
-            and e.returncode < 0 and e.after_stop and outcome.stop_time is not None
-            and float(rec.get("time", outcome.stop_time)) < outcome.stop_time):
-        return code
-    return None
+    return code if type(code) is int and code > 0 and _exiting(e, outcome, rec) else None
 
 
 _RELAYED = re.compile(r" aborted: rank (\d+) of group (.+?)"
